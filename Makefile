@@ -1,0 +1,38 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Each creates .venv and installs what it needs on a fresh machine (Python 3.11+).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test bench soak lint venv clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tokengate needs Python 3.11+, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,cli,metrics]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m tokengate demo mixed --duration 20
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	-$(PY) -m pip install --quiet loky 'dask[distributed]'
+	$(PY) -m tokengate bench --json benchmarks/latest.json --write-markdown BENCHMARKS.md
+
+soak: $(STAMP)
+	$(PY) -m pytest tests/reliability -m soak --timeout 900 -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

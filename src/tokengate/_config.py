@@ -1,0 +1,115 @@
+"""CoordinatorConfig: every knob the seed names, frozen and validated at construction.
+
+Defaults work on any machine; ``OperationsCoordinator(**kwargs)`` builds one of these, so a bad
+value fails when the coordinator is made, not when the first token meets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ._errors import ConfigError
+from ._retry import RetryPolicy, default_retry_policies
+from ._spec import STORAGE_TIERS, WEIGHTS
+
+__all__ = ["DEFAULT_STORAGE_LIMITS", "MAILBOX_MAX", "CoordinatorConfig"]
+
+MAILBOX_MAX = 425
+DEFAULT_STORAGE_LIMITS: Mapping[str, int] = MappingProxyType(
+    {"SLOW": 10, "MODERATE": 25, "FAST": 50, "INSANE": 70}
+)
+_MAX_WORKERS_PER_CORE = 256
+_ADMISSION_MODES = ("block", "reject")
+
+
+def _positive_int(name: str, value: Any, *, upper: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    if upper is not None and value > upper:
+        raise ConfigError(
+            f"{name}={value} is beyond the supported maximum of {upper}; "
+            f"threads past that only add contention"
+        )
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Configuration of one :class:`OperationsCoordinator`.
+
+    ``mailbox_max`` bounds each worker's mailbox (the seed's ``MAILBOX_MAX``); when every mailbox
+    a token may use is full, ``admission='block'`` makes the caller wait and ``'reject'`` raises
+    ``Overloaded``. ``storage_limits`` caps how many tasks of each storage tier run at once.
+    ``retry_policy`` is one :class:`RetryPolicy` for every weight or a mapping per weight.
+    ``cores`` limits the coordinator to the first N usable cores (``None``: all of them).
+    """
+
+    workers_per_core: int = 4
+    mailbox_max: int = MAILBOX_MAX
+    storage_limits: Mapping[str, int] = field(default_factory=lambda: DEFAULT_STORAGE_LIMITS)
+    retry_policy: RetryPolicy | Mapping[str, RetryPolicy] = field(
+        default_factory=default_retry_policies
+    )
+    admission: str = "block"
+    cores: int | None = None
+    verbose: bool = False
+    convergence_verbose: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int("workers_per_core", self.workers_per_core, upper=_MAX_WORKERS_PER_CORE)
+        _positive_int("mailbox_max", self.mailbox_max)
+        if self.cores is not None:
+            _positive_int("cores", self.cores)
+        if self.admission not in _ADMISSION_MODES:
+            raise ConfigError(
+                f"admission must be one of {', '.join(_ADMISSION_MODES)}, got {self.admission!r}"
+            )
+        if not isinstance(self.storage_limits, Mapping):
+            raise ConfigError(
+                f"storage_limits must be a mapping such as {{'FAST': 50}}, "
+                f"got {self.storage_limits!r}"
+            )
+        limits = dict(DEFAULT_STORAGE_LIMITS)
+        for tier, limit in self.storage_limits.items():
+            key = tier.upper() if isinstance(tier, str) else tier
+            if key not in STORAGE_TIERS:
+                raise ConfigError(
+                    f"unknown storage tier {tier!r} in storage_limits; "
+                    f"known tiers are {', '.join(STORAGE_TIERS)}"
+                )
+            _positive_int(f"storage_limits[{tier!r}]", limit)
+            limits[key] = limit
+        object.__setattr__(self, "storage_limits", MappingProxyType(limits))
+        policy = self.retry_policy
+        if isinstance(policy, RetryPolicy):
+            policies = dict.fromkeys(WEIGHTS, policy)
+        elif isinstance(policy, Mapping):
+            policies = dict(default_retry_policies())
+            for weight, item in policy.items():
+                if weight not in WEIGHTS:
+                    raise ConfigError(
+                        f"unknown weight {weight!r} in retry_policy; "
+                        f"known weights are {', '.join(WEIGHTS)}"
+                    )
+                if not isinstance(item, RetryPolicy):
+                    raise ConfigError(
+                        f"retry_policy[{weight!r}] must be a RetryPolicy, got {item!r}"
+                    )
+                policies[weight] = item
+        else:
+            raise ConfigError(
+                f"retry_policy must be a RetryPolicy or a mapping of weight to RetryPolicy, "
+                f"got {policy!r}"
+            )
+        object.__setattr__(self, "retry_policy", MappingProxyType(policies))
+        for name in ("verbose", "convergence_verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def policy_for(self, weight: str) -> RetryPolicy:
+        """The retry policy of one weight class."""
+        policies = self.retry_policy
+        assert isinstance(policies, Mapping)
+        return policies[weight]

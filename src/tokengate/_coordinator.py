@@ -1,0 +1,635 @@
+"""OperationsCoordinator: owns the lanes and decides every token's fate in one place.
+
+The flow of one token::
+
+    fib(30) ──> TaskFunction.__call__ ──> OperationsCoordinator._submit
+        │  Token created, counted as submitted (before it can possibly finish)
+        ├─> DependencyTracker.park        (tokens among the arguments: wait, holding no worker)
+        ├─> StorageThrottle.try_acquire   (storage tier full: wait in the tier's FIFO)
+        └─> _route: least-loaded mailbox among the weight's allowed cores, preferred core first;
+                every allowed mailbox full -> AdmissionGate (block) or Overloaded (reject)
+                  │
+            ThreadWorker: mailbox.popleft -> _run_from_mailbox -> _execute (the task body)
+                  │
+            _complete  (the one completion path every lane calls)
+                ├─ resolve   -> Token._finish: stats recorded under the token's lock, waiters woken
+                ├─ retry     -> Token._reopen, backoff timer, then to the back of the queue (FIFO)
+                └─ fail      -> Token._finish with the original exception and traceback
+            discards (cancel, deadline, stop) go through Token._discard -> _on_discarded
+
+Releasing a storage permit hands it to the next waiting token, and a finished token's
+done-callbacks release its dependents, so no thread ever polls for work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import _runtime
+from ._admission import AdmissionGate
+from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
+from ._config import CoordinatorConfig
+from ._dependencies import DependencyTracker, find_dependencies
+from ._errors import (
+    CoordinatorNotRunning,
+    Overloaded,
+    TaskTimeout,
+    TokenGateError,
+)
+from ._logging import attach_verbose_handlers, detach_verbose_handlers
+from ._stats import StatsRecorder, StatsSnapshot
+from ._throttle import StorageThrottle, TierStats
+from ._timers import TimerQueue
+from ._token import Token, check_timeout
+from ._topology import Topology, detect_topology
+from .lanes._thread import ThreadLane, ThreadWorker
+
+if TYPE_CHECKING:
+    from ._decorator import TaskFunction
+
+__all__ = ["OperationsCoordinator"]
+
+T = TypeVar("T")
+
+log = logging.getLogger("tokengate.coordinator")
+routing_log = logging.getLogger("tokengate.routing")
+worker_log = logging.getLogger("tokengate.worker")
+retry_log = logging.getLogger("tokengate.retry")
+_DEBUG = logging.DEBUG
+_INFO = logging.INFO
+_perf = time.perf_counter
+
+
+class OperationsCoordinator:
+    """Runs decorated functions as tokens on core-pinned workers with bounded mailboxes.
+
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`. Keyword arguments are
+    those of :class:`CoordinatorConfig` (or pass ``config=``); they are validated here.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: CoordinatorConfig | None = None,
+        topology: Topology | None = None,
+        **options: Any,
+    ) -> None:
+        if config is not None and options:
+            raise TokenGateError(
+                f"pass either config= or keyword options, not both (got {sorted(options)})"
+            )
+        if config is None:
+            try:
+                config = CoordinatorConfig(**options)
+            except TypeError as exc:
+                known = ", ".join(CoordinatorConfig.__dataclass_fields__)
+                raise TokenGateError(f"{exc}; known options are {known}") from None
+        self.config = config
+        self.topology = topology if topology is not None else detect_topology()
+        cores = self.topology.core_count
+        if config.cores is not None:
+            cores = min(cores, config.cores)
+        self.core_count = cores
+        self.affinity = AffinityPolicy(cores)
+        self.throttle = StorageThrottle(config.storage_limits)
+        self._stats = StatsRecorder()
+        self._gate = AdmissionGate()
+        self._deps = DependencyTracker(self._admit_internal, self._fail_unrun)
+        self._seq = itertools.count(1)
+        self._mailbox_max = config.mailbox_max
+        self._low_water = max(1, config.mailbox_max // 2)
+        self._reject = config.admission == "reject"
+        self._policies = {w: config.policy_for(w) for w in ("light", "medium", "heavy")}
+        self._lock = threading.Lock()
+        self._status = "new"  # new -> running -> stopping -> stopped
+        self._accepting = False
+        self._draining = False
+        self._drain_cond = threading.Condition(threading.Lock())
+        self._backoff: set[Token[Any]] = set()
+        self._lane: ThreadLane | None = None
+        self._timers: TimerQueue | None = None
+        self._candidates: dict[str, list[ThreadWorker]] = {}
+        self._verbose_handlers: list[Any] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> OperationsCoordinator:
+        """Start the workers; calls made from now on go to this coordinator."""
+        with self._lock:
+            if self._status in ("running", "stopping"):
+                raise TokenGateError(
+                    "this OperationsCoordinator is already running; call stop() before starting "
+                    "it again, or create a second coordinator"
+                )
+            self._status = "running"
+        cfg = self.config
+        if cfg.verbose or cfg.convergence_verbose:
+            self._verbose_handlers = attach_verbose_handlers(
+                verbose=cfg.verbose, convergence=cfg.convergence_verbose
+            )
+        if log.isEnabledFor(_INFO):
+            self._log_banner()
+        cores: dict[int, int | None] = {
+            core: self.topology.cpu_for_core(core) for core in range(1, self.core_count + 1)
+        }
+        self._lane = ThreadLane(
+            cores,
+            cfg.workers_per_core,
+            run=self._run_from_mailbox,
+            after_token=self._after_token,
+            on_thread_start=self._on_worker_thread,
+        )
+        self._candidates = {
+            weight: [w for core in self.affinity.allowed(weight) for w in self._lane.by_core[core]]
+            for weight in self.affinity.weights
+        }
+        self._timers = TimerQueue()
+        self._timers.on_thread_start = self._on_internal_thread
+        self._stats.reset_clock()
+        self._draining = False
+        self._accepting = True
+        self._lane.start()
+        _runtime.push_coordinator(self)
+        if log.isEnabledFor(_INFO):
+            log.info(
+                "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
+                len(self._lane.workers),
+                self.core_count,
+            )
+            log.info("Operations Coordinator started successfully!")
+        return self
+
+    def stop(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
+        """Stop accepting work, finish it, and stop every worker.
+
+        By default the coordinator drains: every token already submitted runs to its end
+        (including retries). With ``cancel_pending=True`` tokens that have not started are
+        discarded instead. ``timeout`` bounds the drain; what has not started by then is
+        discarded, and a thread still stuck in user code is left behind (it is a daemon thread)
+        and logged. Calling ``stop()`` on a coordinator that is not running does nothing.
+        """
+        timeout = check_timeout(timeout)
+        if _runtime.local.coordinator is self:
+            raise TokenGateError(
+                "stop() was called from inside one of this coordinator's own tasks; it would "
+                "wait for itself. Call stop() from the thread that started the coordinator."
+            )
+        with self._lock:
+            if self._status != "running":
+                return
+            self._status = "stopping"
+            self._accepting = False
+        if log.isEnabledFor(_INFO):
+            log.info("Stopping Operations Coordinator...")
+        try:
+            if cancel_pending:
+                self._discard_pending("stopped")
+            if not self._wait_drained(timeout):
+                left = self._discard_pending("stopped")
+                log.warning(
+                    "stop(timeout=%s): %d tokens discarded before they started; tasks still "
+                    "running are left to finish on their own",
+                    timeout,
+                    left,
+                )
+        finally:
+            self._shutdown_workers()
+
+    def _shutdown_workers(self) -> None:
+        lane, timers = self._lane, self._timers
+        if log.isEnabledFor(_INFO):
+            log.info("[GATE] Admission gate stopped")
+            log.info("[CORE_PINNED_QUEUE] Stopping all workers...")
+        stuck = lane.stop(timeout=1.0) if lane is not None else []
+        for worker in stuck:
+            log.warning(
+                "[%s] still running %r after stop; it is a daemon thread and is left behind",
+                worker.name,
+                worker.current,
+            )
+        if timers is not None:
+            for handle in timers.close():
+                for arg in handle.args:
+                    if isinstance(arg, Token):
+                        arg._discard("stopped")
+        _runtime.pop_coordinator(self)
+        with self._lock:
+            self._status = "stopped"
+        if log.isEnabledFor(_INFO):
+            log.info("[CORE_PINNED_QUEUE] All workers stopped")
+            log.info("Operations shutdown complete!")
+        detach_verbose_handlers(self._verbose_handlers)
+        self._verbose_handlers = []
+
+    def __enter__(self) -> OperationsCoordinator:
+        return self.start()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # Leaving on an exception (Ctrl-C included): drop what has not started, finish the rest.
+        self.stop(cancel_pending=exc_type is not None)
+
+    @property
+    def running(self) -> bool:
+        return self._status == "running"
+
+    def _wait_drained(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._drain_cond:
+            self._draining = True
+            while self._stats.snapshot().in_flight > 0:
+                wait = 0.1
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    wait = min(wait, left)
+                self._drain_cond.wait(wait)
+        return True
+
+    def _notify_drain(self) -> None:
+        with self._drain_cond:
+            self._drain_cond.notify_all()
+
+    def _discard_pending(self, reason: str) -> int:
+        """Discard every token that has not started; returns how many were discarded."""
+        count = 0
+        sources: list[Any] = list(self._deps.drain())
+        sources += self.throttle.drain_waiting()
+        with self._lock:
+            sources += list(self._backoff)
+        if self._lane is not None:
+            sources += self._lane.queued()
+        for token in sources:
+            if token._discard(reason):
+                count += 1
+        return count
+
+    # -- submission ---------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]:
+        """Submit ``fn(*args, **kwargs)``; a decorated function keeps its tags, any other
+        callable runs as a light task named after the function."""
+        from ._decorator import TaskFunction, adhoc_task
+
+        task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
+        return self._submit(task, args, kwargs, _runtime.local.coordinator is self)
+
+    def _submit(
+        self,
+        task: TaskFunction[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        internal: bool,
+    ) -> Token[Any]:
+        if not self._accepting and not (internal and self._status == "stopping"):
+            raise CoordinatorNotRunning(
+                f"cannot run {task.spec.operation_type!r}: the coordinator is {self._status}; "
+                f"start one first (with OperationsCoordinator(): ... or coordinator.start())"
+            )
+        spec = task.spec
+        token: Token[Any] = Token(
+            spec, task.__wrapped__, args, kwargs, next(self._seq), _perf(), self
+        )
+        self._stats.record_submitted(spec.operation_type, spec.weight)
+        if spec.deadline is not None:
+            token._deadline_at = token.submitted_at + spec.deadline
+        if args or kwargs:
+            deps = find_dependencies(args, kwargs)
+            if deps:
+                if not internal and len(self._deps) >= self._backlog_bound():
+                    self._gate.wait_for(
+                        lambda: True if len(self._deps) < self._backlog_bound() else None
+                    )
+                self._deps.park(token, deps)
+                return token
+        self._admit(token, internal)
+        return token
+
+    def _backlog_bound(self) -> int:
+        """How many tokens may wait outside the mailboxes (for dependencies or a tier permit)
+        before an external producer is made to wait: as many as the mailboxes hold."""
+        lane = self._lane
+        return self._mailbox_max * (len(lane.workers) if lane is not None else 1)
+
+    def _admit_internal(self, token: Token[Any]) -> None:
+        self._admit(token, True)
+
+    def _admit(self, token: Token[Any], internal: bool) -> None:
+        tier = token.spec.storage_speed
+        if tier is not None:
+            if not internal:
+                bound = self._backlog_bound()
+                if self.throttle.waiting(tier) >= bound:
+                    self._gate.wait_for(
+                        lambda: True if self.throttle.waiting(tier) < bound else None
+                    )
+            token._parked = "tier"
+            if not self.throttle.try_acquire(tier, token):
+                return  # routed by whoever releases the next permit
+        self._route(token, internal)
+
+    def _route(self, token: Token[Any], internal: bool) -> None:
+        candidates = self._candidates[token.spec.weight]
+        best: ThreadWorker | None = None
+        best_load = self._mailbox_max
+        for worker in candidates:
+            load = len(worker.mailbox) + (worker.current is not None)
+            if load == 0:
+                best = worker
+                break
+            if load < best_load:
+                best, best_load = worker, load
+        if best is None:
+            best = self._route_full(token, internal, candidates)
+        token._parked = None
+        best.push(token)
+        if routing_log.isEnabledFor(_DEBUG):
+            routing_log.debug(
+                "[ROUTING] Token %s (%s) → Pos %d (Core %d, Worker %d)",
+                token.id,
+                token.spec.weight,
+                token.seq,
+                best.core,
+                best.index,
+            )
+
+    def _pick(self, candidates: list[ThreadWorker]) -> ThreadWorker | None:
+        limit = self._mailbox_max
+        best: ThreadWorker | None = None
+        best_load = limit
+        for worker in candidates:
+            load = len(worker.mailbox) + (worker.current is not None)
+            if load < best_load:
+                best, best_load = worker, load
+        return best
+
+    def _route_full(
+        self, token: Token[Any], internal: bool, candidates: list[ThreadWorker]
+    ) -> ThreadWorker:
+        if internal:  # never block a worker or the timer thread: overflow the soft bound
+            return min(candidates, key=ThreadWorker.load)
+        if self._reject:
+            token._discard("overloaded")
+            raise Overloaded(
+                f"every mailbox allowed for {token.spec.weight!r} tokens holds "
+                f"{self._mailbox_max} tokens (mailbox_max); {token.operation_type!r} was "
+                f"refused. Slow the producer, raise mailbox_max, or use admission='block'"
+            )
+        worker = self._gate.wait_for(lambda: self._pick(candidates))
+        assert worker is not None
+        return worker
+
+    # -- execution ------------------------------------------------------------------------------
+    def _on_worker_thread(self, worker: ThreadWorker) -> None:
+        _runtime.local.coordinator = self
+        _runtime.local.worker = worker
+
+    def _on_internal_thread(self) -> None:
+        _runtime.local.coordinator = self
+
+    def _run_from_mailbox(self, token: Token[Any], worker: ThreadWorker) -> None:
+        deadline = token._deadline_at
+        if deadline is not None and _perf() > deadline:
+            token._discard("deadline")
+            return
+        if token._try_claim():
+            self._execute(token, worker)
+
+    def _after_token(self, worker: ThreadWorker) -> None:
+        gate = self._gate
+        if gate.waiters and len(worker.mailbox) <= self._low_water:
+            gate.notify()
+
+    def _execute(self, token: Token[Any], worker: ThreadWorker) -> None:
+        """Run a claimed token's body on this thread and complete it."""
+        token.attempts += 1
+        token.core = worker.core
+        token.worker = worker.name
+        token.lane = "thread"
+        token.started_at = _perf()
+        run_id = token._run_id
+        timeout = token.spec.timeout
+        if timeout is not None:
+            assert self._timers is not None
+            token._timer = self._timers.call_later(timeout, self._on_timeout, token, run_id)
+        previous = worker.current
+        worker.current = token
+        try:
+            value = token.fn(*token.args, **token.kwargs)
+        except BaseException as exc:
+            worker.current = previous
+            self._complete(token, run_id, None, exc)
+        else:
+            worker.current = previous
+            self._complete(token, run_id, value, None)
+
+    def _on_timeout(self, token: Token[Any], run_id: int) -> None:
+        if token._run_id != run_id or token.done():
+            return
+        exc = TaskTimeout(
+            f"{token.operation_type!r} (token {token.id}) ran longer than its timeout of "
+            f"{token.spec.timeout}s on {token.worker}; a thread cannot be killed, so its late "
+            f"result will be dropped"
+        )
+        self._complete(token, run_id, None, exc)
+
+    def _complete(
+        self, token: Token[Any], run_id: int, value: Any, exc: BaseException | None
+    ) -> None:
+        """The one place a run ends: resolve, retry or fail (every lane calls this)."""
+        timer = token._timer
+        if timer is not None:
+            timer.cancel()
+            token._timer = None
+        if token._holds_permit:
+            for granted in self.throttle.release(token):
+                self._route(granted, True)
+        racy = None if token.spec.timeout is None else run_id
+        if exc is None:
+            if not token._finish(value, None, self._record_terminal, racy):
+                self._late(token, "result")
+            elif worker_log.isEnabledFor(_DEBUG):
+                worker_log.debug("[%s] ✓ Completed %s", token.worker.upper(), token.id)  # type: ignore[union-attr]
+        elif not self._maybe_retry(token, run_id, exc):
+            if not token._finish(None, exc, self._record_terminal, racy):
+                self._late(token, "error")
+            elif worker_log.isEnabledFor(_DEBUG):
+                worker_log.debug(
+                    "[%s] ✗ Failed %s: %s: %s",
+                    (token.worker or "?").upper(),
+                    token.id,
+                    type(exc).__name__,
+                    exc,
+                )
+        if self._draining:
+            self._notify_drain()
+
+    def _late(self, token: Token[Any], what: str) -> None:
+        log.warning(
+            "late %s of %s (token %s) dropped: the token had already ended (%s)",
+            what,
+            token.operation_type,
+            token.id,
+            token.state,
+        )
+
+    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
+        """Called by Token._finish under the token's lock, before anyone is woken."""
+        now = _perf()
+        token.finished_at = now
+        spec = token.spec
+        if exc is None:
+            self._stats.record_resolved(spec.operation_type, spec.weight, now - token.submitted_at)
+        else:
+            self._stats.record_failed(spec.operation_type, spec.weight, now - token.submitted_at)
+
+    def _maybe_retry(self, token: Token[Any], run_id: int, exc: BaseException) -> bool:
+        spec = token.spec
+        policy = self._policies[spec.weight]
+        if not policy.is_retryable(exc, retry_on=spec.retry_on, dont_retry_on=spec.dont_retry_on):
+            return False
+        used = token.attempts - 1
+        if used >= policy.budget(exc, spec.retries):
+            return False
+        if not token._reopen(run_id):
+            return False
+        self._stats.record_retried(spec.operation_type, spec.weight)
+        delay = policy.backoff(used + 1)
+        if retry_log.isEnabledFor(_INFO):
+            retry_log.info(
+                "[RETRY] %s attempt %d failed with %s: %s; retrying in %.3fs (back of the queue)",
+                token.id,
+                token.attempts,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+        token._parked = "backoff"
+        with self._lock:
+            self._backoff.add(token)
+        assert self._timers is not None
+        self._timers.call_later(delay, self._readmit, token)
+        return True
+
+    def _readmit(self, token: Token[Any]) -> None:
+        with self._lock:
+            self._backoff.discard(token)
+        if token.done():
+            return
+        token._parked = None
+        self._admit(token, True)
+
+    def _fail_unrun(self, token: Token[Any], exc: BaseException) -> None:
+        token._finish(None, exc, self._record_terminal)
+        if self._draining:
+            self._notify_drain()
+
+    # -- discards (called by Token._discard) -------------------------------------------------
+    def _on_discarded(self, token: Token[Any]) -> None:
+        spec = token.spec
+        token.finished_at = _perf()
+        self._stats.record_discarded(spec.operation_type, spec.weight)
+
+    def _after_discard(self, token: Token[Any]) -> None:
+        if token._holds_permit:
+            for granted in self.throttle.release(token):
+                self._route(granted, True)
+        if self._draining:
+            self._notify_drain()
+
+    # -- help while waiting (nested tasks) ----------------------------------------------------
+    def _help(self, token: Token[Any]) -> None:
+        """A worker waiting on ``token`` runs it itself if it has not started.
+
+        Without this, a task waiting on a child queued behind it (or behind other waiting
+        tasks) would deadlock once every worker waits. Claiming is atomic, so the worker whose
+        mailbox also holds the token simply skips it later.
+        """
+        local = _runtime.local
+        worker = local.worker
+        if worker is None or local.coordinator is not self:
+            return
+        while not token.done():
+            parked = token._parked
+            if parked is None:
+                deadline = token._deadline_at
+                if deadline is not None and _perf() > deadline:
+                    token._discard("deadline")
+                elif token._try_claim():
+                    self._execute(token, worker)
+                return
+            if parked != "deps":
+                return  # waiting for a tier permit or a backoff: block normally
+            pending = self._deps.unfinished(token)
+            if not pending:
+                return
+            # Helps (recursively) or waits for the dependency; a discarded one raises, and the
+            # loop re-checks the token either way.
+            with contextlib.suppress(BaseException):
+                pending[0].exception()
+
+    # -- observation ------------------------------------------------------------------------------
+    def stats(self, label: str = "STATS") -> StatsSnapshot:
+        """A frozen snapshot of the counts and latencies; ``str()`` of it is the seed's block."""
+        return self._stats.snapshot(label)
+
+    def tier_stats(self) -> Mapping[str, TierStats]:
+        """Per storage tier: limit, running, waiting and the high-water mark of running."""
+        return self.throttle.stats()
+
+    def set_storage_limit(self, tier: str, limit: int) -> None:
+        """Resize a storage tier's limit while running."""
+        for granted in self.throttle.resize(tier.upper(), limit):
+            self._route(granted, True)
+
+    def queue_depths(self) -> dict[int, list[int]]:
+        """Per core, the load (queued + running) of each worker's mailbox."""
+        lane = self._lane
+        if lane is None:
+            return {}
+        return {core: [w.load() for w in workers] for core, workers in lane.by_core.items()}
+
+    def iter_workers(self) -> Iterator[ThreadWorker]:
+        lane = self._lane
+        return iter(lane.workers if lane is not None else ())
+
+    @property
+    def gate(self) -> AdmissionGate:
+        return self._gate
+
+    def _log_banner(self) -> None:
+        cfg = self.config
+        rule = "=" * 70
+        log.info(rule)
+        log.info("Operations Coordinator - Initializing...")
+        log.info(rule)
+        log.info("")
+        log.info("Detecting CPU topology...")
+        log.info("%s", self.topology.banner())
+        log.info("")
+        log.info("Creating foundation components...")
+        log.info("%s", self.affinity.banner())
+        log.info("%s", self.throttle.banner())
+        log.info("Core affinity policy created")
+        log.info("")
+        log.info("Building execution pipeline...")
+        log.info("%s", mapping_banner(self.core_count, cfg.workers_per_core))
+        log.info("Worker queue created")
+        log.info("Admission gate configured (mailbox_max=%d, %s)", cfg.mailbox_max, cfg.admission)
+        log.info("")
+        log.info("Operations Coordinator ready!")
+        log.info("  Cores: %d", self.core_count)
+        log.info("  Workers per core: %d", cfg.workers_per_core)
+        log.info(
+            "  Total workers: %d",
+            sum(
+                len(v) for v in core_worker_mapping(self.core_count, cfg.workers_per_core).values()
+            ),
+        )
+        log.info(rule)
+        log.info("")
+        log.info("Starting Operations Coordinator...")

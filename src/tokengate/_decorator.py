@@ -1,0 +1,175 @@
+"""``task_token_guard``: turn an ordinary function into a task whose call returns a Token.
+
+The decorator validates tags at decoration time and returns a :class:`TaskFunction`. The
+wrapper is generic over the function's parameters, so an editor knows that ``fib(3)`` takes an
+int and returns ``Token[int]``. It keeps ``__wrapped__``, ``__name__``, ``__doc__``, and pickles
+by reference (module + qualified name), so a worker process can import it and run the body
+without ever re-submitting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from . import _runtime
+from ._errors import ConfigError, CoordinatorNotRunning
+from ._spec import TaskSpec
+from ._token import Token, check_timeout
+
+__all__ = ["TaskFunction", "adhoc_task", "task_token_guard"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _not_running(spec: TaskSpec) -> CoordinatorNotRunning:
+    return CoordinatorNotRunning(
+        f"{spec.operation_type!r} was called with no running OperationsCoordinator. Start one "
+        f"first: `with OperationsCoordinator(): ...` or `OperationsCoordinator().start()`"
+    )
+
+
+class TaskFunction(Generic[P, R]):
+    """A decorated function: calling it submits a task and returns a :class:`Token` at once."""
+
+    __wrapped__: Callable[P, R]
+    __qualname__: str
+    __name__: str
+
+    def __init__(self, fn: Callable[P, R], spec: TaskSpec) -> None:
+        self.__wrapped__ = fn
+        self.spec = spec
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
+        local = _runtime.local
+        coordinator = local.coordinator
+        if coordinator is not None:
+            return coordinator._submit(self, args, kwargs, True)  # type: ignore[no-any-return]
+        coordinator = _runtime.current_coordinator()
+        if coordinator is None:
+            raise _not_running(self.spec)
+        return coordinator._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
+
+    def map(
+        self,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> Iterator[R]:
+        """Like ``Executor.map``, but lazy: at most ``window`` tokens are in flight at once.
+
+        The standard library submits the whole input first; this streams it, so a huge
+        generator runs in bounded memory. Results come in input order. ``timeout`` counts from
+        this call, as in ``Executor.map``. Leaving the loop early cancels what has not started.
+        """
+        timeout = check_timeout(timeout)
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise ConfigError(f"window must be a whole number >= 1, got {window!r}")
+        coordinator = _runtime.current_coordinator()
+        if coordinator is None:
+            raise _not_running(self.spec)
+        if window is None:
+            window = coordinator.config.mailbox_max
+        end = None if timeout is None else time.monotonic() + timeout
+        return self._map(zip(*iterables, strict=False), window, end)
+
+    def _map(self, items: Iterator[tuple[Any, ...]], window: int, end: float | None) -> Iterator[R]:
+        pending: deque[Token[R]] = deque()
+        try:
+            for args in items:
+                pending.append(self.__call__(*args))  # type: ignore[call-arg]
+                if len(pending) >= window:
+                    yield _wait(pending.popleft(), end)
+            while pending:
+                yield _wait(pending.popleft(), end)
+        finally:
+            for token in pending:
+                token.cancel()
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return functools.partial(self, instance)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_task, (self.__module__, self.__qualname__))
+
+    def __repr__(self) -> str:
+        return (
+            f"<TaskFunction {self.__qualname__} {self.spec.operation_type!r} ({self.spec.weight})>"
+        )
+
+
+def _wait(token: Token[R], end: float | None) -> R:
+    return token.result(None if end is None else max(0.0, end - time.monotonic()))
+
+
+def _load_task(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def task_token_guard(
+    operation_type: str, tags: Mapping[str, Any] | None = None
+) -> Callable[[Callable[P, R]], TaskFunction[P, R]]:
+    """Decorate a function so that calling it returns a Token (the seed's decorator).
+
+    ``tags``: ``weight`` (light / medium / heavy), ``storage_speed`` (SLOW / MODERATE / FAST /
+    INSANE), ``executor`` (auto / thread / process), ``retries``, ``retry_on``,
+    ``dont_retry_on``, ``deadline`` and ``timeout`` (seconds). Bad tags raise ``ConfigError``
+    here, at decoration time.
+    """
+    if callable(operation_type) and tags is None:
+        raise ConfigError(
+            "task_token_guard needs arguments: use @task_token_guard(operation_type='name', "
+            "tags={'weight': 'light'}), not bare @task_token_guard"
+        )
+
+    def decorate(fn: Callable[P, R]) -> TaskFunction[P, R]:
+        if isinstance(fn, TaskFunction):
+            raise ConfigError(
+                f"{fn.__qualname__} is already decorated with task_token_guard "
+                f"(operation {fn.spec.operation_type!r}); decorate it once"
+            )
+        if not callable(fn):
+            raise ConfigError(
+                f"task_token_guard decorates functions, got {type(fn).__name__} {fn!r}"
+            )
+        is_async = inspect.iscoroutinefunction(fn)
+        spec = TaskSpec.from_tags(operation_type, tags, is_async=is_async)
+        return TaskFunction(fn, spec)
+
+    return decorate
+
+
+_adhoc: weakref.WeakKeyDictionary[Callable[..., Any], TaskFunction[..., Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def adhoc_task(fn: Callable[..., Any]) -> TaskFunction[..., Any]:
+    """A light task for a plain callable given to ``coordinator.submit`` (cached per callable)."""
+    if not callable(fn):
+        raise ConfigError(f"submit() needs a callable, got {type(fn).__name__} {fn!r}")
+    try:
+        return _adhoc[fn]
+    except (KeyError, TypeError):
+        pass
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    task = TaskFunction(fn, TaskSpec.from_tags(name, {}, is_async=inspect.iscoroutinefunction(fn)))
+    with contextlib.suppress(TypeError):  # not weak-referenceable: just don't cache
+        _adhoc[fn] = task
+    return task

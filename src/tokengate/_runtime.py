@@ -1,0 +1,43 @@
+"""Which coordinator a decorated call goes to.
+
+Worker threads (and the timer thread) of a coordinator record it in a thread-local, so nested
+calls from inside a task go to the coordinator running that task and never wait at admission.
+Every other thread uses the most recently started coordinator that is still running.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+__all__ = ["current_coordinator", "local", "pop_coordinator", "push_coordinator"]
+
+
+class _Local(threading.local):
+    coordinator: Any = None  # set on the coordinator's own threads only
+    worker: Any = None  # the ThreadWorker running on this thread, if any
+
+
+local = _Local()
+_stack: list[Any] = []
+_lock = threading.Lock()
+
+
+def current_coordinator() -> Any:
+    """The coordinator a call made on this thread goes to, or None."""
+    coordinator = local.coordinator
+    if coordinator is not None:
+        return coordinator
+    stack = _stack
+    return stack[-1] if stack else None
+
+
+def push_coordinator(coordinator: Any) -> None:
+    with _lock:
+        _stack.append(coordinator)
+
+
+def pop_coordinator(coordinator: Any) -> None:
+    with _lock:
+        if coordinator in _stack:
+            _stack.remove(coordinator)

@@ -1,0 +1,152 @@
+"""TaskSpec: the validated, frozen form of ``operation_type`` + ``tags``.
+
+Tags are checked once, at decoration time, so a typo fails where it was written rather than
+deep inside a worker minutes later. Every message names the bad value and the allowed ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = ["EXECUTORS", "STORAGE_TIERS", "TAG_NAMES", "WEIGHTS", "TaskSpec"]
+
+WEIGHTS: tuple[str, ...] = ("light", "medium", "heavy")
+STORAGE_TIERS: tuple[str, ...] = ("SLOW", "MODERATE", "FAST", "INSANE")
+EXECUTORS: tuple[str, ...] = ("auto", "thread", "process")
+TAG_NAMES: tuple[str, ...] = (
+    "weight",
+    "storage_speed",
+    "executor",
+    "retries",
+    "retry_on",
+    "dont_retry_on",
+    "deadline",
+    "timeout",
+)
+
+
+def _suggest(value: str, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(value, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _choice(tag: str, value: Any, choices: tuple[str, ...], *, fold_case: bool = False) -> str:
+    if isinstance(value, str):
+        candidate = value.upper() if fold_case else value.lower()
+        if candidate in choices:
+            return candidate
+        hint = _suggest(candidate, choices)
+    else:
+        hint = ""
+    raise ConfigError(
+        f"tag {tag!r} has value {value!r}{hint}; allowed values are {', '.join(choices)}"
+    )
+
+
+def _seconds(tag: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"tag {tag!r} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(
+            f"tag {tag!r} must be a positive, finite number of seconds, got {value!r}"
+        )
+    return float(value)
+
+
+def _exception_types(tag: str, value: Any) -> tuple[type[BaseException], ...] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, tuple | list) else (value,)
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise ConfigError(
+                f"tag {tag!r} takes exception classes (e.g. (ConnectionError, TimeoutError)), "
+                f"got {item!r}"
+            )
+    return tuple(items)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """What a decorated function is: its operation type and validated tags.
+
+    ``retries`` of ``None`` means "use the coordinator's retry policy for this weight";
+    ``retry_on`` / ``dont_retry_on`` of ``None`` likewise defer to the policy.
+    """
+
+    operation_type: str
+    weight: str = "light"
+    storage_speed: str | None = None
+    executor: str = "auto"
+    retries: int | None = None
+    retry_on: tuple[type[BaseException], ...] | None = None
+    dont_retry_on: tuple[type[BaseException], ...] | None = None
+    deadline: float | None = None
+    timeout: float | None = None
+    is_async: bool = False
+
+    @classmethod
+    def from_tags(
+        cls, operation_type: Any, tags: Mapping[str, Any] | None, *, is_async: bool = False
+    ) -> TaskSpec:
+        """Validate ``operation_type`` and ``tags`` as the decorator receives them."""
+        if not isinstance(operation_type, str) or not operation_type.strip():
+            raise ConfigError(
+                f"operation_type must be a non-empty string naming the operation "
+                f"(e.g. 'fibonacci'), got {operation_type!r}"
+            )
+        if tags is None:
+            tags = {}
+        if not isinstance(tags, Mapping):
+            raise ConfigError(
+                f"tags must be a dict such as {{'weight': 'heavy'}}, got {type(tags).__name__} "
+                f"{tags!r}"
+            )
+        for name in tags:
+            if name not in TAG_NAMES:
+                hint = _suggest(str(name), TAG_NAMES)
+                raise ConfigError(
+                    f"unknown tag {name!r}{hint} on operation {operation_type!r}; "
+                    f"known tags are {', '.join(TAG_NAMES)}"
+                )
+        weight = _choice("weight", tags.get("weight", "light"), WEIGHTS)
+        storage = tags.get("storage_speed")
+        storage_speed = (
+            None
+            if storage is None
+            else _choice("storage_speed", storage, STORAGE_TIERS, fold_case=True)
+        )
+        executor = _choice("executor", tags.get("executor", "auto"), EXECUTORS)
+        retries = tags.get("retries")
+        if retries is not None and (
+            isinstance(retries, bool) or not isinstance(retries, int) or retries < 0
+        ):
+            raise ConfigError(
+                f"tag 'retries' must be a whole number >= 0 (extra attempts after the first), "
+                f"got {retries!r}"
+            )
+        if is_async and executor == "process":
+            raise ConfigError(
+                f"operation {operation_type!r} is an async function; it runs on the coordinator's "
+                f"event loop and cannot use executor='process' (use 'auto' or 'thread')"
+            )
+        return cls(
+            operation_type=operation_type,
+            weight=weight,
+            storage_speed=storage_speed,
+            executor=executor,
+            retries=retries,
+            retry_on=_exception_types("retry_on", tags.get("retry_on")),
+            dont_retry_on=_exception_types("dont_retry_on", tags.get("dont_retry_on")),
+            deadline=_seconds("deadline", tags.get("deadline")),
+            timeout=_seconds("timeout", tags.get("timeout")),
+            is_async=is_async,
+        )

@@ -1,0 +1,373 @@
+"""Sharded, lock-free counters on the hot path and frozen snapshots for everyone else.
+
+Why sharded: completion happens on many worker threads at once. ``x += 1`` on a shared int is a
+read-modify-write that loses updates between threads, and a lock would serialise every
+completion. So each thread records into its own :class:`StatsShard` (found through a
+``threading.local``) and only ever touches its own ints; :meth:`StatsRecorder.snapshot` reads
+and adds up all shards into a frozen :class:`StatsSnapshot`, whose ``str()`` is the seed's block.
+
+The recorder's lock is taken only on rare, structural events: a thread's first record (the
+shard is registered), the first record of an operation type on a thread (a counter is added
+to the shard's dict), :meth:`StatsRecorder.count_event` and :meth:`StatsRecorder.snapshot`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokengate._histogram import LatencyHistogram
+
+__all__ = [
+    "OperationCounters",
+    "OperationStats",
+    "StatsRecorder",
+    "StatsShard",
+    "StatsSnapshot",
+]
+
+
+class OperationCounters:
+    """Counts for one operation type on one thread; mutated only by the thread owning the shard.
+
+    ``submitted`` is incremented once per token, before the token can possibly complete; a retry
+    bumps ``retried`` and not ``submitted``, so ``submitted == resolved + failed + discarded +
+    in_flight`` holds per token.
+    """
+
+    __slots__ = ("discarded", "failed", "latency", "resolved", "retried", "submitted", "weight")
+
+    def __init__(self, weight: str) -> None:
+        self.weight = weight
+        self.submitted = 0
+        self.resolved = 0
+        self.failed = 0
+        self.discarded = 0
+        self.retried = 0
+        self.latency = LatencyHistogram()
+
+    def __repr__(self) -> str:
+        return (
+            f"OperationCounters(weight={self.weight!r}, submitted={self.submitted}, "
+            f"resolved={self.resolved}, failed={self.failed}, discarded={self.discarded}, "
+            f"retried={self.retried}, latency={self.latency!r})"
+        )
+
+
+class StatsShard:
+    """One thread's counters, by operation type.
+
+    Only the owning thread mutates the counters. Adding a key to ``ops`` takes the recorder's
+    lock, so a snapshot can copy the dict from another thread without it changing size mid-copy.
+    """
+
+    __slots__ = ("_lock", "ops")
+
+    def __init__(self, lock: threading.Lock | None = None) -> None:
+        self.ops: dict[str, OperationCounters] = {}
+        self._lock = lock if lock is not None else threading.Lock()
+
+    def op(self, operation_type: str, weight: str) -> OperationCounters:
+        """The counters for ``operation_type``, created on first use (the first weight sticks)."""
+        try:
+            return self.ops[operation_type]
+        except KeyError:
+            with self._lock:
+                counters = self.ops[operation_type] = OperationCounters(weight)
+            return counters
+
+
+class _ShardLocal(threading.local):
+    shard: StatsShard
+
+
+def _empty_mapping() -> Mapping[str, Any]:
+    return types.MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class OperationStats:
+    """Frozen totals for one operation type. Latencies are in seconds."""
+
+    operation_type: str
+    weight: str
+    submitted: int
+    resolved: int
+    failed: int
+    discarded: int
+    retried: int
+    in_flight: int
+    latency_p50: float
+    latency_p95: float
+    latency_p99: float
+    latency_max: float
+    latency_mean: float
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """Frozen totals at one instant; ``str()`` renders the seed's "Stats at" block.
+
+    ``latency`` is the merged histogram behind the percentiles, kept for exporters (Prometheus
+    buckets); it is a private copy, left out of ``==`` and ``repr``. Treat it as read-only.
+    """
+
+    label: str
+    elapsed: float
+    submitted: int
+    resolved: int
+    failed: int
+    discarded: int
+    retried: int
+    in_flight: int
+    latency_p50: float
+    latency_p95: float
+    latency_p99: float
+    latency_max: float
+    latency_mean: float
+    operations: Mapping[str, OperationStats] = field(default_factory=_empty_mapping)
+    events: Mapping[str, int] = field(default_factory=_empty_mapping)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram, compare=False, repr=False)
+
+    def with_label(self, label: str) -> StatsSnapshot:
+        """The same numbers under another label (``[FINAL]``, a phase name, ...)."""
+        return dataclasses.replace(self, label=label)
+
+    def _percent(self, part: int) -> str:
+        return f"{100.0 * part / self.submitted:.1f}%" if self.submitted else "0.0%"
+
+    def __str__(self) -> str:
+        lines = [
+            f"  ── [{self.label}] Stats at {self.elapsed:.0f}s ──",
+            f"     Submitted : {self.submitted}",
+            f"     Resolved  : {self.resolved}  ({self._percent(self.resolved)})",
+            f"     Discarded : {self.discarded}  ({self._percent(self.discarded)})",
+            f"     Failed    : {self.failed}",
+            f"     Retried   : {self.retried}",
+        ]
+        if self.in_flight > 0:
+            lines.append(f"     In flight : {self.in_flight}")
+        lines.append(
+            f"     Latency   : p50={self.latency_p50:.3f}s  p95={self.latency_p95:.3f}s"
+            f"  max={self.latency_max:.3f}s"
+        )
+        return "\n".join(lines)
+
+    def render_dispatched(self, width: int = 36) -> str:
+        """The seed's "Operations dispatched:" block: a bar per operation type, busiest first.
+
+        Rows are sorted by submitted count (descending, ties by name); the largest count gets
+        ``width`` blocks, the others ``count * width // largest`` but at least one if non-zero.
+        Columns widen for names over 36 characters or counts over 4 digits.
+        """
+        if width < 1:
+            raise ValueError(f"render_dispatched width must be at least 1 block, got {width!r}")
+        header = "  Operations dispatched:"
+        rows = sorted(self.operations.values(), key=lambda o: (-o.submitted, o.operation_type))
+        if not rows:
+            return f"{header}\n    (none)"
+        top = rows[0].submitted
+        name_w = max(36, *(len(o.operation_type) for o in rows))
+        count_w = max(4, len(str(top)))
+        lines = [header]
+        for o in rows:
+            blocks = max(1, o.submitted * width // top) if o.submitted > 0 else 0
+            line = f"    {o.operation_type:<{name_w}} {o.submitted:>{count_w}}  {'█' * blocks}"
+            lines.append(line.rstrip())
+        return "\n".join(lines)
+
+
+def _latency_summary(h: LatencyHistogram) -> tuple[float, float, float, float, float]:
+    """p50, p95, p99, max and mean of ``h``, in seconds."""
+    return h.percentile(50), h.percentile(95), h.percentile(99), h.max, h.mean
+
+
+class StatsRecorder:
+    """Per-thread shards, merged on demand into a :class:`StatsSnapshot`.
+
+    The ``record_*`` methods are the hot path: a thread-local lookup, a dict lookup and an int
+    increment, with no lock after a thread's first use of an operation type. Shards are kept
+    in a list owned by the recorder, so counts outlive the threads that made them; shards of
+    finished threads are folded into one at the next snapshot, so thread churn (worker
+    restarts) does not grow memory.
+    """
+
+    __slots__ = ("_clock", "_events", "_local", "_lock", "_retired", "_shards", "_start")
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._start = clock()
+        self._lock = threading.Lock()
+        self._local = _ShardLocal()
+        self._shards: list[tuple[threading.Thread, StatsShard]] = []
+        self._retired = StatsShard(self._lock)
+        self._events: dict[str, int] = {}
+
+    # -- shards -----------------------------------------------------------------------------
+
+    def shard(self) -> StatsShard:
+        """The calling thread's shard, created and registered on the thread's first use."""
+        try:
+            return self._local.shard
+        except AttributeError:
+            shard = StatsShard(self._lock)
+            with self._lock:
+                self._shards.append((threading.current_thread(), shard))
+            self._local.shard = shard
+            return shard
+
+    def _counters(self, operation_type: str, weight: str) -> OperationCounters:
+        try:
+            return self._local.shard.ops[operation_type]
+        except (AttributeError, KeyError):
+            return self.shard().op(operation_type, weight)
+
+    # -- hot path ---------------------------------------------------------------------------
+
+    def record_submitted(self, operation_type: str, weight: str) -> None:
+        """Count a token as submitted. Call it before the token can possibly complete."""
+        self._counters(operation_type, weight).submitted += 1
+
+    def record_resolved(self, operation_type: str, weight: str, latency_s: float) -> None:
+        """Count a token resolved after ``latency_s`` seconds."""
+        c = self._counters(operation_type, weight)
+        c.resolved += 1
+        c.latency.record(latency_s)
+
+    def record_failed(self, operation_type: str, weight: str, latency_s: float) -> None:
+        """Count a token failed after ``latency_s`` seconds (its latency is recorded too)."""
+        c = self._counters(operation_type, weight)
+        c.failed += 1
+        c.latency.record(latency_s)
+
+    def record_discarded(self, operation_type: str, weight: str) -> None:
+        """Count a token discarded (cancelled, past its deadline, dropped on stop)."""
+        self._counters(operation_type, weight).discarded += 1
+
+    def record_retried(self, operation_type: str, weight: str) -> None:
+        """Count one retry; the token stays in flight and is not counted as submitted again."""
+        self._counters(operation_type, weight).retried += 1
+
+    # -- rare events ------------------------------------------------------------------------
+
+    def count_event(self, name: str, n: int = 1) -> None:
+        """Count a rare event (convergence swap, worker restart, ...) under the lock."""
+        with self._lock:
+            self._events[name] = self._events.get(name, 0) + n
+
+    def reset_clock(self) -> None:
+        """Restart the clock behind ``StatsSnapshot.elapsed``."""
+        self._start = self._clock()
+
+    # -- snapshot ---------------------------------------------------------------------------
+
+    def _fold_finished_threads(self) -> None:
+        """Merge the shards of finished threads into ``_retired``; call with the lock held.
+
+        Safe without coordination: a finished thread writes no more, and its last writes
+        happened before ``is_alive()`` turned false.
+        """
+        alive: list[tuple[threading.Thread, StatsShard]] = []
+        for thread, shard in self._shards:
+            if thread.is_alive():
+                alive.append((thread, shard))
+                continue
+            for op_type, c in shard.ops.items():
+                r = self._retired.ops.get(op_type)
+                if r is None:
+                    r = self._retired.ops[op_type] = OperationCounters(c.weight)
+                r.submitted += c.submitted
+                r.resolved += c.resolved
+                r.failed += c.failed
+                r.discarded += c.discarded
+                r.retried += c.retried
+                r.latency.merge(c.latency)
+        self._shards = alive
+
+    def snapshot(self, label: str = "STATS") -> StatsSnapshot:
+        """Add up every shard into a frozen :class:`StatsSnapshot`.
+
+        ``in_flight >= 0`` without stopping the writers: a token's ``submitted`` increment
+        happens before its terminal one (resolved/failed/discarded), so reading the terminal
+        counters of *every* shard first and ``submitted`` afterwards can only see more
+        submissions than completions, never fewer. The lock is held meanwhile so no counter
+        (hence no submission) can appear that the terminal pass did not cover.
+        """
+        now = self._clock()
+        with self._lock:
+            self._fold_finished_threads()
+            entries = [
+                (op_type, c)
+                for shard in (self._retired, *(s for _, s in self._shards))
+                for op_type, c in shard.ops.items()
+            ]
+            terminal = [(c.resolved, c.failed, c.discarded) for _, c in entries]
+            started = [(c.submitted, c.retried) for _, c in entries]
+            events = dict(self._events)
+
+        totals: dict[str, list[int]] = {}
+        weights: dict[str, str] = {}
+        hists: dict[str, list[LatencyHistogram]] = {}
+        for (op_type, c), (res, fail, disc), (sub, retr) in zip(
+            entries, terminal, started, strict=True
+        ):
+            t = totals.setdefault(op_type, [0, 0, 0, 0, 0])
+            t[0] += sub
+            t[1] += res
+            t[2] += fail
+            t[3] += disc
+            t[4] += retr
+            weights.setdefault(op_type, c.weight)
+            hists.setdefault(op_type, []).append(c.latency)
+
+        operations: dict[str, OperationStats] = {}
+        merged_ops: list[LatencyHistogram] = []
+        for op_type in sorted(totals):
+            sub, res, fail, disc, retr = totals[op_type]
+            h = LatencyHistogram.merged(hists[op_type])
+            merged_ops.append(h)
+            p50, p95, p99, lmax, lmean = _latency_summary(h)
+            operations[op_type] = OperationStats(
+                operation_type=op_type,
+                weight=weights[op_type],
+                submitted=sub,
+                resolved=res,
+                failed=fail,
+                discarded=disc,
+                retried=retr,
+                in_flight=sub - res - fail - disc,
+                latency_p50=p50,
+                latency_p95=p95,
+                latency_p99=p99,
+                latency_max=lmax,
+                latency_mean=lmean,
+            )
+        overall = LatencyHistogram.merged(merged_ops)
+        sub = sum(o.submitted for o in operations.values())
+        res = sum(o.resolved for o in operations.values())
+        fail = sum(o.failed for o in operations.values())
+        disc = sum(o.discarded for o in operations.values())
+        p50, p95, p99, lmax, lmean = _latency_summary(overall)
+        return StatsSnapshot(
+            label=label,
+            elapsed=now - self._start,
+            submitted=sub,
+            resolved=res,
+            failed=fail,
+            discarded=disc,
+            retried=sum(o.retried for o in operations.values()),
+            in_flight=sub - res - fail - disc,
+            operations=types.MappingProxyType(operations),
+            events=types.MappingProxyType(events),
+            latency_p50=p50,
+            latency_p95=p95,
+            latency_p99=p99,
+            latency_max=lmax,
+            latency_mean=lmean,
+            latency=overall,
+        )

@@ -1,0 +1,349 @@
+"""Token: the handle a decorated call returns at once.
+
+A Token *is* a ``concurrent.futures.Future``, so ``wait``, ``as_completed`` and
+``asyncio.wrap_future`` work on it unchanged, and it is awaitable. What it adds:
+
+* the seed's identity (``fibonacci_1773231605448885800``), attempts, timings and where it ran;
+* ``get(timeout)``, the seed's spelling of ``result``, which validates its timeout;
+* exactly-once terminal transitions. ``_finish`` and ``_discard`` change state and record the
+  outcome in the statistics while holding the token's own condition, *before* waking anyone, so
+  a caller woken by ``get()`` always sees counts that include its token. The bookkeeping hooks
+  are passed in by the coordinator; the token knows nothing of lanes or stats;
+* help while waiting: a worker thread that waits on a token which has not started yet runs it
+  itself (see ``OperationsCoordinator._help``), so nested tasks never deadlock.
+"""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Generator
+from concurrent.futures import Future
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._errors import TokenDiscarded, TokenGateError
+
+if TYPE_CHECKING:
+    from ._spec import TaskSpec
+
+__all__ = ["Token"]
+
+T = TypeVar("T")
+_TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+_ID_BASE = time.time_ns()
+_RLock = threading.RLock
+_allocate_lock = _thread.allocate_lock
+callback_log = logging.getLogger("tokengate.callbacks")
+
+
+def check_timeout(timeout: object) -> float | None:
+    """Validate a user timeout: ``None`` or a finite number of seconds >= 0."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, got {type(timeout).__name__} {timeout!r}"
+        )
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+class Token(Future[T], Generic[T]):
+    """The handle of one submitted task; a ``concurrent.futures.Future`` with more to say.
+
+    Built lean on purpose: a stdlib ``Future`` allocates a ``Condition`` (with five bound
+    methods and a deque) and two lists, about ten objects the cyclic garbage collector must
+    traverse for as long as the future lives, and with 100,000 futures alive collection time
+    dominated the whole run. A Token keeps its fields in ``__slots__``, uses a plain ``RLock``
+    as ``_condition`` (all the stdlib helpers ``wait``/``as_completed`` need of it), creates its
+    waiter and callback lists only when someone asks, and wakes its own waiters in
+    :meth:`result`. Every stdlib path that reads ``_state``/``_waiters``/``_done_callbacks``
+    keeps working; ``set_result``/``set_exception`` belong to the coordinator.
+    """
+
+    __slots__ = (
+        "_cb",
+        "_condition",
+        "_coordinator",
+        "_deadline_at",
+        "_discard_reason",
+        "_exception",
+        "_holds_permit",
+        "_parked",
+        "_result",
+        "_retry_count",
+        "_run_id",
+        "_sleepers",
+        "_state",
+        "_timer",
+        "_w",
+        "args",
+        "attempts",
+        "core",
+        "finished_at",
+        "fn",
+        "kwargs",
+        "lane",
+        "seq",
+        "spec",
+        "started_at",
+        "submitted_at",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        seq: int,
+        submitted_at: float,
+        coordinator: Any,
+    ) -> None:
+        # Future.__init__ is deliberately not called: see the class docstring.
+        self._condition = _RLock()  # type: ignore[assignment]
+        self._state = PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._w: list[Any] | None = None
+        self._cb: list[Callable[[Future[T]], object]] | None = None
+        self._sleepers: list[Any] | None = None
+        self.spec = spec
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.seq = seq
+        self.submitted_at = submitted_at
+        self._coordinator = coordinator
+        self.attempts = 0
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.core: int | None = None
+        self.worker: str | None = None
+        self.lane: str | None = None
+        self._parked: str | None = None  # "deps" | "tier" | "backoff" while not runnable
+        self._holds_permit = False
+        self._discard_reason: str | None = None
+        self._deadline_at: float | None = None
+        self._run_id = 0
+        self._retry_count = 0
+        self._timer: Any = None
+
+    # Lists the stdlib helpers append to, created on first use.
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        w = self._w
+        if w is None:
+            w = self._w = []
+        return w
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[T]], object]]:
+        cb = self._cb
+        if cb is None:
+            cb = self._cb = []
+        return cb
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """The seed's id, ``<operation_type>_<nanosecond-style number>``, unique per process."""
+        return f"{self.spec.operation_type}_{_ID_BASE + self.seq}"
+
+    @property
+    def operation_type(self) -> str:
+        return self.spec.operation_type
+
+    @property
+    def weight(self) -> str:
+        return self.spec.weight
+
+    @property
+    def state(self) -> str:
+        """``pending``, ``running``, ``resolved``, ``failed`` or ``discarded``."""
+        state = self._state
+        if state == FINISHED:
+            return "failed" if self._exception is not None else "resolved"
+        if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            return "discarded"
+        return "running" if state == RUNNING else "pending"
+
+    @property
+    def discard_reason(self) -> str | None:
+        """Why the token was discarded (``cancelled``, ``deadline``, ``stopped``…), else None."""
+        return self._discard_reason
+
+    def __repr__(self) -> str:
+        return f"<Token {self.id} {self.state} attempts={self.attempts}>"
+
+    def done(self) -> bool:
+        return self._state in _TERMINAL
+
+    # -- waiting ----------------------------------------------------------------------------
+    def _wait(self, timeout: float | None) -> None:
+        """Block until terminal or ``timeout``; raises ``TimeoutError`` on timeout."""
+        if self._state == PENDING:
+            self._coordinator._help(self)
+        if self._state in _TERMINAL:
+            return
+        sleeper = _allocate_lock()
+        sleeper.acquire()
+        with self._condition:
+            if self._state in _TERMINAL:
+                return
+            if self._sleepers is None:
+                self._sleepers = []
+            self._sleepers.append(sleeper)
+        if sleeper.acquire(True, -1 if timeout is None else timeout):
+            return
+        with self._condition:
+            if self._state in _TERMINAL:
+                return
+            if self._sleepers is not None and sleeper in self._sleepers:
+                self._sleepers.remove(sleeper)
+        raise TimeoutError(f"token {self.id} did not finish within {timeout}s")
+
+    def result(self, timeout: float | None = None) -> T:
+        """The task's value, waiting up to ``timeout`` seconds; re-raises the task's error."""
+        if self._state != FINISHED:
+            self._wait(check_timeout(timeout))
+            if self._state != FINISHED:
+                raise self._discarded_error()
+        exc = self._exception
+        if exc is None:
+            return self._result  # type: ignore[return-value]
+        try:
+            raise exc
+        finally:
+            exc = None
+
+    def get(self, timeout: float | None = None) -> T:
+        """The seed's name for :meth:`result`."""
+        return self.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state != FINISHED:
+            self._wait(check_timeout(timeout))
+            if self._state != FINISHED:
+                raise self._discarded_error()
+        return self._exception
+
+    def _discarded_error(self) -> TokenDiscarded:
+        reason = self._discard_reason or "cancelled"
+        return TokenDiscarded(f"token {self.id} was discarded before it ran ({reason})", reason)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+    def set_result(self, result: object) -> None:
+        raise TokenGateError(
+            f"token {self.id} is completed by its coordinator; set_result() is not for tokens"
+        )
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        raise TokenGateError(
+            f"token {self.id} is completed by its coordinator; set_exception() is not for tokens"
+        )
+
+    def _invoke_callbacks(self) -> None:
+        callbacks = self._cb
+        if not callbacks:
+            return
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                callback_log.exception("done-callback %r of token %s raised", callback, self.id)
+
+    def _wake_all(self, kind: str) -> None:
+        """Tell stdlib waiters and our sleepers; call with ``_condition`` held."""
+        waiters = self._w
+        if waiters:
+            for waiter in waiters:
+                getattr(waiter, kind)(self)
+        sleepers = self._sleepers
+        if sleepers:
+            self._sleepers = None
+            for sleeper in sleepers:
+                sleeper.release()
+
+    # -- terminal transitions (called by the coordinator only) --------------------------------
+    def cancel(self) -> bool:
+        """Discard the token if it has not started; True if it is (now) discarded."""
+        return self._discard("cancelled")
+
+    def _discard(self, reason: str) -> bool:
+        with self._condition:
+            state = self._state
+            if state in (RUNNING, FINISHED):
+                return False
+            if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            self._state = CANCELLED_AND_NOTIFIED
+            self._discard_reason = reason
+            self._coordinator._on_discarded(self)
+            self._wake_all("add_cancelled")
+        self._invoke_callbacks()
+        self._coordinator._after_discard(self)
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return self._try_claim()
+
+    def _try_claim(self) -> bool:
+        """PENDING -> RUNNING, atomically; False if discarded or claimed by someone else."""
+        with self._condition:
+            if self._state != PENDING:
+                return False
+            self._state = RUNNING
+            self._run_id += 1
+            return True
+
+    def _finish(
+        self,
+        result: Any,
+        exception: BaseException | None,
+        record: Callable[[Token[Any], BaseException | None], None],
+        run_id: int | None = None,
+    ) -> bool:
+        """Make the token terminal exactly once; False if it already was (a late result).
+
+        ``record`` (the statistics) runs under the token's lock before anyone is woken, so a
+        caller returning from ``get()`` always sees counts that include this token.
+        """
+        with self._condition:
+            if self._state in _TERMINAL or (run_id is not None and run_id != self._run_id):
+                return False
+            if exception is None:
+                self._result = result
+            else:
+                self._exception = exception
+            self._state = FINISHED
+            record(self, exception)
+            if self._w or self._sleepers:
+                self._wake_all("add_result" if exception is None else "add_exception")
+        if self._cb:
+            self._invoke_callbacks()
+        return True
+
+    def _reopen(self, run_id: int) -> bool:
+        """RUNNING -> PENDING for a retry, only if ``run_id`` is still the current run."""
+        with self._condition:
+            if self._state != RUNNING or run_id != self._run_id:
+                return False
+            self._state = PENDING
+            self._run_id += 1  # a late completion of the old run no longer matches
+            return True
