@@ -35,7 +35,12 @@ def test_good_tags_are_normalised() -> None:
     spec = TaskSpec.from_tags(
         "io", {"weight": "Heavy", "storage_speed": "fast", "retries": 3, "timeout": 2}
     )
-    assert (spec.weight, spec.storage_speed, spec.retries, spec.timeout) == ("heavy", "FAST", 3, 2.0)
+    assert (spec.weight, spec.storage_speed, spec.retries, spec.timeout) == (
+        "heavy",
+        "FAST",
+        3,
+        2.0,
+    )
     assert TaskSpec.from_tags("x", None).weight == "light"
 
 
@@ -126,7 +131,7 @@ def test_bad_configuration_fails_at_construction(options: dict[str, object], fra
 
 
 def test_unknown_option_names_the_known_ones() -> None:
-    with pytest.raises(TokenGateError, match="known options are .*mailbox_max"):
+    with pytest.raises(TokenGateError, match=r"known options are .*mailbox_max"):
         OperationsCoordinator(mailbox_size=3)  # type: ignore[call-arg]
 
 
@@ -148,7 +153,9 @@ def test_bad_retry_policy(kwargs: dict[str, float]) -> None:
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
-    fixed = RetryPolicy(backoff_base=0.1, backoff_factor=2, backoff_cap=0.5, jitter=0.5, rng=lambda: 0.0)
+    fixed = RetryPolicy(
+        backoff_base=0.1, backoff_factor=2, backoff_cap=0.5, jitter=0.5, rng=lambda: 0.0
+    )
     assert [fixed.backoff(n) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.4, 0.5]
     jittered = RetryPolicy(backoff_base=0.1, jitter=0.5, rng=lambda: 1.0)
     assert jittered.backoff(1) == pytest.approx(0.05)

@@ -9,7 +9,7 @@ The flow of one token::
         └─> _route: least-loaded mailbox among the weight's allowed cores, preferred core first;
                 every allowed mailbox full -> AdmissionGate (block) or Overloaded (reject)
                   │
-            ThreadWorker: mailbox.popleft -> _run_from_mailbox -> _execute (the task body)
+            a lane's worker: mailbox.popleft -> claim -> execute / begin (the task body)
                   │
             _complete  (the one completion path every lane calls)
                 ├─ resolve   -> Token._finish: stats recorded under the token's lock, waiters woken
@@ -19,6 +19,11 @@ The flow of one token::
 
 Releasing a storage permit hands it to the next waiting token, and a finished token's
 done-callbacks release its dependents, so no thread ever polls for work.
+
+Lanes (``lanes/``) own workers and mailboxes and talk back only through the ``LaneHost`` methods
+``claim``, ``begin``, ``execute``, ``complete`` and ``after_token``. Which lane runs a spec is
+decided once per spec by ``_lane_for``. Optional policies (``Middleware``) see submissions and the
+end of every attempt; with none installed they cost one truthiness check.
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ from ._errors import (
     TokenGateError,
 )
 from ._logging import attach_verbose_handlers, detach_verbose_handlers
+from ._middleware import HOOKS, Middleware, overridden
+from ._spec import TaskSpec
 from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
 from ._token import Token, check_timeout
 from ._topology import Topology, detect_topology
-from .lanes._thread import ThreadLane, ThreadWorker
+from .lanes._base import Lane, Worker
+from .lanes._thread import ThreadLane
 
 if TYPE_CHECKING:
     from ._decorator import TaskFunction
@@ -112,9 +120,14 @@ class OperationsCoordinator:
         self._draining = False
         self._drain_cond = threading.Condition(threading.Lock())
         self._backoff: set[Token[Any]] = set()
-        self._lane: ThreadLane | None = None
+        self._lanes: dict[str, Lane] = {}
         self._timers: TimerQueue | None = None
-        self._candidates: dict[str, list[ThreadWorker]] = {}
+        # id(spec) -> (spec, candidate workers): the route of a spec is worked out once.
+        self._routes: dict[int, tuple[TaskSpec, str, list[Worker]]] = {}
+        self._middleware: list[Middleware] = []
+        self._hooks: dict[str, list[Callable[..., Any]]] = {hook: [] for hook in HOOKS}
+        self._before_submit: list[Callable[[TaskSpec], None]] = []
+        self._after_attempt: list[Callable[[Token[Any], str, BaseException | None], None]] = []
         self._verbose_handlers: list[Any] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -137,32 +150,74 @@ class OperationsCoordinator:
         cores: dict[int, int | None] = {
             core: self.topology.cpu_for_core(core) for core in range(1, self.core_count + 1)
         }
-        self._lane = ThreadLane(
-            cores,
-            cfg.workers_per_core,
-            run=self._run_from_mailbox,
-            after_token=self._after_token,
-            on_thread_start=self._on_worker_thread,
-        )
-        self._candidates = {
-            weight: [w for core in self.affinity.allowed(weight) for w in self._lane.by_core[core]]
-            for weight in self.affinity.weights
-        }
+        self._lanes = self._build_lanes(cores)
+        self._routes = {}
         self._timers = TimerQueue()
         self._timers.on_thread_start = self._on_internal_thread
         self._stats.reset_clock()
         self._draining = False
         self._accepting = True
-        self._lane.start()
+        for lane in self._lanes.values():
+            lane.start()
         _runtime.push_coordinator(self)
+        for hook in self._hooks["on_start"]:
+            hook(self)
         if log.isEnabledFor(_INFO):
             log.info(
                 "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
-                len(self._lane.workers),
+                sum(len(lane.workers) for lane in self._lanes.values()),
                 self.core_count,
             )
             log.info("Operations Coordinator started successfully!")
         return self
+
+    def _build_lanes(self, cores: dict[int, int | None]) -> dict[str, Lane]:
+        """Create the lanes this coordinator runs (thread always; others per configuration)."""
+        lanes: dict[str, Lane] = {
+            "thread": ThreadLane(cores, self.config.workers_per_core, host=self)
+        }
+        return lanes
+
+    def _lane_for(self, spec: TaskSpec) -> str:
+        """Which lane runs tokens of ``spec`` (see the README's routing rules)."""
+        return "thread"
+
+    def _route_of(self, spec: TaskSpec) -> tuple[TaskSpec, str, list[Worker]]:
+        lane_name = self._lane_for(spec)
+        lane = self._lanes[lane_name]
+        candidates = [
+            w for core in self.affinity.allowed(spec.weight) for w in lane.by_core.get(core, ())
+        ]
+        if not candidates:  # a lane with fewer cores than the policy (e.g. one event loop)
+            candidates = list(lane.workers)
+        route = (spec, lane_name, candidates)
+        self._routes[id(spec)] = route
+        return route
+
+    # -- middleware ----------------------------------------------------------------------------
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Install a policy; only the hooks it overrides are ever called."""
+        self._middleware.append(middleware)
+        for hook in HOOKS:
+            if overridden(middleware, hook):
+                self._hooks[hook].append(getattr(middleware, hook))
+        self._before_submit = self._hooks["before_submit"]
+        self._after_attempt = self._hooks["after_attempt"]
+        if self._status == "running" and overridden(middleware, "on_start"):
+            middleware.on_start(self)
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        return tuple(self._middleware)
+
+    def _notify_after_attempt(
+        self, token: Token[Any], outcome: str, exc: BaseException | None
+    ) -> None:
+        for hook in self._after_attempt:
+            try:
+                hook(token, outcome, exc)
+            except Exception:
+                log.exception("middleware hook %r raised; the token is not affected", hook)
 
     def stop(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop accepting work, finish it, and stop every worker.
@@ -201,11 +256,11 @@ class OperationsCoordinator:
             self._shutdown_workers()
 
     def _shutdown_workers(self) -> None:
-        lane, timers = self._lane, self._timers
+        timers = self._timers
         if log.isEnabledFor(_INFO):
             log.info("[GATE] Admission gate stopped")
             log.info("[CORE_PINNED_QUEUE] Stopping all workers...")
-        stuck = lane.stop(timeout=1.0) if lane is not None else []
+        stuck = [w for lane in self._lanes.values() for w in lane.stop(timeout=1.0)]
         for worker in stuck:
             log.warning(
                 "[%s] still running %r after stop; it is a daemon thread and is left behind",
@@ -220,6 +275,11 @@ class OperationsCoordinator:
         _runtime.pop_coordinator(self)
         with self._lock:
             self._status = "stopped"
+        for hook in self._hooks["on_stop"]:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("middleware on_stop hook %r raised", hook)
         if log.isEnabledFor(_INFO):
             log.info("[CORE_PINNED_QUEUE] All workers stopped")
             log.info("Operations shutdown complete!")
@@ -262,8 +322,8 @@ class OperationsCoordinator:
         sources += self.throttle.drain_waiting()
         with self._lock:
             sources += list(self._backoff)
-        if self._lane is not None:
-            sources += self._lane.queued()
+        for lane in self._lanes.values():
+            sources += lane.queued()
         for token in sources:
             if token._discard(reason):
                 count += 1
@@ -291,6 +351,9 @@ class OperationsCoordinator:
                 f"start one first (with OperationsCoordinator(): ... or coordinator.start())"
             )
         spec = task.spec
+        if self._before_submit:
+            for hook in self._before_submit:
+                hook(spec)
         token: Token[Any] = Token(
             spec, task.__wrapped__, args, kwargs, next(self._seq), _perf(), self
         )
@@ -312,8 +375,8 @@ class OperationsCoordinator:
     def _backlog_bound(self) -> int:
         """How many tokens may wait outside the mailboxes (for dependencies or a tier permit)
         before an external producer is made to wait: as many as the mailboxes hold."""
-        lane = self._lane
-        return self._mailbox_max * (len(lane.workers) if lane is not None else 1)
+        workers = sum(len(lane.workers) for lane in self._lanes.values())
+        return self._mailbox_max * max(1, workers)
 
     def _admit_internal(self, token: Token[Any]) -> None:
         self._admit(token, True)
@@ -333,8 +396,12 @@ class OperationsCoordinator:
         self._route(token, internal)
 
     def _route(self, token: Token[Any], internal: bool) -> None:
-        candidates = self._candidates[token.spec.weight]
-        best: ThreadWorker | None = None
+        spec = token.spec
+        route = self._routes.get(id(spec))
+        if route is None or route[0] is not spec:
+            route = self._route_of(spec)
+        candidates = route[2]
+        best: Worker | None = None
         best_load = self._mailbox_max
         for worker in candidates:
             load = len(worker.mailbox) + (worker.current is not None)
@@ -357,9 +424,9 @@ class OperationsCoordinator:
                 best.index,
             )
 
-    def _pick(self, candidates: list[ThreadWorker]) -> ThreadWorker | None:
+    def _pick(self, candidates: list[Worker]) -> Worker | None:
         limit = self._mailbox_max
-        best: ThreadWorker | None = None
+        best: Worker | None = None
         best_load = limit
         for worker in candidates:
             load = len(worker.mailbox) + (worker.current is not None)
@@ -367,11 +434,9 @@ class OperationsCoordinator:
                 best, best_load = worker, load
         return best
 
-    def _route_full(
-        self, token: Token[Any], internal: bool, candidates: list[ThreadWorker]
-    ) -> ThreadWorker:
+    def _route_full(self, token: Token[Any], internal: bool, candidates: list[Worker]) -> Worker:
         if internal:  # never block a worker or the timer thread: overflow the soft bound
-            return min(candidates, key=ThreadWorker.load)
+            return min(candidates, key=lambda w: w.load())
         if self._reject:
             token._discard("overloaded")
             raise Overloaded(
@@ -383,49 +448,58 @@ class OperationsCoordinator:
         assert worker is not None
         return worker
 
-    # -- execution ------------------------------------------------------------------------------
-    def _on_worker_thread(self, worker: ThreadWorker) -> None:
+    # -- execution (the LaneHost side) ------------------------------------------------------------
+    def on_worker_thread(self, worker: Worker) -> None:
         _runtime.local.coordinator = self
         _runtime.local.worker = worker
 
     def _on_internal_thread(self) -> None:
         _runtime.local.coordinator = self
 
-    def _run_from_mailbox(self, token: Token[Any], worker: ThreadWorker) -> None:
+    def count_event(self, name: str, n: int = 1) -> None:
+        self._stats.count_event(name, n)
+
+    def claim(self, token: Token[Any]) -> bool:
+        """Take a token for running: discarded instead if past its deadline."""
         deadline = token._deadline_at
         if deadline is not None and _perf() > deadline:
             token._discard("deadline")
-            return
-        if token._try_claim():
-            self._execute(token, worker)
+            return False
+        return token._try_claim()
 
-    def _after_token(self, worker: ThreadWorker) -> None:
+    def after_token(self, worker: Worker) -> None:
         gate = self._gate
         if gate.waiters and len(worker.mailbox) <= self._low_water:
             gate.notify()
 
-    def _execute(self, token: Token[Any], worker: ThreadWorker) -> None:
-        """Run a claimed token's body on this thread and complete it."""
+    def begin(self, token: Token[Any], worker: Worker, *, arm_timeout: bool = True) -> int:
+        """Record the start of a run on ``worker``; arms the thread-style timeout if asked."""
         token.attempts += 1
         token.core = worker.core
         token.worker = worker.name
-        token.lane = "thread"
+        token.lane = worker.kind
         token.started_at = _perf()
         run_id = token._run_id
-        timeout = token.spec.timeout
-        if timeout is not None:
-            assert self._timers is not None
-            token._timer = self._timers.call_later(timeout, self._on_timeout, token, run_id)
+        if arm_timeout:
+            timeout = token.spec.timeout
+            if timeout is not None:
+                assert self._timers is not None
+                token._timer = self._timers.call_later(timeout, self._on_timeout, token, run_id)
+        return run_id
+
+    def execute(self, token: Token[Any], worker: Worker) -> None:
+        """Run a claimed token's body on this thread and complete it."""
+        run_id = self.begin(token, worker)
         previous = worker.current
         worker.current = token
         try:
             value = token.fn(*token.args, **token.kwargs)
         except BaseException as exc:
             worker.current = previous
-            self._complete(token, run_id, None, exc)
+            self.complete(token, run_id, None, exc)
         else:
             worker.current = previous
-            self._complete(token, run_id, value, None)
+            self.complete(token, run_id, value, None)
 
     def _on_timeout(self, token: Token[Any], run_id: int) -> None:
         if token._run_id != run_id or token.done():
@@ -435,9 +509,9 @@ class OperationsCoordinator:
             f"{token.spec.timeout}s on {token.worker}; a thread cannot be killed, so its late "
             f"result will be dropped"
         )
-        self._complete(token, run_id, None, exc)
+        self.complete(token, run_id, None, exc)
 
-    def _complete(
+    def complete(
         self, token: Token[Any], run_id: int, value: Any, exc: BaseException | None
     ) -> None:
         """The one place a run ends: resolve, retry or fail (every lane calls this)."""
@@ -452,12 +526,21 @@ class OperationsCoordinator:
         if exc is None:
             if not token._finish(value, None, self._record_terminal, racy):
                 self._late(token, "result")
-            elif worker_log.isEnabledFor(_DEBUG):
-                worker_log.debug("[%s] ✓ Completed %s", token.worker.upper(), token.id)  # type: ignore[union-attr]
-        elif not self._maybe_retry(token, run_id, exc):
+            else:
+                if self._after_attempt:
+                    self._notify_after_attempt(token, "resolved", None)
+                if worker_log.isEnabledFor(_DEBUG):
+                    worker_log.debug("[%s] ✓ Completed %s", (token.worker or "?").upper(), token.id)
+        elif self._maybe_retry(token, run_id, exc):
+            if self._after_attempt:
+                self._notify_after_attempt(token, "retried", exc)
+        else:
             if not token._finish(None, exc, self._record_terminal, racy):
                 self._late(token, "error")
-            elif worker_log.isEnabledFor(_DEBUG):
+                return
+            if self._after_attempt:
+                self._notify_after_attempt(token, "failed", exc)
+            if worker_log.isEnabledFor(_DEBUG):
                 worker_log.debug(
                     "[%s] ✗ Failed %s: %s: %s",
                     (token.worker or "?").upper(),
@@ -524,7 +607,8 @@ class OperationsCoordinator:
         self._admit(token, True)
 
     def _fail_unrun(self, token: Token[Any], exc: BaseException) -> None:
-        token._finish(None, exc, self._record_terminal)
+        if token._finish(None, exc, self._record_terminal) and self._after_attempt:
+            self._notify_after_attempt(token, "failed", exc)
         if self._draining:
             self._notify_drain()
 
@@ -535,6 +619,11 @@ class OperationsCoordinator:
         self._stats.record_discarded(spec.operation_type, spec.weight)
 
     def _after_discard(self, token: Token[Any]) -> None:
+        for hook in self._hooks["after_discard"]:
+            try:
+                hook(token)
+            except Exception:
+                log.exception("middleware hook %r raised; the token is not affected", hook)
         if token._holds_permit:
             for granted in self.throttle.release(token):
                 self._route(granted, True)
@@ -559,8 +648,8 @@ class OperationsCoordinator:
                 deadline = token._deadline_at
                 if deadline is not None and _perf() > deadline:
                     token._discard("deadline")
-                elif token._try_claim():
-                    self._execute(token, worker)
+                elif self._lane_for(token.spec) == worker.kind and token._try_claim():
+                    self.execute(token, worker)
                 return
             if parked != "deps":
                 return  # waiting for a tier permit or a backoff: block normally
@@ -586,16 +675,20 @@ class OperationsCoordinator:
         for granted in self.throttle.resize(tier.upper(), limit):
             self._route(granted, True)
 
-    def queue_depths(self) -> dict[int, list[int]]:
-        """Per core, the load (queued + running) of each worker's mailbox."""
-        lane = self._lane
-        if lane is None:
+    def queue_depths(self, lane: str = "thread") -> dict[int, list[int]]:
+        """Per core, the load (queued + running) of each worker's mailbox in ``lane``."""
+        found = self._lanes.get(lane)
+        if found is None:
             return {}
-        return {core: [w.load() for w in workers] for core, workers in lane.by_core.items()}
+        return {core: [w.load() for w in workers] for core, workers in found.by_core.items()}
 
-    def iter_workers(self) -> Iterator[ThreadWorker]:
-        lane = self._lane
-        return iter(lane.workers if lane is not None else ())
+    @property
+    def lanes(self) -> Mapping[str, Lane]:
+        """The running lanes by name (``thread``, and ``process``/``io``/``async`` if enabled)."""
+        return dict(self._lanes)
+
+    def iter_workers(self) -> Iterator[Worker]:
+        return iter([w for lane in self._lanes.values() for w in lane.workers])
 
     @property
     def gate(self) -> AdmissionGate:

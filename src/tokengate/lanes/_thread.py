@@ -8,7 +8,8 @@ per token. The order (announce, re-check, block / append, check, wake) makes a l
 impossible; a spare wake-up is harmless.
 
 Mailbox bounds are enforced by the router (``load() < mailbox_max``), not here, so internal
-re-admissions (retries, released dependents) can never block a worker.
+re-admissions (retries, released dependents) can never block a worker. The body of a token runs
+through ``LaneHost.execute``, the same code a waiting worker uses to run a token inline.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 from .._topology import pin_current_thread
+from ._base import LaneHost
 
 __all__ = ["ThreadLane", "ThreadWorker"]
 
@@ -82,8 +84,10 @@ class ThreadWorker:
         lane.on_worker_start(self)
         mailbox = self.mailbox
         pop = mailbox.popleft
-        run = lane.run
-        after = lane.after_token
+        host = lane.host
+        claim = host.claim
+        execute = host.execute
+        after = host.after_token
         try:
             while True:
                 try:
@@ -97,7 +101,8 @@ class ThreadWorker:
                         continue
                     self._wake.acquire()
                     continue
-                run(token, self)
+                if claim(token):
+                    execute(token, self)
                 self.completed += 1
                 after(self)
         finally:
@@ -107,23 +112,15 @@ class ThreadWorker:
 class ThreadLane:
     """``workers_per_core`` :class:`ThreadWorker` per core, started and stopped together.
 
-    ``run(token, worker)`` and ``after_token(worker)`` are the coordinator's; the lane only owns
-    threads and mailboxes.
+    The lane owns threads and mailboxes; what a token's run means is the host's (the coordinator).
     """
 
     name = "thread"
 
     def __init__(
-        self,
-        cores: dict[int, int | None],
-        workers_per_core: int,
-        run: Callable[[Any, ThreadWorker], None],
-        after_token: Callable[[ThreadWorker], None],
-        on_thread_start: Callable[[ThreadWorker], None],
+        self, cores: Mapping[int, int | None], workers_per_core: int, host: LaneHost
     ) -> None:
-        self.run = run
-        self.after_token = after_token
-        self._on_thread_start = on_thread_start
+        self.host = host
         self.workers: list[ThreadWorker] = []
         self.by_core: dict[int, list[ThreadWorker]] = {}
         for core, cpu in cores.items():
@@ -142,7 +139,7 @@ class ThreadLane:
     def on_worker_start(self, worker: ThreadWorker) -> None:
         if worker.cpu is not None:
             pin_current_thread([worker.cpu])
-        self._on_thread_start(worker)
+        self.host.on_worker_thread(worker)
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "[%s] Started on Core %d (local %d)", worker.name, worker.core, worker.local_index

@@ -1,0 +1,48 @@
+"""Middleware: optional policies that watch or gate tokens, costing nothing when absent.
+
+Guard House, trace export, metrics and the like subclass :class:`Middleware` and override only
+the hooks they need. The coordinator collects, per hook, the bound methods that a middleware
+actually overrides, and the hot path pays one truthiness check per hook when the list is empty
+(trio's instruments, dramatiq's middleware). A hook that raises is logged and does not disturb the
+token, except ``before_submit``, which may refuse a call on purpose (``OperationBlocked``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._spec import TaskSpec
+    from ._token import Token
+
+__all__ = ["HOOKS", "Middleware"]
+
+HOOKS = ("on_start", "on_stop", "before_submit", "after_attempt", "after_discard")
+
+
+class Middleware:
+    """Base class of coordinator middleware; every hook does nothing by default."""
+
+    def on_start(self, coordinator: Any) -> None:
+        """The coordinator has started."""
+
+    def on_stop(self, coordinator: Any) -> None:
+        """The coordinator has stopped (every token has ended)."""
+
+    def before_submit(self, spec: TaskSpec) -> None:
+        """A call is about to become a token; raise to refuse it."""
+
+    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        """A run ended: ``outcome`` is ``resolved``, ``failed`` or ``retried``.
+
+        ``token.started_at``/``finished_at``, ``worker``, ``core`` and ``lane`` describe the run.
+        Dependency failures (which never ran) arrive with ``token.started_at is None``.
+        """
+
+    def after_discard(self, token: Token[Any]) -> None:
+        """A token was discarded (cancelled, deadline, stop, overload)."""
+
+
+def overridden(middleware: Middleware, hook: str) -> bool:
+    """Whether ``middleware`` overrides ``hook`` (so the coordinator needs to call it)."""
+    return getattr(type(middleware), hook) is not getattr(Middleware, hook)

@@ -1,0 +1,85 @@
+"""The contracts between the coordinator and its lanes.
+
+A lane owns workers; a worker owns a mailbox. The coordinator routes a token to the least-loaded
+worker among those its weight may use (``Worker.load``/``Worker.push``), and the lane's worker,
+once it takes the token, speaks to the coordinator only through :class:`LaneHost`: ``claim`` it
+(deadline and cancellation checked atomically), ``begin`` a run (attempts, timings, timeout
+timer), and ``complete`` it with a value or an exception. ``complete`` decides resolve, retry or
+fail for every lane in one place.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Protocol
+
+__all__ = ["Lane", "LaneHost", "Worker"]
+
+
+class Worker(Protocol):
+    """One worker of a lane: a thread, a process proxy, or a slot of the event loop."""
+
+    index: int
+    core: int
+    name: str
+    kind: str
+    mailbox: deque[Any]
+    current: Any
+
+    def load(self) -> int:
+        """Tokens queued plus running: what the router balances on."""
+        ...
+
+    def push(self, token: Any) -> None:
+        """Append a token to the mailbox and wake the worker if it sleeps."""
+        ...
+
+
+class Lane(Protocol):
+    """A set of workers started and stopped together."""
+
+    name: str
+    workers: list[Any]
+    by_core: dict[int, list[Any]]
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float | None = None) -> list[Any]:
+        """Stop every worker; return those still busy at ``timeout``."""
+        ...
+
+    def queued(self) -> list[Any]:
+        """A copy of every token sitting in a mailbox of this lane."""
+        ...
+
+
+class LaneHost(Protocol):
+    """What the coordinator offers the lanes (implemented by ``OperationsCoordinator``)."""
+
+    def claim(self, token: Any) -> bool:
+        """Take a token out of a mailbox for running; False if discarded or taken elsewhere."""
+        ...
+
+    def begin(self, token: Any, worker: Any, *, arm_timeout: bool = True) -> int:
+        """Record the start of a run; returns the run id ``complete`` must quote."""
+        ...
+
+    def complete(self, token: Any, run_id: int, value: Any, exc: BaseException | None) -> None:
+        """End a run: resolve, retry or fail."""
+        ...
+
+    def execute(self, token: Any, worker: Any) -> None:
+        """Run a claimed token's body on the calling thread and complete it."""
+        ...
+
+    def after_token(self, worker: Any) -> None:
+        """A worker finished a token: wake blocked producers if its mailbox has room."""
+        ...
+
+    def on_worker_thread(self, worker: Any) -> None:
+        """Called first on every worker thread (thread-local set-up)."""
+        ...
+
+    def count_event(self, name: str, n: int = 1) -> None:
+        """Count a rare event (a restart, a swap) in the stats."""
+        ...

@@ -1,0 +1,548 @@
+"""Coordinator behaviour: lifecycle, routing, backpressure, failures, retries, chains, nesting,
+deadlines, stop semantics and logs (issue 2)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from conftest import assert_counts_add_up, eventually
+from tokengate import (
+    CoordinatorNotRunning,
+    DependencyFailed,
+    OperationsCoordinator,
+    Overloaded,
+    RetryPolicy,
+    TaskTimeout,
+    TokenDiscarded,
+    TokenGateError,
+    Topology,
+    task_token_guard,
+)
+
+Make = Callable[..., OperationsCoordinator]
+GATE = threading.Event()
+RUNS: list[str] = []
+RUNS_LOCK = threading.Lock()
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Any:
+    GATE.clear()
+    RUNS.clear()
+    yield
+    GATE.set()
+
+
+@task_token_guard(operation_type="fibonacci", tags={"weight": "heavy"})
+def fibonacci_operation(n: int) -> int:
+    """The seed's Proof 1 task, unchanged."""
+    if n <= 1:
+        return n
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+@task_token_guard(operation_type="echo", tags={"weight": "light"})
+def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, kwargs
+
+
+@task_token_guard(operation_type="where", tags={"weight": "light"})
+def where_light() -> str:
+    return threading.current_thread().name
+
+
+@task_token_guard(operation_type="where_heavy", tags={"weight": "heavy"})
+def where_heavy() -> str:
+    return threading.current_thread().name
+
+
+@task_token_guard(operation_type="blocker", tags={"weight": "heavy"})
+def blocker(started: threading.Event | None = None) -> str:
+    if started is not None:
+        started.set()
+    assert GATE.wait(30)
+    return "released"
+
+
+@task_token_guard(operation_type="record", tags={"weight": "heavy"})
+def record(label: str) -> str:
+    with RUNS_LOCK:
+        RUNS.append(label)
+    return label
+
+
+FLAKY_STATE: dict[str, int] = {}
+
+
+@task_token_guard(operation_type="flaky", tags={"weight": "heavy", "retries": 3})
+def flaky(label: str, failures: int, exc_type: type[BaseException] = ConnectionError) -> str:
+    with RUNS_LOCK:
+        RUNS.append(label)
+        seen = FLAKY_STATE.get(label, 0)
+        FLAKY_STATE[label] = seen + 1
+    if seen < failures:
+        raise exc_type(f"{label} failure {seen + 1}")
+    return label
+
+
+@task_token_guard(operation_type="bad_value", tags={"weight": "light"})
+def raises_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+# -- the seed's chain, as written ---------------------------------------------------------------
+@task_token_guard(operation_type="chain_seed", tags={"weight": "light"})
+def chain_seed(value: int) -> int:
+    return value * 3 + 7
+
+
+@task_token_guard(operation_type="chain_filter", tags={"weight": "light"})
+def chain_filter(value: int) -> int:
+    if value % 2 == 0:
+        return value // 2
+    return value * 2 + 1
+
+
+@task_token_guard(operation_type="chain_accumulate", tags={"weight": "medium"})
+def chain_accumulate(value: int) -> int:
+    return sum(i * value for i in range(1, 51))
+
+
+@task_token_guard(operation_type="chain_reduce", tags={"weight": "light"})
+def chain_reduce(value: int) -> int:
+    return value % 9973
+
+
+@task_token_guard(operation_type="chain_finalize", tags={"weight": "light"})
+def chain_finalize(value: int, label: str = "result") -> dict[str, Any]:
+    return {label: value, "parity": "even" if value % 2 == 0 else "odd"}
+
+
+def chain_by_hand(value: int, label: str) -> dict[str, Any]:
+    v = value * 3 + 7
+    v = v // 2 if v % 2 == 0 else v * 2 + 1
+    v = sum(i * v for i in range(1, 51)) % 9973
+    return {label: v, "parity": "even" if v % 2 == 0 else "odd"}
+
+
+@task_token_guard(operation_type="nested_fib", tags={"weight": "light"})
+def nested_fib(n: int) -> int:
+    if n < 2:
+        return n
+    left, right = nested_fib(n - 1), nested_fib(n - 2)
+    return left.get(timeout=60) + right.get(timeout=60)
+
+
+@task_token_guard(operation_type="total", tags={"weight": "medium"})
+def total(values: list[int], extra: dict[str, int]) -> int:
+    return sum(values) + sum(extra.values())
+
+
+# -- lifecycle ----------------------------------------------------------------------------------
+def test_seed_proof_1_runs_unchanged() -> None:
+    coordinator = OperationsCoordinator()
+    coordinator.start()
+    try:
+        args = [100, 200, 300, 150, 250, 180, 220, 280]
+        tokens = [fibonacci_operation(n) for n in args]
+        results = [token.get(timeout=30) for token in tokens]
+    finally:
+        coordinator.stop()
+    assert results == [fibonacci_operation.__wrapped__(n) for n in args]
+    snap = coordinator.stats()
+    assert (snap.submitted, snap.resolved, snap.failed, snap.discarded) == (8, 8, 0, 0)
+
+
+def test_positional_and_keyword_arguments(coordinator: OperationsCoordinator) -> None:
+    assert echo(1, 2, key="v").get(timeout=10) == ((1, 2), {"key": "v"})
+
+
+def test_call_without_coordinator_says_how_to_start_one() -> None:
+    with pytest.raises(CoordinatorNotRunning, match=r"OperationsCoordinator\(\)"):
+        echo(1)
+
+
+def test_context_manager_start_twice_and_submit_after_stop() -> None:
+    with OperationsCoordinator(workers_per_core=1) as coordinator:
+        assert coordinator.running
+        with pytest.raises(TokenGateError, match="already running"):
+            coordinator.start()
+        assert echo(1).get(timeout=10) == ((1,), {})
+    assert not coordinator.running
+    with pytest.raises(CoordinatorNotRunning, match="stopped"):
+        coordinator.submit(echo, 1)
+    coordinator.stop()  # a second stop is a no-op
+
+
+def test_a_stopped_coordinator_can_start_again() -> None:
+    coordinator = OperationsCoordinator(workers_per_core=1)
+    for _ in range(2):
+        with coordinator:
+            assert echo(2).get(timeout=10) == ((2,), {})
+    assert coordinator.stats().resolved == 2
+
+
+def test_the_innermost_running_coordinator_takes_calls(make_coordinator: Make) -> None:
+    outer = make_coordinator(workers_per_core=1)
+    inner = make_coordinator(workers_per_core=1)
+    echo(1).get(timeout=10)
+    assert (outer.stats().submitted, inner.stats().submitted) == (0, 1)
+    inner.stop()
+    echo(2).get(timeout=10)
+    assert outer.stats().submitted == 1
+
+
+# -- routing ------------------------------------------------------------------------------------
+def test_routing_respects_the_affinity_policy(
+    make_coordinator: Make, eight_cores: Topology
+) -> None:
+    make_coordinator(workers_per_core=2, topology=eight_cores)
+    light = [where_light() for _ in range(200)]
+    heavy = [where_heavy() for _ in range(200)]
+    for token in light + heavy:
+        token.get(timeout=10)
+    assert {t.core for t in light} <= set(range(3, 9))
+    assert {t.core for t in heavy} <= set(range(1, 9))
+    assert all(re.fullmatch(r"worker_\d+_core_\d", t.worker or "") for t in light + heavy)
+
+
+def test_idle_coordinator_routes_to_the_preferred_core(
+    make_coordinator: Make, eight_cores: Topology
+) -> None:
+    coordinator = make_coordinator(workers_per_core=2, topology=eight_cores)
+    assert where_heavy().get(timeout=10) and coordinator.affinity.preferred("heavy") == 1
+    token = where_heavy()
+    token.get(timeout=10)
+    assert token.core == 1
+    token = where_light()
+    token.get(timeout=10)
+    assert token.core == 3
+
+
+def test_routing_balances_to_the_least_loaded_mailbox(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=2, cores=1)
+    started = [threading.Event() for _ in range(2)]
+    blocked = [blocker(started[i]) for i in range(2)]  # one per worker
+    for event in started:
+        assert event.wait(10)
+    queued = [record(str(i)) for i in range(10)]
+    depths = coordinator.queue_depths()[1]
+    assert sorted(depths) == [6, 6]  # 1 running + 5 queued on each: balanced
+    GATE.set()
+    for token in blocked + queued:
+        token.get(timeout=10)
+
+
+def test_routing_log_line_matches_the_seed(
+    coordinator: OperationsCoordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="tokengate.routing"):
+        token = where_heavy()
+        token.get(timeout=10)
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokengate.routing"]
+    assert any(
+        re.fullmatch(
+            rf"\[ROUTING\] Token {token.id} \(heavy\) → Pos \d+ \(Core \d, Worker \d+\)", line
+        )
+        for line in lines
+    ), lines
+
+
+# -- backpressure -------------------------------------------------------------------------------
+def test_a_full_mailbox_blocks_the_producer_until_there_is_room(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1, mailbox_max=2)
+    started = threading.Event()
+    first = blocker(started)
+    assert started.wait(10)
+    queued = [record("a")]  # load: 1 running + 1 queued = 2 = mailbox_max
+    produced = threading.Event()
+    extra: list[Any] = []
+
+    def producer() -> None:
+        extra.append(record("b"))
+        produced.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    eventually(lambda: coordinator.gate.waiters == 1, what="the producer to block at the gate")
+    assert not produced.is_set()
+    GATE.set()
+    assert produced.wait(10)
+    thread.join(10)
+    assert [t.get(timeout=10) for t in [first, *queued, *extra]] == ["released", "a", "b"]
+
+
+def test_reject_admission_raises_overloaded_and_counts_a_discard(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1, mailbox_max=1, admission="reject")
+    started = threading.Event()
+    first = blocker(started)
+    assert started.wait(10)
+    with pytest.raises(Overloaded, match="mailbox_max"):
+        record("refused")
+    GATE.set()
+    first.get(timeout=10)
+    snap = coordinator.stats()
+    assert (snap.submitted, snap.resolved, snap.discarded) == (2, 1, 1)
+    assert_counts_add_up(coordinator)
+
+
+# -- failures and retries -----------------------------------------------------------------------
+def test_errors_keep_their_type_and_traceback(coordinator: OperationsCoordinator) -> None:
+    token = raises_value_error("bad input 42")
+    with pytest.raises(ValueError, match="bad input 42") as info:
+        token.get(timeout=10)
+    assert any(entry.name == "raises_value_error" for entry in info.traceback)
+    assert token.attempts == 1  # a programming error is never retried by default
+    snap = coordinator.stats()
+    assert (snap.failed, snap.retried) == (1, 0)
+
+
+def test_transient_errors_are_retried_to_the_back_of_the_queue(make_coordinator: Make) -> None:
+    FLAKY_STATE.clear()
+    coordinator = make_coordinator(
+        workers_per_core=1, cores=1, retry_policy=RetryPolicy(max_retries=3, backoff_base=0.0)
+    )
+    started = threading.Event()
+    gate = blocker(started)
+    assert started.wait(10)
+    tokens = [flaky("A", 1), record("B"), record("C")]
+    GATE.set()
+    gate.get(timeout=10)
+    assert [t.get(timeout=10) for t in tokens] == ["A", "B", "C"]
+    assert RUNS == ["A", "B", "C", "A"]  # the retry ran after what was already queued (FIFO)
+    assert tokens[0].attempts == 2
+    assert coordinator.stats().retried == 1
+
+
+def test_retries_stop_at_the_budget(coordinator: OperationsCoordinator) -> None:
+    FLAKY_STATE.clear()
+    token = flaky("always", 99)  # tag retries=3 -> 4 attempts
+    with pytest.raises(ConnectionError, match="failure 4"):
+        token.get(timeout=30)
+    assert token.attempts == 4
+    assert coordinator.stats().retried == 3
+
+
+def test_dont_retry_on_and_retry_on(make_coordinator: Make) -> None:
+    FLAKY_STATE.clear()
+    make_coordinator(
+        workers_per_core=1,
+        retry_policy=RetryPolicy(
+            backoff_base=0.0, retry_on=(KeyError,), dont_retry_on=(LookupError,)
+        ),
+    )
+    denied = flaky("denied", 1, KeyError)
+    with pytest.raises(KeyError):
+        denied.get(timeout=10)
+    assert denied.attempts == 1
+
+
+# -- chains -------------------------------------------------------------------------------------
+def test_the_seed_chain_works_as_written(coordinator: OperationsCoordinator) -> None:
+    results = []
+    for value in range(20):
+        step = chain_reduce(chain_accumulate(chain_filter(chain_seed(value))))
+        results.append(chain_finalize(step, label=f"chain_{value}"))
+    assert [t.get(timeout=30) for t in results] == [
+        chain_by_hand(v, f"chain_{v}") for v in range(20)
+    ]
+
+
+def test_tokens_inside_containers_are_dependencies(coordinator: OperationsCoordinator) -> None:
+    a, b, c = chain_seed(1), chain_seed(2), chain_seed(3)
+    assert total([a, b, 5], {"c": c}).get(timeout=10) == 10 + 13 + 5 + 16
+
+
+def test_a_failed_dependency_fails_the_chain_without_running_it(
+    coordinator: OperationsCoordinator,
+) -> None:
+    bad = raises_value_error("root cause")
+    child = record(bad)
+    grandchild = record(child)
+    with pytest.raises(DependencyFailed) as info:
+        child.get(timeout=10)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert bad.id in str(info.value)
+    with pytest.raises(DependencyFailed) as info2:
+        grandchild.get(timeout=10)
+    assert isinstance(info2.value.__cause__, DependencyFailed)
+    assert RUNS == []  # neither dependent ran
+    assert coordinator.stats().failed == 3
+
+
+def test_a_discarded_dependency_fails_the_dependent(make_coordinator: Make) -> None:
+    make_coordinator(workers_per_core=1, cores=1)
+    started = threading.Event()
+    gate = blocker(started)
+    assert started.wait(10)
+    queued = record("never")
+    dependent = record(queued)
+    assert queued.cancel()
+    with pytest.raises(DependencyFailed, match="discarded"):
+        dependent.get(timeout=10)
+    GATE.set()
+    gate.get(timeout=10)
+
+
+# -- nesting ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers_per_core", [1, 2])
+def test_nested_tasks_never_deadlock(make_coordinator: Make, workers_per_core: int) -> None:
+    coordinator = make_coordinator(workers_per_core=workers_per_core)
+    assert nested_fib(16).get(timeout=120) == 987
+    snap = coordinator.stats()
+    assert snap.resolved == snap.submitted == 3193  # every fib node ran as its own token
+
+
+# -- cancellation, deadlines, timeouts, stop ------------------------------------------------------
+@task_token_guard(operation_type="urgent", tags={"weight": "heavy", "deadline": 0.05})
+def urgent() -> str:
+    return "ran"
+
+
+def test_a_token_past_its_deadline_is_discarded_not_run(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1)
+    started = threading.Event()
+    gate = blocker(started)
+    assert started.wait(10)
+    late = urgent()
+    threading.Event().wait(0.1)  # let the 50 ms deadline pass: time itself is what is tested
+    GATE.set()
+    gate.get(timeout=10)
+    with pytest.raises(TokenDiscarded) as info:
+        late.get(timeout=10)
+    assert info.value.reason == "deadline" == late.discard_reason
+    assert coordinator.stats().discarded == 1
+
+
+@task_token_guard(operation_type="hangs", tags={"weight": "heavy", "timeout": 0.2})
+def hangs() -> str:
+    GATE.wait(30)
+    return "late"
+
+
+def test_a_thread_task_past_its_timeout_fails_and_its_late_result_is_dropped(
+    make_coordinator: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator = make_coordinator(
+        workers_per_core=1, retry_policy=RetryPolicy(retry_on=(ConnectionError,))
+    )
+    token = hangs()
+    with pytest.raises(TaskTimeout, match=r"timeout of 0\.2s") as info:
+        token.get(timeout=10)
+    assert isinstance(info.value, TimeoutError)
+    with caplog.at_level(logging.WARNING, logger="tokengate.coordinator"):
+        GATE.set()
+        eventually(lambda: any("late result" in r.getMessage() for r in caplog.records))
+    assert token.state == "failed"
+    snap = coordinator.stats()
+    assert (snap.failed, snap.resolved) == (1, 0)
+
+
+def test_stop_drains_by_default() -> None:
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    tokens = [record(str(i)) for i in range(50)]
+    coordinator.stop()
+    assert all(t.state == "resolved" for t in tokens)
+    assert_counts_add_up(coordinator)
+
+
+def test_stop_with_cancel_pending_discards_what_has_not_started() -> None:
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    started = threading.Event()
+    running = blocker(started)
+    assert started.wait(10)
+    queued = [record(str(i)) for i in range(20)]
+    chained = record(queued[-1])
+    stopper = threading.Thread(target=coordinator.stop, kwargs={"cancel_pending": True})
+    stopper.start()
+    eventually(lambda: all(t.done() for t in [*queued, chained]), what="pending tokens discarded")
+    GATE.set()
+    stopper.join(10)
+    assert running.get(timeout=1) == "released"
+    assert all(t.discard_reason == "stopped" for t in queued)
+    assert chained.state in ("discarded", "failed")
+    snap = coordinator.stats()
+    assert snap.resolved == 1 and snap.in_flight == 0
+    assert_counts_add_up(coordinator)
+
+
+def test_leaving_the_context_on_an_exception_discards_pending() -> None:
+    with pytest.raises(KeyboardInterrupt), OperationsCoordinator(workers_per_core=1, cores=1) as c:
+        started = threading.Event()
+        running = blocker(started)
+        assert started.wait(10)
+        queued = [record(str(i)) for i in range(5)]
+        GATE.set()
+        raise KeyboardInterrupt
+    assert running.done() and all(t.done() for t in queued)
+    assert_counts_add_up(c)
+
+
+@task_token_guard(operation_type="stopper", tags={"weight": "light"})
+def stop_from_inside(coordinator: OperationsCoordinator) -> None:
+    coordinator.stop()
+
+
+def test_stop_from_inside_a_task_is_refused(coordinator: OperationsCoordinator) -> None:
+    with pytest.raises(TokenGateError, match="inside one of this coordinator's own tasks"):
+        stop_from_inside(coordinator).get(timeout=10)
+
+
+# -- stats and logs -----------------------------------------------------------------------------
+def test_stats_block_and_per_operation_breakdown(coordinator: OperationsCoordinator) -> None:
+    for n in range(10):
+        fibonacci_operation(n).get(timeout=10)
+    with pytest.raises(ValueError):
+        raises_value_error("x").get(timeout=10)
+    snap = coordinator.stats("NORMAL")
+    text = str(snap)
+    assert "── [NORMAL] Stats at" in text
+    assert re.search(r"Submitted : 11\n\s+Resolved  : 10  \(90\.9%\)", text), text
+    assert "Failed    : 1" in text
+    assert re.search(r"Latency   : p50=\d+\.\d{3}s  p95=\d+\.\d{3}s  max=\d+\.\d{3}s", text)
+    assert snap.operations["fibonacci"].resolved == 10
+    assert snap.operations["bad_value"].failed == 1
+    assert 0 < snap.latency_p50 <= snap.latency_p95 <= snap.latency_max
+
+
+def test_verbose_prints_the_seed_banner_and_worker_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with OperationsCoordinator(workers_per_core=1, verbose=True):
+        fibonacci_operation(10).get(timeout=10)
+    out = capsys.readouterr().out
+    for fragment in (
+        "Operations Coordinator - Initializing...",
+        "CPU Topology Detected:",
+        "Recommended worker counts:",
+        "[AFFINITY] Policy for",
+        "[STORAGE_THROTTLE] Initialized with speed tiers:",
+        "[CORE_PINNED_QUEUE] Initialized:",
+        "Operations Coordinator ready!",
+        "[worker_0_core_1] Started on Core 1 (local 0)",
+        "[ROUTING] Token fibonacci_",
+        "✓ Completed fibonacci_",
+        "[worker_0_core_1] Stopped",
+        "Operations shutdown complete!",
+    ):
+        assert fragment in out, fragment
+    # verbose is undone on stop: nothing more is printed afterwards
+    with OperationsCoordinator(workers_per_core=1):
+        fibonacci_operation(10).get(timeout=10)
+    assert capsys.readouterr().out == ""
+
+
+def test_threads_end_after_stop() -> None:
+    before = set(threading.enumerate())
+    with OperationsCoordinator(workers_per_core=2):
+        [nested_fib(8) for _ in range(4)]
+    eventually(lambda: set(threading.enumerate()) <= before, what="worker threads to end")
