@@ -20,6 +20,10 @@ The flow of one token::
 Releasing a storage permit hands it to the next waiting token, and a finished token's
 done-callbacks release its dependents, so no thread ever polls for work.
 
+With a backend (``backends/``, e.g. ``backend="dask"``) no lane is built: ``_submit`` hands the
+counted token to ``Backend.submit``, and the backend ends it through the same ``Token._finish`` /
+``Token._discard``, ``_record_terminal`` and middleware, so stats and logs read the same.
+
 Lanes (``lanes/``) own workers and mailboxes and talk back only through the ``LaneHost`` methods
 ``claim``, ``begin``, ``execute``, ``complete`` and ``after_token``. Which lane runs a spec is
 decided once per spec by ``_lane_for``. Optional policies (``Middleware``) see submissions and the
@@ -55,6 +59,7 @@ from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
 from ._token import Token, check_timeout
 from ._topology import Topology, detect_topology
+from .backends import Backend, resolve_backend
 from .lanes._base import Lane, Worker
 from .lanes._thread import ThreadLane
 
@@ -79,6 +84,8 @@ class OperationsCoordinator:
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. Keyword arguments are
     those of :class:`CoordinatorConfig` (or pass ``config=``); they are validated here.
+    ``backend="dask"`` (with ``address=`` for a running scheduler) or a ``Backend`` object runs
+    the tokens elsewhere than the local lanes (see ``tokengate.backends``).
     """
 
     def __init__(
@@ -86,6 +93,8 @@ class OperationsCoordinator:
         *,
         config: CoordinatorConfig | None = None,
         topology: Topology | None = None,
+        backend: str | Backend | None = "local",
+        address: str | None = None,
         **options: Any,
     ) -> None:
         if config is not None and options:
@@ -99,6 +108,8 @@ class OperationsCoordinator:
                 known = ", ".join(CoordinatorConfig.__dataclass_fields__)
                 raise TokenGateError(f"{exc}; known options are {known}") from None
         self.config = config
+        # issue 7: a remote backend (Dask) runs the tokens instead of the lanes; None is local.
+        self._backend: Backend | None = resolve_backend(backend, address)
         self.topology = topology if topology is not None else detect_topology()
         cores = self.topology.core_count
         if config.cores is not None:
@@ -150,7 +161,8 @@ class OperationsCoordinator:
         cores: dict[int, int | None] = {
             core: self.topology.cpu_for_core(core) for core in range(1, self.core_count + 1)
         }
-        self._lanes = self._build_lanes(cores)
+        # issue 7: with a remote backend the local lanes are not built.
+        self._lanes = self._build_lanes(cores) if self._backend is None else {}
         self._routes = {}
         self._timers = TimerQueue()
         self._timers.on_thread_start = self._on_internal_thread
@@ -159,10 +171,12 @@ class OperationsCoordinator:
         self._accepting = True
         for lane in self._lanes.values():
             lane.start()
+        if self._backend is not None:  # issue 7: connect to (or start) the cluster
+            self._start_backend(self._backend)
         _runtime.push_coordinator(self)
         for hook in self._hooks["on_start"]:
             hook(self)
-        if log.isEnabledFor(_INFO):
+        if log.isEnabledFor(_INFO) and self._backend is None:
             log.info(
                 "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
                 sum(len(lane.workers) for lane in self._lanes.values()),
@@ -170,6 +184,25 @@ class OperationsCoordinator:
             )
             log.info("Operations Coordinator started successfully!")
         return self
+
+    def _start_backend(self, backend: Backend) -> None:
+        """issue 7: start the backend; if it cannot start, neither does the coordinator."""
+        try:
+            backend.start(self)
+        except BaseException:
+            self._accepting = False
+            if self._timers is not None:
+                self._timers.close()
+            detach_verbose_handlers(self._verbose_handlers)
+            self._verbose_handlers = []
+            with self._lock:
+                self._status = "stopped"
+            raise
+
+    @property
+    def backend(self) -> Backend | None:
+        """The backend running the tokens (``None``: the local lanes)."""
+        return self._backend
 
     def _build_lanes(self, cores: dict[int, int | None]) -> dict[str, Lane]:
         """Create the lanes this coordinator runs (thread always; others per configuration)."""
@@ -261,6 +294,8 @@ class OperationsCoordinator:
             log.info("[GATE] Admission gate stopped")
             log.info("[CORE_PINNED_QUEUE] Stopping all workers...")
         stuck = [w for lane in self._lanes.values() for w in lane.stop(timeout=1.0)]
+        if self._backend is not None:  # issue 7: end what is left on the cluster, disconnect
+            self._backend.stop()
         for worker in stuck:
             log.warning(
                 "[%s] still running %r after stop; it is a daemon thread and is left behind",
@@ -324,6 +359,8 @@ class OperationsCoordinator:
             sources += list(self._backoff)
         for lane in self._lanes.values():
             sources += lane.queued()
+        if self._backend is not None:  # issue 7: what the cluster has not started
+            sources += self._backend.not_started()
         for token in sources:
             if token._discard(reason):
                 count += 1
@@ -360,6 +397,9 @@ class OperationsCoordinator:
         self._stats.record_submitted(spec.operation_type, spec.weight)
         if spec.deadline is not None:
             token._deadline_at = token.submitted_at + spec.deadline
+        if self._backend is not None:  # issue 7: the backend takes it from here
+            self._backend.submit(token, task, internal)
+            return token
         if args or kwargs:
             deps = find_dependencies(args, kwargs)
             if deps:
@@ -619,6 +659,8 @@ class OperationsCoordinator:
         self._stats.record_discarded(spec.operation_type, spec.weight)
 
     def _after_discard(self, token: Token[Any]) -> None:
+        if self._backend is not None:  # issue 7: stop the cluster from running it
+            self._backend.discarded(token)
         for hook in self._hooks["after_discard"]:
             try:
                 hook(token)
@@ -672,8 +714,12 @@ class OperationsCoordinator:
 
     def set_storage_limit(self, tier: str, limit: int) -> None:
         """Resize a storage tier's limit while running."""
-        for granted in self.throttle.resize(tier.upper(), limit):
-            self._route(granted, True)
+        granted = self.throttle.resize(tier.upper(), limit)
+        if self._backend is not None:  # issue 7: the backend sends the tokens granted
+            self._backend.resized(granted)
+            return
+        for token in granted:
+            self._route(token, True)
 
     def queue_depths(self, lane: str = "thread") -> dict[int, list[int]]:
         """Per core, the load (queued + running) of each worker's mailbox in ``lane``."""

@@ -1,0 +1,665 @@
+"""Runner: tokens in, Dask futures out, and every token ended from its future's completion.
+
+One runner per Dask client: the coordinator's (:class:`~tokengate.backends.DaskBackend`) on the
+client side, and one per worker process for the nested calls task bodies make. The flow::
+
+    admit(token) ── dependencies: a failed one fails the token now (DependencyFailed, never run);
+        │            one not yet submitted to Dask (another coordinator's, or waiting for a tier
+        │            permit) parks the token until it ends; the others become Dask futures
+        ├─ host.acquire (the client's storage-tier permit; a worker always says yes)
+        └─ client.submit(run_task, ..., key=<token id>-<tag>, retries, priority)
+                 │
+        future done ──> Dask's callback thread puts it on a queue (nothing else)
+                 │
+        the collector thread: takes every future ready, gathers the finished ones in ONE
+        client.gather, then settles each token in completion order:
+            retried attempts (from the ``retry`` events) -> Retried + after_attempt("retried")
+            nested counts -> the host's statistics (before anyone is woken)
+            Token._finish(value | error, host._record_terminal) -> after_attempt(resolved|failed)
+            host.settled -> tier permit handed on, producers and stop() woken
+
+Events (``retry``, ``timeout``) arrive on the client's event loop in the order the scheduler sent
+them, which is before the task's own completion; they only note the attempt (retry) or hand the
+failure to a timer thread (timeout), so no user code ever runs on Dask's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .._dependencies import _dependency_error, _failed, find_dependencies
+from .._errors import DependencyFailed, TaskTimeout, TokenGateError, WorkerCrashed
+from .._token import Token
+from ._dask_task import (
+    DEADLINE,
+    DEP_FAILED,
+    OK,
+    Outcome,
+    TaskScope,
+    context_of,
+    load_exception,
+    run_task,
+    semaphore_name,
+)
+
+if TYPE_CHECKING:
+    from .._decorator import TaskFunction
+    from .._spec import TaskSpec
+
+__all__ = ["Host", "Route", "Runner", "worker_runner"]
+
+log = logging.getLogger("tokengate.dask")
+worker_log = logging.getLogger("tokengate.worker")
+routing_log = logging.getLogger("tokengate.routing")
+_DEBUG = logging.DEBUG
+_perf = time.perf_counter
+_STOP = object()
+_BATCH = 1024
+
+# Dask runs higher priorities first. Heavy first mirrors the seed's rule of thumb (heavy may use
+# every core, light only the last ones): on a saturated cluster a heavy token is never stuck
+# behind a flood of light ones. Within a weight Dask keeps submission order (FIFO).
+PRIORITIES = {"heavy": 2, "medium": 1, "light": 0}
+
+
+class Host(Protocol):
+    """Who owns the tokens a runner settles: the coordinator's backend, or a worker TaskScope."""
+
+    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None: ...
+
+    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None: ...
+
+    def record_retried(self, token: Token[Any]) -> None: ...
+
+    def merge_nested(self, nested: dict[str, list[Any]]) -> None: ...
+
+    def acquire(self, token: Token[Any], internal: bool) -> bool: ...
+
+    def settled(self, token: Token[Any]) -> None: ...
+
+    def late(self, token: Token[Any], what: str) -> None: ...
+
+    def expire_later(self, callback: Callable[[], None]) -> None: ...
+
+
+class Route:
+    """How tokens of one spec are sent: what to pickle, the retry budget, the priority, the tier
+    semaphore and the coordinator context the worker needs. Worked out once per spec."""
+
+    __slots__ = ("ctx_blob", "priority", "retries", "spec", "spec_meta", "target", "tier")
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        task: TaskFunction[..., Any],
+        retries: int,
+        limit: int | None,
+        ctx_blob: bytes,
+    ) -> None:
+        self.spec = spec
+        self.target = sendable(task)
+        # A TaskFunction carries its spec to the worker; a plain callable needs it sent along.
+        self.spec_meta = None if self.target is task else spec
+        self.retries = retries
+        self.priority = PRIORITIES[spec.weight]
+        tier = spec.storage_speed
+        self.tier = None if tier is None or limit is None else (semaphore_name(tier, limit), limit)
+        self.ctx_blob = ctx_blob
+
+
+def sendable(task: TaskFunction[..., Any]) -> Any:
+    """What to ship for ``task``: itself (pickled by reference: two strings) when a worker can
+    import it by name, else the plain function (cloudpickled by value: lambdas, closures, the
+    callables given to ``coordinator.submit``)."""
+    from .._decorator import _load_task
+
+    try:
+        if _load_task(task.__module__, task.__qualname__) is task:
+            return task
+    except Exception:
+        pass
+    return task.__wrapped__
+
+
+class _Entry:
+    __slots__ = ("deps", "done", "future", "host", "token")
+
+    def __init__(self, token: Token[Any], host: Host, deps: list[Token[Any]], future: Any):
+        self.token = token
+        self.host = host
+        self.deps = deps
+        self.future = future
+        self.done = False  # settled (resolved, failed, or timed out while still running)
+
+
+class Runner:
+    """Submits tokens to one Dask client and ends them from their futures (see module doc)."""
+
+    def __init__(
+        self, client: Any, tag: str, *, on_thread_start: Callable[[], None] | None = None
+    ) -> None:
+        self.client = client
+        self.tag = tag
+        self._inflight: dict[str, _Entry] = {}
+        self._parked: dict[Token[Any], tuple[Host, Route]] = {}
+        self._errors: dict[str, list[BaseException]] = {}
+        self._last_run: dict[str, tuple[str, float]] = {}  # key -> (worker, wall start)
+        self._ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._topics: set[str] = set()
+        self._on_thread_start = on_thread_start
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._collect, name=f"tokengate-dask-collector-{tag}", daemon=True
+        )
+        self._thread.start()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def key_of(self, token: Token[Any]) -> str:
+        return f"{token.id}-{self.tag}"
+
+    def load(self) -> int:
+        """Tokens sent to Dask or parked here and not yet ended (what backpressure bounds)."""
+        return len(self._inflight) + len(self._parked)
+
+    def subscribe(self, topic: str) -> None:
+        if topic not in self._topics:
+            self._topics.add(topic)
+            self.client.subscribe_topic(topic, self._on_event)
+
+    def future_of(self, token: Token[Any]) -> Any:
+        entry = self._inflight.get(self.key_of(token))
+        return entry.future if entry is not None and entry.token is token else None
+
+    def in_flight(self) -> dict[str, Token[Any]]:
+        """Tokens sent to Dask and not yet ended, by key."""
+        return {key: e.token for key, e in list(self._inflight.items()) if not e.done}
+
+    def parked(self) -> list[Token[Any]]:
+        with self._lock:
+            return list(self._parked)
+
+    # -- submission ------------------------------------------------------------------------------
+    def admit(self, token: Token[Any], host: Host, route: Route, internal: bool) -> None:
+        """Send ``token`` now, or park it until what it needs has ended (see module doc)."""
+        deps: list[Token[Any]] = []
+        args, kwargs = token.args, token.kwargs
+        if args or kwargs:
+            deps = find_dependencies(args, kwargs)
+        if deps:
+            # Capture each dependency's future now: a Future object held here keeps its result
+            # on the cluster even if the dependency ends (and is forgotten) meanwhile.
+            remote: dict[int, Any] = {}
+            waiting = []
+            for dep in deps:
+                if dep.done():
+                    if _failed(dep):
+                        self._fail_unrun(token, host, _dependency_error(token, dep))
+                        return
+                    remote[id(dep)] = None
+                else:
+                    future = self.future_of(dep)
+                    if future is None:
+                        waiting.append(dep)
+                    remote[id(dep)] = future
+            if waiting:
+                self._park(token, host, route, waiting)
+                return
+            if not host.acquire(token, internal):
+                return  # waits for a tier permit; admitted again when granted
+            args = tuple(_remote(a, remote) for a in args)
+            kwargs = {k: _remote(v, remote) for k, v in kwargs.items()}
+        elif not host.acquire(token, internal):
+            return
+        self._send(token, host, route, args, kwargs, deps)
+
+    def _send(
+        self,
+        token: Token[Any],
+        host: Host,
+        route: Route,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deps: list[Token[Any]],
+    ) -> None:
+        key = self.key_of(token)
+        deadline = token._deadline_at
+        if deadline is not None:  # the worker's clock is wall time
+            deadline = time.time() + (deadline - _perf())
+        meta = (key, route.ctx_blob, route.tier, deadline, bool(deps), route.spec_meta)
+        future = self.client.submit(
+            run_task,
+            route.target,
+            meta,
+            args,
+            kwargs,
+            key=key,
+            retries=route.retries,
+            priority=route.priority,
+            pure=False,
+        )
+        self._inflight[key] = _Entry(token, host, deps, future)
+        future.add_done_callback(self._ready.put)
+        if token.done():  # discarded while being sent
+            self.discarded(token)
+        if routing_log.isEnabledFor(_DEBUG):
+            tier = route.tier
+            routing_log.debug(
+                "[ROUTING] Token %s (%s) → Pos %d (Dask, priority %d%s)",
+                token.id,
+                route.spec.weight,
+                token.seq,
+                route.priority,
+                f", {tier[0]}" if tier else "",
+            )
+
+    def _park(self, token: Token[Any], host: Host, route: Route, waiting: list[Token[Any]]) -> None:
+        token._parked = "deps"
+        left = [len(waiting)]
+        lock = threading.Lock()
+        with self._lock:
+            self._parked[token] = (host, route)
+
+        def on_done(_dep: Any) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            with self._lock:
+                if self._parked.pop(token, None) is None:
+                    return  # discarded meanwhile
+            token._parked = None
+            if not token.done():
+                self.admit(token, host, route, True)
+
+        for dep in waiting:
+            dep.add_done_callback(on_done)
+
+    def discarded(self, token: Token[Any]) -> None:
+        """``token`` was discarded: forget it, and cancel its Dask task if it has one."""
+        with self._lock:
+            self._parked.pop(token, None)
+        entry = self.forget(token)
+        if entry is not None:
+            self.cancel([entry.future])
+
+    def forget(self, token: Token[Any]) -> _Entry | None:
+        """Stop tracking ``token``'s Dask future; returns its entry if it was running here."""
+        key = self.key_of(token)
+        entry = self._inflight.get(key)
+        if entry is None or entry.token is not token:
+            return None
+        del self._inflight[key]
+        self._errors.pop(key, None)
+        self._last_run.pop(key, None)
+        if entry.done:
+            return None
+        entry.done = True
+        return entry
+
+    def cancel(self, futures: list[Any]) -> None:
+        """Cancel Dask tasks, and return only once the scheduler has done so.
+
+        ``Client.cancel`` only queues a message (Dask batches them for up to 10 ms), so a task
+        waiting on a dependency that ends meanwhile could still be dispatched. Running the same
+        ``cancel-keys`` handler on the scheduler first closes that window: when this returns, a
+        task that had not started never will. (Without tokengate on the scheduler the function
+        travels by value; if that fails too, the queued message still cancels, a little later.)
+        """
+        if not futures:
+            return
+        reason = "tokengate: token discarded"
+        try:
+            self.client.run_on_scheduler(
+                _scheduler_cancel(), [f.key for f in futures], self.client.id, reason
+            )
+        except Exception:
+            log.debug("cancelling on the scheduler failed; cancelling by message", exc_info=True)
+        try:
+            self.client.cancel(futures, reason=reason)
+        except Exception:  # the client is closing: the tasks die with it
+            log.debug("cancelling %d Dask futures failed", len(futures), exc_info=True)
+
+    def _fail_unrun(self, token: Token[Any], host: Host, exc: BaseException) -> None:
+        if token._finish(None, exc, host._record_terminal):
+            host.after_attempt(token, "failed", exc)
+        host.settled(token)
+
+    # -- events (on the client's event loop: note, or hand over; never run user code here) -------
+    def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        msg = event[1]
+        key = msg.get("k")
+        entry = self._inflight.get(key) if isinstance(key, str) else None
+        if entry is None or entry.done:
+            return
+        kind = msg.get("x")
+        if kind == "retry":
+            exc = load_exception(msg.get("e"), str(msg.get("r")))
+            self._errors.setdefault(entry.future.key, []).append(exc)
+            self._last_run[entry.future.key] = (str(msg.get("w")), float(msg.get("s", 0.0)))
+        elif kind == "timeout":
+            worker = str(msg.get("w"))
+            entry.host.expire_later(lambda: self._expire(entry, worker))
+
+    def _expire(self, entry: _Entry, worker: str) -> None:
+        token = entry.token
+        if entry.done or token.done():
+            return
+        timeout = token.spec.timeout or 0.0
+        exc = TaskTimeout(
+            f"{token.operation_type!r} (token {token.id}) ran longer than its timeout of "
+            f"{timeout}s on Dask worker {worker}; a thread cannot be killed, so its late "
+            f"result will be dropped"
+        )
+        token.worker, token.lane = worker, "dask"
+        token.started_at = max(token.submitted_at, _perf() - timeout)
+        errors = self._errors.pop(entry.future.key, [])
+        self._last_run.pop(entry.future.key, None)
+        self._end(entry, None, exc, errors, None)
+
+    # -- completion ------------------------------------------------------------------------------
+    def _collect(self) -> None:
+        if self._on_thread_start is not None:
+            self._on_thread_start()
+        get, get_nowait = self._ready.get, self._ready.get_nowait
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < _BATCH:
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._settle_batch(batch)
+            except Exception:  # pragma: no cover - a bug here must not stop the collector
+                log.exception("settling %d Dask futures failed", len(batch))
+            if stop:
+                return
+
+    def _settle_batch(self, batch: list[Any]) -> None:
+        finished = {}
+        for future in batch:
+            entry = self._inflight.get(future.key)
+            if entry is not None and future.status == "finished":
+                finished[future.key] = future
+        values: dict[str, Any] = {}
+        if finished:
+            try:
+                values = self.client.gather(finished, errors="skip")
+            except Exception:
+                log.warning("gathering %d results from Dask failed", len(finished), exc_info=True)
+        for future in batch:
+            entry = self._inflight.get(future.key)
+            if entry is None or entry.future is not future:
+                continue
+            try:
+                self._settle(entry, future, values.get(future.key))
+            except Exception:
+                log.exception("ending token %s from its Dask future failed", entry.token.id)
+
+    def _settle(self, entry: _Entry, future: Any, outcome: Any) -> None:
+        token, host, key = entry.token, entry.host, future.key
+        if entry.done:  # timed out earlier: this is the late end of the run
+            del self._inflight[key]
+            if type(outcome) is Outcome and outcome.kind == OK:
+                host.late(token, "result")
+            return
+        errors = self._errors.pop(key, [])
+        value: Any = None
+        exc: BaseException | None = None
+        nested = None
+        if type(outcome) is Outcome:
+            token.worker = outcome.worker
+            token.lane = "dask"
+            token.started_at = max(token.submitted_at, _perf() - (time.time() - outcome.started))
+            nested = outcome.nested
+            kind = outcome.kind
+            if kind == OK:
+                value = outcome.payload
+            elif kind == DEADLINE:
+                self.forget(token)
+                token.started_at = None
+                token._discard("deadline")
+                host.settled(token)
+                return
+            elif kind == DEP_FAILED:
+                exc = self._dependency_failure(entry) or DependencyFailed(
+                    f"token {token.id} ({token.operation_type}) did not run: a dependency failed"
+                )
+                token.started_at = None
+            else:
+                exc = outcome.error()
+        else:
+            exc = self._remote_error(entry, future)
+            # It ran (Dask re-ran it for each retry); the last retry event says where and when.
+            worker, started = self._last_run.get(key, (None, 0.0))
+            token.worker, token.lane = worker, "dask"
+            token.started_at = max(token.submitted_at, _perf() - (time.time() - started))
+        self._last_run.pop(key, None)
+        if entry.deps:
+            # A dependency that ended badly on the client's side (failed, discarded, timed out)
+            # fails the dependent, whatever Dask did with it: one verdict, the client's.
+            dep_exc = self._dependency_failure(entry)
+            if dep_exc is not None:
+                exc, value, nested, errors = dep_exc, None, None, []
+                token.started_at = None
+        self._end(entry, value, exc, errors, nested)
+
+    def _end(
+        self,
+        entry: _Entry,
+        value: Any,
+        exc: BaseException | None,
+        errors: list[BaseException],
+        nested: dict[str, list[Any]] | None,
+    ) -> None:
+        token, host = entry.token, entry.host
+        ran = token.started_at is not None
+        # A retryable error that exhausted Dask's retries was published like the others: then
+        # the last event is the final failure, not a retry.
+        final_published = bool(errors) and exc is not None and type(exc) is type(errors[-1])
+        retried = errors[:-1] if final_published else errors
+        token.attempts = len(retried) + 1 if ran else 0
+        for err in retried:
+            host.record_retried(token)
+            host.after_attempt(token, "retried", err)
+        if nested:
+            host.merge_nested(nested)  # before anyone is woken: get() then sees every count
+        entry.done = True
+        finished = token._finish(value, exc, host._record_terminal)
+        if entry.future.status != "pending":
+            self._inflight.pop(entry.future.key, None)
+        # else: timed out while still running; kept so that its late end is logged
+        if finished:
+            host.after_attempt(token, "resolved" if exc is None else "failed", exc)
+            if worker_log.isEnabledFor(_DEBUG):
+                where = (token.worker or "dask").upper()
+                if exc is None:
+                    worker_log.debug("[%s] ✓ Completed %s", where, token.id)
+                else:
+                    worker_log.debug(
+                        "[%s] ✗ Failed %s: %s: %s", where, token.id, type(exc).__name__, exc
+                    )
+        else:
+            host.late(token, "result" if exc is None else "error")
+        host.settled(token)
+
+    def _dependency_failure(self, entry: _Entry) -> BaseException | None:
+        for dep in entry.deps:
+            if dep.done() and _failed(dep):
+                return _dependency_error(entry.token, dep)
+        return None
+
+    def _remote_error(self, entry: _Entry, future: Any) -> BaseException:
+        token = entry.token
+        if future.status == "error":
+            try:
+                exc = future.exception()
+                tb = future.traceback()
+            except Exception as err:  # pragma: no cover - the client is closing
+                exc, tb = err, None
+            from distributed import KilledWorker
+
+            if isinstance(exc, KilledWorker):
+                crashed = WorkerCrashed(
+                    f"the Dask workers running {token.operation_type!r} (token {token.id}) died "
+                    f"while running it, more often than distributed.scheduler.allowed-failures "
+                    f"allows (often the OS killing them for memory); Dask re-ran it on other "
+                    f"workers before giving up"
+                )
+                crashed.__cause__ = exc
+                return crashed
+            error: BaseException = exc if tb is None else exc.with_traceback(tb)
+            return error
+        return TokenGateError(
+            f"Dask dropped {token.operation_type!r} (token {token.id}) before it ended "
+            f"(future {future.status}); the scheduler or the client went away"
+        )
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._ready.put(_STOP)
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
+        for topic in list(self._topics):
+            try:
+                self.client.unsubscribe_topic(topic)
+            except Exception:
+                log.debug("unsubscribing %s failed", topic, exc_info=True)
+        self._topics.clear()
+
+
+def _scheduler_cancel() -> Callable[..., Any]:
+    """A function for ``run_on_scheduler`` that handles a ``cancel-keys`` message right away.
+
+    The client batches its messages, so a task submitted a moment ago may not have reached the
+    scheduler yet: the function first waits (on the scheduler's event loop, at most a second)
+    until every key is known. Defined inside a function so that cloudpickle sends it by value:
+    the scheduler need not have tokengate installed.
+    """
+
+    async def cancel(keys: list[str], client: str, reason: str, dask_scheduler: Any = None) -> None:
+        import asyncio
+        import time as _time
+
+        tasks = dask_scheduler.tasks
+        give_up = _time.monotonic() + 1.0
+        while any(key not in tasks for key in keys) and _time.monotonic() < give_up:
+            await asyncio.sleep(0.002)
+        dask_scheduler.stream_handlers["cancel-keys"](
+            keys=keys, client=client, force=False, reason=reason, msg=None
+        )
+
+    return cancel
+
+
+def _remote(value: Any, remote: dict[int, Any]) -> Any:
+    """A Token becomes its Dask future (Dask hands its outcome to the task on the cluster), or its
+    value if it had already ended; containers are rebuilt only where tokens were found."""
+    if isinstance(value, Token):
+        future = remote[id(value)]
+        return value.result(0) if future is None else future
+    kind = type(value)
+    if kind is list:
+        return [_remote(v, remote) for v in value]
+    if kind is tuple:
+        return tuple(_remote(v, remote) for v in value)
+    if kind is dict:
+        return {k: _remote(v, remote) for k, v in value.items()}
+    return value
+
+
+# -- nested calls: one runner per worker process and coordinator, created on first use -------------
+class NestedHost:
+    """Host of the tokens a task body submits on a worker: its :class:`TaskScope` counts them
+    (they reach the client inside the task's outcome); no client-side tier permit applies."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: TaskScope) -> None:
+        self.scope = scope
+
+    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
+        self.scope._record_terminal(token, exc)
+
+    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        pass
+
+    def record_retried(self, token: Token[Any]) -> None:
+        self.scope.record_retried(token)
+
+    def merge_nested(self, nested: dict[str, list[Any]]) -> None:
+        self.scope.merge_nested(nested)
+
+    def acquire(self, token: Token[Any], internal: bool) -> bool:
+        return True
+
+    def settled(self, token: Token[Any]) -> None:
+        pass
+
+    def late(self, token: Token[Any], what: str) -> None:
+        log.warning(
+            "late %s of nested %s (token %s) dropped: the token had already ended (%s)",
+            what,
+            token.operation_type,
+            token.id,
+            token.state,
+        )
+
+    def expire_later(self, callback: Callable[[], None]) -> None:
+        from ._dask_task import _timer_queue
+
+        _timer_queue().call_later(0, callback)
+
+
+_worker_runners: dict[str, Runner] = {}
+_worker_lock = threading.Lock()
+_nested_routes: dict[tuple[bytes, int], Route] = {}
+
+
+def worker_runner(topic: str) -> Runner:
+    """This worker process's runner for the coordinator publishing on ``topic``.
+
+    Created on the first nested call, from the task's thread (``get_client`` needs it).
+    """
+    runner = _worker_runners.get(topic)
+    if runner is None:
+        from distributed import get_client
+
+        with _worker_lock:
+            runner = _worker_runners.get(topic)
+            if runner is None:
+                runner = Runner(get_client(), f"w{uuid.uuid4().hex[:8]}")
+                runner.subscribe(topic)
+                _worker_runners[topic] = runner
+    return runner
+
+
+def submit_nested(token: Token[Any], task: TaskFunction[..., Any], scope: TaskScope) -> None:
+    """Send a token a task body created on a worker (always internal: never blocks)."""
+    spec = task.spec
+    route = _nested_routes.get((scope.ctx_blob, id(spec)))
+    if route is None or route.spec is not spec:
+        ctx = context_of(scope.ctx_blob)
+        policy = ctx.policies[spec.weight]
+        retries = spec.retries if spec.retries is not None else policy.max_retries
+        tier = spec.storage_speed
+        limit = None if tier is None else ctx.limits[tier]
+        route = Route(spec, task, retries, limit, scope.ctx_blob)
+        if len(_nested_routes) > 4096:
+            _nested_routes.clear()
+        _nested_routes[(scope.ctx_blob, id(spec))] = route
+    worker_runner(context_of(scope.ctx_blob).topic).admit(token, NestedHost(scope), route, True)

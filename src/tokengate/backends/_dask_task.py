@@ -1,0 +1,498 @@
+"""What runs on a Dask worker: the task wrapper, its outcome, and what nested calls see.
+
+Every token becomes one Dask task running :func:`run_task`, which applies the same rules as the
+local lanes on the worker side:
+
+* **deadline**: a token that starts past its deadline is not run (outcome ``DEADLINE``);
+* **dependencies**: Token arguments arrive as the outcomes of their Dask futures (Dask resolved
+  them on the cluster, never through the client); if one of them failed the body is not run
+  (``DEP_FAILED``), otherwise each is replaced by its value;
+* **storage tier**: a cluster-wide ``distributed.Semaphore`` lease per tier is held while the body
+  runs, so a tier limit holds across every worker (and every client sharing the cluster);
+* **retries**: Dask's ``retries`` re-run *every* exception, so the wrapper applies tokengate's
+  rule itself. A retryable error (transient, per the coordinator's ``RetryPolicy`` and the task's
+  ``retry_on``/``dont_retry_on``) is re-raised, and Dask reschedules the task; anything else is
+  caught and returned as an ``ERROR`` outcome, which Dask does not retry. Each retryable failure is
+  also published on the coordinator's event topic, so the client counts attempts and ``Retried``;
+* **timeout**: a thread cannot be killed, so as on the local thread lane the body runs on; at the
+  limit a timer publishes a ``timeout`` event and the client fails the token with ``TaskTimeout``,
+  dropping the late result;
+* **nested calls**: while the body runs, ``_runtime.local.coordinator`` is a :class:`TaskScope`,
+  so a decorated call made by the body becomes a Dask task submitted from the worker. Waiting on
+  such a token secedes the task from the worker's thread pool (``distributed.secede``), so nested
+  tasks never deadlock, whatever the number of worker threads. The counts of nested tokens travel
+  back inside the outcome and are merged into the client's statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .. import _runtime
+from .._config import MAILBOX_MAX
+from .._decorator import TaskFunction, adhoc_task
+from .._retry import RetryPolicy
+from .._spec import TaskSpec
+from .._timers import TimerQueue
+from .._token import Token
+
+__all__ = [
+    "DEADLINE",
+    "DEP_FAILED",
+    "ERROR",
+    "OK",
+    "Context",
+    "Outcome",
+    "TaskScope",
+    "executing_keys",
+    "run_task",
+]
+
+log = logging.getLogger("tokengate.dask")
+
+OK, ERROR, DEP_FAILED, DEADLINE = 0, 1, 2, 3
+_time = time.time
+_perf = time.perf_counter
+
+
+class Outcome:
+    """What a task returns to Dask: the value or the error, plus where and when it ran.
+
+    ``nested`` counts the tokens the body submitted and saw end, by operation type:
+    ``{op: [weight, submitted, resolved, failed, discarded, retried, [latencies]]}``.
+    """
+
+    __slots__ = ("ended", "kind", "nested", "payload", "started", "tb", "worker")
+
+    def __init__(
+        self,
+        kind: int,
+        payload: Any,
+        started: float,
+        ended: float,
+        worker: str,
+        nested: dict[str, list[Any]] | None = None,
+        tb: dict[str, Any] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.payload = payload
+        self.started = started
+        self.ended = ended
+        self.worker = worker
+        self.nested = nested
+        self.tb = tb
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            Outcome,
+            (self.kind, self.payload, self.started, self.ended, self.worker, self.nested, self.tb),
+        )
+
+    def error(self) -> BaseException:
+        """The task's exception, with its remote traceback re-attached."""
+        exc: BaseException = self.payload
+        if self.tb is not None:
+            with contextlib.suppress(Exception):
+                from tblib import Traceback
+
+                exc = exc.with_traceback(Traceback.from_dict(self.tb).as_traceback())
+        return exc
+
+
+class Context:
+    """The coordinator settings a worker needs: the retry rule and budgets per weight, the tier
+    limits and the topic its events go to. Shipped pre-pickled with every task (a few hundred
+    bytes copied, never re-pickled) and unpickled once per worker process."""
+
+    __slots__ = ("limits", "mailbox_max", "policies", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        policies: Mapping[str, RetryPolicy],
+        limits: Mapping[str, int],
+        mailbox_max: int = MAILBOX_MAX,
+    ) -> None:
+        self.topic = topic
+        self.policies = dict(policies)
+        self.limits = dict(limits)
+        self.mailbox_max = mailbox_max
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The policies' random source (a bound method of the random module) pickles to ~4 KB;
+        # the worker needs only the rule and the budgets.
+        rules = {
+            weight: (p.max_retries, p.retry_on, p.dont_retry_on, p.crash_retries)
+            for weight, p in self.policies.items()
+        }
+        return (_context_from_rules, (self.topic, rules, self.limits, self.mailbox_max))
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _context_from_rules(
+    topic: str,
+    rules: Mapping[str, tuple[Any, ...]],
+    limits: Mapping[str, int],
+    mailbox_max: int,
+) -> Context:
+    policies = {
+        weight: RetryPolicy(
+            max_retries=retries, retry_on=retry_on, dont_retry_on=dont, crash_retries=crash
+        )
+        for weight, (retries, retry_on, dont, crash) in rules.items()
+    }
+    return Context(topic, policies, limits, mailbox_max)
+
+
+_contexts: dict[bytes, Context] = {}
+
+
+def context_of(blob: bytes) -> Context:
+    """The unpickled context of ``blob``, cached per worker process."""
+    ctx = _contexts.get(blob)
+    if ctx is None:
+        if len(_contexts) > 64:
+            _contexts.clear()
+        ctx = _contexts[blob] = pickle.loads(blob)
+    return ctx
+
+
+# -- the per-process pieces a worker needs (created on first use) --------------------------------
+_process_lock = threading.Lock()
+_timers: TimerQueue | None = None
+_semaphores: dict[str, Any] = {}
+
+
+def _timer_queue() -> TimerQueue:
+    global _timers
+    with _process_lock:
+        if _timers is None:
+            _timers = TimerQueue(name="tokengate-dask-timers")
+        return _timers
+
+
+def _semaphore(name: str, limit: int) -> Any:
+    sem = _semaphores.get(name)
+    if sem is None:
+        from distributed import Semaphore
+
+        with _process_lock:
+            sem = _semaphores.get(name)
+            if sem is None:
+                sem = Semaphore(max_leases=limit, name=name)  # type: ignore[no-untyped-call]
+                _semaphores[name] = sem
+    return sem
+
+
+def semaphore_name(tier: str, limit: int) -> str:
+    """One cluster-wide semaphore per tier and limit: coordinators with the same limit share it."""
+    return f"tokengate-storage-{tier}-{limit}"
+
+
+def publish(worker: Any, topic: str, msg: dict[str, Any]) -> None:
+    """Send an event to the coordinator's topic (safe from any thread of the worker)."""
+    try:
+        worker.log_event(topic, msg)
+    except Exception:  # pragma: no cover - the worker is going away
+        log.warning("could not publish %s event for %s", msg.get("x"), msg.get("k"), exc_info=True)
+
+
+def dump_exception(exc: BaseException) -> bytes | None:
+    try:
+        return pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return None
+
+
+def load_exception(blob: bytes | None, fallback: str) -> BaseException:
+    if blob is not None:
+        with contextlib.suppress(Exception):
+            exc = pickle.loads(blob)
+            if isinstance(exc, BaseException):
+                return exc
+    return RuntimeError(fallback)
+
+
+def _portable(exc: BaseException, spec: TaskSpec) -> tuple[BaseException, dict[str, Any] | None]:
+    """``exc`` and its traceback as something that survives pickling back to the client."""
+    tb = None
+    with contextlib.suppress(Exception):
+        from tblib import Traceback
+
+        tb = Traceback(exc.__traceback__).to_dict() if exc.__traceback__ is not None else None
+    try:
+        pickle.loads(pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        from .._errors import SerializationError
+
+        exc = SerializationError(
+            f"{spec.operation_type!r} failed with {type(exc).__name__}: {exc}; the exception "
+            f"itself could not be pickled back from the Dask worker, so this stands in for it"
+        )
+    return exc, tb
+
+
+# -- dependencies ----------------------------------------------------------------------------------
+def _first_failed(value: Any) -> Outcome | None:
+    if type(value) is Outcome:
+        return value if value.kind != OK else None
+    kind = type(value)
+    if kind is list or kind is tuple:
+        for item in value:
+            found = _first_failed(item)
+            if found is not None:
+                return found
+    elif kind is dict:
+        for item in value.values():
+            found = _first_failed(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _unwrap(value: Any) -> Any:
+    kind = type(value)
+    if kind is Outcome:
+        return value.payload
+    if kind is list:
+        return [_unwrap(item) for item in value]
+    if kind is tuple:
+        return tuple(_unwrap(item) for item in value)
+    if kind is dict:
+        return {key: _unwrap(item) for key, item in value.items()}
+    return value
+
+
+# -- nested calls ---------------------------------------------------------------------------------
+_nested_seq = itertools.count(1)
+_default_config: Any = None
+
+
+class TaskScope:
+    """The coordinator a task body sees on a Dask worker: nested calls become Dask tasks.
+
+    It is also the host of the nested tokens it creates (``Token._coordinator``): it counts them
+    for the statistics that travel back to the client, and secedes its task from the worker's
+    thread pool the first time the body waits on one of them.
+    """
+
+    def __init__(self, key: str, ctx_blob: bytes, thread: int, worker: Any) -> None:
+        self.key = key
+        self.ctx_blob = ctx_blob
+        self.thread = thread
+        self.worker = worker
+        self.seceded = False
+        self.counts: dict[str, list[Any]] | None = None
+        self._lock = threading.Lock()
+
+    # What TaskFunction and map() ask of a coordinator.
+    @property
+    def config(self) -> Any:
+        global _default_config
+        if _default_config is None:
+            from .._config import CoordinatorConfig
+
+            _default_config = CoordinatorConfig(mailbox_max=context_of(self.ctx_blob).mailbox_max)
+        return _default_config
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Token[Any]:
+        task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
+        return self._submit(task, args, kwargs, True)
+
+    def _submit(
+        self,
+        task: TaskFunction[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        internal: bool,
+    ) -> Token[Any]:
+        from ._dask_runner import submit_nested
+
+        spec = task.spec
+        token: Token[Any] = Token(
+            spec, task.__wrapped__, args, kwargs, next(_nested_seq), _perf(), self
+        )
+        self._count(spec, 1)
+        if spec.deadline is not None:
+            token._deadline_at = token.submitted_at + spec.deadline
+        submit_nested(token, task, self)
+        return token
+
+    # Token -> host calls.
+    def _help(self, token: Token[Any]) -> None:
+        """The body waits on a nested token: leave the worker's thread pool (once) so another
+        task, that one included, can run in our slot. Never rejoined: the task finishes outside
+        the pool, as with ``distributed.secede()``."""
+        if not self.seceded and threading.get_ident() == self.thread:
+            from distributed import secede
+
+            self.seceded = True
+            secede()  # type: ignore[no-untyped-call]
+
+    def _on_discarded(self, token: Token[Any]) -> None:
+        token.finished_at = _perf()
+        self._count(token.spec, 4)
+
+    def _after_discard(self, token: Token[Any]) -> None:
+        from ._dask_runner import worker_runner
+
+        worker_runner(context_of(self.ctx_blob).topic).discarded(token)
+
+    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
+        now = _perf()
+        token.finished_at = now
+        self._count(token.spec, 2 if exc is None else 3, now - token.submitted_at)
+
+    # Host calls from the runner.
+    def record_retried(self, token: Token[Any]) -> None:
+        self._count(token.spec, 5)
+
+    def merge_nested(self, nested: dict[str, list[Any]]) -> None:
+        with self._lock:
+            counts = self.counts
+            if counts is None:
+                counts = self.counts = {}
+            for op, row in nested.items():
+                mine = counts.get(op)
+                if mine is None:
+                    counts[op] = [row[0], *row[1:6], list(row[6])]
+                else:
+                    for i in range(1, 6):
+                        mine[i] += row[i]
+                    mine[6].extend(row[6])
+
+    def _count(self, spec: TaskSpec, column: int, latency: float | None = None) -> None:
+        with self._lock:
+            counts = self.counts
+            if counts is None:
+                counts = self.counts = {}
+            row = counts.get(spec.operation_type)
+            if row is None:
+                row = counts[spec.operation_type] = [spec.weight, 0, 0, 0, 0, 0, []]
+            row[column] += 1
+            if latency is not None:
+                row[6].append(latency)
+
+    def summary(self) -> dict[str, list[Any]] | None:
+        """The counts of nested tokens that have ended (those still running are left out: their
+        ends would never reach the client)."""
+        with self._lock:
+            counts = self.counts
+            if not counts:
+                return None
+            out = {}
+            for op, row in counts.items():
+                ended = row[2] + row[3] + row[4]
+                if ended:
+                    out[op] = [row[0], ended, row[2], row[3], row[4], row[5], list(row[6])]
+            return out or None
+
+
+# -- the wrapper ----------------------------------------------------------------------------------
+def run_task(
+    target: Any,
+    meta: tuple[Any, ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Outcome:
+    """Run one token's body on a Dask worker (see the module docstring).
+
+    ``meta`` is ``(key, context_blob, tier_or_None, deadline_or_None, has_deps, spec_or_None)``;
+    ``target`` is the TaskFunction (pickled by reference) or, for a plain callable, the callable.
+    """
+    key, ctx_blob, tier, deadline, has_deps, spec = meta
+    started = _time()
+    from distributed import get_worker
+
+    worker = get_worker()
+    if deadline is not None and started > deadline:
+        return Outcome(DEADLINE, None, started, started, worker.address)
+    if has_deps:
+        failed = _first_failed(args) or _first_failed(kwargs)
+        if failed is not None:
+            return Outcome(DEP_FAILED, None, started, started, worker.address)
+        args = _unwrap(args)
+        kwargs = _unwrap(kwargs)
+    if type(target) is TaskFunction:
+        body = target.__wrapped__
+        spec = target.spec
+    else:
+        body = target
+    local = _runtime.local
+    previous = local.coordinator
+    scope = TaskScope(key, ctx_blob, threading.get_ident(), worker)
+    local.coordinator = scope
+    lease = timer = None
+    try:
+        if tier is not None:
+            lease = _semaphore(*tier)
+            lease.acquire()
+        if spec.timeout is not None:
+            timer = _timer_queue().call_later(
+                spec.timeout,
+                publish,
+                worker,
+                context_of(ctx_blob).topic,
+                {"x": "timeout", "k": key, "w": worker.address},
+            )
+        value = body(*args, **kwargs)
+    except BaseException as exc:
+        if _retryable(exc, spec, ctx_blob):
+            publish(
+                worker,
+                context_of(ctx_blob).topic,
+                {
+                    "x": "retry",
+                    "k": key,
+                    "e": dump_exception(exc),
+                    "r": repr(exc)[:500],
+                    "w": worker.address,
+                    "s": started,
+                },
+            )
+            raise  # Dask reschedules it (its retries)
+        err, tb = _portable(exc, spec)
+        return Outcome(ERROR, err, started, _time(), worker.address, scope.summary(), tb)
+    finally:
+        local.coordinator = previous
+        if timer is not None:
+            timer.cancel()
+        if lease is not None:
+            lease.release()
+    return Outcome(OK, value, started, _time(), worker.address, scope.summary())
+
+
+def _retryable(exc: BaseException, spec: TaskSpec, ctx_blob: bytes) -> bool:
+    if not isinstance(exc, Exception):
+        return False
+    policy = context_of(ctx_blob).policies[spec.weight]
+    return policy.is_retryable(exc, retry_on=spec.retry_on, dont_retry_on=spec.dont_retry_on)
+
+
+def connect_worker_client() -> str:
+    """Run once per worker when a coordinator starts: connect the worker's own client now.
+
+    Nested calls, semaphores and events use it. Connected lazily, it can lose its handshake to a
+    Dask race (a ``cancelled-keys`` report broadcast to every client lands in the same batch as
+    its ``stream-start``, and ``Client._ensure_connected`` asserts), which leaves the worker with
+    a half-made default client. Tokens are cancelled often enough for that to matter.
+    """
+    from distributed import get_client, get_worker
+
+    get_client()
+    return str(get_worker().address)
+
+
+def executing_keys(dask_worker: Any) -> list[str]:
+    """The keys this worker is running right now (``Client.run`` calls it at stop)."""
+    state = dask_worker.state
+    return [ts.key for ts in (*state.executing, *state.long_running)]
