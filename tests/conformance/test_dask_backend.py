@@ -1,0 +1,308 @@
+"""What only the Dask backend has: loading, options, the cluster-wide tier limit, worker loss,
+Token arguments as Dask dependencies, priorities, and the cluster it starts by itself."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import eventually
+from tokengate import (
+    ConfigError,
+    CoordinatorNotRunning,
+    OperationsCoordinator,
+    WorkerCrashed,
+    task_token_guard,
+)
+from tokengate.backends import Backend, BackendUnavailable, resolve_backend
+
+from .conftest import DASK_WORKERS, Harness, assert_counts_add_up
+from .probes import HighWater, Journal
+from .tasks import blocker, fibonacci_operation, record, slow_write
+
+distributed = pytest.importorskip(
+    "distributed", reason="the Dask backend needs dask.distributed: pip install 'tokengate[dask]'"
+)
+import dask  # noqa: E402  (needs the extra)
+
+from tokengate.backends import DaskBackend  # noqa: E402
+
+SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def test_importing_tokengate_does_not_import_dask() -> None:
+    result = _python(
+        """
+        import sys, tokengate, tokengate.backends
+        from tokengate import OperationsCoordinator
+        OperationsCoordinator()
+        print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_choosing_dask_without_the_extra_says_which_extra_to_install() -> None:
+    result = _python(
+        """
+        import sys
+        sys.modules['distributed'] = None  # as if dask[distributed] were not installed
+        from tokengate import OperationsCoordinator
+        from tokengate.backends import BackendUnavailable
+        try:
+            OperationsCoordinator(backend='dask')
+        except BackendUnavailable as exc:
+            assert isinstance(exc, ImportError)
+            print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'tokengate[dask]'" in result.stdout
+    assert issubclass(BackendUnavailable, ImportError)
+
+
+@pytest.mark.parametrize(
+    ("backend", "address", "fragment"),
+    [
+        ("ray", None, "unknown backend 'ray'"),
+        ("local", "tcp://h:8786", "needs backend='dask'"),
+        ("dask", 8786, "scheduler address"),
+    ],
+)
+def test_bad_backend_choices_fail_at_construction(
+    backend: Any, address: Any, fragment: str
+) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        OperationsCoordinator(backend=backend, address=address)
+
+
+def test_bad_dask_backend_options() -> None:
+    with pytest.raises(ConfigError, match="not both"):
+        DaskBackend("tcp://h:8786", client=object())
+    with pytest.raises(ConfigError, match="do not apply"):
+        DaskBackend("tcp://h:8786", n_workers=2)
+    with pytest.raises(ConfigError, match="n_workers"):
+        DaskBackend(n_workers=0)
+    with pytest.raises(ConfigError, match=r"distributed\.Client"):
+        DaskBackend(client="tcp://h:8786")
+    with pytest.raises(ConfigError, match="goes to the backend object"):
+        resolve_backend(DaskBackend(), "tcp://h:8786")
+    assert isinstance(resolve_backend("dask", None), Backend)
+    assert resolve_backend("local", None) is None
+
+
+def test_a_backend_that_cannot_start_leaves_the_coordinator_stopped() -> None:
+    coordinator = OperationsCoordinator(
+        backend=DaskBackend("tcp://127.0.0.1:1", cluster_options=None)
+    )
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "0.2s"}),
+        pytest.raises(OSError),
+    ):
+        coordinator.start()
+    assert not coordinator.running
+    with pytest.raises(CoordinatorNotRunning):
+        fibonacci_operation(3)
+
+
+# -- on the session cluster ------------------------------------------------------------------------
+@pytest.fixture
+def dask_harness(dask_cluster: Any) -> Iterator[Harness]:
+    with tempfile.TemporaryDirectory(prefix="tokengate-dask-") as tmp:
+        harness = Harness("dask", dask_cluster, tmp)
+        yield harness
+        for coordinator in harness.made:
+            coordinator.stop(cancel_pending=True, timeout=10)
+            assert_counts_add_up(coordinator)
+
+
+def test_a_tier_limit_holds_across_workers_and_clients(dask_harness: Harness) -> None:
+    """Two coordinators (two Dask clients) share the cluster's SLOW semaphore: at most 3 writers
+    run at once in total, spread over both worker processes."""
+    first = dask_harness.coordinator(storage_limits={"SLOW": 3})
+    second = dask_harness.coordinator(storage_limits={"SLOW": 3})
+    assert first.backend is not None and second.backend is not None
+    high_water, gate = dask_harness.high_water(), dask_harness.gate()
+    tokens = []
+    for coordinator in (first, second):  # the innermost running coordinator takes calls
+        coordinator.stop()
+    for coordinator in (first, second):
+        coordinator.start()
+        tokens += [slow_write(high_water, gate) for _ in range(6)]
+    eventually(lambda: high_water.read()[0] == 3, what="three writers inside at once")
+    assert first.tier_stats()["SLOW"].running + second.tier_stats()["SLOW"].running == 6
+    gate.set()
+    assert [t.get(timeout=30) for t in tokens] == ["written"] * 12
+    assert high_water.read() == (0, 3)
+    assert len({t.worker for t in tokens}) == DASK_WORKERS
+
+
+def test_token_arguments_become_dask_dependencies(dask_harness: Harness) -> None:
+    coordinator = dask_harness.coordinator()
+    gate, journal = dask_harness.gate(), dask_harness.journal()
+    running = blocker(gate)
+    dependent = record(journal, "after", [running])
+    backend: Any = coordinator.backend
+    dep_key, key = backend._runner.key_of(running), backend._runner.key_of(dependent)
+
+    def dependencies(dask_scheduler: Any) -> list[str]:
+        ts = dask_scheduler.tasks.get(key)
+        return [] if ts is None else [d.key for d in ts.dependencies]
+
+    probe = dask_harness.cluster.probe_client
+    eventually(lambda: probe.run_on_scheduler(dependencies) == [dep_key], what="the dependency")
+    gate.set()
+    assert dependent.get(timeout=10) == "after"
+
+
+@task_token_guard(operation_type="light_probe", tags={"weight": "light"})
+def light_probe() -> str:
+    return "light"
+
+
+def test_weight_maps_onto_dask_priority(dask_harness: Harness) -> None:
+    coordinator = dask_harness.coordinator()
+    gate = dask_harness.gate()
+    heavy, light = blocker(gate), light_probe()
+    backend: Any = coordinator.backend
+    keys = {backend._runner.key_of(heavy): 2, backend._runner.key_of(light): 0}
+
+    def priorities(dask_scheduler: Any) -> dict[str, int]:
+        return {k: -dask_scheduler.tasks[k].priority[0] for k in keys if k in dask_scheduler.tasks}
+
+    eventually(lambda: len(dask_harness.cluster.probe_client.run_on_scheduler(priorities)) == 2)
+    assert dask_harness.cluster.probe_client.run_on_scheduler(priorities) == keys
+    gate.set()
+    assert heavy.get(timeout=10) == "released" and light.get(timeout=10) == "light"
+
+
+def test_an_existing_client_is_used_and_left_open(dask_cluster: Any) -> None:
+    client = distributed.Client(dask_cluster, set_as_default=False)
+    try:
+        with OperationsCoordinator(backend=DaskBackend(client=client)) as coordinator:
+            assert fibonacci_operation(10).get(timeout=10) == 55
+            assert coordinator.backend is not None
+            assert "2 workers" in coordinator.backend.describe()
+        assert client.status == "running"
+        assert_counts_add_up(coordinator)
+    finally:
+        client.close()
+
+
+def test_address_string_and_verbose_logs(
+    dask_cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.DEBUG, logger="tokengate"),
+        OperationsCoordinator(backend="dask", address=dask_cluster.scheduler_address),
+    ):
+        token = fibonacci_operation(20)
+        assert token.get(timeout=10) == 6765
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("[DASK] Backend ready: dask scheduler tcp://") for m in messages)
+    assert any(f"[ROUTING] Token {token.id} (heavy) → Pos" in m for m in messages)
+    assert any(f"✓ Completed {token.id}" in m for m in messages)
+    assert token.lane == "dask" and token.worker is not None and token.worker.startswith("tcp://")
+    assert token.started_at is not None and token.finished_at is not None
+    assert token.submitted_at <= token.started_at <= token.finished_at
+
+
+def test_with_no_address_a_local_cluster_is_started_and_closed() -> None:
+    coordinator = OperationsCoordinator(backend="dask")
+    with coordinator:
+        backend: Any = coordinator.backend
+        cluster = backend.cluster
+        assert isinstance(cluster, distributed.LocalCluster)
+        assert [t.get(timeout=30) for t in map(fibonacci_operation, (10, 20))] == [55, 6765]
+    assert cluster.status.name == "closed"
+    assert backend.client is None
+    assert_counts_add_up(coordinator)
+
+
+# -- worker loss (its own cluster: workers die here) -----------------------------------------------
+@pytest.fixture(scope="module")
+def fragile_cluster() -> Iterator[Any]:
+    """Two worker processes; the scheduler gives up on a task after killing 2 workers."""
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=2,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.CRITICAL,
+        )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@task_token_guard(operation_type="dies_once", tags={"weight": "heavy"})
+def dies_once(journal: Journal, times: int = 1) -> int:
+    run = journal.record("run")
+    if run <= times:
+        os._exit(1)  # the worker process dies mid-task, as if the OS killed it
+    return os.getpid()
+
+
+def test_a_worker_killed_mid_task_is_retried_and_nothing_is_lost(
+    fragile_cluster: Any, tmp_path: Any
+) -> None:
+    journal = Journal(str(tmp_path / "journal"))
+    with OperationsCoordinator(
+        backend=DaskBackend(fragile_cluster.scheduler_address)
+    ) as coordinator:
+        token = dies_once(journal)
+        others = [fibonacci_operation(n) for n in range(30)]
+        pid = token.get(timeout=60)
+        assert [t.get(timeout=60) for t in others] == [
+            fibonacci_operation.__wrapped__(n) for n in range(30)
+        ]
+    assert isinstance(pid, int) and pid != os.getpid()
+    assert journal.runs("run") == 2  # killed once, run again elsewhere
+    snap = coordinator.stats()
+    assert (snap.submitted, snap.resolved, snap.failed, snap.discarded) == (31, 31, 0, 0)
+
+
+def test_a_task_that_keeps_killing_workers_fails_with_worker_crashed(
+    fragile_cluster: Any, tmp_path: Any
+) -> None:
+    journal = Journal(str(tmp_path / "journal"))
+    with OperationsCoordinator(backend=DaskBackend(fragile_cluster.scheduler_address)):
+        token = dies_once(journal, times=99)
+        with pytest.raises(WorkerCrashed, match="allowed-failures") as info:
+            token.get(timeout=60)
+    assert isinstance(info.value.__cause__, distributed.KilledWorker)
+    assert journal.runs("run") == 2  # allowed-failures=1: one re-run, then give up
+    assert token.state == "failed"
+
+
+def test_high_water_probe_counts_across_processes(tmp_path: Any) -> None:
+    """The probe the tier tests rely on: exact under concurrent processes."""
+    high_water = HighWater(str(tmp_path / "hw"))
+    high_water.enter()
+    high_water.enter()
+    high_water.leave()
+    assert high_water.read() == (1, 2)
