@@ -25,6 +25,7 @@ failure to a timer thread (timeout), so no user code ever runs on Dask's event l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -53,6 +54,12 @@ if TYPE_CHECKING:
     from .._spec import TaskSpec
 
 __all__ = ["Host", "Route", "Runner", "worker_runner"]
+
+_done_callback: Any
+try:  # the coroutine behind Future.add_done_callback, without its thread hop
+    from distributed.client import done_callback as _done_callback
+except ImportError:  # pragma: no cover - another distributed version
+    _done_callback = None
 
 log = logging.getLogger("tokengate.dask")
 worker_log = logging.getLogger("tokengate.worker")
@@ -154,6 +161,10 @@ class Runner:
         self._topics: set[str] = set()
         self._on_thread_start = on_thread_start
         self._lock = threading.Lock()
+        self._to_watch: list[Any] = []
+        self._watch_lock = threading.Lock()
+        self._watch_scheduled = False
+        self._watchers: set[asyncio.Task[Any]] = set()  # strong references while they wait
         self._thread = threading.Thread(
             target=self._collect, name=f"tokengate-dask-collector-{tag}", daemon=True
         )
@@ -161,7 +172,14 @@ class Runner:
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def key_of(self, token: Token[Any]) -> str:
-        return f"{token.id}-{self.tag}"
+        """The Dask key of ``token``: ``<operation_type>-<seq>-<tag>``.
+
+        Dask names a task's TaskGroup after the key's first dash-separated word; the operation
+        type there gives one group per operation (the dashboard's rows). A unique first word
+        (the token id ``fib_1773...``) made one group per task, and the scheduler's default-span
+        check, which walks every group on each submit, quadratic.
+        """
+        return f"{token.spec.operation_type}-{token.seq}-{self.tag}"
 
     def load(self) -> int:
         """Tokens sent to Dask or parked here and not yet ended (what backpressure bounds)."""
@@ -244,7 +262,7 @@ class Runner:
             pure=False,
         )
         self._inflight[key] = _Entry(token, host, deps, future)
-        future.add_done_callback(self._ready.put)
+        self._watch(future)
         if token.done():  # discarded while being sent
             self.discarded(token)
         if routing_log.isEnabledFor(_DEBUG):
@@ -257,6 +275,33 @@ class Runner:
                 route.priority,
                 f", {tier[0]}" if tier else "",
             )
+
+    def _watch(self, future: Any) -> None:
+        """Have ``future`` put on the ready queue when it ends.
+
+        ``Future.add_done_callback`` costs a wake-up of the event loop per future and a hop
+        through Dask's callback thread; here the futures sent meanwhile are handed to the loop in
+        one wake-up, and each one's waiter puts it on the queue directly from the loop.
+        """
+        if _done_callback is None:  # pragma: no cover - another distributed version
+            future.add_done_callback(self._ready.put)
+            return
+        with self._watch_lock:
+            self._to_watch.append(future)
+            if self._watch_scheduled:
+                return
+            self._watch_scheduled = True
+        self.client.loop.add_callback(self._register_watchers)
+
+    def _register_watchers(self) -> None:  # on the client's event loop
+        with self._watch_lock:
+            futures, self._to_watch = self._to_watch, []
+            self._watch_scheduled = False
+        put, watchers = self._ready.put, self._watchers
+        for future in futures:
+            task = asyncio.ensure_future(_done_callback(future, put))
+            watchers.add(task)
+            task.add_done_callback(watchers.discard)
 
     def _park(self, token: Token[Any], host: Host, route: Route, waiting: list[Token[Any]]) -> None:
         token._parked = "deps"
