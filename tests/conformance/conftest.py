@@ -102,7 +102,7 @@ class Harness:
 
     def forgotten(self, coordinator: OperationsCoordinator, token: Token[Any]) -> bool:
         """Whether a discarded token can no longer start anywhere (on Dask: the scheduler has
-        processed the cancellation and forgotten its task)."""
+        forgotten its task)."""
         if not self.dask:
             return True
         backend: Any = coordinator.backend

@@ -241,6 +241,80 @@ def test_with_no_address_a_local_cluster_is_started_and_closed() -> None:
     assert_counts_add_up(coordinator)
 
 
+def test_stop_with_a_timeout_discards_what_still_runs_on_the_cluster(
+    dask_harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator = dask_harness.coordinator()
+    gate, started = dask_harness.gate(), dask_harness.gate()
+    running = blocker(gate, started)
+    assert started.wait(10)
+    with caplog.at_level(logging.WARNING, logger="tokengate.dask"):
+        coordinator.stop(timeout=0.2)
+    assert running.discard_reason == "stopped"
+    assert any("still running on the cluster" in r.getMessage() for r in caplog.records)
+    gate.set()
+    assert_counts_add_up(coordinator)
+
+
+SEED_SCRIPT = """
+from tokengate import OperationsCoordinator, task_token_guard
+from tokengate.backends import DaskBackend
+
+@task_token_guard(operation_type='fibonacci', tags={'weight': 'heavy'})
+def fibonacci_operation(n):
+    if n <= 1:
+        return n
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+@task_token_guard(operation_type='chain_seed', tags={'weight': 'light'})
+def chain_seed(value: int):
+    return value * 3 + 7
+
+@task_token_guard(operation_type='chain_finalize', tags={'weight': 'light'})
+def chain_finalize(value: int, label: str = "result"):
+    return {label: value, 'parity': 'even' if value % 2 == 0 else 'odd'}
+
+def main():
+    coordinator = OperationsCoordinator(backend=DaskBackend(n_workers=1, threads_per_worker=2))
+    coordinator.start()
+    try:
+        args = [100, 200, 300, 150, 250, 180, 220, 280]
+        tokens = [fibonacci_operation(n) for n in args]
+        results = [token.get(timeout=30) for token in tokens]
+        print(f"Results: {results == [fibonacci_operation.__wrapped__(n) for n in args]}")
+        print(chain_finalize(chain_seed(5), label="r").get(timeout=10))
+    finally:
+        coordinator.stop()
+    print(coordinator.stats())
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_seed_script_runs_with_its_own_functions(tmp_path: Any) -> None:
+    """Tasks defined in the script itself (``__main__``): LocalCluster workers re-import it."""
+    script = tmp_path / "seed_proof_1.py"
+    script.write_text(SEED_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Results: True" in result.stdout
+    assert "{'r': 22, 'parity': 'even'}" in result.stdout
+    assert "Submitted : 10" in result.stdout and "Resolved  : 10  (100.0%)" in result.stdout
+
+
 # -- worker loss (its own cluster: workers die here) -----------------------------------------------
 @pytest.fixture(scope="module")
 def fragile_cluster() -> Iterator[Any]:
