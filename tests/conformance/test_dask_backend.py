@@ -315,6 +315,19 @@ def test_a_seed_script_runs_with_its_own_functions(tmp_path: Any) -> None:
     assert "Submitted : 10" in result.stdout and "Resolved  : 10  (100.0%)" in result.stdout
 
 
+def test_the_mixed_demo_reports_the_same_on_dask(
+    dask_cluster: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokengate.demos import mixed
+
+    failures = mixed.run(1.0, seed=3, backend="dask", address=dask_cluster.scheduler_address)
+    out = capsys.readouterr().out
+    assert failures == 0
+    assert "MIXED ORCHESTRATOR COMPLETE" in out
+    assert "Resolved         : " in out and "(100.0%)" in out
+    assert "Operations dispatched:" in out
+
+
 # -- worker loss (its own cluster: workers die here) -----------------------------------------------
 @pytest.fixture(scope="module")
 def fragile_cluster() -> Iterator[Any]:

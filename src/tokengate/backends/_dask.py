@@ -165,6 +165,7 @@ class DaskBackend(Backend):
         # producer faster than the cluster waits once mailbox_max tokens per thread are in flight.
         self._bound = coordinator.config.mailbox_max * threads
         self._low_water = max(1, self._bound // 2)
+        coordinator._stats.reset_clock()  # elapsed counts from here, not from the cluster's start
         if log.isEnabledFor(_INFO):
             log.info("[DASK] Backend ready: %s", self.describe())
 

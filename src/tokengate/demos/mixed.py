@@ -120,15 +120,25 @@ def _wave(rng: random.Random, base: str, index: int) -> list[Token[Any]]:
     return [rng.choice(makers)(index * 100 + k) for k in range(rng.randint(10, 20))]
 
 
-def run(duration: float = 20.0, *, verbose: bool = False, seed: int | None = None) -> int:
-    """Run the mixed orchestrator for ``duration`` seconds; returns the number of failures."""
+def run(
+    duration: float = 20.0,
+    *,
+    verbose: bool = False,
+    seed: int | None = None,
+    backend: Any = "local",
+    address: str | None = None,
+) -> int:
+    """Run the mixed orchestrator for ``duration`` seconds; returns the number of failures.
+
+    ``backend``/``address`` go to ``OperationsCoordinator`` (``backend="dask"`` runs the same
+    load on a Dask cluster)."""
     rng = random.Random(seed)
     base = tempfile.mkdtemp(prefix="tokengate_mixed_")
     stop_at = time.monotonic() + duration
     waves = 0
     pending: list[Token[Any]] = []
     done = threading.Event()
-    with OperationsCoordinator(verbose=verbose) as coordinator:
+    with OperationsCoordinator(verbose=verbose, backend=backend, address=address) as coordinator:
         next_report = time.monotonic() + 5
         while time.monotonic() < stop_at:
             pending = [t for t in pending if not t.done()]
