@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import ConfigError, Overloaded
 from .._token import Token
 from ._base import Backend
-from ._dask_runner import Route, Runner
+from ._dask_runner import Route, Runner, close_worker_runner
 from ._dask_task import Context, connect_worker_client, executing_keys
 
 try:
@@ -210,6 +210,11 @@ class DaskBackend(Backend):
                     abandoned,
                 )
             runner.close()
+            if self.client is not None and self.cluster is None:  # workers outlive us
+                try:
+                    self.client.run(close_worker_runner, self._topic)
+                except Exception:
+                    log.debug("could not close the workers' runners", exc_info=True)
         self._runner = None
         try:
             if self.client is not None and self._given_client is None:

@@ -575,9 +575,10 @@ class Runner:
         )
 
     # -- shutdown --------------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the collector (after what is already queued) and unsubscribe."""
         self._ready.put(_STOP)
-        if self._thread is not threading.current_thread():
+        if wait and self._thread is not threading.current_thread():
             self._thread.join(5)
         for topic in list(self._topics):
             try:
@@ -691,6 +692,17 @@ def worker_runner(topic: str) -> Runner:
                 runner.subscribe(topic)
                 _worker_runners[topic] = runner
     return runner
+
+
+def close_worker_runner(topic: str) -> bool:
+    """Forget this worker process's runner for a coordinator that stopped (``Client.run`` calls
+    it on every worker, on the worker's event loop: nothing here may block)."""
+    with _worker_lock:
+        runner = _worker_runners.pop(topic, None)
+    if runner is None:
+        return False
+    runner.close(wait=False)
+    return True
 
 
 def submit_nested(token: Token[Any], task: TaskFunction[..., Any], scope: TaskScope) -> None:
