@@ -236,7 +236,10 @@ class DaskBackend(Backend):
             retries = coordinator._policies[spec.weight].max_retries
         tier = spec.storage_speed
         limit = None if tier is None else coordinator.throttle.limit(tier)
-        route = Route(spec, task, retries, limit, self._ctx_blob)
+        # Only the workers of a LocalCluster started here are sure to import the script itself.
+        route = Route(
+            spec, task, retries, limit, self._ctx_blob, main_by_value=self.cluster is None
+        )
         self._routes[id(spec)] = route
         return route
 

@@ -7,9 +7,9 @@ client side, and one per worker process for the nested calls task bodies make. T
         │            one not yet submitted to Dask (another coordinator's, or waiting for a tier
         │            permit) parks the token until it ends; the others become Dask futures
         ├─ host.acquire (the client's storage-tier permit; a worker always says yes)
-        └─ client.submit(run_task, ..., key=<token id>-<tag>, retries, priority)
+        └─ client.submit(run_task, ..., key=<operation>-<seq>-<tag>, retries, priority)
                  │
-        future done ──> Dask's callback thread puts it on a queue (nothing else)
+        future done ──> a waiter on the client's event loop puts it on a queue (nothing else)
                  │
         the collector thread: takes every future ready, gathers the finished ones in ONE
         client.gather, then settles each token in completion order:
@@ -108,9 +108,11 @@ class Route:
         retries: int,
         limit: int | None,
         ctx_blob: bytes,
+        *,
+        main_by_value: bool = False,
     ) -> None:
         self.spec = spec
-        self.target = sendable(task)
+        self.target = sendable(task, main_by_value=main_by_value)
         # A TaskFunction carries its spec to the worker; a plain callable needs it sent along.
         self.spec_meta = None if self.target is task else spec
         self.retries = retries
@@ -120,12 +122,16 @@ class Route:
         self.ctx_blob = ctx_blob
 
 
-def sendable(task: TaskFunction[..., Any]) -> Any:
+def sendable(task: TaskFunction[..., Any], *, main_by_value: bool = False) -> Any:
     """What to ship for ``task``: itself (pickled by reference: two strings) when a worker can
     import it by name, else the plain function (cloudpickled by value: lambdas, closures, the
-    callables given to ``coordinator.submit``)."""
+    callables given to ``coordinator.submit``). A script's own functions (``__main__``) import on
+    a LocalCluster's workers, which re-import the script; elsewhere (``main_by_value``) they go
+    by value."""
     from .._decorator import _load_task
 
+    if main_by_value and task.__module__ == "__main__":
+        return task.__wrapped__
     try:
         if _load_task(task.__module__, task.__qualname__) is task:
             return task
