@@ -5,6 +5,7 @@ Self-contained (the shared harness in ``tokengate.bench`` is not needed): run it
     python benchmarks/dask_backend.py                 # full: B6 for 60 s per backend
     python benchmarks/dask_backend.py --quick         # B6 for 10 s per backend
     python benchmarks/dask_backend.py --json out.json
+    python benchmarks/dask_backend.py --dask-threads 4   # B6 also on 2 workers x 4 threads
 
 **Overhead.** One ``LocalCluster`` (2 worker processes, 1 thread each: the machine's default on
 2 cores), one client. ``raw``: ``client.submit(noop, i, pure=False)`` for N tasks, then
@@ -197,14 +198,24 @@ def overhead(tasks: int = 2000, rounds: int = 3) -> dict[str, Any]:
     }
 
 
-def b6(backend: str, duration: float, seed: int = 7) -> dict[str, Any]:
-    """The seed's Proof 3 load on one backend; latencies from coordinator.stats()."""
+def b6(
+    backend: str, duration: float, seed: int = 7, threads_per_worker: int | None = None
+) -> dict[str, Any]:
+    """The seed's Proof 3 load on one backend; latencies from coordinator.stats().
+
+    ``threads_per_worker`` sizes the Dask LocalCluster's workers (default: Dask's choice for
+    this machine, one worker process per core)."""
     rng = random.Random(seed)
     base = tempfile.mkdtemp(prefix="tokengate_b6_")
     pending: list[Token[Any]] = []
     pause = threading.Event()
     waves = 0
-    with OperationsCoordinator(backend=backend) as coordinator:
+    chosen: Any = backend
+    if backend == "dask" and threads_per_worker is not None:
+        from tokengate.backends import DaskBackend
+
+        chosen = DaskBackend(n_workers=2, threads_per_worker=threads_per_worker)
+    with OperationsCoordinator(backend=chosen) as coordinator:
         described = coordinator.backend.describe() if coordinator.backend else "local lanes"
         coordinator._stats.reset_clock()
         stop_at = time.monotonic() + duration
@@ -217,7 +228,7 @@ def b6(backend: str, duration: float, seed: int = 7) -> dict[str, Any]:
             token.exception(timeout=120)
         snap = coordinator.stats("B6")
     return {
-        "backend": backend,
+        "backend": backend if threads_per_worker is None else f"{backend}-{threads_per_worker}t",
         "where": described,
         "duration_s": duration,
         "waves": waves,
@@ -240,7 +251,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(quick: bool = False, b6_rounds: int = 3) -> dict[str, Any]:
+def run(
+    quick: bool = False, b6_rounds: int = 3, dask_threads: list[int] | None = None
+) -> dict[str, Any]:
     import dask
     import distributed
 
@@ -251,10 +264,12 @@ def run(quick: bool = False, b6_rounds: int = 3) -> dict[str, Any]:
     }
     report["overhead"] = overhead(tasks=1000 if quick else 2000)
     duration = 10.0 if quick else 60.0
-    report["b6"] = {
-        backend: [b6(backend, duration, seed=7 + i) for i in range(b6_rounds)]
-        for backend in ("local", "dask")
-    }
+    variants: list[tuple[str, int | None]] = [("local", None), ("dask", None)]
+    variants += [("dask", n) for n in dask_threads or ()]
+    report["b6"] = {}
+    for backend, threads in variants:
+        runs = [b6(backend, duration, 7 + i, threads) for i in range(b6_rounds)]
+        report["b6"][runs[0]["backend"]] = runs
     return report
 
 
@@ -281,7 +296,7 @@ def _print(report: dict[str, Any]) -> None:
         res = sum(r["resolved"] for r in runs)
         fail = sum(r["failed"] for r in runs)
         print(
-            f"  {backend:5s} ({runs[0]['where']}): {len(runs)} x {runs[0]['duration_s']:.0f}s, "
+            f"  {backend:8s} ({runs[0]['where']}): {len(runs)} x {runs[0]['duration_s']:.0f}s, "
             f"submitted {sub}, resolved {res}, failed {fail}"
         )
         print(
@@ -298,9 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="B6 for 10 s instead of 60 s")
     parser.add_argument("--b6-rounds", type=int, default=3)
+    parser.add_argument(
+        "--dask-threads",
+        type=int,
+        action="append",
+        help="also run B6 on Dask with this many threads per worker (repeatable)",
+    )
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
-    report = run(quick=args.quick, b6_rounds=args.b6_rounds)
+    report = run(quick=args.quick, b6_rounds=args.b6_rounds, dask_threads=args.dask_threads)
     _print(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
