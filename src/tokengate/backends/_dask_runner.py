@@ -9,10 +9,10 @@ client side, and one per worker process for the nested calls task bodies make. T
         ├─ host.acquire (the client's storage-tier permit; a worker always says yes)
         └─ client.submit(run_task, ..., key=<operation>-<seq>-<tag>, retries, priority)
                  │
-        future done ──> a waiter on the client's event loop puts it on a queue (nothing else)
+        future done ──> on the client's event loop: the futures that ended are gathered in one
+                 │      gather (those ending meanwhile wait for the next one), then queued
                  │
-        the collector thread: takes every future ready, gathers the finished ones in ONE
-        client.gather, then settles each token in completion order:
+        the collector thread settles each token in completion order:
             retried attempts (from the ``retry`` events) -> Retried + after_attempt("retried")
             nested counts -> the host's statistics (before anyone is woken)
             Token._finish(value | error, host._record_terminal) -> after_attempt(resolved|failed)
@@ -41,6 +41,7 @@ from ._dask_task import (
     DEADLINE,
     DEP_FAILED,
     OK,
+    Call,
     Outcome,
     TaskScope,
     context_of,
@@ -67,7 +68,6 @@ routing_log = logging.getLogger("tokengate.routing")
 _DEBUG = logging.DEBUG
 _perf = time.perf_counter
 _STOP = object()
-_BATCH = 1024
 
 # Dask runs higher priorities first. Heavy first mirrors the seed's rule of thumb (heavy may use
 # every core, light only the last ones): on a saturated cluster a heavy token is never stuck
@@ -170,7 +170,9 @@ class Runner:
         self._to_watch: list[Any] = []
         self._watch_lock = threading.Lock()
         self._watch_scheduled = False
-        self._watchers: set[asyncio.Task[Any]] = set()  # strong references while they wait
+        self._loop_tasks: set[asyncio.Task[Any]] = set()  # see _keep
+        self._done: list[Any] = []  # ended futures not gathered yet (event loop only)
+        self._gathering = False  # a _gather_finished is running (event loop only)
         self._thread = threading.Thread(
             target=self._collect, name=f"tokengate-dask-collector-{tag}", daemon=True
         )
@@ -255,13 +257,15 @@ class Runner:
         deadline = token._deadline_at
         if deadline is not None:  # the worker's clock is wall time
             deadline = time.time() + (deadline - _perf())
-        meta = (key, route.ctx_blob, route.tier, deadline, bool(deps), route.spec_meta)
+        if deps:  # Dask must see the futures among the arguments
+            call = Call(key, route.ctx_blob, route.tier, deadline, route.spec_meta, None, None)
+            parts: tuple[Any, ...] = (route.target, call, args, kwargs)
+        else:
+            call = Call(key, route.ctx_blob, route.tier, deadline, route.spec_meta, args, kwargs)
+            parts = (route.target, call)
         future = self.client.submit(
             run_task,
-            route.target,
-            meta,
-            args,
-            kwargs,
+            *parts,
             key=key,
             retries=route.retries,
             priority=route.priority,
@@ -283,14 +287,14 @@ class Runner:
             )
 
     def _watch(self, future: Any) -> None:
-        """Have ``future`` put on the ready queue when it ends.
+        """Have ``future`` gathered and settled when it ends.
 
         ``Future.add_done_callback`` costs a wake-up of the event loop per future and a hop
         through Dask's callback thread; here the futures sent meanwhile are handed to the loop in
-        one wake-up, and each one's waiter puts it on the queue directly from the loop.
+        one wake-up, and each one's waiter reports to :meth:`_finished` on the loop itself.
         """
         if _done_callback is None:  # pragma: no cover - another distributed version
-            future.add_done_callback(self._ready.put)
+            future.add_done_callback(lambda f: self.client.loop.add_callback(self._finished, f))
             return
         with self._watch_lock:
             self._to_watch.append(future)
@@ -303,11 +307,45 @@ class Runner:
         with self._watch_lock:
             futures, self._to_watch = self._to_watch, []
             self._watch_scheduled = False
-        put, watchers = self._ready.put, self._watchers
         for future in futures:
-            task = asyncio.ensure_future(_done_callback(future, put))
-            watchers.add(task)
-            task.add_done_callback(watchers.discard)
+            self._keep(asyncio.ensure_future(_done_callback(future, self._finished)))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a reference to a loop task until it ends (the loop keeps only weak ones)."""
+        self._loop_tasks.add(task)
+        task.add_done_callback(self._loop_tasks.discard)
+
+    def _finished(self, future: Any) -> None:  # on the client's event loop
+        self._done.append(future)
+        if not self._gathering:
+            self._gathering = True
+            self._keep(asyncio.ensure_future(self._gather_finished()))
+
+    async def _gather_finished(self) -> None:  # on the client's event loop
+        """Fetch the results of the futures that ended, then hand them to the collector.
+
+        While one gather is on the wire, futures ending meanwhile wait for the next: batches grow
+        with the load by themselves, and a lone future is fetched at once.
+        """
+        try:
+            while self._done:
+                batch, self._done = self._done, []
+                finished = {
+                    f.key: f for f in batch if f.status == "finished" and f.key in self._inflight
+                }
+                values: dict[str, Any] = {}
+                if finished:
+                    try:
+                        values = await self.client.gather(
+                            finished, errors="skip", asynchronous=True
+                        )
+                    except Exception:
+                        log.warning(
+                            "gathering %d results from Dask failed", len(finished), exc_info=True
+                        )
+                self._ready.put((batch, values))
+        finally:
+            self._gathering = False
 
     def _park(self, token: Token[Any], host: Host, route: Route, waiting: list[Token[Any]]) -> None:
         token._parked = "deps"
@@ -415,51 +453,23 @@ class Runner:
 
     # -- completion ------------------------------------------------------------------------------
     def _collect(self) -> None:
+        """The collector thread: settles what the loop gathered (user callbacks run here)."""
         if self._on_thread_start is not None:
             self._on_thread_start()
-        get, get_nowait = self._ready.get, self._ready.get_nowait
+        get = self._ready.get
         while True:
             item = get()
             if item is _STOP:
                 return
-            batch = [item]
-            stop = False
-            while len(batch) < _BATCH:
+            batch, values = item
+            for future in batch:
+                entry = self._inflight.get(future.key)
+                if entry is None or entry.future is not future:
+                    continue
                 try:
-                    item = get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            try:
-                self._settle_batch(batch)
-            except Exception:  # pragma: no cover - a bug here must not stop the collector
-                log.exception("settling %d Dask futures failed", len(batch))
-            if stop:
-                return
-
-    def _settle_batch(self, batch: list[Any]) -> None:
-        finished = {}
-        for future in batch:
-            entry = self._inflight.get(future.key)
-            if entry is not None and future.status == "finished":
-                finished[future.key] = future
-        values: dict[str, Any] = {}
-        if finished:
-            try:
-                values = self.client.gather(finished, errors="skip")
-            except Exception:
-                log.warning("gathering %d results from Dask failed", len(finished), exc_info=True)
-        for future in batch:
-            entry = self._inflight.get(future.key)
-            if entry is None or entry.future is not future:
-                continue
-            try:
-                self._settle(entry, future, values.get(future.key))
-            except Exception:
-                log.exception("ending token %s from its Dask future failed", entry.token.id)
+                    self._settle(entry, future, values.get(future.key))
+                except Exception:  # a bug here must not stop the collector
+                    log.exception("ending token %s from its Dask future failed", entry.token.id)
 
     def _settle(self, entry: _Entry, future: Any, outcome: Any) -> None:
         token, host, key = entry.token, entry.host, future.key

@@ -48,6 +48,7 @@ __all__ = [
     "DEP_FAILED",
     "ERROR",
     "OK",
+    "Call",
     "Context",
     "Outcome",
     "TaskScope",
@@ -398,18 +399,82 @@ class TaskScope:
 
 
 # -- the wrapper ----------------------------------------------------------------------------------
+class Call:
+    """One token's call as Dask sees it: a single opaque argument.
+
+    Dask walks every list, tuple and dict argument of a task looking for futures (and sizes
+    them); a call without Token arguments has none, so its arguments travel inside this object
+    and Dask parses two arguments instead of the whole call. A call with Token arguments passes
+    them to Dask separately (``run_task(target, call, args, kwargs)``) so they become
+    dependencies.
+    """
+
+    __slots__ = ("args", "ctx_blob", "deadline", "key", "kwargs", "spec", "tier")
+
+    def __init__(
+        self,
+        key: str,
+        ctx_blob: bytes,
+        tier: tuple[str, int] | None,
+        deadline: float | None,
+        spec: TaskSpec | None,
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+    ) -> None:
+        self.key = key
+        self.ctx_blob = ctx_blob
+        self.tier = tier
+        self.deadline = deadline
+        self.spec = spec
+        self.args = args
+        self.kwargs = kwargs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            Call,
+            (self.key, self.ctx_blob, self.tier, self.deadline, self.spec, self.args, self.kwargs),
+        )
+
+
+def _register_sizeof() -> None:
+    """Dask sizes results to manage worker memory: an Outcome weighs what its payload does."""
+    from dask.sizeof import sizeof
+
+    @sizeof.register(Outcome)  # type: ignore[untyped-decorator,no-untyped-call]
+    def _sizeof_outcome(outcome: Outcome) -> int:
+        return int(sizeof(outcome.payload)) + 200
+
+    @sizeof.register(Call)  # type: ignore[untyped-decorator,no-untyped-call]
+    def _sizeof_call(call: Call) -> int:
+        return int(sizeof(call.args)) + int(sizeof(call.kwargs)) + 400
+
+
+_register_sizeof()
+
+
 def run_task(
     target: Any,
-    meta: tuple[Any, ...],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    call: Call,
+    args: tuple[Any, ...] | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> Outcome:
     """Run one token's body on a Dask worker (see the module docstring).
 
-    ``meta`` is ``(key, context_blob, tier_or_None, deadline_or_None, has_deps, spec_or_None)``;
-    ``target`` is the TaskFunction (pickled by reference) or, for a plain callable, the callable.
+    ``target`` is the TaskFunction (pickled by reference) or, for a plain callable, the callable;
+    ``call`` says what to run (see :class:`Call`). ``args``/``kwargs`` are given only when the
+    call had Token arguments: Dask has replaced them by their dependencies' outcomes.
     """
-    key, ctx_blob, tier, deadline, has_deps, spec = meta
+    key, ctx_blob, tier, deadline, spec = (
+        call.key,
+        call.ctx_blob,
+        call.tier,
+        call.deadline,
+        call.spec,
+    )
+    has_deps = args is not None
+    if not has_deps:
+        args, kwargs = call.args, call.kwargs
+    assert args is not None and kwargs is not None
     started = _time()
     from distributed import get_worker
 
@@ -427,6 +492,7 @@ def run_task(
         spec = target.spec
     else:
         body = target
+    assert spec is not None  # a plain callable's spec travels in the call
     local = _runtime.local
     previous = local.coordinator
     scope = TaskScope(key, ctx_blob, threading.get_ident(), worker)
