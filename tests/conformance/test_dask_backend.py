@@ -278,7 +278,12 @@ def chain_finalize(value: int, label: str = "result"):
     return {label: value, 'parity': 'even' if value % 2 == 0 else 'odd'}
 
 def main():
-    coordinator = OperationsCoordinator(backend=DaskBackend(n_workers=1, threads_per_worker=2))
+    import os
+    address = os.environ.get("TOKENGATE_TEST_ADDRESS")
+    if address:  # a cluster whose workers never saw this script
+        coordinator = OperationsCoordinator(backend="dask", address=address)
+    else:  # a LocalCluster the backend starts: its workers re-import the script
+        coordinator = OperationsCoordinator(backend=DaskBackend(n_workers=1, threads_per_worker=2))
     coordinator.start()
     try:
         args = [100, 200, 300, 150, 250, 180, 220, 280]
@@ -295,11 +300,18 @@ if __name__ == "__main__":
 """
 
 
-def test_a_seed_script_runs_with_its_own_functions(tmp_path: Any) -> None:
-    """Tasks defined in the script itself (``__main__``): LocalCluster workers re-import it."""
+@pytest.mark.parametrize("where", ["own LocalCluster", "address"])
+def test_a_seed_script_runs_with_its_own_functions(
+    where: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """Tasks defined in the script itself (``__main__``): a LocalCluster the backend starts
+    re-imports the script in its workers; any other cluster gets them by value."""
     script = tmp_path / "seed_proof_1.py"
     script.write_text(SEED_SCRIPT, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
+    env.pop("TOKENGATE_TEST_ADDRESS", None)
+    if where == "address":
+        env["TOKENGATE_TEST_ADDRESS"] = request.getfixturevalue("dask_cluster").scheduler_address
     result = subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
@@ -384,6 +396,17 @@ def test_a_task_that_keeps_killing_workers_fails_with_worker_crashed(
     assert isinstance(info.value.__cause__, distributed.KilledWorker)
     assert journal.runs("run") == 2  # allowed-failures=1: one re-run, then give up
     assert token.state == "failed"
+
+
+def test_dask_sizes_an_outcome_by_its_payload() -> None:
+    """Dask's memory accounting (spilling) must see a result's real size, not the wrapper's."""
+    from dask.sizeof import sizeof
+
+    from tokengate.backends._dask_task import OK, Call, Outcome
+
+    payload = b"x" * 5_000_000
+    assert sizeof(Outcome(OK, payload, 0.0, 0.0, "tcp://w")) >= 5_000_000
+    assert sizeof(Call("k", b"", None, None, None, (payload,), {})) >= 5_000_000
 
 
 def test_high_water_probe_counts_across_processes(tmp_path: Any) -> None:
