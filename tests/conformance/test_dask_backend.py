@@ -182,6 +182,19 @@ def light_probe() -> str:
     return "light"
 
 
+@task_token_guard(operation_type="async_double", tags={"weight": "light"})
+async def async_double(x: int) -> int:
+    import asyncio
+
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+def test_async_def_tasks_run_on_the_workers(dask_harness: Harness) -> None:
+    dask_harness.coordinator()
+    assert [t.get(timeout=10) for t in [async_double(i) for i in range(5)]] == [0, 2, 4, 6, 8]
+
+
 def test_weight_maps_onto_dask_priority(dask_harness: Harness) -> None:
     coordinator = dask_harness.coordinator()
     gate = dask_harness.gate()

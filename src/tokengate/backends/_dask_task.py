@@ -17,6 +17,8 @@ local lanes on the worker side:
 * **timeout**: a thread cannot be killed, so as on the local thread lane the body runs on; at the
   limit a timer publishes a ``timeout`` event and the client fails the token with ``TaskTimeout``,
   dropping the late result;
+* **async tasks**: an ``async def`` body runs to its end in its own event loop on the worker
+  thread (``asyncio.run``);
 * **nested calls**: while the body runs, ``_runtime.local.coordinator`` is a :class:`TaskScope`,
   so a decorated call made by the body becomes a Dask task submitted from the worker. Waiting on
   such a token secedes the task from the worker's thread pool (``distributed.secede``), so nested
@@ -26,6 +28,7 @@ local lanes on the worker side:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -511,6 +514,8 @@ def run_task(
                 {"x": "timeout", "k": key, "w": worker.address},
             )
         value = body(*args, **kwargs)
+        if spec.is_async:  # an async def task: run it to its end on this worker thread
+            value = asyncio.run(value)
     except BaseException as exc:
         if _retryable(exc, spec, ctx_blob):
             publish(
