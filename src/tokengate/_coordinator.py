@@ -29,12 +29,11 @@ end of every attempt; with none installed they cost one truthiness check.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from . import _runtime
 from ._admission import AdmissionGate
@@ -47,13 +46,14 @@ from ._errors import (
     TaskTimeout,
     TokenGateError,
 )
+from ._executor import TokenGateExecutor, make_executor
 from ._logging import attach_verbose_handlers, detach_verbose_handlers
 from ._middleware import HOOKS, Middleware, overridden
 from ._spec import TaskSpec
 from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
-from ._token import Token, check_timeout
+from ._token import Token, check_timeout, next_seq
 from ._topology import Topology, detect_topology
 from .lanes._base import Lane, Worker
 from .lanes._thread import ThreadLane
@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 __all__ = ["OperationsCoordinator"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 log = logging.getLogger("tokengate.coordinator")
 routing_log = logging.getLogger("tokengate.routing")
@@ -109,7 +111,6 @@ class OperationsCoordinator:
         self._stats = StatsRecorder()
         self._gate = AdmissionGate()
         self._deps = DependencyTracker(self._admit_internal, self._fail_unrun)
-        self._seq = itertools.count(1)
         self._mailbox_max = config.mailbox_max
         self._low_water = max(1, config.mailbox_max // 2)
         self._reject = config.admission == "reject"
@@ -330,7 +331,13 @@ class OperationsCoordinator:
         return count
 
     # -- submission ---------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]:
+    @overload
+    def submit(self, fn: TaskFunction[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Token[R]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]: ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Token[Any]:
         """Submit ``fn(*args, **kwargs)``; a decorated function keeps its tags, any other
         callable runs as a light task named after the function."""
         from ._decorator import TaskFunction, adhoc_task
@@ -354,9 +361,7 @@ class OperationsCoordinator:
         if self._before_submit:
             for hook in self._before_submit:
                 hook(spec)
-        token: Token[Any] = Token(
-            spec, task.__wrapped__, args, kwargs, next(self._seq), _perf(), self
-        )
+        token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
         self._stats.record_submitted(spec.operation_type, spec.weight)
         if spec.deadline is not None:
             token._deadline_at = token.submitted_at + spec.deadline
@@ -507,7 +512,8 @@ class OperationsCoordinator:
         exc = TaskTimeout(
             f"{token.operation_type!r} (token {token.id}) ran longer than its timeout of "
             f"{token.spec.timeout}s on {token.worker}; a thread cannot be killed, so its late "
-            f"result will be dropped"
+            f"result will be dropped",
+            retryable=False,
         )
         self.complete(token, run_id, None, exc)
 
@@ -689,6 +695,29 @@ class OperationsCoordinator:
 
     def iter_workers(self) -> Iterator[Worker]:
         return iter([w for lane in self._lanes.values() for w in lane.workers])
+
+    def executor(
+        self,
+        *,
+        weight: str = "light",
+        storage_speed: str | None = None,
+        executor: str = "auto",
+        operation_type: str | None = None,
+        **tags: Any,
+    ) -> TokenGateExecutor:
+        """A ``concurrent.futures.Executor`` whose work runs as tokens with these tags.
+
+        Plug tokengate into anything that takes an executor, e.g.
+        ``await loop.run_in_executor(coordinator.executor(storage_speed="FAST"), fn, arg)``.
+        """
+        return make_executor(
+            self,
+            weight=weight,
+            storage_speed=storage_speed,
+            executor=executor,
+            operation_type=operation_type,
+            **tags,
+        )
 
     @property
     def gate(self) -> AdmissionGate:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import itertools
 import logging
 import math
 import threading
@@ -42,6 +43,8 @@ __all__ = ["Token"]
 T = TypeVar("T")
 _TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 _ID_BASE = time.time_ns()
+# One sequence per process, so ids stay unique across coordinators.
+next_seq = itertools.count(1).__next__
 _RLock = threading.RLock
 _allocate_lock = _thread.allocate_lock
 callback_log = logging.getLogger("tokengate.callbacks")
@@ -57,6 +60,8 @@ def check_timeout(timeout: object) -> float | None:
         )
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    if timeout > threading.TIMEOUT_MAX:  # inf and beyond what a lock can wait: wait forever
+        return None
     return float(timeout)
 
 
@@ -218,8 +223,10 @@ class Token(Future[T], Generic[T]):
 
     def result(self, timeout: float | None = None) -> T:
         """The task's value, waiting up to ``timeout`` seconds; re-raises the task's error."""
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         if self._state != FINISHED:
-            self._wait(check_timeout(timeout))
+            self._wait(timeout)
             if self._state != FINISHED:
                 raise self._discarded_error()
         exc = self._exception
@@ -235,8 +242,10 @@ class Token(Future[T], Generic[T]):
         return self.result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         if self._state != FINISHED:
-            self._wait(check_timeout(timeout))
+            self._wait(timeout)
             if self._state != FINISHED:
                 raise self._discarded_error()
         return self._exception
