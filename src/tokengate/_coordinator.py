@@ -612,6 +612,17 @@ class OperationsCoordinator:
         token._parked = None
         self._admit(token, True)
 
+    def fail_internal(self, token: Token[Any], exc: BaseException) -> None:
+        """Fail a token whose run broke inside tokengate itself (never lose it)."""
+        error = TokenGateError(
+            f"internal error while running {token.operation_type!r} (token {token.id}): "
+            f"{type(exc).__name__}: {exc}; please report it"
+        )
+        error.__cause__ = exc
+        token._finish(None, error, self._record_terminal)
+        if self._draining:
+            self._notify_drain()
+
     def _fail_unrun(self, token: Token[Any], exc: BaseException) -> None:
         if token._finish(None, exc, self._record_terminal) and self._after_attempt:
             self._notify_after_attempt(token, "failed", exc)

@@ -80,6 +80,10 @@ class LaneHost(Protocol):
         """Called first on every worker thread (thread-local set-up)."""
         ...
 
+    def fail_internal(self, token: Any, exc: BaseException) -> None:
+        """Fail a token whose run broke inside tokengate itself."""
+        ...
+
     def count_event(self, name: str, n: int = 1) -> None:
         """Count a rare event (a restart, a swap) in the stats."""
         ...
