@@ -17,7 +17,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -274,11 +273,6 @@ def tier_parent(started: threading.Event, go: threading.Event) -> str:
         return "deadlocked"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a nested child that is retried is re-queued to a mailbox while its parent "
-    "blocks the only worker waiting for it; _help gives up on parked='backoff'",
-)
 def test_nested_child_that_retries_does_not_deadlock_one_worker() -> None:
     runs: list[int] = []
     with OperationsCoordinator(
@@ -289,11 +283,6 @@ def test_nested_child_that_retries_does_not_deadlock_one_worker() -> None:
         coordinator.stop(cancel_pending=True, timeout=10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a nested child waiting for a tier permit, whose permit holder is queued "
-    "behind the parent in the only worker's mailbox, deadlocks; _help gives up on parked='tier'",
-)
 def test_nested_child_waiting_for_a_tier_permit_does_not_deadlock_one_worker() -> None:
     started, go = threading.Event(), threading.Event()
     with OperationsCoordinator(

@@ -181,11 +181,6 @@ def test_timeout_raises_and_cancels_what_has_not_started(one_worker: OperationsC
     assert run.ran == [0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: map's _wait pops the token before waiting; a token that times out while still "
-    "queued is not cancelled and runs after map raised (CPython's map cancels it)",
-)
 def test_timeout_on_a_queued_token_cancels_it_too(one_worker: OperationsCoordinator) -> None:
     blocker = Run()
     hold_worker(blocker)

@@ -360,11 +360,6 @@ def test_set_storage_limit_refuses_bad_values(
     assert coordinator.tier_stats()["SLOW"].limit == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: set_storage_limit calls tier.upper() before validating; a non-str tier raises "
-    "AttributeError, not ConfigError",
-)
 def test_set_storage_limit_refuses_a_non_string_tier(coordinator: OperationsCoordinator) -> None:
     with pytest.raises(ConfigError):
         coordinator.set_storage_limit(None, 3)  # type: ignore[arg-type]
@@ -409,11 +404,6 @@ def test_stop_cancel_pending_discards_tokens_waiting_for_a_permit(
     assert (snap.submitted, snap.resolved, snap.discarded, snap.in_flight) == (6, 2, 4, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a thread-lane timeout releases the tier permit while the timed-out body is "
-    "still running, so the tier runs more bodies than its limit (invariant 2)",
-)
 def test_timed_out_task_keeps_its_permit_until_its_body_returns(
     make_coordinator: Callable[..., OperationsCoordinator],
 ) -> None:
@@ -434,11 +424,6 @@ def test_timed_out_task_keeps_its_permit_until_its_body_returns(
     assert probe.high_water == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a token cancelled between StorageThrottle._grant's done() check and its "
-    "permit flag being set leaks the permit (_after_discard reads _holds_permit unlocked)",
-)
 def test_cancel_racing_a_permit_grant_does_not_leak_the_permit(
     make_coordinator: Callable[..., OperationsCoordinator], monkeypatch: pytest.MonkeyPatch
 ) -> None:

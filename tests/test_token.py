@@ -298,11 +298,6 @@ def test_raising_callback_is_logged_and_worker_survives(
     assert later_calls == [tok]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: add_done_callback on a finished token is the stdlib's; a raising callback is "
-    "logged on 'concurrent.futures', not 'tokengate.callbacks'",
-)
 def test_raising_callback_added_after_completion_is_logged_on_tokengate_logger(
     coordinator: OperationsCoordinator, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -41,6 +41,7 @@ from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
 from ._config import CoordinatorConfig
 from ._dependencies import DependencyTracker, find_dependencies
 from ._errors import (
+    ConfigError,
     CoordinatorNotRunning,
     Overloaded,
     TaskTimeout,
@@ -53,7 +54,7 @@ from ._spec import TaskSpec
 from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
-from ._token import Token, check_timeout, next_seq
+from ._token import PENDING, Token, check_timeout, next_seq
 from ._topology import Topology, detect_topology
 from .lanes._base import Lane, Worker
 from .lanes._thread import ThreadLane
@@ -326,7 +327,7 @@ class OperationsCoordinator:
         for lane in self._lanes.values():
             sources += lane.queued()
         for token in sources:
-            if token._discard(reason):
+            if not token.done() and token._discard(reason):
                 count += 1
         return count
 
@@ -515,17 +516,25 @@ class OperationsCoordinator:
             f"result will be dropped",
             retryable=False,
         )
-        self.complete(token, run_id, None, exc)
+        # The body is still running: its storage permit stays held until it really returns
+        # (its own, late completion releases it), so the tier limit holds.
+        self.complete(token, run_id, None, exc, release_permit=False)
 
     def complete(
-        self, token: Token[Any], run_id: int, value: Any, exc: BaseException | None
+        self,
+        token: Token[Any],
+        run_id: int,
+        value: Any,
+        exc: BaseException | None,
+        *,
+        release_permit: bool = True,
     ) -> None:
         """The one place a run ends: resolve, retry or fail (every lane calls this)."""
         timer = token._timer
         if timer is not None:
             timer.cancel()
             token._timer = None
-        if token._holds_permit:
+        if release_permit and token._holds_permit:
             for granted in self.throttle.release(token):
                 self._route(granted, True)
         racy = None if token.spec.timeout is None else run_id
@@ -641,7 +650,9 @@ class OperationsCoordinator:
                 hook(token)
             except Exception:
                 log.exception("middleware hook %r raised; the token is not affected", hook)
-        if token._holds_permit:
+        if token.spec.storage_speed is not None:
+            # Always ask the throttle (it checks under its lock): a permit granted while this
+            # token was being cancelled must come back too.
             for granted in self.throttle.release(token):
                 self._route(granted, True)
         if self._draining:
@@ -649,34 +660,58 @@ class OperationsCoordinator:
 
     # -- help while waiting (nested tasks) ----------------------------------------------------
     def _help(self, token: Token[Any]) -> None:
-        """A worker waiting on ``token`` runs it itself if it has not started.
+        """A thread worker waiting on ``token`` keeps the coordinator moving instead of blocking.
 
-        Without this, a task waiting on a child queued behind it (or behind other waiting
-        tasks) would deadlock once every worker waits. Claiming is atomic, so the worker whose
-        mailbox also holds the token simply skips it later.
+        If the token has not started, the worker runs it itself (claiming is atomic, so the
+        worker whose mailbox also holds it simply skips it later). If it cannot run it here —
+        it runs elsewhere, waits for a storage permit or a retry backoff, or belongs to another
+        lane — the worker runs tokens from its own mailbox meanwhile, and sleeps only when that
+        is empty, woken by whichever comes first: a new token or the end of the awaited one.
+        So whatever the awaited token depends on can never be stuck behind the waiting worker,
+        and nested tasks never deadlock, whatever the worker count.
         """
         local = _runtime.local
         worker = local.worker
-        if worker is None or local.coordinator is not self:
+        if worker is None or local.coordinator is not self or worker.kind != "thread":
             return
         while not token.done():
             parked = token._parked
-            if parked is None:
+            if parked is None and token._state == PENDING:
                 deadline = token._deadline_at
                 if deadline is not None and _perf() > deadline:
                     token._discard("deadline")
-                elif self._lane_for(token.spec) == worker.kind and token._try_claim():
+                    return
+                if self._lane_for(token.spec) == worker.kind and token._try_claim():
                     self.execute(token, worker)
+                    continue  # a run that ended in a retry leaves the token still pending
+            elif parked == "deps":
+                pending = self._deps.unfinished(token)
+                if pending:
+                    # Helps (recursively) or waits for the dependency; a discarded one raises,
+                    # and the loop re-checks the token either way.
+                    with contextlib.suppress(BaseException):
+                        pending[0].exception()
+                    continue
+            self._help_from_mailbox(worker, token)
+
+    def _help_from_mailbox(self, worker: Any, token: Token[Any]) -> None:
+        """Run one token of ``worker``'s own mailbox, or sleep until there is one or ``token``
+        has ended (the worker's wake lock doubles as a sleeper on the token)."""
+        mailbox = worker.mailbox
+        try:
+            other = mailbox.popleft()
+        except IndexError:
+            wake = worker._wake
+            if not token._add_sleeper(wake):
+                return  # ended meanwhile
+            worker.sleeping = True
+            if mailbox or token.done() or worker.stopping:
+                worker.sleeping = False
                 return
-            if parked != "deps":
-                return  # waiting for a tier permit or a backoff: block normally
-            pending = self._deps.unfinished(token)
-            if not pending:
-                return
-            # Helps (recursively) or waits for the dependency; a discarded one raises, and the
-            # loop re-checks the token either way.
-            with contextlib.suppress(BaseException):
-                pending[0].exception()
+            wake.acquire()
+            return
+        if self.claim(other):
+            self.execute(other, worker)
 
     # -- observation ------------------------------------------------------------------------------
     def stats(self, label: str = "STATS") -> StatsSnapshot:
@@ -689,6 +724,10 @@ class OperationsCoordinator:
 
     def set_storage_limit(self, tier: str, limit: int) -> None:
         """Resize a storage tier's limit while running."""
+        if not isinstance(tier, str):
+            raise ConfigError(
+                f"storage tier must be a name such as 'FAST', got {type(tier).__name__} {tier!r}"
+            )
         for granted in self.throttle.resize(tier.upper(), limit):
             self._route(granted, True)
 

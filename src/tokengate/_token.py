@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -38,7 +39,7 @@ from ._errors import TokenDiscarded, TokenGateError
 if TYPE_CHECKING:
     from ._spec import TaskSpec
 
-__all__ = ["Token"]
+__all__ = ["PENDING", "Token", "check_timeout", "next_seq"]
 
 T = TypeVar("T")
 _TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
@@ -206,12 +207,8 @@ class Token(Future[T], Generic[T]):
             return
         sleeper = _allocate_lock()
         sleeper.acquire()
-        with self._condition:
-            if self._state in _TERMINAL:
-                return
-            if self._sleepers is None:
-                self._sleepers = []
-            self._sleepers.append(sleeper)
+        if not self._add_sleeper(sleeper):
+            return
         if sleeper.acquire(True, -1 if timeout is None else timeout):
             return
         with self._condition:
@@ -250,6 +247,29 @@ class Token(Future[T], Generic[T]):
                 raise self._discarded_error()
         return self._exception
 
+    def _add_sleeper(self, lock: Any) -> bool:
+        """Have ``lock`` released when the token ends; False if it already has."""
+        with self._condition:
+            if self._state in _TERMINAL:
+                return False
+            if self._sleepers is None:
+                self._sleepers = []
+            self._sleepers.append(lock)
+            return True
+
+    def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
+        """Call ``fn(token)`` when the token ends (at once if it has); errors are logged."""
+        with self._condition:
+            if self._state not in _TERMINAL:
+                if self._cb is None:
+                    self._cb = []
+                self._cb.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            callback_log.exception("done-callback %r of token %s raised", fn, self.id)
+
     def _discarded_error(self) -> TokenDiscarded:
         reason = self._discard_reason or "cancelled"
         return TokenDiscarded(f"token {self.id} was discarded before it ran ({reason})", reason)
@@ -287,7 +307,9 @@ class Token(Future[T], Generic[T]):
         if sleepers:
             self._sleepers = None
             for sleeper in sleepers:
-                sleeper.release()
+                # A worker's wake lock may already be released (a new token woke it first).
+                with contextlib.suppress(RuntimeError):
+                    sleeper.release()
 
     # -- terminal transitions (called by the coordinator only) --------------------------------
     def cancel(self) -> bool:
