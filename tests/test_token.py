@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import re
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -579,3 +580,61 @@ def test_thread_timeout_fails_the_token_without_rerunning_it(
         assert tok.attempts == 1
     finally:
         gate.set()
+
+
+# -- the stripe / on-demand lock protocol --------------------------------------------------------
+JITTER_GATE = threading.Event()
+
+
+@task_token_guard(operation_type="jittery", tags={"weight": "light"})
+def jittery(i: int) -> int:
+    assert JITTER_GATE.wait(30)
+    return sum(range(i % 50))
+
+
+def test_stdlib_waits_race_completion_and_cancellation_without_deadlock_or_loss(
+    make_coordinator: Callable[..., OperationsCoordinator],
+    request: pytest.FixtureRequest,
+) -> None:
+    """Many threads wait()/as_completed() on overlapping token sets (each token's stdlib lock
+    is made on demand while other tokens' locks are held) while workers finish them and a
+    thread cancels some: every waiter sees every token done, and nothing hangs."""
+    import random
+
+    JITTER_GATE.clear()
+    # Switch threads as often as the interpreter can, so the lock windows really interleave.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    request.addfinalizer(lambda: sys.setswitchinterval(previous))
+    make_coordinator(workers_per_core=4)
+    tokens = [jittery(i) for i in range(1200)]  # fits the mailboxes; held at the gate
+    rng = random.Random(7)
+    sets = [rng.sample(tokens, 150) for _ in range(12)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(sets) + 1)
+
+    def waiter(k: int, fs: list[Token[int]]) -> None:
+        try:
+            barrier.wait(10)
+            if k % 2:
+                done, not_done = cf.wait(fs, timeout=30)
+                assert not not_done
+                assert len(done) == len(set(fs))
+            else:
+                seen = list(cf.as_completed(fs, timeout=30))
+                assert len(seen) == len(set(fs))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=waiter, args=(k, fs)) for k, fs in enumerate(sets)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(10)
+    JITTER_GATE.set()  # completions now race the waiters' lock set-up
+    for token in tokens[::7]:
+        token.cancel()
+    for thread in threads:
+        thread.join(60)
+    assert not any(t.is_alive() for t in threads), "a waiter hung"
+    assert errors == []
+    assert all(t.done() for t in tokens)

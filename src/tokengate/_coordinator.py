@@ -75,6 +75,8 @@ retry_log = logging.getLogger("tokengate.retry")
 _DEBUG = logging.DEBUG
 _INFO = logging.INFO
 _perf = time.perf_counter
+# Argument types that can hold a Token (the dependency scan's fast path checks only these).
+_MAYBE_DEPENDENCY = frozenset((Token, list, tuple, dict))
 
 
 class OperationsCoordinator:
@@ -367,6 +369,13 @@ class OperationsCoordinator:
         if spec.deadline is not None:
             token._deadline_at = token.submitted_at + spec.deadline
         if args or kwargs:
+            for value in args:
+                if type(value) in _MAYBE_DEPENDENCY:
+                    break
+            else:
+                if not kwargs:
+                    self._admit(token, internal)
+                    return token
             deps = find_dependencies(args, kwargs)
             if deps:
                 if not internal and len(self._deps) >= self._backlog_bound():
@@ -418,7 +427,8 @@ class OperationsCoordinator:
                 best, best_load = worker, load
         if best is None:
             best = self._route_full(token, internal, candidates)
-        token._parked = None
+        if token._parked is not None:  # only tier tokens were parked; don't touch the rest
+            token._parked = None
         best.push(token)
         if routing_log.isEnabledFor(_DEBUG):
             routing_log.debug(
@@ -580,10 +590,12 @@ class OperationsCoordinator:
         now = _perf()
         token.finished_at = now
         spec = token.spec
+        counters = self._stats._counters(spec.operation_type, spec.weight)
         if exc is None:
-            self._stats.record_resolved(spec.operation_type, spec.weight, now - token.submitted_at)
+            counters.resolved += 1
         else:
-            self._stats.record_failed(spec.operation_type, spec.weight, now - token.submitted_at)
+            counters.failed += 1
+        counters.latency.record(now - token.submitted_at)
 
     def _maybe_retry(self, token: Token[Any], run_id: int, exc: BaseException) -> bool:
         spec = token.spec

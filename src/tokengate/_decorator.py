@@ -26,6 +26,9 @@ from ._token import Token, check_timeout
 
 __all__ = ["TaskFunction", "adhoc_task", "task_token_guard"]
 
+_local = _runtime.local
+_stack = _runtime.running_stack
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -50,14 +53,12 @@ class TaskFunction(Generic[P, R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
-        local = _runtime.local
-        coordinator = local.coordinator
-        if coordinator is not None:
+        coordinator = _local.coordinator
+        if coordinator is not None:  # called from inside a task: never blocks at admission
             return coordinator._submit(self, args, kwargs, True)  # type: ignore[no-any-return]
-        coordinator = _runtime.current_coordinator()
-        if coordinator is None:
+        if not _stack:
             raise _not_running(self.spec)
-        return coordinator._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
+        return _stack[-1]._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
 
     def map(
         self,

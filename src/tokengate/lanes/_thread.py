@@ -53,7 +53,6 @@ class ThreadWorker:
         self.current: Any = None
         self.sleeping = False
         self.stopping = False
-        self.completed = 0
         self._wake = _thread.allocate_lock()
         self._wake.acquire()
         self.thread = threading.Thread(
@@ -106,7 +105,6 @@ class ThreadWorker:
                         execute(token, self)
                 except BaseException as exc:  # a bug of ours, not the task's: keep the worker
                     lane.internal_error(token, self, exc)
-                self.completed += 1
                 after(self)
         finally:
             lane.on_worker_exit(self)
