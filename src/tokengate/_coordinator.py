@@ -57,6 +57,7 @@ from ._token import Token, check_timeout
 from ._topology import Topology, detect_topology
 from .lanes._base import Lane, Worker
 from .lanes._thread import ThreadLane
+from .observability._facade import ObservabilityMixin
 
 if TYPE_CHECKING:
     from ._decorator import TaskFunction
@@ -74,11 +75,13 @@ _INFO = logging.INFO
 _perf = time.perf_counter
 
 
-class OperationsCoordinator:
+class OperationsCoordinator(ObservabilityMixin):
     """Runs decorated functions as tokens on core-pinned workers with bounded mailboxes.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. Keyword arguments are
     those of :class:`CoordinatorConfig` (or pass ``config=``); they are validated here.
+    Observability (``guard_house``, ``overflow_guard``, ``serve_metrics``, ``export_trace``)
+    comes from :class:`ObservabilityMixin` (``observability/_facade.py``).
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class OperationsCoordinator:
         self._before_submit: list[Callable[[TaskSpec], None]] = []
         self._after_attempt: list[Callable[[Token[Any], str, BaseException | None], None]] = []
         self._verbose_handlers: list[Any] = []
+        self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> OperationsCoordinator:
@@ -147,6 +151,8 @@ class OperationsCoordinator:
             )
         if log.isEnabledFor(_INFO):
             self._log_banner()
+        else:  # the guards' banner lines have their own loggers (issue 5)
+            self._log_observability_banner(ready=True)
         cores: dict[int, int | None] = {
             core: self.topology.cpu_for_core(core) for core in range(1, self.core_count + 1)
         }
@@ -157,6 +163,11 @@ class OperationsCoordinator:
         self._stats.reset_clock()
         self._draining = False
         self._accepting = True
+        if log.isEnabledFor(_INFO):
+            log.info(
+                "[CORE_PINNED_QUEUE] Starting %d mailbox workers...",
+                sum(len(lane.workers) for lane in self._lanes.values()),
+            )
         for lane in self._lanes.values():
             lane.start()
         _runtime.push_coordinator(self)
@@ -168,6 +179,13 @@ class OperationsCoordinator:
                 sum(len(lane.workers) for lane in self._lanes.values()),
                 self.core_count,
             )
+            log.info(
+                "[GATE] Admission gate started - %s (mailbox_max=%d)",
+                "full saturation mode" if not self._reject else "reject when full",
+                self._mailbox_max,
+            )
+            log.info("Worker queue started")
+            log.info("Admission gate started")
             log.info("Operations Coordinator started successfully!")
         return self
 
@@ -282,6 +300,7 @@ class OperationsCoordinator:
                 log.exception("middleware on_stop hook %r raised", hook)
         if log.isEnabledFor(_INFO):
             log.info("[CORE_PINNED_QUEUE] All workers stopped")
+            log.info("All components stopped")
             log.info("Operations shutdown complete!")
         detach_verbose_handlers(self._verbose_handlers)
         self._verbose_handlers = []
@@ -345,6 +364,10 @@ class OperationsCoordinator:
         kwargs: dict[str, Any],
         internal: bool,
     ) -> Token[Any]:
+        # Overflow Guard (issue 5): while admission is paused for memory, external producers
+        # wait here (or are refused with admission='reject'); calls from tasks never wait.
+        if self._gate._paused and not internal and self._accepting:
+            self._wait_admission_paused(task.spec)
         if not self._accepting and not (internal and self._status == "stopping"):
             raise CoordinatorNotRunning(
                 f"cannot run {task.spec.operation_type!r}: the coordinator is {self._status}; "
@@ -705,8 +728,10 @@ class OperationsCoordinator:
         log.info("%s", self.topology.banner())
         log.info("")
         log.info("Creating foundation components...")
+        self._log_observability_banner()  # [OVERFLOW_GUARD], [GUARD_HOUSE] (issue 5)
         log.info("%s", self.affinity.banner())
         log.info("%s", self.throttle.banner())
+        self._log_observability_ready()
         log.info("Core affinity policy created")
         log.info("")
         log.info("Building execution pipeline...")
