@@ -41,6 +41,7 @@ SEED_ORDER = [
     "Operations Coordinator started successfully!",
     "[ROUTING] Token seed_log_",
     "[WORKER_0_CORE_1] ✓ Completed seed_log_",
+    "[DEBUG] Recorded: seed_log_",
     "Stopping Operations Coordinator...",
     "[GATE] Admission gate stopped",
     "[CORE_PINNED_QUEUE] Stopping all workers...",
@@ -91,6 +92,7 @@ def test_each_part_logs_on_its_own_logger(caplog: pytest.LogCaptureFixture, tmp_
     assert logger_of("Guard House initialized") == "tokengate.guard_house"
     assert logger_of("[ROUTING] Token seed_log_") == "tokengate.routing"
     assert logger_of("[WORKER_0_CORE_1] ✓ Completed") == "tokengate.worker"
+    assert logger_of("[DEBUG] Recorded: seed_log_") == "tokengate.stats"
     assert logger_of("[worker_0_core_1] Started on Core 1") == "tokengate.worker"
     assert logger_of("[METRICS] Serving Prometheus metrics on http://127.0.0.1:") == (
         "tokengate.metrics"

@@ -70,6 +70,7 @@ log = logging.getLogger("tokengate.coordinator")
 routing_log = logging.getLogger("tokengate.routing")
 worker_log = logging.getLogger("tokengate.worker")
 retry_log = logging.getLogger("tokengate.retry")
+stats_log = logging.getLogger("tokengate.stats")  # the seed's "[DEBUG] Recorded:" (issue 5)
 _DEBUG = logging.DEBUG
 _INFO = logging.INFO
 _perf = time.perf_counter
@@ -554,6 +555,8 @@ class OperationsCoordinator(ObservabilityMixin):
                     self._notify_after_attempt(token, "resolved", None)
                 if worker_log.isEnabledFor(_DEBUG):
                     worker_log.debug("[%s] ✓ Completed %s", (token.worker or "?").upper(), token.id)
+                if stats_log.isEnabledFor(_DEBUG):
+                    stats_log.debug("[DEBUG] Recorded: %s", token.id)
         elif self._maybe_retry(token, run_id, exc):
             if self._after_attempt:
                 self._notify_after_attempt(token, "retried", exc)
@@ -571,6 +574,8 @@ class OperationsCoordinator(ObservabilityMixin):
                     type(exc).__name__,
                     exc,
                 )
+            if stats_log.isEnabledFor(_DEBUG):
+                stats_log.debug("[DEBUG] Recorded: %s", token.id)
         if self._draining:
             self._notify_drain()
 
