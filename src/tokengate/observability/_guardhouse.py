@@ -543,7 +543,11 @@ class GuardHouse:
         """A frozen snapshot of every operation type seen so far."""
         health: dict[str, OperationHealth] = {}
         now = self.clock()
-        for name in sorted(set(self._ops) | set(self._circuits)):
+        with self._lock:  # workers may add operation types meanwhile
+            names = set(self._ops)
+        with self._circuit_lock:
+            names |= set(self._circuits)
+        for name in sorted(names):
             op = self._operation(name)
             with self._lock:
                 shards = list(op.shards)

@@ -22,6 +22,7 @@ after its backoff, while the pause lets the pressure drain.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -39,11 +40,18 @@ log = logging.getLogger("tokengate.overflow")
 PAUSE_REASON = "overflow_guard"
 
 
+_process: Any = None
+
+
 def process_rss() -> int:
-    """Resident set size of this process, in bytes."""
+    """Resident set size of this process, in bytes (the psutil handle is kept per pid)."""
+    global _process
     import psutil
 
-    return int(psutil.Process().memory_info().rss)
+    proc = _process
+    if proc is None or proc.pid != os.getpid():  # first call, or we are a forked child
+        proc = _process = psutil.Process()
+    return int(proc.memory_info().rss)
 
 
 @dataclass(frozen=True, slots=True)
