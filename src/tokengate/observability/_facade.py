@@ -74,16 +74,17 @@ class ObservabilityMixin:
             auto_block=cfg.auto_block,
             block_after=cfg.block_after,
             block_cooldown=cfg.block_cooldown,
-            count_event=c.count_event,
+            count_event=c._stats.count_event,
         )
         budget = cfg.memory_budget
+        stats = c._stats  # not the coordinator: the sampler thread must not keep it alive
         self._overflow_guard = OverflowGuard(
             c.gate,
             budget if isinstance(budget, int) else default_memory_budget(),
             enabled=cfg.overflow_guard,
             interval=cfg.memory_check_interval,
-            in_flight=lambda: c.stats().in_flight,
-            count_event=c.count_event,
+            in_flight=lambda: stats.snapshot().in_flight,
+            count_event=stats.count_event,
         )
         self._trace = TraceRecorder(cfg.trace_buffer) if cfg.trace else None
         self._metrics_servers = None
