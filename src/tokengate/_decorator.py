@@ -112,7 +112,10 @@ class TaskFunction(Generic[P, R]):
 
 
 def _wait(token: Token[R], end: float | None) -> R:
-    return token.result(None if end is None else max(0.0, end - time.monotonic()))
+    try:
+        return token.result(None if end is None else max(0.0, end - time.monotonic()))
+    finally:
+        token.cancel()  # a no-op once it ended; after a timeout it must not run on regardless
 
 
 def _load_task(module: str, qualname: str) -> Any:

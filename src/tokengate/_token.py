@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import contextlib
+import itertools
 import logging
 import math
 import threading
@@ -37,11 +39,13 @@ from ._errors import TokenDiscarded, TokenGateError
 if TYPE_CHECKING:
     from ._spec import TaskSpec
 
-__all__ = ["Token"]
+__all__ = ["PENDING", "Token", "check_timeout", "next_seq"]
 
 T = TypeVar("T")
 _TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 _ID_BASE = time.time_ns()
+# One sequence per process, so ids stay unique across coordinators.
+next_seq = itertools.count(1).__next__
 _RLock = threading.RLock
 _allocate_lock = _thread.allocate_lock
 callback_log = logging.getLogger("tokengate.callbacks")
@@ -57,6 +61,8 @@ def check_timeout(timeout: object) -> float | None:
         )
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    if timeout > threading.TIMEOUT_MAX:  # inf and beyond what a lock can wait: wait forever
+        return None
     return float(timeout)
 
 
@@ -201,12 +207,8 @@ class Token(Future[T], Generic[T]):
             return
         sleeper = _allocate_lock()
         sleeper.acquire()
-        with self._condition:
-            if self._state in _TERMINAL:
-                return
-            if self._sleepers is None:
-                self._sleepers = []
-            self._sleepers.append(sleeper)
+        if not self._add_sleeper(sleeper):
+            return
         if sleeper.acquire(True, -1 if timeout is None else timeout):
             return
         with self._condition:
@@ -218,8 +220,10 @@ class Token(Future[T], Generic[T]):
 
     def result(self, timeout: float | None = None) -> T:
         """The task's value, waiting up to ``timeout`` seconds; re-raises the task's error."""
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         if self._state != FINISHED:
-            self._wait(check_timeout(timeout))
+            self._wait(timeout)
             if self._state != FINISHED:
                 raise self._discarded_error()
         exc = self._exception
@@ -235,11 +239,36 @@ class Token(Future[T], Generic[T]):
         return self.result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         if self._state != FINISHED:
-            self._wait(check_timeout(timeout))
+            self._wait(timeout)
             if self._state != FINISHED:
                 raise self._discarded_error()
         return self._exception
+
+    def _add_sleeper(self, lock: Any) -> bool:
+        """Have ``lock`` released when the token ends; False if it already has."""
+        with self._condition:
+            if self._state in _TERMINAL:
+                return False
+            if self._sleepers is None:
+                self._sleepers = []
+            self._sleepers.append(lock)
+            return True
+
+    def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
+        """Call ``fn(token)`` when the token ends (at once if it has); errors are logged."""
+        with self._condition:
+            if self._state not in _TERMINAL:
+                if self._cb is None:
+                    self._cb = []
+                self._cb.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            callback_log.exception("done-callback %r of token %s raised", fn, self.id)
 
     def _discarded_error(self) -> TokenDiscarded:
         reason = self._discard_reason or "cancelled"
@@ -278,7 +307,9 @@ class Token(Future[T], Generic[T]):
         if sleepers:
             self._sleepers = None
             for sleeper in sleepers:
-                sleeper.release()
+                # A worker's wake lock may already be released (a new token woke it first).
+                with contextlib.suppress(RuntimeError):
+                    sleeper.release()
 
     # -- terminal transitions (called by the coordinator only) --------------------------------
     def cancel(self) -> bool:
