@@ -79,6 +79,7 @@ def test_export_is_valid_trace_event_json(make_coordinator: Make, tmp_path: Path
     assert coordinator.export_trace(path) == 200
     data = load(path)
     check_trace_event_format(data)
+    assert data["otherData"]["older_spans_dropped"] is False
     spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
     assert len(spans) == 200
     assert {e["args"]["token"] for e in spans} == {t.id for t in tokens}
@@ -170,7 +171,8 @@ def test_buffer_is_a_bounded_ring(make_coordinator: Make, tmp_path: Path) -> Non
     assert len(spans) == 10
     path = tmp_path / "ring.json"
     assert coordinator.export_trace(path) == 10
-    assert load(path)["otherData"]["dropped_spans"] == 40
+    other = load(path)["otherData"]
+    assert (other["buffer_capacity"], other["older_spans_dropped"]) == (10, True)
     assert {s.token_id for s in spans} <= {t.id for t in tokens[-20:]}
 
 

@@ -157,8 +157,7 @@ class ObservabilityMixin:
         """
         recorder = self._require_trace()
         spans = recorder.spans()
-        dropped = max(0, recorder.recorded - len(spans))
-        count = write_trace(path, spans, dropped=dropped)
+        count = write_trace(path, spans, capacity=recorder.capacity, full=recorder.full)
         if trace_log.isEnabledFor(_INFO):
             trace_log.info("[TRACE] Wrote %d spans to %s", count, os.fspath(path))
         return count

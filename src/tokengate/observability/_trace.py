@@ -60,13 +60,12 @@ class TraceRecorder(Middleware):
         # itself is not kept (its arguments and result could be large).
         self._buffer: deque[tuple[Any, ...]] = deque(maxlen=capacity)
         self._append = self._buffer.append
-        self.recorded = 0  # approximate under concurrency; used for "dropped" in the export
 
     def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
         start = token.started_at
         if start is None:  # never ran (a dependency failed)
             return
-        end = token.finished_at if outcome != "retried" else None
+        end = token.finished_at  # None for a retried attempt: the token is not terminal
         self._append(
             (
                 token.spec,
@@ -81,7 +80,6 @@ class TraceRecorder(Middleware):
                 None if exc is None else type(exc).__name__,
             )
         )
-        self.recorded += 1
 
     def spans(self) -> list[Span]:
         """A copy of the buffered spans, oldest first."""
@@ -108,6 +106,11 @@ class TraceRecorder(Middleware):
             )
             for spec, seq, attempt, core, worker, lane, start, end, outcome, error in raw
         ]
+
+    @property
+    def full(self) -> bool:
+        """Whether the buffer is full, so older spans are being dropped."""
+        return len(self._buffer) >= self.capacity
 
     def clear(self) -> None:
         self._buffer.clear()
@@ -154,7 +157,9 @@ def _tracks(spans: Sequence[Span]) -> dict[int, tuple[int, str, int]]:
     return out
 
 
-def trace_events(spans: Sequence[Span], *, dropped: int = 0) -> dict[str, Any]:
+def trace_events(
+    spans: Sequence[Span], *, capacity: int | None = None, full: bool = False
+) -> dict[str, Any]:
     """The Chrome trace-event JSON object for ``spans``."""
     events: list[dict[str, Any]] = []
     if spans:
@@ -200,7 +205,8 @@ def trace_events(spans: Sequence[Span], *, dropped: int = 0) -> dict[str, Any]:
         "otherData": {
             "producer": "tokengate",
             "spans": len(spans),
-            "dropped_spans": dropped,
+            "buffer_capacity": capacity,
+            "older_spans_dropped": full,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
@@ -210,10 +216,16 @@ def _meta(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]
     return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
 
 
-def write_trace(path: str | os.PathLike[str], spans: Iterable[Span], *, dropped: int = 0) -> int:
+def write_trace(
+    path: str | os.PathLike[str],
+    spans: Iterable[Span],
+    *,
+    capacity: int | None = None,
+    full: bool = False,
+) -> int:
     """Write ``spans`` to ``path`` atomically (a temporary file, then rename); returns the count."""
     spans = list(spans)
-    data = trace_events(spans, dropped=dropped)
+    data = trace_events(spans, capacity=capacity, full=full)
     target = os.fspath(path)
     tmp = f"{target}.tmp-{os.getpid()}"
     try:
