@@ -14,6 +14,7 @@ from typing import Any
 from ._errors import ConfigError
 from ._retry import RetryPolicy, default_retry_policies
 from ._spec import STORAGE_TIERS, WEIGHTS
+from .observability._options import validate_observability
 
 __all__ = ["DEFAULT_STORAGE_LIMITS", "MAILBOX_MAX", "CoordinatorConfig"]
 
@@ -44,6 +45,14 @@ class CoordinatorConfig:
     ``Overloaded``. ``storage_limits`` caps how many tasks of each storage tier run at once.
     ``retry_policy`` is one :class:`RetryPolicy` for every weight or a mapping per weight.
     ``cores`` limits the coordinator to the first N usable cores (``None``: all of them).
+
+    Observability (see the README): ``guard_house`` watches every run per operation type;
+    ``auto_block`` turns it into a circuit breaker that opens after ``block_after`` consecutive
+    failures and lets one probe through after ``block_cooldown`` seconds. ``overflow_guard``
+    pauses admission while the process's RSS is over ``memory_budget`` (bytes, ``"512MB"``,
+    ``"25%"``; ``None``: half the memory this process may use), sampled every
+    ``memory_check_interval`` seconds. ``trace`` keeps the last ``trace_buffer`` task spans for
+    ``export_trace``.
     """
 
     workers_per_core: int = 4
@@ -56,6 +65,16 @@ class CoordinatorConfig:
     cores: int | None = None
     verbose: bool = False
     convergence_verbose: bool = False
+    # -- observability (issue 5); validated by observability/_options.py ----------------------
+    guard_house: bool = True
+    auto_block: bool = False
+    block_after: int = 5
+    block_cooldown: float = 30.0
+    overflow_guard: bool = True
+    memory_budget: int | str | None = None
+    memory_check_interval: float = 0.5
+    trace: bool = False
+    trace_buffer: int = 10_000
 
     def __post_init__(self) -> None:
         _positive_int("workers_per_core", self.workers_per_core, upper=_MAX_WORKERS_PER_CORE)
@@ -107,6 +126,7 @@ class CoordinatorConfig:
         for name in ("verbose", "convergence_verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        validate_observability(self)  # observability knobs (issue 5)
 
     def policy_for(self, weight: str) -> RetryPolicy:
         """The retry policy of one weight class."""

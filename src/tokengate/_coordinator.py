@@ -58,6 +58,7 @@ from ._token import PENDING, Token, check_timeout, next_seq
 from ._topology import Topology, detect_topology
 from .lanes._base import Lane, Worker
 from .lanes._thread import ThreadLane
+from .observability._facade import ObservabilityMixin
 
 if TYPE_CHECKING:
     from ._decorator import TaskFunction
@@ -72,6 +73,7 @@ log = logging.getLogger("tokengate.coordinator")
 routing_log = logging.getLogger("tokengate.routing")
 worker_log = logging.getLogger("tokengate.worker")
 retry_log = logging.getLogger("tokengate.retry")
+stats_log = logging.getLogger("tokengate.stats")  # the seed's "[DEBUG] Recorded:" (issue 5)
 _DEBUG = logging.DEBUG
 _INFO = logging.INFO
 _perf = time.perf_counter
@@ -79,11 +81,13 @@ _perf = time.perf_counter
 _MAYBE_DEPENDENCY = frozenset((Token, list, tuple, dict))
 
 
-class OperationsCoordinator:
+class OperationsCoordinator(ObservabilityMixin):
     """Runs decorated functions as tokens on core-pinned workers with bounded mailboxes.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. Keyword arguments are
     those of :class:`CoordinatorConfig` (or pass ``config=``); they are validated here.
+    Observability (``guard_house``, ``overflow_guard``, ``serve_metrics``, ``export_trace``)
+    comes from :class:`ObservabilityMixin` (``observability/_facade.py``).
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class OperationsCoordinator:
         self._before_submit: list[Callable[[TaskSpec], None]] = []
         self._after_attempt: list[Callable[[Token[Any], str, BaseException | None], None]] = []
         self._verbose_handlers: list[Any] = []
+        self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> OperationsCoordinator:
@@ -151,6 +156,8 @@ class OperationsCoordinator:
             )
         if log.isEnabledFor(_INFO):
             self._log_banner()
+        else:  # the guards' banner lines have their own loggers (issue 5)
+            self._log_observability_banner(ready=True)
         cores: dict[int, int | None] = {
             core: self.topology.cpu_for_core(core) for core in range(1, self.core_count + 1)
         }
@@ -161,6 +168,11 @@ class OperationsCoordinator:
         self._stats.reset_clock()
         self._draining = False
         self._accepting = True
+        if log.isEnabledFor(_INFO):
+            log.info(
+                "[CORE_PINNED_QUEUE] Starting %d mailbox workers...",
+                sum(len(lane.workers) for lane in self._lanes.values()),
+            )
         for lane in self._lanes.values():
             lane.start()
         _runtime.push_coordinator(self)
@@ -172,6 +184,13 @@ class OperationsCoordinator:
                 sum(len(lane.workers) for lane in self._lanes.values()),
                 self.core_count,
             )
+            log.info(
+                "[GATE] Admission gate started - %s (mailbox_max=%d)",
+                "full saturation mode" if not self._reject else "reject when full",
+                self._mailbox_max,
+            )
+            log.info("Worker queue started")
+            log.info("Admission gate started")
             log.info("Operations Coordinator started successfully!")
         return self
 
@@ -286,6 +305,7 @@ class OperationsCoordinator:
                 log.exception("middleware on_stop hook %r raised", hook)
         if log.isEnabledFor(_INFO):
             log.info("[CORE_PINNED_QUEUE] All workers stopped")
+            log.info("All components stopped")
             log.info("Operations shutdown complete!")
         detach_verbose_handlers(self._verbose_handlers)
         self._verbose_handlers = []
@@ -355,6 +375,10 @@ class OperationsCoordinator:
         kwargs: dict[str, Any],
         internal: bool,
     ) -> Token[Any]:
+        # Overflow Guard (issue 5): while admission is paused for memory, external producers
+        # wait here (or are refused with admission='reject'); calls from tasks never wait.
+        if self._gate._paused and not internal and self._accepting:
+            self._wait_admission_paused(task.spec)
         if not self._accepting and not (internal and self._status == "stopping"):
             raise CoordinatorNotRunning(
                 f"cannot run {task.spec.operation_type!r}: the coordinator is {self._status}; "
@@ -556,6 +580,8 @@ class OperationsCoordinator:
                     self._notify_after_attempt(token, "resolved", None)
                 if worker_log.isEnabledFor(_DEBUG):
                     worker_log.debug("[%s] ✓ Completed %s", (token.worker or "?").upper(), token.id)
+                if stats_log.isEnabledFor(_DEBUG):
+                    stats_log.debug("[DEBUG] Recorded: %s", token.id)
         elif self._maybe_retry(token, run_id, exc):
             if self._after_attempt:
                 self._notify_after_attempt(token, "retried", exc)
@@ -573,6 +599,8 @@ class OperationsCoordinator:
                     type(exc).__name__,
                     exc,
                 )
+            if stats_log.isEnabledFor(_DEBUG):
+                stats_log.debug("[DEBUG] Recorded: %s", token.id)
         if self._draining:
             self._notify_drain()
 
@@ -796,8 +824,10 @@ class OperationsCoordinator:
         log.info("%s", self.topology.banner())
         log.info("")
         log.info("Creating foundation components...")
+        self._log_observability_banner()  # [OVERFLOW_GUARD], [GUARD_HOUSE] (issue 5)
         log.info("%s", self.affinity.banner())
         log.info("%s", self.throttle.banner())
+        self._log_observability_ready()
         log.info("Core affinity policy created")
         log.info("")
         log.info("Building execution pipeline...")
