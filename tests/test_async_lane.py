@@ -99,6 +99,17 @@ async def slow_async() -> str:
     return "late"
 
 
+SLOW_ONCE: list[int] = []
+
+
+@task_token_guard(operation_type="slow_once_async", tags={"weight": "light", "timeout": 0.05})
+async def slow_once_async() -> str:
+    SLOW_ONCE.append(1)
+    if len(SLOW_ONCE) == 1:
+        await asyncio.sleep(30)  # cancelled by the timeout
+    return "second attempt"
+
+
 @task_token_guard(operation_type="gated_async", tags={"weight": "light"})
 async def gated_async(started: threading.Event) -> str:
     started.set()
@@ -196,6 +207,15 @@ def test_an_async_timeout_really_cancels_the_coroutine(make_coordinator: Make) -
         token.get(timeout=10)
     assert CANCELLED.is_set()  # the coroutine itself saw the cancellation
     assert coordinator.stats().failed == 1
+
+
+def test_a_cancelled_async_timeout_may_be_retried(make_coordinator: Make) -> None:
+    # unlike a thread, the timed-out coroutine really stopped: running it again is safe
+    SLOW_ONCE.clear()
+    make_coordinator(workers_per_core=1, retry_policy=RetryPolicy(backoff_base=0.0))
+    token = slow_once_async()
+    assert token.get(timeout=10) == "second attempt"
+    assert token.attempts == 2
 
 
 def test_async_and_sync_tasks_share_one_limit_per_tier(make_coordinator: Make) -> None:

@@ -546,3 +546,26 @@ def test_threads_end_after_stop() -> None:
     with OperationsCoordinator(workers_per_core=2):
         [nested_fib(8) for _ in range(4)]
     eventually(lambda: set(threading.enumerate()) <= before, what="worker threads to end")
+
+
+def test_an_internal_error_fails_the_token_and_keeps_the_worker(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1)
+    real_begin = coordinator.begin
+    calls = {"n": 0}
+
+    def broken_begin(token: Any, worker: Any, *, arm_timeout: bool = True) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated bug in tokengate")
+        return real_begin(token, worker, arm_timeout=arm_timeout)
+
+    monkeypatch.setattr(coordinator, "begin", broken_begin)
+    with caplog.at_level(logging.CRITICAL, logger="tokengate.worker"):
+        first = record("first")
+        with pytest.raises(TokenGateError, match="internal error") as info:
+            first.get(timeout=10)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert any("internal error" in r.getMessage() for r in caplog.records)
+    assert record("second").get(timeout=10) == "second"  # the same worker goes on

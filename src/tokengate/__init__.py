@@ -21,6 +21,7 @@ from ._errors import (
     TokenGateError,
     WorkerCrashed,
 )
+from ._executor import TokenGateExecutor
 from ._retry import DEFAULT_RETRY_ON, RetryPolicy
 from ._spec import TaskSpec
 from ._stats import OperationStats, StatsSnapshot
@@ -51,6 +52,7 @@ __all__ = [
     "Token",
     "TokenDiscarded",
     "TokenGateError",
+    "TokenGateExecutor",
     "Topology",
     "WorkerCrashed",
     "__version__",

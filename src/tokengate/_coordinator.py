@@ -33,12 +33,11 @@ installed they cost one truthiness check.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from . import _runtime
 from ._admission import AdmissionGate
@@ -47,18 +46,20 @@ from ._config import CoordinatorConfig
 from ._convergence import ConvergenceEngine, ConvergencePolicy, gil_enabled
 from ._dependencies import DependencyTracker, find_dependencies
 from ._errors import (
+    ConfigError,
     CoordinatorNotRunning,
     Overloaded,
     TaskTimeout,
     TokenGateError,
 )
+from ._executor import TokenGateExecutor, make_executor
 from ._logging import attach_verbose_handlers, detach_verbose_handlers
 from ._middleware import HOOKS, Middleware, overridden
 from ._spec import STORAGE_TIERS, TaskSpec
 from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
-from ._token import Token, check_timeout
+from ._token import PENDING, Token, check_timeout, next_seq
 from ._topology import Topology, detect_topology
 from .lanes._async import AsyncLane
 from .lanes._base import Lane, Worker
@@ -71,6 +72,8 @@ if TYPE_CHECKING:
 __all__ = ["OperationsCoordinator"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 log = logging.getLogger("tokengate.coordinator")
 routing_log = logging.getLogger("tokengate.routing")
@@ -80,6 +83,8 @@ _DEBUG = logging.DEBUG
 _INFO = logging.INFO
 _THREADED = frozenset(("thread", "io"))  # lanes whose workers are plain threads
 _perf = time.perf_counter
+# Argument types that can hold a Token (the dependency scan's fast path checks only these).
+_MAYBE_DEPENDENCY = frozenset((Token, list, tuple, dict))
 
 
 class OperationsCoordinator:
@@ -117,7 +122,6 @@ class OperationsCoordinator:
         self._stats = StatsRecorder()
         self._gate = AdmissionGate()
         self._deps = DependencyTracker(self._admit_internal, self._fail_unrun)
-        self._seq = itertools.count(1)
         self._mailbox_max = config.mailbox_max
         self._low_water = max(1, config.mailbox_max // 2)
         self._reject = config.admission == "reject"
@@ -396,12 +400,18 @@ class OperationsCoordinator:
         for lane in self._lanes.values():
             sources += lane.queued()
         for token in sources:
-            if token._discard(reason):
+            if not token.done() and token._discard(reason):
                 count += 1
         return count
 
     # -- submission ---------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]:
+    @overload
+    def submit(self, fn: TaskFunction[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Token[R]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]: ...
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Token[Any]:
         """Submit ``fn(*args, **kwargs)``; a decorated function keeps its tags, any other
         callable runs as a light task named after the function."""
         from ._decorator import TaskFunction, adhoc_task
@@ -472,13 +482,18 @@ class OperationsCoordinator:
         if self._before_submit:
             for hook in self._before_submit:
                 hook(spec)
-        token: Token[Any] = Token(
-            spec, task.__wrapped__, args, kwargs, next(self._seq), _perf(), self
-        )
+        token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
         self._stats.record_submitted(spec.operation_type, spec.weight)
         if spec.deadline is not None:
             token._deadline_at = token.submitted_at + spec.deadline
         if args or kwargs:
+            for value in args:
+                if type(value) in _MAYBE_DEPENDENCY:
+                    break
+            else:
+                if not kwargs:
+                    self._admit(token, internal)
+                    return token
             deps = find_dependencies(args, kwargs)
             if deps:
                 if not internal and len(self._deps) >= self._backlog_bound():
@@ -530,7 +545,8 @@ class OperationsCoordinator:
                 best, best_load = worker, load
         if best is None:
             best = self._route_full(token, internal, candidates)
-        token._parked = None
+        if token._parked is not None:  # only tier tokens were parked; don't touch the rest
+            token._parked = None
         best.push(token)
         if routing_log.isEnabledFor(_DEBUG):
             routing_log.debug(
@@ -625,19 +641,28 @@ class OperationsCoordinator:
         exc = TaskTimeout(
             f"{token.operation_type!r} (token {token.id}) ran longer than its timeout of "
             f"{token.spec.timeout}s on {token.worker}; a thread cannot be killed, so its late "
-            f"result will be dropped"
+            f"result will be dropped",
+            retryable=False,
         )
-        self.complete(token, run_id, None, exc)
+        # The body is still running: its storage permit stays held until it really returns
+        # (its own, late completion releases it), so the tier limit holds.
+        self.complete(token, run_id, None, exc, release_permit=False)
 
     def complete(
-        self, token: Token[Any], run_id: int, value: Any, exc: BaseException | None
+        self,
+        token: Token[Any],
+        run_id: int,
+        value: Any,
+        exc: BaseException | None,
+        *,
+        release_permit: bool = True,
     ) -> None:
         """The one place a run ends: resolve, retry or fail (every lane calls this)."""
         timer = token._timer
         if timer is not None:
             timer.cancel()
             token._timer = None
-        if token._holds_permit:
+        if release_permit and token._holds_permit:
             for granted in self.throttle.release(token):
                 self._route(granted, True)
         racy = None if token.spec.timeout is None else run_id
@@ -683,10 +708,12 @@ class OperationsCoordinator:
         now = _perf()
         token.finished_at = now
         spec = token.spec
+        counters = self._stats._counters(spec.operation_type, spec.weight)
         if exc is None:
-            self._stats.record_resolved(spec.operation_type, spec.weight, now - token.submitted_at)
+            counters.resolved += 1
         else:
-            self._stats.record_failed(spec.operation_type, spec.weight, now - token.submitted_at)
+            counters.failed += 1
+        counters.latency.record(now - token.submitted_at)
 
     def _maybe_retry(self, token: Token[Any], run_id: int, exc: BaseException) -> bool:
         spec = token.spec
@@ -724,6 +751,17 @@ class OperationsCoordinator:
         token._parked = None
         self._admit(token, True)
 
+    def fail_internal(self, token: Token[Any], exc: BaseException) -> None:
+        """Fail a token whose run broke inside tokengate itself (never lose it)."""
+        error = TokenGateError(
+            f"internal error while running {token.operation_type!r} (token {token.id}): "
+            f"{type(exc).__name__}: {exc}; please report it"
+        )
+        error.__cause__ = exc
+        token._finish(None, error, self._record_terminal)
+        if self._draining:
+            self._notify_drain()
+
     def _fail_unrun(self, token: Token[Any], exc: BaseException) -> None:
         if token._finish(None, exc, self._record_terminal) and self._after_attempt:
             self._notify_after_attempt(token, "failed", exc)
@@ -742,7 +780,9 @@ class OperationsCoordinator:
                 hook(token)
             except Exception:
                 log.exception("middleware hook %r raised; the token is not affected", hook)
-        if token._holds_permit:
+        if token.spec.storage_speed is not None:
+            # Always ask the throttle (it checks under its lock): a permit granted while this
+            # token was being cancelled must come back too.
             for granted in self.throttle.release(token):
                 self._route(granted, True)
         if self._draining:
@@ -750,36 +790,65 @@ class OperationsCoordinator:
 
     # -- help while waiting (nested tasks) ----------------------------------------------------
     def _help(self, token: Token[Any]) -> None:
-        """A worker waiting on ``token`` runs it itself if it has not started.
+        """A thread worker waiting on ``token`` keeps the coordinator moving instead of blocking.
 
-        Without this, a task waiting on a child queued behind it (or behind other waiting
-        tasks) would deadlock once every worker waits. Claiming is atomic, so the worker whose
-        mailbox also holds the token simply skips it later.
+        If the token has not started, the worker runs it itself (claiming is atomic, so the
+        worker whose mailbox also holds it simply skips it later). If it cannot run it here —
+        it runs elsewhere, waits for a storage permit or a retry backoff, or belongs to another
+        lane — the worker runs tokens from its own mailbox meanwhile, and sleeps only when that
+        is empty, woken by whichever comes first: a new token or the end of the awaited one.
+        So whatever the awaited token depends on can never be stuck behind the waiting worker,
+        and nested tasks never deadlock, whatever the worker count.
         """
         local = _runtime.local
         worker = local.worker
-        if worker is not None and worker.kind == "async":  # io-lane
+        if worker is not None and worker.kind == "async":  # io-lane: never block the event loop
             self._refuse_blocking_wait(token)
-        if worker is None or local.coordinator is not self:
+        if (
+            worker is None
+            or local.coordinator is not self
+            or worker.kind not in _THREADED  # io-lane: I/O workers help as thread workers do
+            or token._state != PENDING  # io-lane: _wait also asks for running tokens (above)
+        ):
             return
         while not token.done():
             parked = token._parked
-            if parked is None:
+            if parked is None and token._state == PENDING:
                 deadline = token._deadline_at
                 if deadline is not None and _perf() > deadline:
                     token._discard("deadline")
-                elif self._can_run_inline(token, worker) and token._try_claim():
+                    return
+                if self._can_run_inline(token, worker) and token._try_claim():
                     self.execute(token, worker)
+                    continue  # a run that ended in a retry leaves the token still pending
+            elif parked == "deps":
+                pending = self._deps.unfinished(token)
+                if pending:
+                    # Helps (recursively) or waits for the dependency; a discarded one raises,
+                    # and the loop re-checks the token either way.
+                    with contextlib.suppress(BaseException):
+                        pending[0].exception()
+                    continue
+            self._help_from_mailbox(worker, token)
+
+    def _help_from_mailbox(self, worker: Any, token: Token[Any]) -> None:
+        """Run one token of ``worker``'s own mailbox, or sleep until there is one or ``token``
+        has ended (the worker's wake lock doubles as a sleeper on the token)."""
+        mailbox = worker.mailbox
+        try:
+            other = mailbox.popleft()
+        except IndexError:
+            wake = worker._wake
+            if not token._add_sleeper(wake):
+                return  # ended meanwhile
+            worker.sleeping = True
+            if mailbox or token.done() or worker.stopping:
+                worker.sleeping = False
                 return
-            if parked != "deps":
-                return  # waiting for a tier permit or a backoff: block normally
-            pending = self._deps.unfinished(token)
-            if not pending:
-                return
-            # Helps (recursively) or waits for the dependency; a discarded one raises, and the
-            # loop re-checks the token either way.
-            with contextlib.suppress(BaseException):
-                pending[0].exception()
+            wake.acquire()
+            return
+        if self.claim(other):
+            self.execute(other, worker)
 
     def _can_run_inline(self, token: Token[Any], worker: Worker) -> bool:
         """Whether ``worker`` may run ``token`` itself: same lane, or both plain threads
@@ -807,6 +876,10 @@ class OperationsCoordinator:
 
     def set_storage_limit(self, tier: str, limit: int) -> None:
         """Resize a storage tier's limit while running."""
+        if not isinstance(tier, str):
+            raise ConfigError(
+                f"storage tier must be a name such as 'FAST', got {type(tier).__name__} {tier!r}"
+            )
         for granted in self.throttle.resize(tier.upper(), limit):
             self._route(granted, True)
 
@@ -824,6 +897,29 @@ class OperationsCoordinator:
 
     def iter_workers(self) -> Iterator[Worker]:
         return iter([w for lane in self._lanes.values() for w in lane.workers])
+
+    def executor(
+        self,
+        *,
+        weight: str = "light",
+        storage_speed: str | None = None,
+        executor: str = "auto",
+        operation_type: str | None = None,
+        **tags: Any,
+    ) -> TokenGateExecutor:
+        """A ``concurrent.futures.Executor`` whose work runs as tokens with these tags.
+
+        Plug tokengate into anything that takes an executor, e.g.
+        ``await loop.run_in_executor(coordinator.executor(storage_speed="FAST"), fn, arg)``.
+        """
+        return make_executor(
+            self,
+            weight=weight,
+            storage_speed=storage_speed,
+            executor=executor,
+            operation_type=operation_type,
+            **tags,
+        )
 
     @property
     def gate(self) -> AdmissionGate:

@@ -26,6 +26,9 @@ from ._token import Token, check_timeout
 
 __all__ = ["TaskFunction", "adhoc_task", "task_token_guard"]
 
+_local = _runtime.local
+_stack = _runtime.running_stack
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -50,14 +53,12 @@ class TaskFunction(Generic[P, R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
-        local = _runtime.local
-        coordinator = local.coordinator
-        if coordinator is not None:
+        coordinator = _local.coordinator
+        if coordinator is not None:  # called from inside a task: never blocks at admission
             return coordinator._submit(self, args, kwargs, True)  # type: ignore[no-any-return]
-        coordinator = _runtime.current_coordinator()
-        if coordinator is None:
+        if not _stack:
             raise _not_running(self.spec)
-        return coordinator._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
+        return _stack[-1]._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
 
     async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
         """From asyncio code: ``token = await fn.submit_async(x)`` awaits room instead of
@@ -121,7 +122,10 @@ class TaskFunction(Generic[P, R]):
 
 
 def _wait(token: Token[R], end: float | None) -> R:
-    return token.result(None if end is None else max(0.0, end - time.monotonic()))
+    try:
+        return token.result(None if end is None else max(0.0, end - time.monotonic()))
+    finally:
+        token.cancel()  # a no-op once it ended; after a timeout it must not run on regardless
 
 
 def _load_task(module: str, qualname: str) -> Any:

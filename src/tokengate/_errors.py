@@ -63,7 +63,15 @@ class TokenDiscarded(TokenGateError, CancelledError):
 
 
 class TaskTimeout(TokenGateError, TimeoutError):
-    """The task ran longer than its ``timeout`` tag allowed."""
+    """The task ran longer than its ``timeout`` tag allowed.
+
+    ``retryable`` is False when the timed-out run could not be stopped (a thread cannot be
+    killed): re-running it would run the function twice at once, so the retry policy refuses.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class WorkerCrashed(TokenGateError, BrokenExecutor):

@@ -20,6 +20,7 @@ class _Local(threading.local):
 
 local = _Local()
 _stack: list[Any] = []
+running_stack = _stack  # read-only outside this module: the decorator's fast path
 _lock = threading.Lock()
 
 

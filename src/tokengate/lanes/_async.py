@@ -71,14 +71,18 @@ class AsyncWorker:
                 token = mailbox.popleft()
             except IndexError:
                 return
-            if not host.claim(token):
-                self.completed += 1
-                host.after_token(self)
+            try:
+                if not host.claim(token):
+                    self.completed += 1
+                    host.after_token(self)
+                    continue
+                run_id = host.begin(token, self, arm_timeout=False)
+                task = lane.loop.create_task(self._run(token, run_id))
+            except BaseException as exc:  # a bug of ours, not the task's: keep the loop going
+                lane.internal_error(token, exc)
                 continue
             self.running += 1
             self.current = token
-            run_id = host.begin(token, self, arm_timeout=False)
-            task = lane.loop.create_task(self._run(token, run_id))
             lane.tasks.add(task)
             task.add_done_callback(lane.tasks.discard)
 
@@ -97,9 +101,11 @@ class AsyncWorker:
                 except TimeoutError as exc:
                     if not scope.expired():
                         raise  # the task's own TimeoutError, not ours
+                    # Really cancelled, so a retry cannot run the body twice at once.
                     error = TaskTimeout(
                         f"{token.operation_type!r} (token {token.id}) ran longer than its "
-                        f"timeout of {timeout}s on the event loop and was cancelled"
+                        f"timeout of {timeout}s on the event loop and was cancelled",
+                        retryable=True,
                     )
                     error.__cause__ = exc
         except asyncio.CancelledError as exc:
@@ -115,7 +121,10 @@ class AsyncWorker:
             if self.current is token:
                 self.current = None
         host = self.lane.host
-        host.complete(token, run_id, None if error is not None else value, error)
+        try:
+            host.complete(token, run_id, None if error is not None else value, error)
+        except BaseException as exc:  # a bug of ours: fail the token, never lose it
+            self.lane.internal_error(token, exc)
         self.completed += 1
         host.after_token(self)
         if self.mailbox:
@@ -137,6 +146,16 @@ class AsyncLane:
         self.tasks: set[asyncio.Task[None]] = set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="tokengate-event-loop", daemon=True)
+
+    def internal_error(self, token: Any, exc: BaseException) -> None:
+        """An error escaped the run machinery itself: log it loudly and fail the token."""
+        logger.critical(
+            "[event_loop] internal error while handling %r; the token is failed and the loop "
+            "goes on",
+            token,
+            exc_info=exc,
+        )
+        self.host.fail_internal(token, exc)
 
     def candidates(self, spec: Any) -> list[AsyncWorker]:
         return self.workers

@@ -88,7 +88,6 @@ class ThreadWorker:
         self.current: Any = None
         self.sleeping = False
         self.stopping = False
-        self.completed = 0
         self._wake = _thread.allocate_lock()
         self._wake.acquire()
         self.thread = threading.Thread(
@@ -142,9 +141,11 @@ class ThreadWorker:
                             continue
                         self._wake.acquire()
                         continue
-                if claim(token):
-                    execute(token, self)
-                self.completed += 1
+                try:
+                    if claim(token):
+                        execute(token, self)
+                except BaseException as exc:  # a bug of ours, not the task's: keep the worker
+                    lane.internal_error(token, self, exc)
                 after(self)
                 if self.retiring:
                     break
@@ -213,6 +214,18 @@ class ThreadLane:
             logger.info(
                 "[%s] Started on Core %d (local %d)", worker.name, worker.core, worker.local_index
             )
+
+    def internal_error(self, token: Any, worker: ThreadWorker, exc: BaseException) -> None:
+        """An error escaped the run machinery itself: log it loudly and fail the token, so
+        neither the token nor the rest of the mailbox is ever stranded."""
+        logger.critical(
+            "[%s] internal error while handling %r; the token is failed and the worker goes on",
+            worker.name,
+            token,
+            exc_info=exc,
+        )
+        worker.current = None
+        self.host.fail_internal(token, exc)
 
     def on_worker_exit(self, worker: ThreadWorker) -> None:
         if logger.isEnabledFor(logging.INFO):
