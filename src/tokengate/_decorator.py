@@ -146,9 +146,7 @@ class _Decorator(Protocol):
     def __call__(self, fn: Callable[P, R], /) -> TaskFunction[P, R]: ...
 
 
-def task_token_guard(
-    operation_type: str, tags: Mapping[str, Any] | None = None
-) -> _Decorator:
+def task_token_guard(operation_type: str, tags: Mapping[str, Any] | None = None) -> _Decorator:
     """Decorate a function so that calling it returns a Token (the seed's decorator).
 
     ``tags``: ``weight`` (light / medium / heavy), ``storage_speed`` (SLOW / MODERATE / FAST /
