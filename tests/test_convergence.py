@@ -107,6 +107,22 @@ def test_policy_verdicts(
     assert (verdict.action, verdict.target) == (action, target), verdict.reason
 
 
+@pytest.mark.parametrize(
+    ("interpreter", "may_probe", "action", "target"),
+    [
+        (0.1, True, "probe", 8),  # kernel-bound (fsync): double and measure
+        (0.1, False, "cpu-bound", 4),  # not measurable, or held after a failed trial
+        (0.4, True, "cpu-bound", 4),  # the interpreter is not idle enough to gamble
+    ],
+)
+def test_probing_needs_busy_cores_an_idle_interpreter_and_a_way_to_measure(
+    interpreter: float, may_probe: bool, action: str, target: int
+) -> None:
+    proc = ProcessSample(dt=0.1, user=0.1 * interpreter, total=0.18)  # cores 90% busy
+    verdict = POLICY.decide(_pool(), proc, sustained=True, calm_for=0.0, may_probe=may_probe)
+    assert (verdict.action, verdict.target) == (action, target), verdict.reason
+
+
 def test_policy_growth_is_capped_by_interpreter_headroom() -> None:
     # tasks use a bit of Python each: at 4 threads the interpreter is 20% busy, so about 12
     # threads would bring it to the 60% target
@@ -217,6 +233,159 @@ def test_a_cpu_bound_backlog_triggers_no_growth(
     GATE.set()
     for token in tokens:
         token.get(timeout=10)
+
+
+def test_one_io_looking_sample_does_not_overturn_a_cpu_bound_verdict(
+    make_coordinator: Make,
+) -> None:
+    coordinator = make_coordinator(workers_per_core=2, cores=1, convergence=False)
+    lane = coordinator.lanes["thread"]
+    cpu = FakeCPU()
+    engine = _engine(coordinator, cpu)
+    tokens = [waits_on_io(i) for i in range(20)]
+    cpu.busy = 0.97
+    for step in range(3):
+        cpu.advance(0.1)
+        assert engine._sample(now=0.1 * step) == []
+    cpu.busy = 0.01  # one quiet interval inside a CPU-bound surge: not yet
+    cpu.advance(0.1)
+    assert engine._sample(now=0.3) == []
+    cpu.busy = 0.97  # and it was noise
+    cpu.advance(0.1)
+    assert engine._sample(now=0.4) == []
+    cpu.busy = 0.01  # the work really changed: two quiet intervals in a row
+    cpu.advance(0.1)
+    assert engine._sample(now=0.5) == []
+    cpu.advance(0.1)
+    (swap,) = engine._sample(now=0.6)
+    assert (swap.action, swap.before) == ("grow", 2)
+    assert len(lane.pools[1]) > 2
+    GATE.set()
+    for token in tokens:
+        token.get(timeout=10)
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.mailbox: list[int] = []
+        self.current: Any = None
+        self.completed = 0
+
+
+class FakeLane:
+    """A resizable lane whose queues and completion counts the test sets by hand."""
+
+    def __init__(self, workers: int, maximum: int = 64) -> None:
+        self.pools: dict[Any, list[FakeWorker]] = {"FAST": [FakeWorker() for _ in range(workers)]}
+        self.baseline = workers
+        self.maximum = maximum
+
+    def pool_limits(self, key: Any) -> tuple[int, int]:
+        return self.baseline, self.maximum
+
+    def add_worker(self, key: Any) -> FakeWorker:
+        worker = FakeWorker()
+        self.pools[key] = [*self.pools[key], worker]
+        return worker
+
+    def retire_worker(self, worker: FakeWorker) -> bool:
+        self.pools["FAST"] = [w for w in self.pools["FAST"] if w is not worker]
+        return True
+
+    def run(self, per_worker: int, backlog: int = 100) -> None:
+        """One interval: every worker busy, finishing ``per_worker`` tasks; a backlog queued."""
+        for worker in self.pools["FAST"]:
+            worker.completed += per_worker
+            worker.current = object()
+            worker.mailbox = [0] * (backlog // len(self.pools["FAST"]))
+
+
+class Counters:
+    """Process CPU counters: ``user`` (the interpreter) and ``total`` (user + kernel)."""
+
+    def __init__(self) -> None:
+        self.user = 0.0
+        self.total = 0.0
+
+    def add(self, dt: float, *, interpreter: float, cores_busy: float, cores: int = 2) -> None:
+        self.user += dt * interpreter
+        self.total += dt * cores_busy * cores
+
+    def __call__(self) -> tuple[float, float]:
+        return self.user, self.total
+
+
+def _fake_engine(lane: FakeLane, cpu: Counters, events: dict[str, int]) -> ConvergenceEngine:
+    def count(name: str, n: int) -> None:
+        events[name] = events.get(name, 0) + n
+
+    return ConvergenceEngine(
+        lambda: {"io": lane},
+        count_event=count,
+        process_cpu=cpu,
+        thread_cpu=lambda worker: None,
+        run_queue_waits=lambda: None,
+        policy=ConvergencePolicy(cores=2),
+    )
+
+
+def test_busy_cores_with_an_idle_interpreter_are_probed_and_kept_while_it_pays() -> None:
+    lane, cpu, events = FakeLane(4), Counters(), {}
+    engine = _fake_engine(lane, cpu, events)
+
+    def interval(now: float, per_worker: int) -> list[Any]:
+        lane.run(per_worker)
+        cpu.add(0.1, interpreter=0.2, cores_busy=0.9)  # kernel work (fsync) keeps cores busy
+        return engine._sample(now=now)
+
+    assert interval(0.0, 10) == []  # first sample: nothing to compare with yet
+    (probe,) = interval(0.1, 10)  # 400/s with 4 threads; cores busy, interpreter idle: probe
+    assert (probe.action, probe.before, probe.after) == ("probe", 4, 8)
+    (again,) = interval(0.2, 8)  # 8 threads x 8 = 640/s: +60%, kept, and probed again
+    assert (again.action, again.before, again.after) == ("probe", 8, 16)
+    (revert,) = interval(0.3, 4)  # 16 x 4 = 640/s: no gain, back to 8 and leave it be
+    assert (revert.action, revert.before, revert.after) == ("revert", 16, 8)
+    assert "did not beat 640/s by 15%" in revert.reason
+    assert len(lane.pools["FAST"]) == 8
+    assert interval(0.4, 8) == []  # held for trial_hold seconds: says why, once
+    assert interval(0.5, 8) == []
+    assert events == {
+        "convergence_probe": 2,
+        "workers_added": 12,
+        "convergence_reverted": 1,
+        "convergence_retire": 1,
+        "workers_retired": 8,
+        "convergence_cpu_bound": 1,
+    }
+
+
+def test_python_bound_work_is_never_probed() -> None:
+    lane, cpu, events = FakeLane(4), Counters(), {}
+    engine = _fake_engine(lane, cpu, events)
+    for step in range(5):
+        lane.run(10)
+        cpu.add(0.1, interpreter=0.95, cores_busy=0.6)
+        assert engine._sample(now=0.1 * step) == []
+    assert len(lane.pools["FAST"]) == 4
+    assert events == {"convergence_cpu_bound": 1}
+
+
+def test_a_growth_that_does_not_raise_throughput_is_reverted() -> None:
+    lane, cpu, events = FakeLane(4, maximum=8), Counters(), {}
+    engine = _fake_engine(lane, cpu, events)
+    lane.run(10)
+    cpu.add(0.1, interpreter=0.02, cores_busy=0.02)
+    engine._sample(now=0.0)
+    lane.run(10)
+    cpu.add(0.1, interpreter=0.02, cores_busy=0.02)
+    (grow,) = engine._sample(now=0.1)  # the counters say I/O-bound: grown
+    assert grow.action == "grow"
+    assert len(lane.pools["FAST"]) == 8
+    lane.run(5)  # yet 8 threads finish no more than 4 did: 40 per interval
+    cpu.add(0.1, interpreter=0.02, cores_busy=0.02)
+    (swap,) = engine._sample(now=0.2)
+    assert (swap.action, swap.after) == ("revert", 4)
+    assert events["convergence_reverted"] == 1
 
 
 def test_real_cpu_bound_tasks_are_recognised(make_coordinator: Make) -> None:

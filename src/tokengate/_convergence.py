@@ -28,8 +28,21 @@ count that would keep both below their targets, bounded by the backlog and the p
 saturate the interpreter sheds the extra ones (contention); a pool with no backlog for
 ``cooldown`` seconds retires its idle extra workers down to the baseline.
 
-Three rules keep it honest: a backlog must be seen at two consecutive samples before the engine
-acts (a CPU-bound surge that began just before a sample would otherwise look idle); CPU is
+Every growth is then checked against what it was for: throughput. The next interval's
+completions per second must beat the interval before by ``min_gain`` (15%), or the added
+threads are retired again and the pool is left alone for ``trial_hold`` seconds
+(``convergence_reverted``). That makes one more move safe: when the cores are busy but the
+interpreter is not, the CPU time is spent in the kernel or in C code with the GIL released
+(an ``fsync``), where counters cannot tell whether more threads help (a file system may batch
+concurrent fsyncs into one journal commit). If the interpreter is under 30% busy, the engine
+then *probes*: it doubles the pool and
+keeps the threads only if throughput rose (``convergence_probe``). Python-bound work is never
+probed. Throughput is only trusted when at least ``min_completions`` tasks finished in the
+interval before; with long tasks (a few per interval) the CPU verdict stands alone.
+
+Four rules keep it honest: a backlog must be seen at two consecutive samples before the engine
+acts (a CPU-bound surge that began just before a sample would otherwise look idle); a surge
+once judged CPU-bound grows only after two consecutive samples say otherwise; CPU is
 counted only for workers present at both ends of the interval; and time a thread spent runnable
 but *waiting for a CPU* (the machine is busy with other processes) counts as CPU demand, not as
 an I/O wait. That run-queue wait comes from ``/proc/self/task/*/schedstat`` on Linux, read only
@@ -65,6 +78,7 @@ __all__ = [
 
 log = logging.getLogger("tokengate.convergence")
 _INFO = logging.INFO
+_DEBUG = logging.DEBUG
 
 
 # -- probes --------------------------------------------------------------------------------------
@@ -135,6 +149,7 @@ class PoolSample:
     cpu: float | None = None  # thread CPU seconds of the ``tracked`` workers over the interval
     tracked: int = 0
     stall: float = 0.0  # seconds those workers were runnable but waiting for a CPU
+    completed: int | None = None  # tokens the ``tracked`` workers finished over the interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +165,8 @@ class ProcessSample:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What to do with a pool: ``action`` is hold, grow, retire, contention or cpu-bound."""
+    """What to do with a pool: ``action`` is hold, grow, probe, retire, contention or
+    cpu-bound (a hold worth saying)."""
 
     action: str
     target: int
@@ -173,9 +189,19 @@ class ConvergencePolicy:
     cooldown: float = 1.0
     gil_capacity: float = 1.0
     cores: int = 1
+    probe_gil_below: float = 0.3
+    min_gain: float = 0.15
+    min_completions: int = 8
+    trial_hold: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("gil_grow_below", "gil_target", "gil_shrink_above", "cpu_grow_below"):
+        for name in (
+            "gil_grow_below",
+            "gil_target",
+            "gil_shrink_above",
+            "cpu_grow_below",
+            "probe_gil_below",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 < value <= 1:
                 raise ConfigError(f"ConvergencePolicy.{name} must be in (0, 1], got {value!r}")
@@ -189,11 +215,40 @@ class ConvergencePolicy:
             )
         if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 1:
             raise ConfigError(f"ConvergencePolicy.cores must be an int >= 1, got {self.cores!r}")
+        if not isinstance(self.min_gain, int | float) or self.min_gain < 0:
+            raise ConfigError(f"ConvergencePolicy.min_gain must be >= 0, got {self.min_gain!r}")
+        if not isinstance(self.min_completions, int) or self.min_completions < 1:
+            raise ConfigError(
+                f"ConvergencePolicy.min_completions must be an int >= 1, "
+                f"got {self.min_completions!r}"
+            )
+        if not isinstance(self.trial_hold, int | float) or self.trial_hold < 0:
+            raise ConfigError(
+                f"ConvergencePolicy.trial_hold must be >= 0 s, got {self.trial_hold!r}"
+            )
+
+    def measurable(self, pool: PoolSample) -> bool:
+        """Whether enough tasks finished in the interval for throughput to mean something."""
+        return pool.completed is not None and pool.completed >= self.min_completions
+
+    def kept(self, before: float, after: float) -> bool:
+        """Whether a growth paid off: throughput ``after`` beats ``before`` by ``min_gain``."""
+        return after >= before * (1.0 + self.min_gain)
 
     def decide(
-        self, pool: PoolSample, proc: ProcessSample, *, sustained: bool, calm_for: float
+        self,
+        pool: PoolSample,
+        proc: ProcessSample,
+        *,
+        sustained: bool,
+        calm_for: float,
+        may_probe: bool = False,
     ) -> Verdict:
-        """The verdict for ``pool`` after one interval (see the module docstring)."""
+        """The verdict for ``pool`` after one interval (see the module docstring).
+
+        ``may_probe``: the engine can check a growth by throughput (the pool is measurable
+        and not held after a failed trial), so busy cores with an idle interpreter are worth
+        a try."""
         n = pool.workers
         if pool.backlog <= 0:
             if n > pool.baseline and calm_for >= self.cooldown:
@@ -223,6 +278,14 @@ class ConvergencePolicy:
         if gil >= self.gil_grow_below:
             return Verdict("cpu-bound", n, f"the interpreter is busy ({figures})")
         if cpu >= self.cpu_grow_below:
+            target = min(pool.maximum, n + pool.backlog, 2 * n)
+            if may_probe and target > n and gil < self.probe_gil_below:
+                return Verdict(
+                    "probe",
+                    target,
+                    f"the CPUs are busy but the interpreter is not, so more threads may help "
+                    f"({figures})",
+                )
             return Verdict("cpu-bound", n, f"the CPUs are saturated ({figures})")
         scale = min(self.gil_target / max(gil, 0.01), self.cpu_target / max(cpu, 0.01))
         target = min(pool.maximum, n + pool.backlog, max(n + 1, math.floor(n * scale)))
@@ -255,9 +318,14 @@ class Swap:
 @dataclass
 class _PoolState:
     backlogged: bool = False
+    confirmed: bool = False  # the backlog was there at the previous sample too
     calm_since: float | None = None
     cpu_seen: dict[Any, float] = field(default_factory=dict)
     announced: str = ""  # the last hold-type verdict logged, so it is logged once per surge
+    doubted: bool = False  # a grow verdict seen once after a CPU-bound one: wait for a second
+    done_seen: dict[Any, int] = field(default_factory=dict)
+    trial: tuple[int, float] | None = None  # (workers before, throughput before) of a growth
+    hold_until: float = 0.0  # no growth before this time (after a trial that did not pay)
     peak: int = 0
 
 
@@ -323,11 +391,20 @@ class ConvergenceEngine:
         self._thread = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self._next_wait()):
             try:
                 self._sample()
             except Exception:
                 log.exception("convergence sample failed; the engine keeps running")
+
+    def _next_wait(self) -> float:
+        """``interval``, or a quarter of it when a backlog was just seen: confirming it (and
+        reading the CPU counters over that short window) answers a surge sooner. A growth is
+        always judged over a full interval: throughput over less is too noisy to act on."""
+        states = list(self._states.values())
+        if any(s.trial is None and s.backlogged and not s.confirmed for s in states):
+            return self.interval / 4
+        return self.interval
 
     # -- observation ---------------------------------------------------------------------------
     def worker_counts(self) -> dict[str, tuple[int, int, int]]:
@@ -357,18 +434,16 @@ class ConvergenceEngine:
         with self._lock:
             now = self._clock() if now is None else now
             user, total = self._process_cpu()
-            pools = [
-                (lane_name, lane, key, members)
-                for lane_name, lane in self._resizable().items()
-                for key, members in list(lane.pools.items())
-            ]
-            measured = []
-            for lane_name, lane, key, members in pools:
-                state = self._states.setdefault((lane_name, key), _PoolState())
-                measured.append((lane, key, members, state, self._measure(members, state)))
+            pools = []
+            for lane_name, lane in self._resizable().items():
+                for key, members in list(lane.pools.items()):
+                    state = self._states.setdefault((lane_name, key), _PoolState())
+                    pools.append(
+                        (lane_name, lane, key, members, state, self._measure(members, state))
+                    )
             # Run-queue waits: only while something is backed up (one /proc read per thread).
             waits: dict[int, float] = {}
-            if any(backlog > 0 for *_, (backlog, _, _) in measured):
+            if any(m.backlog > 0 for *_, m in pools):
                 waits = self._stalls()
             else:
                 self._waits_seen = {}
@@ -383,12 +458,11 @@ class ConvergenceEngine:
                     sum(waits.values()),
                 )
             swaps: list[Swap] = []
-            for (lane_name, lane, key, members), (_, _, _, state, figures) in zip(
-                pools, measured, strict=True
-            ):
-                sample = self._pool_sample(lane_name, lane, key, members, state, figures, waits)
+            for lane_name, lane, key, members, state, measured in pools:
+                sample = self._pool_sample(lane_name, lane, key, members, state, measured, waits)
                 state.peak = max(state.peak, sample.workers)
                 sustained = state.backlogged and sample.backlog > 0
+                state.confirmed = sustained
                 state.backlogged = sample.backlog > 0
                 if sample.backlog > 0:
                     state.calm_since = None
@@ -396,12 +470,58 @@ class ConvergenceEngine:
                     state.calm_since = now
                 if proc is None:
                     continue
-                calm_for = 0.0 if state.calm_since is None else now - state.calm_since
-                verdict = self.policy.decide(sample, proc, sustained=sustained, calm_for=calm_for)
-                swap = self._apply(lane_name, lane, key, sample, state, verdict, now)
+                swap = self._decide(lane_name, lane, key, sample, state, proc, sustained, now)
                 if swap is not None:
                     swaps.append(swap)
             return swaps
+
+    def _decide(
+        self,
+        lane_name: str,
+        lane: Any,
+        key: Hashable,
+        sample: PoolSample,
+        state: _PoolState,
+        proc: ProcessSample,
+        sustained: bool,
+        now: float,
+    ) -> Swap | None:
+        policy = self.policy
+        trial, state.trial = state.trial, None
+        if trial is not None and sustained:
+            before_n, before_rate = trial
+            if policy.measurable(sample):
+                rate = (sample.completed or 0) / proc.dt
+                if not policy.kept(before_rate, rate):
+                    state.hold_until = now + policy.trial_hold
+                    self._count("convergence_reverted", 1)
+                    verdict = Verdict(
+                        "revert",
+                        before_n,
+                        f"throughput {rate:.0f}/s did not beat {before_rate:.0f}/s by "
+                        f"{policy.min_gain:.0%}; leaving it for {policy.trial_hold:.0f}s",
+                    )
+                    return self._apply(lane_name, lane, key, sample, state, verdict, now)
+                if log.isEnabledFor(_DEBUG):
+                    log.debug(
+                        "[CONVERGENCE] %s: kept %d workers, throughput %.0f/s -> %.0f/s",
+                        sample.label,
+                        sample.workers,
+                        before_rate,
+                        rate,
+                    )
+        measurable = policy.measurable(sample)
+        held = now < state.hold_until
+        calm_for = 0.0 if state.calm_since is None else now - state.calm_since
+        verdict = policy.decide(
+            sample, proc, sustained=sustained, calm_for=calm_for, may_probe=measurable and not held
+        )
+        if verdict.action in ("grow", "probe"):
+            if held:
+                verdict = Verdict("hold", sample.workers, "held after a trial that did not pay")
+            elif measurable:
+                state.trial = (sample.workers, (sample.completed or 0) / proc.dt)
+        return self._apply(lane_name, lane, key, sample, state, verdict, now)
 
     def _stalls(self) -> dict[int, float]:
         """Per thread id, run-queue seconds since the previous reading (threads seen twice)."""
@@ -413,40 +533,42 @@ class ConvergenceEngine:
         self._waits_seen = current
         return {tid: max(0.0, w - seen[tid]) for tid, w in current.items() if tid in seen}
 
-    def _measure(
-        self, members: list[Any], state: _PoolState
-    ) -> tuple[int, tuple[int, float], tuple[float | None, int]]:
-        """(backlog, (busy, oldest wait), (CPU seconds over the interval, workers tracked))."""
-        backlog = 0
-        busy = 0
-        oldest = 0.0
+    def _measure(self, members: list[Any], state: _PoolState) -> _Measured:
+        measured = _Measured()
         wait_now = self._wait_clock()
         for worker in members:
             queued = len(worker.mailbox)
             if queued:
-                backlog += queued
+                measured.backlog += queued
                 with contextlib.suppress(IndexError, AttributeError, TypeError):
-                    oldest = max(oldest, wait_now - worker.mailbox[0].submitted_at)
+                    age = wait_now - worker.mailbox[0].submitted_at
+                    measured.oldest = max(measured.oldest, age)
             if worker.current is not None:
-                busy += 1
-        cpu: float | None = None
-        tracked = 0
-        if backlog > 0:
-            readings: dict[Any, float] = {}
-            for worker in members:
-                value = self._thread_cpu(worker)
-                if value is not None:
-                    readings[worker] = value
-            seen = state.cpu_seen
-            if readings and seen:
-                deltas = [value - seen[w] for w, value in readings.items() if w in seen]
-                if deltas:
-                    cpu = max(0.0, sum(deltas))
-                    tracked = len(deltas)
-            state.cpu_seen = readings
-        else:
+                measured.busy += 1
+        if measured.backlog <= 0:
             state.cpu_seen = {}
-        return backlog, (busy, max(0.0, oldest)), (cpu, tracked)
+            state.done_seen = {}
+            return measured
+        readings: dict[Any, float] = {}
+        done: dict[Any, int] = {}
+        for worker in members:
+            value = self._thread_cpu(worker)
+            if value is not None:
+                readings[worker] = value
+            count = getattr(worker, "completed", None)
+            if count is not None:
+                done[worker] = count
+        seen = state.cpu_seen
+        deltas = [value - seen[w] for w, value in readings.items() if w in seen]
+        if deltas:
+            measured.cpu = max(0.0, sum(deltas))
+            measured.tracked = len(deltas)
+        finished = [count - state.done_seen[w] for w, count in done.items() if w in state.done_seen]
+        if finished:
+            measured.completed = max(0, sum(finished))
+        state.cpu_seen = readings
+        state.done_seen = done
+        return measured
 
     def _pool_sample(
         self,
@@ -455,12 +577,11 @@ class ConvergenceEngine:
         key: Hashable,
         members: list[Any],
         state: _PoolState,
-        figures: tuple[int, tuple[int, float], tuple[float | None, int]],
+        measured: _Measured,
         waits: dict[int, float],
     ) -> PoolSample:
-        backlog, (busy, oldest), (cpu, tracked) = figures
         stall = 0.0
-        if cpu is not None and waits:
+        if measured.cpu is not None and waits:
             for worker in state.cpu_seen:
                 tid = getattr(getattr(worker, "thread", None), "native_id", None)
                 if tid is not None:
@@ -471,12 +592,13 @@ class ConvergenceEngine:
             workers=len(members),
             baseline=baseline,
             maximum=max(maximum, baseline),
-            busy=busy,
-            backlog=backlog,
-            oldest_wait=oldest,
-            cpu=cpu,
-            tracked=tracked,
+            busy=measured.busy,
+            backlog=measured.backlog,
+            oldest_wait=max(0.0, measured.oldest),
+            cpu=measured.cpu,
+            tracked=measured.tracked,
             stall=stall,
+            completed=measured.completed,
         )
 
     def _apply(
@@ -490,6 +612,13 @@ class ConvergenceEngine:
         now: float,
     ) -> Swap | None:
         action = verdict.action
+        if action == "grow" and state.announced == "cpu-bound" and not state.doubted:
+            # This surge was judged CPU-bound: one interval that looks otherwise (a GC pause,
+            # writeback throttling) is not enough; the next one must agree.
+            state.doubted = True
+            state.trial = None
+            return None
+        state.doubted = False
         if action in ("hold", "cpu-bound"):
             if action == "cpu-bound" and state.announced != "cpu-bound":
                 self._count("convergence_cpu_bound", 1)
@@ -506,13 +635,15 @@ class ConvergenceEngine:
                 state.announced = action
             return None
         before = sample.workers
-        if action == "grow":
+        if action in ("grow", "probe"):
             for _ in range(verdict.target - before):
-                lane.add_worker(key)
+                worker = lane.add_worker(key)
+                # counted from zero, so the trial sees what the new threads finish
+                state.done_seen[worker] = getattr(worker, "completed", 0)
             after = len(lane.pools.get(key, ()))
-            self._count("convergence_grow", 1)
+            self._count("convergence_grow" if action == "grow" else "convergence_probe", 1)
             self._count("workers_added", after - before)
-        else:  # retire / contention: newest first, idle ones only when calm
+        else:  # retire / contention / revert: newest first, idle ones only when calm
             members = list(lane.pools.get(key, ()))
             excess = len(members) - verdict.target
             idle_only = action == "retire"
@@ -529,18 +660,37 @@ class ConvergenceEngine:
             self._count("convergence_retire", 1)
             self._count("workers_retired", retired)
         self._on_change()  # the coordinator drops its cached routes
-        state.announced = action
+        if action != "probe":
+            state.announced = action
         state.peak = max(state.peak, after)
         swap = Swap(now, sample.label, action, before, after, verdict.reason)
         self.history.append(swap)
         if log.isEnabledFor(_INFO):
-            what = {"grow": "surge", "retire": "calm", "contention": "contention"}[action]
             log.info(
                 "[CONVERGENCE] %s %s: %d -> %d workers: %s",
                 sample.label,
-                what,
+                _WHAT[action],
                 before,
                 after,
                 verdict.reason,
             )
         return swap
+
+
+_WHAT = {
+    "grow": "surge",
+    "probe": "probe",
+    "retire": "calm",
+    "contention": "contention",
+    "revert": "trial failed",
+}
+
+
+@dataclass
+class _Measured:
+    backlog: int = 0
+    busy: int = 0
+    oldest: float = 0.0
+    cpu: float | None = None
+    tracked: int = 0
+    completed: int | None = None

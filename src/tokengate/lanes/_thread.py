@@ -84,6 +84,7 @@ class ThreadWorker:
         self.retiring = False
         self.closed = False
         self.cpu_clock: int | None = None
+        self.completed = 0  # tokens taken from a mailbox: the engine's throughput check
         self.mailbox: deque[Any] = deque()
         self.current: Any = None
         self.sleeping = False
@@ -146,6 +147,7 @@ class ThreadWorker:
                         execute(token, self)
                 except BaseException as exc:  # a bug of ours, not the task's: keep the worker
                     lane.internal_error(token, self, exc)
+                self.completed += 1
                 after(self)
                 if self.retiring:
                     break
