@@ -361,3 +361,13 @@ def test_the_seeds_io_proof_runs_as_written(
     assert json.loads(Path(made[0]["filename"]).read_text())["id"] == 0
     snap = coordinator.stats()
     assert (snap.resolved, snap.failed) == (29, 0)
+
+
+def test_the_io_proof_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokengate.demos import io_proof
+
+    assert io_proof.run(show_calm=False) == 0
+    out = capsys.readouterr().out
+    assert "[STORAGE_THROTTLE] Initialized with speed tiers:" in out
+    assert "10/10 resolved  |  0 failed" in out
+    assert "✓ I/O proof complete." in out
