@@ -179,9 +179,18 @@ class OperationsCoordinator:
         if log.isEnabledFor(_INFO):
             log.info(
                 "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
-                sum(len(lane.workers) for lane in self._lanes.values()),
+                sum(
+                    len(ln.workers) for ln in self._lanes.values() if ln.name not in ("io", "async")
+                ),
                 self.core_count,
             )
+            io_lane = self._lanes.get("io")  # io-lane: its threads are not core-pinned
+            if io_lane is not None:
+                log.info(
+                    "[IO_LANE] Started %d workers (%d per storage tier)",
+                    len(io_lane.workers),
+                    self.config.io_workers,
+                )
             if self._convergence is not None:  # io-lane
                 log.info("Convergence monitoring started")
             log.info("Operations Coordinator started successfully!")

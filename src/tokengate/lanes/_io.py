@@ -15,11 +15,12 @@ retiring, stop) is :class:`ThreadLane`'s; workers are named ``io_<tier>_<n>``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._base import LaneHost
-from ._thread import ThreadLane, ThreadWorker
+from ._thread import ThreadLane, ThreadWorker, logger, thread_cpu_clock
 
 __all__ = ["IOLane"]
 
@@ -64,6 +65,12 @@ class IOLane(ThreadLane):
         self.pools = pools
         self.workers = [w for members in pools.values() for w in members]
         self.by_core = {0: self.workers}  # unpinned: every I/O worker counts as "core 0"
+
+    def on_worker_start(self, worker: ThreadWorker) -> None:
+        worker.cpu_clock = thread_cpu_clock()
+        self.host.on_worker_thread(worker)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("[%s] Started for storage tier %s (not pinned)", worker.name, worker.pool)
 
     def candidates(self, spec: Any) -> list[ThreadWorker]:
         """The workers a token of ``spec`` may go to: its tier's pool."""
