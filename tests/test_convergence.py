@@ -108,17 +108,20 @@ def test_policy_verdicts(
 
 
 @pytest.mark.parametrize(
-    ("interpreter", "may_probe", "action", "target"),
+    ("interpreter", "total", "may_probe", "action", "target"),
     [
-        (0.1, True, "probe", 8),  # kernel-bound (fsync): double and measure
-        (0.1, False, "cpu-bound", 4),  # not measurable, or held after a failed trial
-        (0.4, True, "cpu-bound", 4),  # the interpreter is not idle enough to gamble
+        (0.1, 0.17, True, "probe", 8),  # kernel-bound (fsync): double and measure
+        (0.1, 0.17, False, "cpu-bound", 4),  # not measurable, or held after a failed trial
+        (0.4, 0.17, True, "cpu-bound", 4),  # the interpreter is not idle enough to gamble
+        # a starved Python-bound pool: little kernel time, the rest is waiting for a CPU
+        (0.25, 0.03, True, "cpu-bound", 4),
     ],
 )
-def test_probing_needs_busy_cores_an_idle_interpreter_and_a_way_to_measure(
-    interpreter: float, may_probe: bool, action: str, target: int
+def test_probing_needs_kernel_bound_cores_an_idle_interpreter_and_a_way_to_measure(
+    interpreter: float, total: float, may_probe: bool, action: str, target: int
 ) -> None:
-    proc = ProcessSample(dt=0.1, user=0.1 * interpreter, total=0.18)  # cores 90% busy
+    stall = 0.18 - total  # the cores are 90% in demand either way
+    proc = ProcessSample(dt=0.1, user=0.1 * interpreter, total=total, stall=stall)
     verdict = POLICY.decide(_pool(), proc, sustained=True, calm_for=0.0, may_probe=may_probe)
     assert (verdict.action, verdict.target) == (action, target), verdict.reason
 
@@ -160,7 +163,7 @@ def _engine(coordinator: OperationsCoordinator, cpu: FakeCPU, **kw: Any) -> Conv
         on_change=coordinator._workers_changed,
         count_event=coordinator.count_event,
         process_cpu=cpu,
-        run_queue_waits=lambda: None,
+        run_queue_waits=lambda tids: None,
         **kw,
     )
 
@@ -324,7 +327,7 @@ def _fake_engine(lane: FakeLane, cpu: Counters, events: dict[str, int]) -> Conve
         count_event=count,
         process_cpu=cpu,
         thread_cpu=lambda worker: None,
-        run_queue_waits=lambda: None,
+        run_queue_waits=lambda tids: None,
         policy=ConvergencePolicy(cores=2),
     )
 
@@ -459,8 +462,10 @@ def test_engine_off_keeps_the_baseline(make_coordinator: Make) -> None:
 def test_probes_read_this_machine() -> None:
     user, total = read_process_cpu()
     assert 0 <= user <= total
-    waits = read_run_queue_waits()
-    assert waits is None or all(w >= 0 for w in waits.values())
+    waits = read_run_queue_waits([threading.get_native_id(), 2**22 + 7])  # me, and nobody
+    assert waits is None or (
+        list(waits) == [threading.get_native_id()] and waits[threading.get_native_id()] >= 0
+    )
 
     class NoClock:
         cpu_clock = None

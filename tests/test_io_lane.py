@@ -77,7 +77,7 @@ def _idle_engine(coordinator: OperationsCoordinator) -> tuple[ConvergenceEngine,
         on_change=coordinator._workers_changed,
         count_event=coordinator.count_event,
         process_cpu=lambda: (cpu[0], cpu[0]),
-        run_queue_waits=lambda: None,
+        run_queue_waits=lambda tids: None,
     )
     return engine, cpu
 

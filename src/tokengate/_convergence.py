@@ -34,8 +34,9 @@ threads are retired again and the pool is left alone for ``trial_hold`` seconds
 (``convergence_reverted``). That makes one more move safe: when the cores are busy but the
 interpreter is not, the CPU time is spent in the kernel or in C code with the GIL released
 (an ``fsync``), where counters cannot tell whether more threads help (a file system may batch
-concurrent fsyncs into one journal commit). If the interpreter is under 30% busy, the engine
-then *probes*: it doubles the pool and
+concurrent fsyncs into one journal commit). If the interpreter is under 30% busy and system
+CPU time (the kernel's work for the tasks' syscalls) fills at least a quarter of the cores and
+exceeds user time, the engine then *probes*: it doubles the pool and
 keeps the threads only if throughput rose (``convergence_probe``). Python-bound work is never
 probed. Throughput is only trusted when at least ``min_completions`` tasks finished in the
 interval before; with long tasks (a few per interval) the CPU verdict stands alone.
@@ -45,8 +46,9 @@ acts (a CPU-bound surge that began just before a sample would otherwise look idl
 once judged CPU-bound grows only after two consecutive samples say otherwise; CPU is
 counted only for workers present at both ends of the interval; and time a thread spent runnable
 but *waiting for a CPU* (the machine is busy with other processes) counts as CPU demand, not as
-an I/O wait. That run-queue wait comes from ``/proc/self/task/*/schedstat`` on Linux, read only
-while some pool has a backlog; where it is missing the engine decides on CPU time alone.
+an I/O wait. That run-queue wait comes from ``/proc/self/task/<tid>/schedstat`` on Linux, read
+only for the threads of backed-up pools; where it is missing the engine decides on CPU time
+alone.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,22 +114,22 @@ else:
 _SCHEDSTAT = "/proc/self/task"
 
 
-def read_run_queue_waits() -> dict[int, float] | None:
-    """Per native thread id, the seconds it has spent runnable but waiting for a CPU (Linux);
-    None where the kernel does not expose it."""
-    try:
-        tids = os.listdir(_SCHEDSTAT)
-    except OSError:
-        return None
+def read_run_queue_waits(tids: Iterable[int]) -> dict[int, float] | None:
+    """For each native thread id, the seconds it has spent runnable but waiting for a CPU
+    (Linux); None where the kernel does not expose it. One small /proc read per thread."""
     waits: dict[int, float] = {}
+    available = False
     for tid in tids:
         try:
             with open(f"{_SCHEDSTAT}/{tid}/schedstat", "rb") as f:
                 fields = f.read().split()
-            waits[int(tid)] = int(fields[1]) / 1e9
+            waits[tid] = int(fields[1]) / 1e9
+            available = True
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
         except (OSError, ValueError, IndexError):
-            continue  # the thread ended meanwhile, or no schedstat on this kernel
-    return waits or None
+            return None  # no schedstat on this kernel
+    return waits if available else None
 
 
 def gil_enabled() -> bool:
@@ -190,6 +192,7 @@ class ConvergencePolicy:
     gil_capacity: float = 1.0
     cores: int = 1
     probe_gil_below: float = 0.3
+    probe_kernel_above: float = 0.25
     min_gain: float = 0.15
     min_completions: int = 8
     trial_hold: float = 5.0
@@ -201,6 +204,7 @@ class ConvergencePolicy:
             "gil_shrink_above",
             "cpu_grow_below",
             "probe_gil_below",
+            "probe_kernel_above",
         ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 < value <= 1:
@@ -279,12 +283,20 @@ class ConvergencePolicy:
             return Verdict("cpu-bound", n, f"the interpreter is busy ({figures})")
         if cpu >= self.cpu_grow_below:
             target = min(pool.maximum, n + pool.backlog, 2 * n)
-            if may_probe and target > n and gil < self.probe_gil_below:
+            system = max(0.0, proc.total - proc.user)
+            kernel = system / proc.dt / max(1, self.cores)
+            if (
+                may_probe
+                and target > n
+                and gil < self.probe_gil_below
+                and kernel >= self.probe_kernel_above
+                and system > proc.user
+            ):
                 return Verdict(
                     "probe",
                     target,
-                    f"the CPUs are busy but the interpreter is not, so more threads may help "
-                    f"({figures})",
+                    f"the CPUs are busy in the kernel ({kernel:.0%} system time) while the "
+                    f"interpreter is not, so more threads may help ({figures})",
                 )
             return Verdict("cpu-bound", n, f"the CPUs are saturated ({figures})")
         scale = min(self.gil_target / max(gil, 0.01), self.cpu_target / max(cpu, 0.01))
@@ -356,7 +368,7 @@ class ConvergenceEngine:
         wait_clock: Callable[[], float] = time.perf_counter,
         process_cpu: Callable[[], tuple[float, float]] = read_process_cpu,
         thread_cpu: Callable[[Any], float | None] = read_thread_cpu,
-        run_queue_waits: Callable[[], dict[int, float] | None] = read_run_queue_waits,
+        run_queue_waits: Callable[[Iterable[int]], dict[int, float] | None] = read_run_queue_waits,
     ) -> None:
         self._lanes = lanes
         self.interval = interval
@@ -441,11 +453,16 @@ class ConvergenceEngine:
                     pools.append(
                         (lane_name, lane, key, members, state, self._measure(members, state))
                     )
-            # Run-queue waits: only while something is backed up (one /proc read per thread).
-            waits: dict[int, float] = {}
-            if any(m.backlog > 0 for *_, m in pools):
-                waits = self._stalls()
-            else:
+            # Run-queue waits: only of the threads of backed-up pools (one /proc read each).
+            tids = [
+                tid
+                for *_, members, _, measured in pools
+                if measured.backlog > 0
+                for w in members
+                if (tid := getattr(getattr(w, "thread", None), "native_id", None)) is not None
+            ]
+            waits = self._stalls(tids) if tids else {}
+            if not tids:
                 self._waits_seen = {}
             prev = self._prev
             self._prev = (now, user, total)
@@ -523,9 +540,9 @@ class ConvergenceEngine:
                 state.trial = (sample.workers, (sample.completed or 0) / proc.dt)
         return self._apply(lane_name, lane, key, sample, state, verdict, now)
 
-    def _stalls(self) -> dict[int, float]:
+    def _stalls(self, tids: list[int]) -> dict[int, float]:
         """Per thread id, run-queue seconds since the previous reading (threads seen twice)."""
-        current = self._run_queue_waits()
+        current = self._run_queue_waits(tids)
         if current is None:
             self._waits_seen = {}
             return {}
