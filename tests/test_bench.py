@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from conftest import eventually
 from tokengate.bench import _runner, main
 from tokengate.bench._case import measure
 from tokengate.bench._model import (
@@ -410,8 +411,14 @@ def test_subprocess_timeout_kills_the_process_group(
         assert "no result within 6 s" in record["error"]
         # The grandchild held the output pipes, so the runner saw EOF only once it was killed.
         proc_stat = Path(f"/proc/{pid_file.read_text()}/stat")
-        if proc_stat.exists():
-            assert proc_stat.read_text().split()[2] in ("Z", "X")
+
+        def gone() -> bool:  # killed: reaped (no /proc entry) or a zombie
+            try:
+                return proc_stat.read_text().split()[2] in ("Z", "X")
+            except (FileNotFoundError, ProcessLookupError):
+                return True
+
+        eventually(gone, timeout=10, what="the grandchild to die")
     finally:
         if pid_file.exists():  # never leave the grandchild behind, even when the test fails
             with contextlib.suppress(ProcessLookupError):

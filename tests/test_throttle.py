@@ -288,7 +288,12 @@ def light_cpu(value: int) -> int:
 
 
 def total_load(coordinator: OperationsCoordinator) -> int:
-    return sum(sum(loads) for loads in coordinator.queue_depths().values())
+    # Every lane's mailboxes: storage-tier tasks run on the I/O lane (issue 4).
+    return sum(
+        sum(loads)
+        for lane in coordinator.lanes
+        for loads in coordinator.queue_depths(lane).values()
+    )
 
 
 def test_tier_limit_holds_and_cpu_work_keeps_flowing(

@@ -6,6 +6,7 @@ value fails when the coordinator is made, not when the first token meets it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -53,6 +54,11 @@ class CoordinatorConfig:
     ``"25%"``; ``None``: half the memory this process may use), sampled every
     ``memory_check_interval`` seconds. ``trace`` keeps the last ``trace_buffer`` task spans for
     ``export_trace``.
+    I/O lane and convergence engine: ``io_workers`` threads per storage tier to start with;
+    ``convergence`` turns the engine on, sampling every ``convergence_interval`` seconds and
+    growing a backed-up core up to ``max_workers_per_core`` workers (a storage tier up to its
+    limit) while the queued work waits on I/O. ``async_concurrency`` caps the ``async def``
+    tasks running at once on the coordinator's event loop.
     """
 
     workers_per_core: int = 4
@@ -75,6 +81,12 @@ class CoordinatorConfig:
     memory_check_interval: float = 0.5
     trace: bool = False
     trace_buffer: int = 10_000
+    # -- io-lane: async tasks, the I/O lane and the convergence engine -------------------------
+    io_workers: int = 4
+    max_workers_per_core: int = 32
+    async_concurrency: int = 512
+    convergence: bool = True
+    convergence_interval: float = 0.1
 
     def __post_init__(self) -> None:
         _positive_int("workers_per_core", self.workers_per_core, upper=_MAX_WORKERS_PER_CORE)
@@ -127,6 +139,28 @@ class CoordinatorConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         validate_observability(self)  # observability knobs (issue 5)
+        self._check_io_lane()
+
+    def _check_io_lane(self) -> None:
+        """io-lane knobs (kept apart so other lanes' knobs merge cleanly)."""
+        _positive_int("io_workers", self.io_workers, upper=_MAX_WORKERS_PER_CORE)
+        _positive_int(
+            "max_workers_per_core", self.max_workers_per_core, upper=_MAX_WORKERS_PER_CORE
+        )
+        _positive_int("async_concurrency", self.async_concurrency)
+        if not isinstance(self.convergence, bool):
+            raise ConfigError(f"convergence must be True or False, got {self.convergence!r}")
+        interval = self.convergence_interval
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not math.isfinite(interval)
+            or interval <= 0
+        ):
+            raise ConfigError(
+                f"convergence_interval must be a positive number of seconds (e.g. 0.1), "
+                f"got {interval!r}"
+            )
 
     def policy_for(self, weight: str) -> RetryPolicy:
         """The retry policy of one weight class."""

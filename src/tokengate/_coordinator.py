@@ -22,8 +22,12 @@ done-callbacks release its dependents, so no thread ever polls for work.
 
 Lanes (``lanes/``) own workers and mailboxes and talk back only through the ``LaneHost`` methods
 ``claim``, ``begin``, ``execute``, ``complete`` and ``after_token``. Which lane runs a spec is
-decided once per spec by ``_lane_for``. Optional policies (``Middleware``) see submissions and the
-end of every attempt; with none installed they cost one truthiness check.
+decided once per spec by ``_lane_for``: ``async def`` tasks run on the coordinator's event loop
+(``AsyncLane``), storage-tier tasks on the per-tier thread pools of the ``IOLane``, the rest on
+the core-pinned ``ThreadLane``. The ``ConvergenceEngine`` (``_convergence.py``) resizes the
+thread and I/O pools while running; it calls ``_workers_changed`` so cached routes are rebuilt.
+Optional policies (``Middleware``) see submissions and the end of every attempt; with none
+installed they cost one truthiness check.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from . import _runtime
 from ._admission import AdmissionGate
 from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
 from ._config import CoordinatorConfig
+from ._convergence import ConvergenceEngine, ConvergencePolicy, gil_enabled
 from ._dependencies import DependencyTracker, find_dependencies
 from ._errors import (
     ConfigError,
@@ -50,13 +55,15 @@ from ._errors import (
 from ._executor import TokenGateExecutor, make_executor
 from ._logging import attach_verbose_handlers, detach_verbose_handlers
 from ._middleware import HOOKS, Middleware, overridden
-from ._spec import TaskSpec
+from ._spec import STORAGE_TIERS, TaskSpec
 from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
 from ._token import PENDING, Token, check_timeout, next_seq
 from ._topology import Topology, detect_topology
+from .lanes._async import AsyncLane
 from .lanes._base import Lane, Worker
+from .lanes._io import IOLane
 from .lanes._thread import ThreadLane
 from .observability._facade import ObservabilityMixin
 
@@ -76,6 +83,7 @@ retry_log = logging.getLogger("tokengate.retry")
 stats_log = logging.getLogger("tokengate.stats")  # the seed's "[DEBUG] Recorded:" (issue 5)
 _DEBUG = logging.DEBUG
 _INFO = logging.INFO
+_THREADED = frozenset(("thread", "io"))  # lanes whose workers are plain threads
 _perf = time.perf_counter
 # Argument types that can hold a Token (the dependency scan's fast path checks only these).
 _MAYBE_DEPENDENCY = frozenset((Token, list, tuple, dict))
@@ -138,6 +146,7 @@ class OperationsCoordinator(ObservabilityMixin):
         self._after_attempt: list[Callable[[Token[Any], str, BaseException | None], None]] = []
         self._verbose_handlers: list[Any] = []
         self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
+        self._convergence: ConvergenceEngine | None = None  # io-lane: built at start
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> OperationsCoordinator:
@@ -175,13 +184,16 @@ class OperationsCoordinator(ObservabilityMixin):
             )
         for lane in self._lanes.values():
             lane.start()
+        self._start_convergence()  # io-lane
         _runtime.push_coordinator(self)
         for hook in self._hooks["on_start"]:
             hook(self)
         if log.isEnabledFor(_INFO):
             log.info(
                 "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
-                sum(len(lane.workers) for lane in self._lanes.values()),
+                sum(
+                    len(ln.workers) for ln in self._lanes.values() if ln.name not in ("io", "async")
+                ),
                 self.core_count,
             )
             log.info(
@@ -191,31 +203,96 @@ class OperationsCoordinator(ObservabilityMixin):
             )
             log.info("Worker queue started")
             log.info("Admission gate started")
+            io_lane = self._lanes.get("io")  # io-lane: its threads are not core-pinned
+            if io_lane is not None:
+                log.info(
+                    "[IO_LANE] Started %d workers (%d per storage tier)",
+                    len(io_lane.workers),
+                    self.config.io_workers,
+                )
+            if self._convergence is not None:  # io-lane
+                log.info("Convergence monitoring started")
             log.info("Operations Coordinator started successfully!")
         return self
 
     def _build_lanes(self, cores: dict[int, int | None]) -> dict[str, Lane]:
         """Create the lanes this coordinator runs (thread always; others per configuration)."""
         lanes: dict[str, Lane] = {
-            "thread": ThreadLane(cores, self.config.workers_per_core, host=self)
+            "thread": ThreadLane(
+                cores,
+                self.config.workers_per_core,
+                host=self,
+                max_workers_per_core=self.config.max_workers_per_core,  # io-lane
+            )
         }
+        lanes.update(self._build_io_lanes())  # io-lane
         return lanes
 
     def _lane_for(self, spec: TaskSpec) -> str:
         """Which lane runs tokens of ``spec`` (see the README's routing rules)."""
+        io_lane = self._io_lane_for(spec)  # io-lane: async def and storage-tier tasks
+        if io_lane is not None:
+            return io_lane
         return "thread"
 
     def _route_of(self, spec: TaskSpec) -> tuple[TaskSpec, str, list[Worker]]:
+        routes = self._routes  # io-lane: a route built while workers change lands in the old dict
         lane_name = self._lane_for(spec)
         lane = self._lanes[lane_name]
-        candidates = [
-            w for core in self.affinity.allowed(spec.weight) for w in lane.by_core.get(core, ())
-        ]
+        pick = getattr(lane, "candidates", None)  # io-lane: a lane may choose its own workers
+        if pick is not None:
+            candidates = list(pick(spec))
+        else:
+            candidates = [
+                w for core in self.affinity.allowed(spec.weight) for w in lane.by_core.get(core, ())
+            ]
         if not candidates:  # a lane with fewer cores than the policy (e.g. one event loop)
             candidates = list(lane.workers)
         route = (spec, lane_name, candidates)
-        self._routes[id(spec)] = route
+        routes[id(spec)] = route
         return route
+
+    # -- io-lane: the async and I/O lanes, the convergence engine ---------------------------------
+    def _build_io_lanes(self) -> dict[str, Lane]:
+        cfg = self.config
+        return {
+            "io": IOLane(STORAGE_TIERS, cfg.io_workers, host=self, limit=self.throttle.limit),
+            "async": AsyncLane(self, concurrency=cfg.async_concurrency),
+        }
+
+    def _io_lane_for(self, spec: TaskSpec) -> str | None:
+        if spec.is_async:
+            return "async"
+        if spec.storage_speed is not None and spec.executor != "process":
+            return "io"
+        return None
+
+    def _start_convergence(self) -> None:
+        cfg = self.config
+        if not cfg.convergence:
+            self._convergence = None
+            return
+        engine = ConvergenceEngine(
+            lambda: self._lanes,
+            interval=cfg.convergence_interval,
+            policy=ConvergencePolicy(
+                gil_capacity=1.0 if gil_enabled() else float(self.core_count),
+                cores=self.core_count,
+            ),
+            on_change=self._workers_changed,
+            count_event=self.count_event,
+        )
+        engine.start()
+        self._convergence = engine
+
+    def _workers_changed(self) -> None:
+        """A lane added or retired workers: routes are rebuilt on their next use."""
+        self._routes = {}
+
+    @property
+    def convergence(self) -> ConvergenceEngine | None:
+        """The running convergence engine (None when ``convergence=False`` or stopped)."""
+        return self._convergence
 
     # -- middleware ----------------------------------------------------------------------------
     def add_middleware(self, middleware: Middleware) -> None:
@@ -264,6 +341,9 @@ class OperationsCoordinator(ObservabilityMixin):
             self._accepting = False
         if log.isEnabledFor(_INFO):
             log.info("Stopping Operations Coordinator...")
+        engine, self._convergence = self._convergence, None  # io-lane: no resizing while stopping
+        if engine is not None:
+            engine.stop()
         try:
             if cancel_pending:
                 self._discard_pending("stopped")
@@ -367,6 +447,53 @@ class OperationsCoordinator(ObservabilityMixin):
 
         task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
         return self._submit(task, args, kwargs, _runtime.local.coordinator is self)
+
+    # -- io-lane: submission from asyncio code ------------------------------------------------
+    async def submit_async(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]:
+        """Submit from asyncio code: ``token = await coordinator.submit_async(fn, x)``.
+
+        Where :meth:`submit` would block its thread until there is room (full mailboxes, a full
+        storage-tier queue), this *awaits* the room, so the caller's event loop keeps running
+        while the coordinator is saturated. It returns the Token once admitted; ``await token``
+        for the result. Calls made on the coordinator's own threads and loop never wait. With
+        ``admission='reject'`` a full mailbox raises ``Overloaded`` at once, as ``submit`` does.
+        """
+        from ._decorator import TaskFunction, adhoc_task
+
+        task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
+        return await self._submit_async(task, args, kwargs)
+
+    async def _submit_async(
+        self, task: TaskFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Token[Any]:
+        if _runtime.local.coordinator is self or not self._accepting:
+            return self._submit(task, args, kwargs, _runtime.local.coordinator is self)
+        spec = task.spec
+        has_deps = bool((args or kwargs) and find_dependencies(args, kwargs))
+        mailboxes = not self._reject
+        if self._room_for(spec, has_deps, mailboxes) is None:
+            await self._gate.wait_for_async(lambda: self._room_for(spec, has_deps, mailboxes))
+        if self._reject or not self._accepting:
+            return self._submit(task, args, kwargs, False)  # raises Overloaded / NotRunning
+        # There is room now and nothing ran on this thread since the check: admitting as an
+        # "internal" call skips the blocking waits (a racing thread can overflow the soft bound
+        # by a token, exactly as calls from inside tasks may).
+        return self._submit(task, args, kwargs, True)
+
+    def _room_for(self, spec: TaskSpec, has_deps: bool, mailboxes: bool) -> bool | None:
+        """True if a call of ``spec`` would be admitted now without waiting, else None."""
+        bound = self._backlog_bound()
+        if has_deps:
+            return True if len(self._deps) < bound else None
+        tier = spec.storage_speed
+        if tier is not None:
+            return True if self.throttle.waiting(tier) < bound else None
+        if not mailboxes:
+            return True
+        route = self._routes.get(id(spec))
+        if route is None or route[0] is not spec:
+            route = self._route_of(spec)
+        return True if self._pick(route[2]) is not None else None
 
     def _submit(
         self,
@@ -712,7 +839,14 @@ class OperationsCoordinator(ObservabilityMixin):
         """
         local = _runtime.local
         worker = local.worker
-        if worker is None or local.coordinator is not self or worker.kind != "thread":
+        if worker is not None and worker.kind == "async":  # io-lane: never block the event loop
+            self._refuse_blocking_wait(token)
+        if (
+            worker is None
+            or local.coordinator is not self
+            or worker.kind not in _THREADED  # io-lane: I/O workers help as thread workers do
+            or token._state != PENDING  # io-lane: _wait also asks for running tokens (above)
+        ):
             return
         while not token.done():
             parked = token._parked
@@ -721,7 +855,7 @@ class OperationsCoordinator(ObservabilityMixin):
                 if deadline is not None and _perf() > deadline:
                     token._discard("deadline")
                     return
-                if self._lane_for(token.spec) == worker.kind and token._try_claim():
+                if self._can_run_inline(token, worker) and token._try_claim():
                     self.execute(token, worker)
                     continue  # a run that ended in a retry leaves the token still pending
             elif parked == "deps":
@@ -752,6 +886,21 @@ class OperationsCoordinator(ObservabilityMixin):
             return
         if self.claim(other):
             self.execute(other, worker)
+
+    def _can_run_inline(self, token: Token[Any], worker: Worker) -> bool:
+        """Whether ``worker`` may run ``token`` itself: same lane, or both plain threads
+        (io-lane: a thread worker waiting on a storage-tier token, or the reverse, helps too)."""
+        lane = self._lane_for(token.spec)
+        return lane == worker.kind or (lane in _THREADED and worker.kind in _THREADED)
+
+    def _refuse_blocking_wait(self, token: Token[Any]) -> None:
+        if token.done():
+            return
+        raise TokenGateError(
+            f"token {token.id} ({token.operation_type}) was waited on with get()/result() on "
+            f"the coordinator's event loop, which would block every async task (and deadlock "
+            f"if the token needs the loop). In an async task write `await token` instead."
+        )
 
     # -- observation ------------------------------------------------------------------------------
     def stats(self, label: str = "STATS") -> StatsSnapshot:
@@ -813,6 +962,24 @@ class OperationsCoordinator(ObservabilityMixin):
     def gate(self) -> AdmissionGate:
         return self._gate
 
+    def _log_io_banner(self) -> None:
+        cfg = self.config
+        log.info(
+            "[IO_LANE] %d threads per storage tier to start, up to the tier's limit", cfg.io_workers
+        )
+        log.info("[ASYNC_LANE] One event loop, up to %d async tasks at once", cfg.async_concurrency)
+        log.info("")
+        log.info("Configuring convergence engine...")
+        if cfg.convergence:
+            log.info(
+                "Convergence engine enabled (every %.2fs; cores grow up to %d workers, "
+                "storage tiers up to their limits, only while the queued work waits on I/O)",
+                cfg.convergence_interval,
+                cfg.max_workers_per_core,
+            )
+        else:
+            log.info("Convergence engine disabled: worker counts stay at their baseline")
+
     def _log_banner(self) -> None:
         cfg = self.config
         rule = "=" * 70
@@ -834,6 +1001,7 @@ class OperationsCoordinator(ObservabilityMixin):
         log.info("%s", mapping_banner(self.core_count, cfg.workers_per_core))
         log.info("Worker queue created")
         log.info("Admission gate configured (mailbox_max=%d, %s)", cfg.mailbox_max, cfg.admission)
+        self._log_io_banner()  # io-lane
         log.info("")
         log.info("Operations Coordinator ready!")
         log.info("  Cores: %d", self.core_count)
@@ -844,6 +1012,7 @@ class OperationsCoordinator(ObservabilityMixin):
                 len(v) for v in core_worker_mapping(self.core_count, cfg.workers_per_core).values()
             ),
         )
+        log.info("  Convergence: %s", "ENABLED" if cfg.convergence else "DISABLED")  # io-lane
         log.info(rule)
         log.info("")
         log.info("Starting Operations Coordinator...")

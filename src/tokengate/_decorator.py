@@ -16,8 +16,8 @@ import inspect
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import _runtime
 from ._errors import ConfigError, CoordinatorNotRunning
@@ -59,6 +59,15 @@ class TaskFunction(Generic[P, R]):
         if not _stack:
             raise _not_running(self.spec)
         return _stack[-1]._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
+
+    async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
+        """From asyncio code: ``token = await fn.submit_async(x)`` awaits room instead of
+        blocking the event loop when the coordinator is saturated (see
+        ``OperationsCoordinator.submit_async``); ``await token`` gives the result."""
+        coordinator = _runtime.current_coordinator()
+        if coordinator is None:
+            raise _not_running(self.spec)
+        return await coordinator._submit_async(self, args, kwargs)  # type: ignore[no-any-return]
 
     def map(
         self,
@@ -126,9 +135,18 @@ def _load_task(module: str, qualname: str) -> Any:
     return obj
 
 
-def task_token_guard(
-    operation_type: str, tags: Mapping[str, Any] | None = None
-) -> Callable[[Callable[P, R]], TaskFunction[P, R]]:
+class _Decorator(Protocol):
+    """What ``task_token_guard(...)`` returns. An ``async def`` task resolves to what its
+    coroutine returns, so ``fn(3)`` is a ``Token[int]`` for ``async def fn(n) -> int`` too."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> TaskFunction[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> TaskFunction[P, R]: ...
+
+
+def task_token_guard(operation_type: str, tags: Mapping[str, Any] | None = None) -> _Decorator:
     """Decorate a function so that calling it returns a Token (the seed's decorator).
 
     ``tags``: ``weight`` (light / medium / heavy), ``storage_speed`` (SLOW / MODERATE / FAST /
@@ -156,7 +174,7 @@ def task_token_guard(
         spec = TaskSpec.from_tags(operation_type, tags, is_async=is_async)
         return TaskFunction(fn, spec)
 
-    return decorate
+    return cast(_Decorator, decorate)
 
 
 _adhoc: weakref.WeakKeyDictionary[Callable[..., Any], TaskFunction[..., Any]] = (

@@ -43,6 +43,7 @@ __all__ = ["PENDING", "Token", "check_timeout", "next_seq"]
 
 T = TypeVar("T")
 _TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+_HELPABLE = frozenset((PENDING, RUNNING))
 _ID_BASE = time.time_ns()
 # One sequence per process, so ids stay unique across coordinators.
 next_seq = itertools.count(1).__next__
@@ -239,7 +240,7 @@ class Token(Future[T], Generic[T]):
     # -- waiting ----------------------------------------------------------------------------
     def _wait(self, timeout: float | None) -> None:
         """Block until terminal or ``timeout``; raises ``TimeoutError`` on timeout."""
-        if self._state == PENDING:
+        if self._state in _HELPABLE:  # io-lane: RUNNING too, so the event loop never blocks
             self._coordinator._help(self)
         if self._state in _TERMINAL:
             return
@@ -322,7 +323,9 @@ class Token(Future[T], Generic[T]):
         return TokenDiscarded(f"token {self.id} was discarded before it ran ({reason})", reason)
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self).__await__()
+        # io-lane: not asyncio.wrap_future, which turns a discarded token into the awaiting
+        # task's own CancelledError; this re-raises TokenDiscarded or the task's error as is.
+        return _await_token(self).__await__()
 
     def set_result(self, result: object) -> None:
         raise TokenGateError(
@@ -437,3 +440,33 @@ class Token(Future[T], Generic[T]):
             return True
         finally:
             self._unlock(cond)
+
+
+# -- io-lane: awaiting a token from any event loop ------------------------------------------------
+def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _await_token(token: Token[T]) -> T:
+    """Wait for ``token`` without blocking the running loop, then return its result.
+
+    The token's done-callback (on whichever thread finishes it) wakes the loop through
+    ``call_soon_threadsafe``. Cancelling the awaiting task cancels the token if it has not
+    started, as awaiting an asyncio future would.
+    """
+    if not token.done():
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_resolve_waiter, waiter)
+
+        token.add_done_callback(wake)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
+    return token.result()
