@@ -569,3 +569,40 @@ def test_an_internal_error_fails_the_token_and_keeps_the_worker(
     assert isinstance(info.value.__cause__, RuntimeError)
     assert any("internal error" in r.getMessage() for r in caplog.records)
     assert record("second").get(timeout=10) == "second"  # the same worker goes on
+
+
+class Box:
+    """Hands a token to a task without making it a dependency (tokens as arguments are)."""
+
+    def __init__(self, token: Any) -> None:
+        self.token = token
+
+
+@task_token_guard(operation_type="waits_briefly", tags={"weight": "light"})
+def waits_briefly(box: Box) -> str:
+    try:
+        box.token.get(timeout=0.2)
+    except TimeoutError:
+        return "timed out"
+    return "finished"
+
+
+@task_token_guard(operation_type="slow_held", tags={"weight": "light", "storage_speed": "SLOW"})
+def slow_held(started: threading.Event | None = None) -> str:
+    if started is not None:
+        started.set()
+    assert GATE.wait(30)
+    return "io"
+
+
+def test_get_timeout_holds_inside_a_task_too(make_coordinator: Make) -> None:
+    """A worker that helps while it waits (here: the awaited token waits for a storage permit,
+    so the worker runs its own mailbox and sleeps) still honours the caller's timeout."""
+    make_coordinator(workers_per_core=2, cores=1, storage_limits={"SLOW": 1})
+    started = threading.Event()
+    holder = slow_held(started)  # takes the only SLOW permit and holds it
+    assert started.wait(10)
+    child = slow_held()  # parked: waiting for the permit
+    assert waits_briefly(Box(child)).get(timeout=10) == "timed out"
+    GATE.set()
+    assert holder.get(timeout=10) == child.get(timeout=10) == "io"

@@ -826,7 +826,7 @@ class OperationsCoordinator(ObservabilityMixin):
             self._notify_drain()
 
     # -- help while waiting (nested tasks) ----------------------------------------------------
-    def _help(self, token: Token[Any]) -> None:
+    def _help(self, token: Token[Any], end: float | None = None) -> None:
         """A thread worker waiting on ``token`` keeps the coordinator moving instead of blocking.
 
         If the token has not started, the worker runs it itself (claiming is atomic, so the
@@ -835,7 +835,8 @@ class OperationsCoordinator(ObservabilityMixin):
         lane — the worker runs tokens from its own mailbox meanwhile, and sleeps only when that
         is empty, woken by whichever comes first: a new token or the end of the awaited one.
         So whatever the awaited token depends on can never be stuck behind the waiting worker,
-        and nested tasks never deadlock, whatever the worker count.
+        and nested tasks never deadlock, whatever the worker count. Helping stops at ``end``
+        (the caller's ``get(timeout=...)``, as a ``time.monotonic()`` instant).
         """
         local = _runtime.local
         worker = local.worker
@@ -849,6 +850,8 @@ class OperationsCoordinator(ObservabilityMixin):
         ):
             return
         while not token.done():
+            if end is not None and time.monotonic() >= end:
+                return  # the caller's timeout: its _wait raises TimeoutError
             parked = token._parked
             if parked is None and token._state == PENDING:
                 deadline = token._deadline_at
@@ -866,9 +869,9 @@ class OperationsCoordinator(ObservabilityMixin):
                     with contextlib.suppress(BaseException):
                         pending[0].exception()
                     continue
-            self._help_from_mailbox(worker, token)
+            self._help_from_mailbox(worker, token, end)
 
-    def _help_from_mailbox(self, worker: Any, token: Token[Any]) -> None:
+    def _help_from_mailbox(self, worker: Any, token: Token[Any], end: float | None) -> None:
         """Run one token of ``worker``'s own mailbox, or sleep until there is one or ``token``
         has ended (the worker's wake lock doubles as a sleeper on the token)."""
         mailbox = worker.mailbox
@@ -882,7 +885,10 @@ class OperationsCoordinator(ObservabilityMixin):
             if mailbox or token.done() or worker.stopping:
                 worker.sleeping = False
                 return
-            wake.acquire()
+            if end is None:
+                wake.acquire()
+            else:
+                wake.acquire(True, max(0.0, end - time.monotonic()))
             return
         if self.claim(other):
             self.execute(other, worker)

@@ -52,6 +52,7 @@ _RLock = threading.RLock
 _STRIPE_MASK = 63
 _STRIPES = tuple(_thread.allocate_lock() for _ in range(_STRIPE_MASK + 1))
 _allocate_lock = _thread.allocate_lock
+_monotonic = time.monotonic
 callback_log = logging.getLogger("tokengate.callbacks")
 
 
@@ -241,7 +242,10 @@ class Token(Future[T], Generic[T]):
     def _wait(self, timeout: float | None) -> None:
         """Block until terminal or ``timeout``; raises ``TimeoutError`` on timeout."""
         if self._state in _HELPABLE:  # io-lane: RUNNING too, so the event loop never blocks
-            self._coordinator._help(self)
+            end = None if timeout is None else _monotonic() + timeout
+            self._coordinator._help(self, end)
+            if end is not None:
+                timeout = max(0.0, end - _monotonic())
         if self._state in _TERMINAL:
             return
         sleeper = _allocate_lock()
