@@ -354,7 +354,7 @@ def test_scenario_validation() -> None:
 
 
 def test_registry_keys_and_headlines() -> None:
-    assert list(SCENARIOS) == ["B1", "B4", "B7"]
+    assert list(SCENARIOS) == ["B1", "B4", "B6", "B7"]
     for sc in SCENARIOS.values():
         assert any(s.kind == "tokengate" for s in sc.systems), sc.id
         assert any(s.kind == "peer" for s in sc.systems), sc.id
@@ -496,6 +496,7 @@ def test_threadpool_nested_fanout_is_reported_deadlocked() -> None:
         ("B1", "tokengate", "500"),
         ("B4", "tokengate-callback", "300"),
         ("B4", "tokengate-map", "300"),
+        ("B6", "tokengate", "1"),
         ("B7", "tokengate", "10"),
     ],
 )

@@ -255,4 +255,4 @@ def test_options_this_build_lacks_exit_2_before_starting(
 
 def test_bench_is_forwarded_to_the_harness(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--list"]) == 0
-    assert "B1 overhead" in capsys.readouterr().out
+    assert "B6 seed mixed orchestrator" in capsys.readouterr().out
