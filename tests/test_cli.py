@@ -256,3 +256,47 @@ def test_options_this_build_lacks_exit_2_before_starting(
 def test_bench_is_forwarded_to_the_harness(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--list"]) == 0
     assert "B6 seed mixed orchestrator" in capsys.readouterr().out
+
+
+def test_trace_metrics_and_backend_reach_the_coordinator_when_present(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The wiring for builds that have them: options passed, APIs called, results reported."""
+    from tokengate import OperationsCoordinator
+    from tokengate.cli import _demo
+
+    calls: dict[str, object] = {}
+
+    class Observable(OperationsCoordinator):
+        def __init__(self, *, trace: bool = False, backend: str = "local", **options: object):
+            calls["trace"], calls["backend"] = trace, backend
+            super().__init__(**options)  # type: ignore[arg-type]
+
+        def serve_metrics(self, port: int = 0) -> int:
+            calls["port"] = port
+            return 9464
+
+        def export_trace(self, path: object) -> int:
+            calls["path"] = path
+            return 42
+
+    monkeypatch.setattr(_demo, "OperationsCoordinator", Observable)
+    monkeypatch.setattr(_demo, "_config_fields", lambda: {"trace": None, "backend": None})
+    trace = tmp_path / "demo.trace.json"
+    argv = [
+        "demo",
+        "chain",
+        "--duration",
+        SHORT,
+        "--trace",
+        str(trace),
+        "--metrics-port",
+        "0",
+        "--backend",
+        "dask",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert calls == {"trace": True, "backend": "dask", "port": 0, "path": trace}
+    assert "http://127.0.0.1:9464/metrics" in out
+    assert f"Trace: 42 task spans written to {trace}" in out

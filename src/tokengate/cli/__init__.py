@@ -12,7 +12,16 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `tokengate info | head -3`: the reader has gone, so be quiet
+        from tokengate.cli._display import silence_stdout
+
+        silence_stdout()
+        return 141
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # the harness owns its options (argparse REMAINDER drops "-x")
         from tokengate.bench import main as bench_main
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import random
 import signal
 import sys
@@ -48,6 +49,7 @@ WRITES_FILES = ("io", "mixed")
 #: How long an interrupted demo waits for its running tasks before leaving them behind.
 STOP_TIMEOUT_S = 10.0
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `... | head`
 
 
 def _config_fields() -> dict[str, Any]:
@@ -125,6 +127,10 @@ def run_demo(args: argparse.Namespace) -> int:
     problem = unavailable(args)
     if problem:
         return _fail(problem)
+    if args.verbose:
+        # The seed's log lines go to stdout from worker threads; if its reader goes away
+        # (`| head`), the display notices and stops the demo: no traceback per log line meanwhile.
+        logging.raiseExceptions = False
     options: dict[str, Any] = {"verbose": bool(args.verbose)}
     if args.trace is not None:
         options["trace"] = True
@@ -152,6 +158,7 @@ def run_demo(args: argparse.Namespace) -> int:
         display.demo = demo
         forced = False
         with StopOnSignal(display.say) as signals:
+            display.on_broken = signals.stop.set
             coordinator.start()
             try:
                 if args.metrics_port is not None:
@@ -191,6 +198,8 @@ def run_demo(args: argparse.Namespace) -> int:
         count = observable.export_trace(args.trace)
         print(f"  Trace: {count} task spans written to {args.trace} (open in ui.perfetto.dev)")
     sys.stdout.flush()
+    if display.broken:
+        return EXIT_BROKEN_PIPE
     if interrupted:
         return EXIT_INTERRUPTED
     problems = snap.failed + getattr(demo, "mismatches", 0) + getattr(demo, "wrong", 0)

@@ -8,16 +8,25 @@ plain lines), never torn by a refresh.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from tokengate import OperationsCoordinator, StatsSnapshot, TierStats
 
-__all__ = ["Display", "LiveDisplay", "PlainDisplay", "Status", "make_display", "read_status"]
+__all__ = [
+    "Display",
+    "LiveDisplay",
+    "PlainDisplay",
+    "Status",
+    "make_display",
+    "read_status",
+    "silence_stdout",
+]
 
 
 @dataclass(frozen=True)
@@ -81,12 +90,26 @@ class Display(Protocol):
     def say(self, text: str = "") -> None: ...
 
 
+def silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so later writes (log handlers too) cannot fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
+    finally:
+        os.close(devnull)
+
+
 class _Base:
     def __init__(self, coordinator: OperationsCoordinator, name: str) -> None:
         self.coordinator = coordinator
         self.name = name
         self.demo: Any = None
         self.started = time.monotonic()
+        #: Set when stdout's reader went away; ``on_broken`` is called once, then.
+        self.broken = False
+        self.on_broken: Callable[[], None] = lambda: None
 
     def status(self) -> Status:
         return read_status(self.coordinator, self.demo, self.name, self.started)
@@ -125,8 +148,15 @@ class PlainDisplay(_Base):
 
     def say(self, text: str = "") -> None:
         with self._lock:
-            self.out.write(text + "\n")
-            self.out.flush()
+            if self.broken:
+                return
+            try:
+                self.out.write(text + "\n")
+                self.out.flush()
+            except BrokenPipeError:  # `tokengate demo ... | head`: the reader has gone
+                self.broken = True
+                silence_stdout()
+                self.on_broken()
 
 
 class LiveDisplay(_Base):
