@@ -1,16 +1,17 @@
 """The seed's endurance run: CPU tasks through idle, normal and surge phases.
 
 The phases cycle NORMAL → SURGE → NORMAL → IDLE, each lasting an eighth of ``duration`` (at
-least 0.25 s, at most 60 s). IDLE sends a trickle of 1-3 tasks a second, NORMAL the seed's waves
-of 10-20 tasks every 0.1-1.0 s, SURGE 20-40 tasks every 0.05-0.3 s. At the end of each phase the
-seed's stats block is printed under the phase's name; the closing report gives the tasks
-submitted in each phase. Run it on its own::
+least 0.25 s, at most 60 s) and sending at least one wave. IDLE sends a trickle of 1-3 tasks
+every 0.5-1.0 s, NORMAL the seed's waves of 10-20 tasks every 0.1-1.0 s, SURGE 20-40 tasks every
+0.05-0.3 s. At the end of each phase the seed's stats block is printed under the phase's name;
+the closing report gives the tasks submitted in each phase. Run it on its own::
 
     python -m tokengate.demos.endurance 60
 """
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import threading
@@ -52,21 +53,24 @@ class EnduranceRun:
         rng = random.Random(self.seed)
         started = time.monotonic()
         length = phase_length(self.duration)
-        number = 0
-        while not stop.is_set() and time.monotonic() - started < self.duration:
+        for number in range(math.ceil(self.duration / length)):
+            if stop.is_set():
+                break
             self.phase = PHASES[number % len(PHASES)]
-            phase_end = min(started + (number + 1) * length, started + self.duration)
+            phase_end = started + min((number + 1) * length, self.duration)
             smallest, largest, short, long = RATES[self.phase]
-            while not stop.is_set() and time.monotonic() < phase_end:
+            while True:  # at least one wave per phase, however late the phase starts
                 self._pending = [t for t in self._pending if not t.done()]
                 for _ in range(rng.randint(smallest, largest)):
                     fn, args = cpu_call(rng)
                     self._pending.append(fn(*args))
                     self.per_phase[self.phase] += 1
-                stop.wait(min(rng.uniform(short, long), max(0.0, phase_end - time.monotonic())))
+                left = phase_end - time.monotonic()
+                if stop.is_set() or left <= 0:
+                    break
+                stop.wait(min(rng.uniform(short, long), left))
             self.say(str(coordinator.stats(self.phase)))
             self.say("")
-            number += 1
         self.phase = "draining"
         if not stop.is_set():
             futures.wait(self._pending)
