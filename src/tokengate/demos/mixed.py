@@ -1,6 +1,7 @@
 """Proof 3, mixed workload coordination: waves of CPU and I/O tasks under one coordinator.
 
-Every 0.1-1.0 s a wave of 10-20 tasks is drawn from the seed's 11 operation types (the CPU ones
+After the seed's small set-up (eight log appends and eight prime checks, resolved together),
+every 0.1-1.0 s a wave of 10-20 tasks is drawn from the seed's 11 operation types (the CPU ones
 of Proof 1, a prime check, three small string/arithmetic ones, and the three storage-tier writes
 of Proof 2) and submitted at once; nothing waits for a wave to finish before the next. At the end,
 the seed's "MIXED ORCHESTRATOR COMPLETE" report with the operations-dispatched bars. Run it on its
@@ -125,6 +126,18 @@ class MixedOrchestrator:
         stop = stop or threading.Event()
         rng = random.Random(self.seed)
         base = self.workdir or tempfile.mkdtemp(prefix="tokengate_mixed_")
+
+        # The seed's Proof 3 set-up first: I/O and CPU tokens side by side, then resolve all.
+        self.phase = "set-up"
+        log_path = os.path.join(base, "logs", "out.log")
+        log_tokens = [append_log_slow(log_path, f"entry {i}") for i in range(8)]
+        primes_to_check = [97, 101, 103, 107, 109, 113, 127, 131]
+        prime_tokens = [prime_operation(n) for n in primes_to_check]
+        log_results = [t.get(timeout=30) for t in log_tokens]
+        prime_results = [t.get(timeout=30) for t in prime_tokens]
+        self.say(f"  Log results  : {log_results[:3]}")
+        self.say(f"  Prime results: {prime_results}")
+
         self.phase = "waves"
         started = time.monotonic()
         next_at = started
