@@ -521,3 +521,12 @@ def test_cases_import_this_tokengate() -> None:
         cwd="/",
     )
     assert Path(proc.stdout.strip()).resolve() == Path(tokengate.__file__).resolve()
+
+
+def test_count_figures_print_as_whole_numbers_and_equal_ranges_collapse() -> None:
+    from tokengate.bench._report import _cell
+
+    assert _cell({"median": 20.0, "min": 19.0, "max": 21.0, "runs": 3}, "count") == "20 [19–21]"
+    assert _cell({"median": 1699.0, "min": 1699.0, "max": 1699.0, "runs": 3}, "count") == "1,699"
+    assert _cell({"median": 20.5, "min": 20.0, "max": 21.0, "runs": 2}, "count") == "20.5 [20–21]"
+    assert _cell({"median": 9.78, "min": 9.781, "max": 9.779, "runs": 3}, "number") == "9.78"

@@ -165,10 +165,10 @@ SCENARIO = Scenario(
         "every system; latency from submit to done-callback"
     ),
     figures=(
-        Figure("waves", "waves"),
-        Figure("submitted", "submitted"),
-        Figure("resolved", "resolved"),
-        Figure("failed", "failed"),
+        Figure("waves", "waves", kind="count"),
+        Figure("submitted", "submitted", kind="count"),
+        Figure("resolved", "resolved", kind="count"),
+        Figure("failed", "failed", kind="count"),
         Figure("p50_ms", "p50 ms", higher_is_better=False),
         Figure("p95_ms", "p95 ms", higher_is_better=False),
         Figure("max_ms", "max ms", higher_is_better=False),

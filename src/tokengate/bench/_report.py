@@ -214,6 +214,10 @@ def format_value(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _count(value: float) -> str:
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
+
+
 def _cell(summary: Record | None, kind: str) -> str:
     if summary is None:
         return "—"
@@ -222,8 +226,9 @@ def _cell(summary: Record | None, kind: str) -> str:
         if yes == runs:
             return "yes"
         return "no" if yes == 0 else f"{yes}/{runs}"
-    text = format_value(summary["median"])
-    low, high = format_value(summary["min"]), format_value(summary["max"])
+    fmt = _count if kind == "count" else format_value
+    text = fmt(summary["median"])
+    low, high = fmt(summary["min"]), fmt(summary["max"])
     if summary["runs"] > 1 and low != high:  # a range that prints as one value is no range
         text += f" [{low}–{high}]"
     return text
