@@ -30,8 +30,10 @@ __all__ = ["SCENARIO", "SEED", "percentile"]
 SEED = 6
 THREADS = 8
 DRAIN_TIMEOUT_S = 60.0
-#: The seed document's Proof 3 run (its machine: 8 cores): 60.6 s, 120 waves, 1,789 tasks.
-SEED_P50_MS, SEED_P95_MS, SEED_MAX_MS = 16.0, 36.0, 53.0
+#: The seed document's Proof 3 runs (its own 8-core machine), p50 / p95 / max in ms:
+#: 60.6 s, 120 waves, 1,789 tasks; and 900.1 s, 1,731 waves, 26,189 tasks.
+SEED_60S_MS = (18.0, 36.0, 53.0)
+SEED_900S_MS = (16.0, 36.0, 72.0)
 
 Submit = Callable[[Any, tuple[Any, ...]], "Future[Any]"]
 
@@ -181,9 +183,12 @@ SCENARIO = Scenario(
     timeout=180.0,
     quick_timeout=90.0,
     notes=(
-        f"The seed's published figures for this load (its own 8-core machine, 60.6 s, 120 "
-        f"waves, 1,789 tasks): p50 {SEED_P50_MS:g} ms, p95 {SEED_P95_MS:g} ms, max "
-        f"{SEED_MAX_MS:g} ms. Targets for tokengate: p50 under 2 ms, p95 under 10 ms on 2 cores.",
+        "The seed's published figures for this load, on its own 8-core machine: "
+        "p50 / p95 / max {} / {} / {} ms over 60.6 s (120 waves, 1,789 tasks) and "
+        "{} / {} / {} ms over 900 s (1,731 waves, 26,189 tasks). Targets for tokengate: p50 "
+        "under 2 ms, p95 under 10 ms on 2 cores.".format(
+            *(f"{v:g}" for v in SEED_60S_MS), *(f"{v:g}" for v in SEED_900S_MS)
+        ),
     ),
     systems=(
         System(
