@@ -355,7 +355,7 @@ def test_scenario_validation() -> None:
 
 
 def test_registry_keys_and_headlines() -> None:
-    assert list(SCENARIOS) == ["B1", "B4", "B7"]
+    assert list(SCENARIOS) == ["B1", "B4", "B6", "B7"]
     for sc in SCENARIOS.values():
         assert any(s.kind == "tokengate" for s in sc.systems), sc.id
         assert any(s.kind == "peer" for s in sc.systems), sc.id
@@ -503,6 +503,7 @@ def test_threadpool_nested_fanout_is_reported_deadlocked() -> None:
         ("B1", "tokengate", "500"),
         ("B4", "tokengate-callback", "300"),
         ("B4", "tokengate-map", "300"),
+        ("B6", "tokengate", "1"),
         ("B7", "tokengate", "10"),
     ],
 )
@@ -527,3 +528,12 @@ def test_cases_import_this_tokengate() -> None:
         cwd="/",
     )
     assert Path(proc.stdout.strip()).resolve() == Path(tokengate.__file__).resolve()
+
+
+def test_count_figures_print_as_whole_numbers_and_equal_ranges_collapse() -> None:
+    from tokengate.bench._report import _cell
+
+    assert _cell({"median": 20.0, "min": 19.0, "max": 21.0, "runs": 3}, "count") == "20 [19–21]"
+    assert _cell({"median": 1699.0, "min": 1699.0, "max": 1699.0, "runs": 3}, "count") == "1,699"
+    assert _cell({"median": 20.5, "min": 20.0, "max": 21.0, "runs": 2}, "count") == "20.5 [20–21]"
+    assert _cell({"median": 9.78, "min": 9.781, "max": 9.779, "runs": 3}, "number") == "9.78"

@@ -48,13 +48,14 @@ class Figure:
     """One measured quantity.
 
     ``higher_is_better`` is ``None`` for a figure that is not ranked (a count, a yes/no).
-    ``kind="bool"`` figures are shown as yes / no (or "2/3" when the runs disagree).
+    ``kind="bool"`` figures are shown as yes / no (or "2/3" when the runs disagree);
+    ``kind="count"`` figures as whole numbers (a median of two runs may end in .5).
     """
 
     key: str
     label: str
     higher_is_better: bool | None = None
-    kind: Literal["number", "bool"] = "number"
+    kind: Literal["number", "count", "bool"] = "number"
 
 
 #: Added to every case by the harness: ``ru_maxrss`` of the case's own fresh process, and its

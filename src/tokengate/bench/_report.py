@@ -35,6 +35,7 @@ __all__ = [
     "summarize_case",
     "summarize_runs",
     "table",
+    "versions_line",
 ]
 
 Record = dict[str, Any]
@@ -185,6 +186,13 @@ def machine_line(machine: Record) -> str:
     )
 
 
+def versions_line(machine: Record) -> str:
+    """tokengate's and the optional peers' versions; a missing peer says so."""
+    versions = machine.get("versions", {})
+    parts = [f"{name} {version or 'not installed'}" for name, version in versions.items()]
+    return "versions: " + ", ".join(parts)
+
+
 # -- formatting ---------------------------------------------------------------------------------
 
 
@@ -206,6 +214,10 @@ def format_value(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _count(value: float) -> str:
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
+
+
 def _cell(summary: Record | None, kind: str) -> str:
     if summary is None:
         return "—"
@@ -214,9 +226,11 @@ def _cell(summary: Record | None, kind: str) -> str:
         if yes == runs:
             return "yes"
         return "no" if yes == 0 else f"{yes}/{runs}"
-    text = format_value(summary["median"])
-    if summary["runs"] > 1 and summary["min"] != summary["max"]:
-        text += f" [{format_value(summary['min'])}–{format_value(summary['max'])}]"
+    fmt = _count if kind == "count" else format_value
+    text = fmt(summary["median"])
+    low, high = fmt(summary["min"]), fmt(summary["max"])
+    if summary["runs"] > 1 and low != high:  # a range that prints as one value is no range
+        text += f" [{low}–{high}]"
     return text
 
 
@@ -353,6 +367,7 @@ def render_markdown(report: Record) -> str:
         f"- {machine_line(report['machine'])}",
         f"- repeats per case: {report['options']['repeat']}"
         + (" (quick mode)" if report["options"]["quick"] else ""),
+        f"- {versions_line(report['machine'])}",
         "",
     ]
     for sc in report["scenarios"]:

@@ -6,7 +6,7 @@ To add a scenario: write ``_bN_name.py`` with one function per system and a ``SC
 
 from __future__ import annotations
 
-from tokengate.bench import _b1_overhead, _b4_flood, _b7_nested
+from tokengate.bench import _b1_overhead, _b4_flood, _b6_mixed, _b7_nested
 from tokengate.bench._model import Scenario
 
 __all__ = ["SCENARIOS", "get_scenario"]
@@ -16,6 +16,7 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         _b1_overhead.SCENARIO,
         _b4_flood.SCENARIO,
+        _b6_mixed.SCENARIO,
         _b7_nested.SCENARIO,
     )
 }
