@@ -44,6 +44,8 @@ class CoordinatorConfig:
     ``Overloaded``. ``storage_limits`` caps how many tasks of each storage tier run at once.
     ``retry_policy`` is one :class:`RetryPolicy` for every weight or a mapping per weight.
     ``cores`` limits the coordinator to the first N usable cores (``None``: all of them).
+    ``process_lane`` runs CPU-heavy tasks in worker processes, one per core (``None``: wherever
+    the platform supports it; ``False``: never, every task runs on threads).
     """
 
     workers_per_core: int = 4
@@ -56,6 +58,7 @@ class CoordinatorConfig:
     cores: int | None = None
     verbose: bool = False
     convergence_verbose: bool = False
+    process_lane: bool | None = None  # issue 3: see lanes/_process.py
 
     def __post_init__(self) -> None:
         _positive_int("workers_per_core", self.workers_per_core, upper=_MAX_WORKERS_PER_CORE)
@@ -107,6 +110,10 @@ class CoordinatorConfig:
         for name in ("verbose", "convergence_verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.process_lane is not None and not isinstance(self.process_lane, bool):
+            raise ConfigError(
+                f"process_lane must be True, False or None (automatic), got {self.process_lane!r}"
+            )
 
     def policy_for(self, weight: str) -> RetryPolicy:
         """The retry policy of one weight class."""

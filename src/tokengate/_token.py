@@ -87,6 +87,7 @@ class Token(Future[T], Generic[T]):
         "_exception",
         "_holds_permit",
         "_parked",
+        "_payload",
         "_result",
         "_retry_count",
         "_run_id",
@@ -146,6 +147,7 @@ class Token(Future[T], Generic[T]):
         self._run_id = 0
         self._retry_count = 0
         self._timer: Any = None
+        self._payload: Any = None  # process lane: the call, pickled at submit (lanes/_wire.py)
 
     # Lists the stdlib helpers append to, created on first use.
     @property
