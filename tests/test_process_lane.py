@@ -8,6 +8,7 @@ workers inherit). Nothing here sleeps to wait for a process: tests wait on token
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -616,3 +617,18 @@ def test_main_script_functions_run_in_the_process_lane(tmp_path: Path) -> None:
     assert "json ['level_3']" in out
     assert "fib 144" in out
     assert "moved Point(x=11, y=2) True True" in out
+
+
+# -- the benchmark script runs (never a timing) ----------------------------------------------------
+def test_the_process_lane_benchmark_runs() -> None:
+    script = Path(__file__).parent.parent / "benchmarks" / "process_lane.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--case", "B2o", "tokengate", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok" and result["figures"]["us_per_task"] > 0

@@ -277,9 +277,11 @@ class _Child:
 
 
 def _executable() -> str:
-    """The interpreter for worker processes (honours ``multiprocessing.set_executable``)."""
-    from multiprocessing import spawn
-
+    """The interpreter for worker processes (honours ``multiprocessing.set_executable``, which
+    can only have been called if ``multiprocessing`` is imported)."""
+    spawn = sys.modules.get("multiprocessing.spawn")
+    if spawn is None:
+        return sys.executable
     return os.fsdecode(spawn.get_executable())
 
 
