@@ -248,9 +248,10 @@ class _Child:
         return "exit"
 
     def kill(self) -> None:
+        pidfd = self.pidfd  # read once: close() may run on the proxy thread meanwhile
         with contextlib.suppress(OSError):
-            if self.pidfd is not None:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             else:
                 self.proc.kill()
 
@@ -270,7 +271,8 @@ class _Child:
 
     def close(self) -> None:
         self.close_tasks()
-        for fd in (self.results, self.pidfd, self.lifeline):
+        pidfd, self.pidfd = self.pidfd, None
+        for fd in (self.results, pidfd, self.lifeline):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -465,11 +467,13 @@ class ProcessWorker:
         child.close()
         self._child = None
         self.pid = None
+        if self._aborting:  # killed by stop(): not replaced, not a restart
+            return code
         self.restarts += 1
         host = self.lane.host
         host.count_event("process_restarts")
         host.count_event(event)
-        if not self.stopping and not self._aborting:
+        if not self.stopping:
             self._spawn()
         return code
 
@@ -483,6 +487,8 @@ class ProcessWorker:
             value, exc = None, error
         self.current = None
         host.complete(token, run_id, value, exc)
+        if token.done():
+            token._payload = None  # no more runs: let the pickled call go
 
     def _call(self, token: Any) -> tuple[Any, BaseException | None]:
         call: _wire.ProcessCall | None = token._payload
@@ -584,9 +590,8 @@ class ProcessWorker:
         )
 
     def _broken_error(self, token: Any) -> BaseException:
-        return WorkerCrashed(
-            f"token {token.id} ({token.operation_type!r}) could not run: {self.broken or ''}"
-        )
+        why = self.broken or f"the lane stopped before {self.name} had a worker process ready"
+        return WorkerCrashed(f"token {token.id} ({token.operation_type!r}) could not run: {why}")
 
     def _shutdown(self) -> None:
         child = self._child
