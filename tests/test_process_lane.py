@@ -518,23 +518,29 @@ from process_tasks import square
 coordinator = OperationsCoordinator(workers_per_core=1).start()
 assert square(4).get(timeout=30) == 16
 print(*coordinator.lanes["process"].pids(), flush=True)
-sys.stdin.read()  # hold until the test kills us
+if sys.argv[1] == "hold":
+    sys.stdin.read()  # hold until the test kills us
+# else: leave without stop(), as a script that forgets it does
 """
 
 
-def test_worker_processes_die_with_a_killed_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("end", ["killed", "exits-without-stop"])
+def test_worker_processes_die_with_their_parent(tmp_path: Path, end: str) -> None:
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    mode = "hold" if end == "killed" else "leave"
     with subprocess.Popen(
-        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        [sys.executable, str(script), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
     ) as parent:
         try:
             assert parent.stdout is not None
             pids = [int(p) for p in parent.stdout.readline().split()]
-            assert pids and all(psutil.Process(p).ppid() == parent.pid for p in pids)
-            parent.kill()
-            parent.wait(10)
+            assert pids
+            if end == "killed":
+                assert all(psutil.Process(p).ppid() == parent.pid for p in pids)
+                parent.kill()
+            assert parent.wait(30) in (0, -signal.SIGKILL)
             eventually(lambda: all(gone(p) for p in pids), what="workers to die with their parent")
         finally:
             parent.kill()
