@@ -518,21 +518,20 @@ class ProcessWorker:
             break
         else:
             return None, self._broken_error(token)
+        # Wait for the reply, the process's end or the task's timeout, whichever comes first.
         timeout = token.spec.timeout
-        deadline = None if timeout is None else token.started_at + timeout
-        while True:
-            left = None if deadline is None else deadline - _perf()
-            event = child.wait(left) if left is None or left > 0 else "timeout"
-            if event == "reply":
-                try:
-                    data = child.reader.recv()
-                except EOFError:
-                    return None, self._crashed(token, child)
-                return self._decode(data, what)
-            if event == "timeout":
-                child.kill()
-                return None, self._timed_out(token, child)
-            return None, self._crashed(token, child)
+        left = None if timeout is None else token.started_at + timeout - _perf()
+        event = child.wait(left) if left is None or left > 0 else "timeout"
+        if event == "reply":
+            try:
+                data = child.reader.recv()
+            except EOFError:  # the pipe closed: the process died (mid-reply, perhaps)
+                return None, self._crashed(token, child)
+            return self._decode(data, what)
+        if event == "timeout":
+            child.kill()
+            return None, self._timed_out(token, child)
+        return None, self._crashed(token, child)
 
     def _decode(self, data: memoryview, what: str) -> tuple[Any, BaseException | None]:
         status = data[0]
