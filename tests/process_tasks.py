@@ -215,8 +215,10 @@ def crash_once(marker: str) -> str:
 
 @task_token_guard(operation_type="block", tags=HEAVY)
 def block_until_killed(marker: str, seconds: float = 60.0) -> str:
-    """Announce the run (pid in ``marker``), then hold the worker until killed."""
-    Path(marker).write_text(str(os.getpid()))
+    """Announce the run (pid in ``marker``, written atomically), then hold the worker."""
+    partial = Path(marker + ".partial")
+    partial.write_text(str(os.getpid()))
+    os.replace(partial, marker)
     time.sleep(seconds)
     return "not killed"
 
