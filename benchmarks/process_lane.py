@@ -10,7 +10,8 @@ the median and range of each figure and tokengate's ratio to each peer of the sa
 
 The system functions take one argument with ``.n``, ``.quick`` and ``.cores`` (the harness's
 ``CaseParams``) and return a dict of figures, so they register into ``tokengate bench`` as they
-are: see ``SCENARIO_TABLE`` at the bottom.
+are: see ``SCENARIO_TABLE`` at the bottom. B2's ``speedup`` is computed within each case
+against one task run serially in the same process, so it needs no other case.
 
 The task bodies are defined here, in ``__main__`` when this file runs as a script, so tokengate
 sends them by value (cloudpickle) and ``ProcessPoolExecutor`` (fork) by name.
@@ -91,6 +92,21 @@ def _steps(p: Params, full: int) -> int:
     return full // 4 if p.quick else full
 
 
+def _one_task_s(steps: int) -> float:
+    """One task's time run here, serially: the yardstick for ``speedup`` within a case."""
+    burn(steps // 10)  # warm up
+    t0 = perf()
+    burn(steps)
+    return perf() - t0
+
+
+def _speedup(p: Params, steps: int, figures: dict[str, float]) -> dict[str, float]:
+    one = _one_task_s(steps)
+    figures["speedup"] = p.n * one / figures["wall_s"]
+    figures["speedup_per_core"] = figures["speedup"] / p.cores
+    return figures
+
+
 # -- B2: CPU scaling -----------------------------------------------------------------------------
 def b2_serial(p: Params) -> dict[str, float]:
     steps = _steps(p, B2_STEPS)
@@ -118,7 +134,8 @@ def b2_tokengate(p: Params) -> dict[str, float]:
     startup = perf() - t2
     coordinator.stop()
     assert ready
-    return {"wall_s": warm, "cold_wall_s": cold, "startup_s": startup, "start_call_s": returned}
+    figures = {"wall_s": warm, "cold_wall_s": cold, "startup_s": startup, "start_call_s": returned}
+    return _speedup(p, steps, figures)
 
 
 def _pool_b2(pool_factory: Callable[[], Any], p: Params) -> dict[str, float]:
@@ -132,7 +149,7 @@ def _pool_b2(pool_factory: Callable[[], Any], p: Params) -> dict[str, float]:
     warm = perf() - t1
     pool.shutdown()
     assert len(set(results)) == 1
-    return {"wall_s": warm, "cold_wall_s": cold}
+    return _speedup(p, steps, {"wall_s": warm, "cold_wall_s": cold})
 
 
 def b2_ppe(workers: int) -> Callable[[Params], dict[str, float]]:
@@ -339,7 +356,7 @@ SCENARIO_TABLE: tuple[ScenarioSpec, ...] = (
         8,
         "wall_s",
         False,
-        ("wall_s", "cold_wall_s", "startup_s", "start_call_s"),
+        ("wall_s", "speedup", "speedup_per_core", "cold_wall_s", "startup_s", "start_call_s"),
         (
             Case("serial", "serial (one core)", b2_serial),
             Case("tokengate", "tokengate", b2_tokengate, tokengate=True),
