@@ -223,6 +223,17 @@ def block_until_killed(marker: str, seconds: float = 60.0) -> str:
     return "not killed"
 
 
+@task_token_guard(operation_type="block_light", tags={"weight": "light", "executor": "process"})
+def block_light(marker: str) -> str:
+    """block_until_killed for a light process task (light may only use the last cores)."""
+    return block_until_killed.__wrapped__(marker)
+
+
+@task_token_guard(operation_type="light_square", tags={"weight": "light", "executor": "process"})
+def light_square(x: int) -> int:
+    return x * x
+
+
 @task_token_guard(operation_type="hangs", tags={"weight": "heavy", "timeout": 0.3, "retries": 0})
 def hangs() -> str:
     time.sleep(60)

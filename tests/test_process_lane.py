@@ -218,6 +218,51 @@ def test_queue_depths_and_cancel_in_the_process_lane(procs: Make, tmp_path: Path
         queued[1].get(timeout=1)
 
 
+def test_an_idle_worker_takes_tokens_queued_behind_a_busy_one(procs: Make, tmp_path: Path) -> None:
+    coordinator = procs(workers_per_core=1, retry_policy=NO_CRASH_RETRY)
+    if coordinator.core_count < 2:
+        pytest.skip("needs two cores")
+    markers = [tmp_path / "first", tmp_path / "second"]
+    first = pt.block_until_killed(str(markers[0]))
+    eventually(markers[0].exists, what="the first blocking task to start")
+    second = pt.block_until_killed(str(markers[1]))  # the least-loaded worker: the other one
+    eventually(markers[1].exists, what="the second blocking task to start")
+    tokens = [pt.square(i) for i in range(10)]  # queued behind both, half each
+    assert sorted(len(q) for q in coordinator.queue_depths("process").values()) == [1, 1]
+    assert sorted(sum(q) for q in coordinator.queue_depths("process").values()) == [6, 6]
+    os.kill(int(markers[1].read_text()), signal.SIGKILL)  # frees one worker (after a restart)
+    with pytest.raises(WorkerCrashed):
+        second.get(timeout=30)
+    assert [t.get(timeout=30) for t in tokens] == [i * i for i in range(10)]
+    assert not first.done()  # the first worker is still held: its queue was taken over
+    assert {t.core for t in tokens} == {second.core}
+    assert coordinator.stats().events["process_steals"] == 5
+    os.kill(int(markers[0].read_text()), signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        first.get(timeout=30)
+
+
+def test_an_idle_worker_never_takes_a_token_its_core_may_not_run(
+    procs: Make, tmp_path: Path
+) -> None:
+    coordinator = procs(workers_per_core=1, retry_policy=NO_CRASH_RETRY)
+    light_cores = coordinator.affinity.allowed("light")
+    if coordinator.core_count < 2 or len(light_cores) != 1:
+        pytest.skip("needs a core that light tasks may not use")
+    (light_core,) = light_cores
+    marker = tmp_path / "pid"
+    busy = pt.block_light(str(marker))
+    eventually(marker.exists, what="the blocking task to start")
+    queued = [pt.light_square(i) for i in range(3)]
+    assert pt.square(2).get(timeout=30) == 4  # wakes another worker, which looks for work
+    assert coordinator.queue_depths("process")[light_core] == [4]  # nothing was taken
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        busy.get(timeout=30)
+    assert [t.get(timeout=30) for t in queued] == [0, 1, 4]
+    assert {t.core for t in queued} == {light_core}
+
+
 # -- serialization ---------------------------------------------------------------------------------
 def test_unpicklable_argument_raises_at_the_call_and_is_never_counted(procs: Make) -> None:
     coordinator = procs(workers_per_core=1)

@@ -189,7 +189,9 @@ class OperationsCoordinator:
             "thread": ThreadLane(cores, self.config.workers_per_core, host=self)
         }
         if self._process_on:  # issue 3: one worker process per core, started here, kept warm
-            lanes["process"] = ProcessLane(cores, host=self, policies=self._policies)
+            lanes["process"] = ProcessLane(
+                cores, host=self, policies=self._policies, allowed=self.affinity.allowed
+            )
         return lanes
 
     def _lane_for(self, spec: TaskSpec) -> str:

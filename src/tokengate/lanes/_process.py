@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError, SerializationError, TaskTimeout, WorkerCrashed
@@ -371,12 +371,14 @@ class ProcessWorker:
                 except IndexError:
                     if self.stopping:
                         break
-                    self.sleeping = True
-                    if mailbox or self.stopping:
-                        self.sleeping = False
+                    token = self._steal()
+                    if token is None:
+                        self.sleeping = True
+                        if mailbox or self.stopping:
+                            self.sleeping = False
+                            continue
+                        self._wake.acquire()
                         continue
-                    self._wake.acquire()
-                    continue
                 if claim(token):
                     self._run(token)
                 self.completed += 1
@@ -386,6 +388,33 @@ class ProcessWorker:
             raise
         finally:
             self._shutdown()
+
+    def _steal(self) -> Any:
+        """Take the oldest token waiting behind a busy sibling, if this core may run it.
+
+        Routing balances mailboxes when a token is submitted; tasks of uneven length, or a core
+        slowed by other processes, can still leave one worker idle while a sibling has a
+        queue. An idle worker therefore takes from the longest sibling queue before it sleeps
+        (each ``popleft`` is atomic, and claiming a token is too).
+        """
+        if self.broken or self._child is None or not self._child.ready:
+            return None  # a worker that cannot run it would only bounce it
+        lane = self.lane
+        allowed = lane.allowed
+        for victim in sorted(lane.workers, key=lambda w: len(w.mailbox), reverse=True):
+            if victim is self:
+                continue
+            if not victim.mailbox:
+                return None  # sorted: no sibling further on has a queue either
+            try:
+                token = victim.mailbox.popleft()
+            except IndexError:
+                continue
+            if allowed is None or self.core in allowed[token.spec.weight]:
+                lane.host.count_event("process_steals")
+                return token
+            victim.mailbox.appendleft(token)  # not for this core: back where it was
+        return None
 
     def _spawn(self) -> None:
         self.ready.clear()
@@ -630,9 +659,14 @@ class ProcessLane:
         cores: Mapping[int, int | None],
         host: LaneHost,
         policies: Mapping[str, RetryPolicy],
+        allowed: Callable[[str], Iterable[int]] | None = None,
     ) -> None:
         self.host = host
         self.policies = policies
+        # Cores each weight may run on, for stealing (None: any worker may take any token).
+        self.allowed: dict[str, frozenset[int]] | None = (
+            None if allowed is None else {w: frozenset(allowed(w)) for w in policies}
+        )
         self.workers: list[ProcessWorker] = []
         self.by_core: dict[int, list[ProcessWorker]] = {}
         for core, cpu in cores.items():
