@@ -543,6 +543,20 @@ def test_stop_right_after_start_does_not_wait_for_workers_to_boot() -> None:
     assert own_children() <= before
 
 
+def test_stop_with_cancel_pending_discards_queued_process_tokens(tmp_path: Path) -> None:
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    marker = tmp_path / "pid"
+    running = pt.block_until_killed(str(marker), 0.5)  # ends on its own after 0.5 s
+    eventually(marker.exists, what="the task to start")
+    queued = [pt.square(i) for i in range(5)]
+    coordinator.stop(cancel_pending=True)
+    assert running.get(timeout=1) == "not killed"  # what had started finished
+    assert {t.state for t in queued} == {"discarded"}
+    assert {t.discard_reason for t in queued} == {"stopped"}
+    assert running._payload is None  # the pickled call is let go once the token ended
+    assert_counts_add_up(coordinator)
+
+
 def test_stop_kills_a_worker_still_running_when_it_gives_up(tmp_path: Path) -> None:
     coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
     marker = tmp_path / "pid"
