@@ -413,7 +413,8 @@ def run_case(scenario: str, system: str, quick: bool) -> dict[str, Any]:
         except ImportError:
             return {"status": "not installed"}
     params = Params(n=spec.quick_n if quick else spec.n, quick=quick, cores=usable_cores())
-    return {"status": "ok", "figures": case.run(params)}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return {"status": "ok", "figures": case.run(params), "load_1m": load}
 
 
 def _spawn_case(scenario: str, system: str, quick: bool) -> dict[str, Any]:
@@ -473,6 +474,9 @@ def _median(results: list[dict[str, Any]], key: str) -> float | None:
 
 def _report(spec: ScenarioSpec, runs: dict[str, list[dict[str, Any]]]) -> None:
     print(f"\n## {spec.id} {spec.title}")
+    loads = [r["load_1m"] for rs in runs.values() for r in rs if "load_1m" in r]
+    if loads:  # other programs on the machine: figures taken under load are not comparable
+        print(f"  (1-minute load average at case start: {min(loads):.1f}–{max(loads):.1f})")
     for case in spec.cases:
         results = runs.get(case.key, [])
         ok = [r for r in results if r["status"] == "ok"]
