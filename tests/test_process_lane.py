@@ -572,7 +572,11 @@ def test_stop_kills_a_worker_still_running_when_it_gives_up(tmp_path: Path) -> N
 PARENT_SCRIPT = """
 import sys
 from tokengate import OperationsCoordinator
+from tokengate.lanes import _process
 from process_tasks import square
+
+if sys.argv[2] == "lifeline":  # the portable path, as on macOS: no PR_SET_PDEATHSIG
+    _process.USE_PDEATHSIG, _process.USE_LIFELINE = False, True
 
 coordinator = OperationsCoordinator(workers_per_core=1).start()
 assert square(4).get(timeout=30) == 16
@@ -583,14 +587,20 @@ if sys.argv[1] == "hold":
 """
 
 
+@pytest.mark.parametrize("watch", ["pdeathsig", "lifeline"])
 @pytest.mark.parametrize("end", ["killed", "exits-without-stop"])
-def test_worker_processes_die_with_their_parent(tmp_path: Path, end: str) -> None:
+def test_worker_processes_die_with_their_parent(tmp_path: Path, end: str, watch: str) -> None:
+    if watch == "pdeathsig" and not _process.USE_PDEATHSIG:
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     mode = "hold" if end == "killed" else "leave"
     with subprocess.Popen(
-        [sys.executable, str(script), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        [sys.executable, str(script), mode, watch],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
     ) as parent:
         try:
             assert parent.stdout is not None

@@ -71,6 +71,10 @@ _BOOT_ATTEMPTS = 3  # consecutive failed starts before a worker is declared brok
 _BOOT_TIMEOUT = 60.0  # seconds a worker may take to import and say it is ready
 _STOP_GRACE = 2.0  # seconds an idle worker gets to exit after its task pipe closes
 _perf = time.perf_counter
+# How a worker notices its parent's death: the kernel's PR_SET_PDEATHSIG where there is one,
+# else a lifeline pipe (module constants so that tests can take the portable path on Linux).
+USE_PDEATHSIG = sys.platform == "linux"
+USE_LIFELINE = not USE_PDEATHSIG
 
 # The worker's first lines: take the parent's sys.path, then import the worker loop. Failing
 # to import tokengate is reported through the result pipe so the parent can say why.
@@ -195,13 +199,14 @@ class _Child:
         result_r, result_w = os.pipe()
         life_r: int | None = None
         life_w: int | None = None
-        if sys.platform != "linux":  # no PR_SET_PDEATHSIG: the worker watches a lifeline pipe
+        if USE_LIFELINE:  # the worker watches a pipe only this process holds the other end of
             life_r, life_w = os.pipe()
         boot = {
             "path": list(sys.path),
             "tasks": task_r,
             "results": result_w,
             "lifeline": life_r,
+            "pdeathsig": USE_PDEATHSIG,
             "cpu": cpu,
             "ppid": os.getpid(),
         }

@@ -93,8 +93,8 @@ def run_inline(
 
 
 # -- process set-up --------------------------------------------------------------------------------
-def _die_with_parent(parent: int, lifeline: int | None) -> None:
-    if sys.platform == "linux":
+def _die_with_parent(parent: int, lifeline: int | None, pdeathsig: bool) -> None:
+    if pdeathsig:
         try:
             import ctypes
             import signal
@@ -179,7 +179,7 @@ def _handle(message: memoryview, cache: dict[bytes, Callable[..., Any]]) -> list
 def main(boot: dict[str, Any]) -> None:
     """Run the worker loop until the task pipe closes (``boot`` comes from the parent)."""
     tasks, results = boot["tasks"], boot["results"]
-    _die_with_parent(boot["ppid"], boot.get("lifeline"))
+    _die_with_parent(boot["ppid"], boot.get("lifeline"), boot.get("pdeathsig", False))
     _pin(boot.get("cpu"))
     _runtime.inline_runner = run_inline
     reader = _wire.Reader(tasks)
