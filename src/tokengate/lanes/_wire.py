@@ -40,11 +40,13 @@ __all__ = [
     "RemoteTraceback",
     "decode_failure",
     "dumps",
+    "dumps_arguments",
     "encode_exception",
     "encode_value",
     "function_payload",
     "prepare_call",
     "send",
+    "split_call",
 ]
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
