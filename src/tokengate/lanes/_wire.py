@@ -1,6 +1,6 @@
 """What crosses the pipes between the process lane and its worker processes, and how.
 
-Both sides import this module; it holds no state. Three concerns:
+Both sides import this module; it keeps no state but a lazily built pickler class. Three concerns:
 
 **Pickling.** Plain ``pickle`` first (fast, in C), ``cloudpickle`` where plain pickle cannot: a
 function or class defined in ``__main__`` (a worker process never imports the user's script, so
