@@ -440,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", action="append", help="scenario ids to run (default: all)")
+    parser.add_argument("--systems", help="comma-separated systems to run (default: all)")
     parser.add_argument("--json", help="write every run's figures to this file")
     args = parser.parse_args(argv)
     if args.case:
@@ -456,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeat):
         for spec in specs:
             for case in spec.cases:
+                if args.systems and case.key not in args.systems.split(","):
+                    continue
                 result = _spawn_case(spec.id, case.key, args.quick)
                 runs[spec.id].setdefault(case.key, []).append(result)
                 print(f"  run {rep + 1} {spec.id} {case.key}: {result['status']}", file=sys.stderr)
@@ -490,6 +493,8 @@ def _report(spec: ScenarioSpec, runs: dict[str, list[dict[str, Any]]]) -> None:
         ]
         print(f"  {case.label:<46} " + "  ".join(cells))
     ours = next(c for c in spec.cases if c.tokengate)
+    if ours.key not in runs:
+        return
     mine = _median(runs.get(ours.key, []), spec.headline)
     if mine is None:
         return
