@@ -23,6 +23,12 @@ from tokengate import (
     task_token_guard,
 )
 
+# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
+# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
+# covers processes).
+COORDINATOR_DEFAULTS = {"process_lane": False}
+
+
 Make = Callable[..., OperationsCoordinator]
 GATE = threading.Event()
 SEEN: dict[str, int] = {}
@@ -342,7 +348,7 @@ def test_submit_async_with_reject_admission_raises_overloaded(make_coordinator: 
 
 
 def test_submit_async_needs_a_running_coordinator() -> None:
-    coordinator = OperationsCoordinator(workers_per_core=1)
+    coordinator = OperationsCoordinator(process_lane=False, workers_per_core=1)
 
     async def main() -> None:
         with pytest.raises(CoordinatorNotRunning):
@@ -355,7 +361,7 @@ def test_submit_async_needs_a_running_coordinator() -> None:
 
 # -- stopping -----------------------------------------------------------------------------------
 def test_stop_drains_async_tasks() -> None:
-    coordinator = OperationsCoordinator(workers_per_core=1).start()
+    coordinator = OperationsCoordinator(process_lane=False, workers_per_core=1).start()
     started = threading.Event()
     running = gated_async(started)
     assert started.wait(10)
@@ -370,7 +376,7 @@ def test_stop_drains_async_tasks() -> None:
 
 
 def test_stop_timeout_cancels_async_tasks_that_would_not_end() -> None:
-    coordinator = OperationsCoordinator(workers_per_core=1).start()
+    coordinator = OperationsCoordinator(process_lane=False, workers_per_core=1).start()
     started = threading.Event()
     stuck = stuck_async(started)
     assert started.wait(10)
@@ -382,7 +388,7 @@ def test_stop_timeout_cancels_async_tasks_that_would_not_end() -> None:
 
 
 def test_the_event_loop_thread_ends_with_the_coordinator() -> None:
-    with OperationsCoordinator(workers_per_core=1):
+    with OperationsCoordinator(process_lane=False, workers_per_core=1):
         assert double_async(1).get(timeout=10) == 2
         names = {t.name for t in threading.enumerate()}
         assert "tokengate-event-loop" in names

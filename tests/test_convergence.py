@@ -25,6 +25,12 @@ from tokengate._convergence import (
     read_thread_cpu,
 )
 
+# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
+# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
+# covers processes).
+COORDINATOR_DEFAULTS = {"process_lane": False}
+
+
 Make = Callable[..., OperationsCoordinator]
 GATE = threading.Event()
 
@@ -435,7 +441,7 @@ def test_the_sampler_thread_resizes_a_running_coordinator(make_coordinator: Make
 
 def test_convergence_verbose_prints_the_swaps(capsys: pytest.CaptureFixture[str]) -> None:
     with OperationsCoordinator(
-        workers_per_core=1, cores=1, convergence=False, convergence_verbose=True
+        process_lane=False, workers_per_core=1, cores=1, convergence=False, convergence_verbose=True
     ) as coordinator:
         cpu = FakeCPU()
         engine = _engine(coordinator, cpu)
@@ -493,4 +499,4 @@ def test_policy_thresholds_are_validated() -> None:
 )
 def test_io_lane_options_are_validated(options: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        OperationsCoordinator(**options)
+        OperationsCoordinator(process_lane=False, **options)

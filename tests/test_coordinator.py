@@ -60,12 +60,12 @@ def where_light() -> str:
     return threading.current_thread().name
 
 
-@task_token_guard(operation_type="where_heavy", tags={"weight": "heavy"})
+@task_token_guard(operation_type="where_heavy", tags={"weight": "heavy", "executor": "thread"})
 def where_heavy() -> str:
     return threading.current_thread().name
 
 
-@task_token_guard(operation_type="blocker", tags={"weight": "heavy"})
+@task_token_guard(operation_type="blocker", tags={"weight": "heavy", "executor": "thread"})
 def blocker(started: threading.Event | None = None) -> str:
     if started is not None:
         started.set()
@@ -73,7 +73,7 @@ def blocker(started: threading.Event | None = None) -> str:
     return "released"
 
 
-@task_token_guard(operation_type="record", tags={"weight": "heavy"})
+@task_token_guard(operation_type="record", tags={"weight": "heavy", "executor": "thread"})
 def record(label: str) -> str:
     with RUNS_LOCK:
         RUNS.append(label)
@@ -83,7 +83,9 @@ def record(label: str) -> str:
 FLAKY_STATE: dict[str, int] = {}
 
 
-@task_token_guard(operation_type="flaky", tags={"weight": "heavy", "retries": 3})
+@task_token_guard(
+    operation_type="flaky", tags={"weight": "heavy", "retries": 3, "executor": "thread"}
+)
 def flaky(label: str, failures: int, exc_type: type[BaseException] = ConnectionError) -> str:
     with RUNS_LOCK:
         RUNS.append(label)
@@ -403,7 +405,9 @@ def test_nested_tasks_never_deadlock(make_coordinator: Make, workers_per_core: i
 
 
 # -- cancellation, deadlines, timeouts, stop ------------------------------------------------------
-@task_token_guard(operation_type="urgent", tags={"weight": "heavy", "deadline": 0.05})
+@task_token_guard(
+    operation_type="urgent", tags={"weight": "heavy", "deadline": 0.05, "executor": "thread"}
+)
 def urgent() -> str:
     return "ran"
 
@@ -423,7 +427,9 @@ def test_a_token_past_its_deadline_is_discarded_not_run(make_coordinator: Make) 
     assert coordinator.stats().discarded == 1
 
 
-@task_token_guard(operation_type="hangs", tags={"weight": "heavy", "timeout": 0.2})
+@task_token_guard(
+    operation_type="hangs", tags={"weight": "heavy", "timeout": 0.2, "executor": "thread"}
+)
 def hangs() -> str:
     GATE.wait(30)
     return "late"

@@ -31,6 +31,12 @@ from tokengate import (
     task_token_guard,
 )
 
+# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
+# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
+# covers processes).
+COORDINATOR_DEFAULTS = {"process_lane": False}
+
+
 WEIGHTS = ("light", "medium", "heavy")
 TIERS = (None, "SLOW", "MODERATE")
 LIMITS = {"SLOW": 2, "MODERATE": 3}
@@ -142,6 +148,7 @@ def test_every_token_ends_once_counts_add_up_and_tiers_hold(
     tokens: list[Token[int]] = []
     cancelled_ok: list[bool] = []
     with OperationsCoordinator(
+        process_lane=False,
         workers_per_core=4,
         cores=2,
         storage_limits=LIMITS,
@@ -276,7 +283,7 @@ def tier_parent(started: threading.Event, go: threading.Event) -> str:
 def test_nested_child_that_retries_does_not_deadlock_one_worker() -> None:
     runs: list[int] = []
     with OperationsCoordinator(
-        workers_per_core=1, cores=1, retry_policy=RetryPolicy(backoff_base=0)
+        process_lane=False, workers_per_core=1, cores=1, retry_policy=RetryPolicy(backoff_base=0)
     ) as coordinator:
         parent = retrying_parent(runs)
         assert parent.get(timeout=20) == "child ok"
@@ -286,7 +293,7 @@ def test_nested_child_that_retries_does_not_deadlock_one_worker() -> None:
 def test_nested_child_waiting_for_a_tier_permit_does_not_deadlock_one_worker() -> None:
     started, go = threading.Event(), threading.Event()
     with OperationsCoordinator(
-        workers_per_core=1, cores=1, storage_limits={"SLOW": 1}
+        process_lane=False, workers_per_core=1, cores=1, storage_limits={"SLOW": 1}
     ) as coordinator:
         parent = tier_parent(started, go)
         assert started.wait(10)

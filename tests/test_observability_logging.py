@@ -10,6 +10,12 @@ import pytest
 
 from tokengate import ConfigError, OperationsCoordinator, task_token_guard
 
+# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
+# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
+# covers processes).
+COORDINATOR_DEFAULTS = {"process_lane": False}
+
+
 # Proof 4's lines in the seed's order (a subsequence of what verbose=True prints). Worker start
 # lines come from the worker threads themselves, so only their presence is checked.
 SEED_ORDER = [
@@ -57,7 +63,7 @@ def seed_log(n: int) -> int:
 
 
 def test_verbose_prints_proof_4_in_the_seed_order(capsys: pytest.CaptureFixture[str]) -> None:
-    with OperationsCoordinator(workers_per_core=1, cores=2, verbose=True):
+    with OperationsCoordinator(process_lane=False, workers_per_core=1, cores=2, verbose=True):
         seed_log(1).get(timeout=10)
     out = capsys.readouterr().out
     position = 0
@@ -74,7 +80,9 @@ def test_verbose_prints_proof_4_in_the_seed_order(capsys: pytest.CaptureFixture[
 def test_each_part_logs_on_its_own_logger(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     with (
         caplog.at_level(logging.DEBUG, logger="tokengate"),
-        OperationsCoordinator(workers_per_core=1, cores=2, trace=True) as coordinator,
+        OperationsCoordinator(
+            process_lane=False, workers_per_core=1, cores=2, trace=True
+        ) as coordinator,
     ):
         seed_log(1).get(timeout=10)
         coordinator.serve_metrics()
@@ -105,7 +113,7 @@ def test_turning_on_one_logger_shows_only_that_part(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.WARNING)
     with (
         caplog.at_level(logging.INFO, logger="tokengate.guard_house"),
-        OperationsCoordinator(workers_per_core=1, cores=1),
+        OperationsCoordinator(process_lane=False, workers_per_core=1, cores=1),
     ):
         seed_log(1).get(timeout=10)
     names = {r.name for r in caplog.records}
@@ -133,11 +141,11 @@ def test_turning_on_one_logger_shows_only_that_part(caplog: pytest.LogCaptureFix
 )
 def test_bad_observability_options(options: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
-        OperationsCoordinator(**options)  # type: ignore[arg-type]
+        OperationsCoordinator(process_lane=False, **options)  # type: ignore[arg-type]
     assert fragment in str(info.value)
 
 
 def test_memory_budget_is_normalised_to_bytes() -> None:
-    coordinator = OperationsCoordinator(memory_budget="64MB")
+    coordinator = OperationsCoordinator(process_lane=False, memory_budget="64MB")
     assert coordinator.config.memory_budget == 64 << 20
     assert coordinator.overflow_guard.budget == 64 << 20

@@ -28,6 +28,12 @@ from tokengate.observability._options import (
 )
 from tokengate.observability._overflow import process_rss
 
+# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
+# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
+# covers processes).
+COORDINATOR_DEFAULTS = {"process_lane": False}
+
+
 Make = Callable[..., OperationsCoordinator]
 MB = 1 << 20
 HELD: list[bytearray] = []
@@ -268,7 +274,7 @@ def test_banner_prints_the_budget() -> None:
 
 
 def test_default_budget_is_derived_from_the_machine() -> None:
-    coordinator = OperationsCoordinator()
+    coordinator = OperationsCoordinator(process_lane=False)
     expected = int(machine_memory() * DEFAULT_BUDGET_FRACTION)
     assert coordinator.overflow_guard.budget == expected
     assert machine_memory() > 0
@@ -297,7 +303,7 @@ def test_memory_budget_percent() -> None:
 @pytest.mark.parametrize("value", [0, -5, "lots", "0MB", "150%", 1.5, True, "12 parsecs"])
 def test_bad_memory_budget(value: object) -> None:
     with pytest.raises(ConfigError, match="memory_budget must be"):
-        OperationsCoordinator(memory_budget=value)
+        OperationsCoordinator(process_lane=False, memory_budget=value)
 
 
 def test_format_bytes() -> None:

@@ -14,6 +14,12 @@ import pytest
 from tokengate import OperationsCoordinator, RetryPolicy, Span, TokenGateError, task_token_guard
 from tokengate.observability._trace import trace_events
 
+# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
+# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
+# covers processes).
+COORDINATOR_DEFAULTS = {"process_lane": False}
+
+
 Make = Callable[..., OperationsCoordinator]
 
 

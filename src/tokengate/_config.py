@@ -59,6 +59,8 @@ class CoordinatorConfig:
     growing a backed-up core up to ``max_workers_per_core`` workers (a storage tier up to its
     limit) while the queued work waits on I/O. ``async_concurrency`` caps the ``async def``
     tasks running at once on the coordinator's event loop.
+    ``process_lane`` runs CPU-heavy tasks in worker processes, one per core (``None``: wherever
+    the platform supports it; ``False``: never, every task runs on threads).
     """
 
     workers_per_core: int = 4
@@ -87,6 +89,7 @@ class CoordinatorConfig:
     async_concurrency: int = 512
     convergence: bool = True
     convergence_interval: float = 0.1
+    process_lane: bool | None = None  # issue 3: see lanes/_process.py
 
     def __post_init__(self) -> None:
         _positive_int("workers_per_core", self.workers_per_core, upper=_MAX_WORKERS_PER_CORE)
@@ -140,6 +143,10 @@ class CoordinatorConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         validate_observability(self)  # observability knobs (issue 5)
         self._check_io_lane()
+        if self.process_lane is not None and not isinstance(self.process_lane, bool):
+            raise ConfigError(
+                f"process_lane must be True, False or None (automatic), got {self.process_lane!r}"
+            )
 
     def _check_io_lane(self) -> None:
         """io-lane knobs (kept apart so other lanes' knobs merge cleanly)."""

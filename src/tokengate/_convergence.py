@@ -132,10 +132,6 @@ def read_run_queue_waits(tids: Iterable[int]) -> dict[int, float] | None:
     return waits if available else None
 
 
-def gil_enabled() -> bool:
-    return bool(getattr(sys, "_is_gil_enabled", lambda: True)())
-
-
 # -- samples and decisions -------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class PoolSample:

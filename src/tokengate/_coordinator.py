@@ -43,7 +43,7 @@ from . import _runtime
 from ._admission import AdmissionGate
 from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
 from ._config import CoordinatorConfig
-from ._convergence import ConvergenceEngine, ConvergencePolicy, gil_enabled
+from ._convergence import ConvergenceEngine, ConvergencePolicy
 from ._dependencies import DependencyTracker, find_dependencies
 from ._errors import (
     ConfigError,
@@ -60,11 +60,17 @@ from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
 from ._token import PENDING, Token, check_timeout, next_seq
-from ._topology import Topology, detect_topology
+from ._topology import Topology, detect_topology, gil_enabled
 from .lanes._async import AsyncLane
 from .lanes._base import Lane, Worker
 from .lanes._io import IOLane
+from .lanes._process import (
+    ProcessLane,
+    check_process_lane_option,
+    runs_in_process,
+)
 from .lanes._thread import ThreadLane
+from .lanes._wire import prepare_call
 from .observability._facade import ObservabilityMixin
 
 if TYPE_CHECKING:
@@ -130,6 +136,10 @@ class OperationsCoordinator(ObservabilityMixin):
         self._low_water = max(1, config.mailbox_max // 2)
         self._reject = config.admission == "reject"
         self._policies = {w: config.policy_for(w) for w in ("light", "medium", "heavy")}
+        # Process lane (issue 3): on where supported unless process_lane=False.
+        self._process_on = check_process_lane_option(config.process_lane)
+        self._gil = gil_enabled()
+        self._warned_no_process: set[str] = set()
         self._lock = threading.Lock()
         self._status = "new"  # new -> running -> stopping -> stopped
         self._accepting = False
@@ -226,6 +236,10 @@ class OperationsCoordinator(ObservabilityMixin):
             )
         }
         lanes.update(self._build_io_lanes())  # io-lane
+        if self._process_on:  # issue 3: one worker process per core, started here, kept warm
+            lanes["process"] = ProcessLane(
+                cores, host=self, policies=self._policies, allowed=self.affinity.allowed
+            )
         return lanes
 
     def _lane_for(self, spec: TaskSpec) -> str:
@@ -233,6 +247,17 @@ class OperationsCoordinator(ObservabilityMixin):
         io_lane = self._io_lane_for(spec)  # io-lane: async def and storage-tier tasks
         if io_lane is not None:
             return io_lane
+        # Process lane (issue 3): heavy CPU work while the GIL is on, or executor='process'.
+        if runs_in_process(spec, gil=self._gil):
+            if self._process_on:
+                return "process"
+            if spec.executor == "process" and spec.operation_type not in self._warned_no_process:
+                self._warned_no_process.add(spec.operation_type)
+                log.warning(
+                    "%r is tagged executor='process' but this coordinator has no process lane "
+                    "(process_lane=False or unsupported here); it runs on threads",
+                    spec.operation_type,
+                )
         return "thread"
 
     def _route_of(self, spec: TaskSpec) -> tuple[TaskSpec, str, list[Worker]]:
@@ -515,7 +540,19 @@ class OperationsCoordinator(ObservabilityMixin):
         if self._before_submit:
             for hook in self._before_submit:
                 hook(spec)
+        payload = None
+        if self._process_on:
+            # Process lane (issue 3): the call is pickled here, on the caller's thread, before
+            # the token exists, so an unpicklable argument raises SerializationError from the
+            # call and nothing is counted. Arguments holding tokens are pickled once resolved.
+            route = self._routes.get(id(spec))
+            if route is None or route[0] is not spec:
+                route = self._route_of(spec)
+            if route[1] == "process":
+                deps = find_dependencies(args, kwargs) if args or kwargs else None
+                payload = prepare_call(task, args, kwargs, has_dependencies=bool(deps))
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
+        token._payload = payload
         self._stats.record_submitted(spec.operation_type, spec.weight)
         if spec.deadline is not None:
             token._deadline_at = token.submitted_at + spec.deadline

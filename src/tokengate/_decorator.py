@@ -13,6 +13,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import sys
 import time
 import weakref
 from collections import deque
@@ -57,6 +58,10 @@ class TaskFunction(Generic[P, R]):
         if coordinator is not None:  # called from inside a task: never blocks at admission
             return coordinator._submit(self, args, kwargs, True)  # type: ignore[no-any-return]
         if not _stack:
+            # Inside a process-lane worker there is no coordinator: the call runs inline and
+            # returns a finished Token (see lanes/_process_child.py).
+            if _runtime.inline_runner is not None:
+                return _runtime.inline_runner(self, args, kwargs)  # type: ignore[no-any-return]
             raise _not_running(self.spec)
         return _stack[-1]._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
 
@@ -87,10 +92,10 @@ class TaskFunction(Generic[P, R]):
         ):
             raise ConfigError(f"window must be a whole number >= 1, got {window!r}")
         coordinator = _runtime.current_coordinator()
-        if coordinator is None:
+        if coordinator is None and _runtime.inline_runner is None:
             raise _not_running(self.spec)
-        if window is None:
-            window = coordinator.config.mailbox_max
+        if window is None:  # (1 inside a process-lane worker, where each call runs inline)
+            window = 1 if coordinator is None else coordinator.config.mailbox_max
         end = None if timeout is None else time.monotonic() + timeout
         return self._map(zip(*iterables, strict=False), window, end)
 
@@ -113,7 +118,12 @@ class TaskFunction(Generic[P, R]):
         return functools.partial(self, instance)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_load_task, (self.__module__, self.__qualname__))
+        # By name when its module holds it under its qualified name (a worker imports it and
+        # runs ``__wrapped__``); otherwise as (raw function, spec), which cloudpickle can send
+        # by value (a task defined in a function, or rebound under another name).
+        if resolves_by_name(self):
+            return (_load_task, (self.__module__, self.__qualname__))
+        return (_rebuild_task, (self.__wrapped__, self.spec))
 
     def __repr__(self) -> str:
         return (
@@ -133,6 +143,22 @@ def _load_task(module: str, qualname: str) -> Any:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _rebuild_task(fn: Callable[..., Any], spec: TaskSpec) -> TaskFunction[..., Any]:
+    return TaskFunction(fn, spec)
+
+
+def resolves_by_name(task: TaskFunction[..., Any]) -> bool:
+    """Whether ``task`` is what its module (already imported) holds under its qualified name."""
+    obj: Any = sys.modules.get(task.__module__)
+    if obj is None:
+        return False
+    for part in task.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return obj is task
 
 
 class _Decorator(Protocol):

@@ -100,6 +100,7 @@ class Token(Future[T], Generic[T]):
     _deadline_at: float | None = None
     _retry_count: int = 0
     _timer: Any = None
+    _payload: Any = None  # process lane: the call, pickled at submit (lanes/_wire.py)
 
     __slots__ = (
         "_cond",

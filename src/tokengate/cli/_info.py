@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-import sys
 
 import tokengate
 from tokengate import OperationsCoordinator
 from tokengate._affinity import mapping_banner
+from tokengate._topology import gil_enabled
 
 __all__ = ["features", "gil_enabled", "info_text"]
-
-
-def gil_enabled() -> bool:
-    """False only on a free-threaded build running without the GIL (3.13+)."""
-    probe = getattr(sys, "_is_gil_enabled", None)
-    return True if probe is None else bool(probe())
 
 
 def features() -> dict[str, bool]:
