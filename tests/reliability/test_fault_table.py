@@ -19,6 +19,7 @@ import pytest
 
 from conftest import eventually
 from tokengate import (
+    DependencyFailed,
     OperationsCoordinator,
     RetryPolicy,
     Token,
@@ -32,7 +33,7 @@ from ._support import (
     serves_new_work,
     settle,
 )
-from ._tasks import GATE, always_raise, burst, gated, raise_if
+from ._tasks import GATE, always_raise, burst, gated, link, raise_if
 
 
 # -- the rows --------------------------------------------------------------------------
@@ -133,6 +134,31 @@ def raising_callbacks(kind: type[BaseException]) -> Callable[[OperationsCoordina
     return inject
 
 
+def chain_breaks_in_the_middle(_: OperationsCoordinator) -> Outcome:
+    n, fail_at = 1000, 500
+    tokens: list[Token[Any]] = []
+    previous: Token[int] | None = None
+    for i in range(n):
+        previous = link(previous, i, fail_at)
+        tokens.append(previous)
+
+    def check(i: int, token: Token[Any]) -> None:
+        if i < fail_at:
+            assert token.result(0) == i + 1
+        elif i == fail_at:
+            expect_error(token, ValueError, f"link {fail_at} broke")
+        else:
+            exc = expect_error(token, DependencyFailed, tokens[i - 1].id)
+            assert token.attempts == 0  # never ran
+            assert isinstance(exc.__cause__, ValueError if i == fail_at + 1 else DependencyFailed)
+            # the root cause is named, and the message does not grow with the chain's length
+            assert exc.root_cause is tokens[fail_at].exception(0)
+            assert f"link {fail_at} broke" in str(exc)
+            assert len(str(exc)) < 1000, len(str(exc))
+
+    return Outcome(tokens, check, injected=1)
+
+
 FAULTS: list[tuple[str, dict[str, Any], Callable[[OperationsCoordinator], Outcome]]] = [
     ("raise_every_3rd", {}, every_third),
     (
@@ -142,6 +168,7 @@ FAULTS: list[tuple[str, dict[str, Any], Callable[[OperationsCoordinator], Outcom
     ),
     ("raise_all", {}, all_of_them),
     ("callback_raises_Exception", {}, raising_callbacks(RuntimeError)),
+    ("dependency_fails_mid_1000_chain", {}, chain_breaks_in_the_middle),
 ]
 
 
