@@ -168,6 +168,8 @@ FAULTS: list[tuple[str, dict[str, Any], Callable[[OperationsCoordinator], Outcom
     ),
     ("raise_all", {}, all_of_them),
     ("callback_raises_Exception", {}, raising_callbacks(RuntimeError)),
+    ("callback_raises_SystemExit", {}, raising_callbacks(SystemExit)),
+    ("callback_raises_KeyboardInterrupt", {}, raising_callbacks(KeyboardInterrupt)),
     ("dependency_fails_mid_1000_chain", {}, chain_breaks_in_the_middle),
 ]
 
@@ -204,3 +206,29 @@ def test_fault_table(
     leaks = resources.leaks()
     record(name, injected=outcome.injected, tokens=len(outcome.tokens), lost=lost, leaks=len(leaks))
     assert leaks == []
+
+
+def test_a_callback_raising_keyboardinterrupt_on_the_main_thread_still_interrupts() -> None:
+    """On the main thread (a cancel() there runs the callbacks) a KeyboardInterrupt or
+    SystemExit from a callback is raised again, but only after every other callback ran."""
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    try:
+        running = gated(0)
+        queued = gated(1)
+        ran: list[str] = []
+
+        def interrupting(_token: Any) -> None:
+            raise KeyboardInterrupt
+
+        queued.add_done_callback(interrupting)
+        queued.add_done_callback(lambda token: ran.append(token.state))
+        with pytest.raises(KeyboardInterrupt):
+            queued.cancel()
+        assert ran == ["discarded"]
+        GATE.set()
+        assert running.get(timeout=10) == 0
+        serves_new_work(coordinator)
+    finally:
+        GATE.set()
+        coordinator.stop(timeout=10)
+    assert_counts_match(coordinator, [running, queued])
