@@ -516,6 +516,26 @@ class OperationsCoordinator:
             retryable=False,
         )
         self.complete(token, run_id, None, exc)
+        self._replace_stuck(token)
+
+    def _replace_stuck(self, token: Token[Any]) -> None:
+        """Give the mailbox of the worker stuck in ``token`` to a fresh thread, so the tokens
+        queued behind a hung task do not wait for it (a thread cannot be killed)."""
+        lane = self._lanes.get(token.lane or "")
+        replace = getattr(lane, "replace", None)
+        if lane is None or replace is None:
+            return
+        stuck = next((w for w in lane.workers if w.current is token), None)
+        if stuck is None or replace(stuck) is None:
+            return
+        self._routes = {}  # cached routes still name the stuck worker
+        self.count_event("workers_replaced")
+        log.warning(
+            "[%s] stuck in %s past its timeout; a fresh thread took over its mailbox and the "
+            "stuck one will exit when the task returns",
+            stuck.name,
+            token.id,
+        )
 
     def complete(
         self, token: Token[Any], run_id: int, value: Any, exc: BaseException | None

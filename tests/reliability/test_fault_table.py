@@ -22,6 +22,7 @@ from tokengate import (
     DependencyFailed,
     OperationsCoordinator,
     RetryPolicy,
+    TaskTimeout,
     Token,
 )
 
@@ -33,7 +34,7 @@ from ._support import (
     serves_new_work,
     settle,
 )
-from ._tasks import GATE, always_raise, burst, gated, link, raise_if
+from ._tasks import GATE, HANG, always_raise, burst, gated, hang, link, plain, raise_if
 
 
 # -- the rows --------------------------------------------------------------------------
@@ -103,6 +104,25 @@ def all_of_them(_: OperationsCoordinator) -> Outcome:
     return Outcome(tokens, check, injected=300)
 
 
+def hangs_past_timeout(_: OperationsCoordinator) -> Outcome:
+    hung = {0, 25, 50, 75}
+    tokens = [hang(i) if i in hung else plain(i) for i in range(100)]
+
+    def check(i: int, token: Token[Any]) -> None:
+        if i in hung:
+            exc = expect_error(token, TaskTimeout, "timeout of 0.2s")
+            assert isinstance(exc, TimeoutError)
+            assert token.attempts == 1  # the run could not be stopped: never run twice
+        else:
+            assert token.result(0) == i
+
+    def workers_replaced(coordinator: OperationsCoordinator) -> None:
+        # every hung worker handed its mailbox to a fresh thread, so the rest did not wait
+        assert coordinator.stats().events.get("workers_replaced") == len(hung)
+
+    return Outcome(tokens, check, injected=len(hung), release=HANG.set, extra=[workers_replaced])
+
+
 def raising_callbacks(kind: type[BaseException]) -> Callable[[OperationsCoordinator], Outcome]:
     def inject(_: OperationsCoordinator) -> Outcome:
         n = 300
@@ -167,6 +187,7 @@ FAULTS: list[tuple[str, dict[str, Any], Callable[[OperationsCoordinator], Outcom
         bursts,
     ),
     ("raise_all", {}, all_of_them),
+    ("hang_past_timeout", {}, hangs_past_timeout),
     ("callback_raises_Exception", {}, raising_callbacks(RuntimeError)),
     ("callback_raises_SystemExit", {}, raising_callbacks(SystemExit)),
     ("callback_raises_KeyboardInterrupt", {}, raising_callbacks(KeyboardInterrupt)),
@@ -232,3 +253,24 @@ def test_a_callback_raising_keyboardinterrupt_on_the_main_thread_still_interrupt
         GATE.set()
         coordinator.stop(timeout=10)
     assert_counts_match(coordinator, [running, queued])
+
+
+def test_tokens_queued_behind_a_hung_task_run_once_it_times_out(resources: Resources) -> None:
+    """Regression: a thread cannot be killed, and the tokens queued in the hung worker's own
+    mailbox waited for the hang to end (however long) while the token itself had long failed.
+    The stuck worker is now replaced by a fresh thread that takes over its mailbox."""
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    try:
+        stuck = hang(0)
+        behind = [plain(i) for i in range(1, 50)]  # one worker: all queued behind the hang
+        assert [t.get(timeout=10) for t in behind] == list(range(1, 50))
+        with pytest.raises(TaskTimeout):
+            stuck.get(timeout=0)
+        assert not HANG.is_set()  # the hung task is still running: it was not waited for
+        assert len(coordinator.lanes["thread"].workers) == 1  # replaced, not added
+        serves_new_work(coordinator)
+    finally:
+        HANG.set()
+        coordinator.stop(timeout=10)
+    assert_counts_match(coordinator, [stuck, *behind])
+    assert resources.leaks() == []  # the stuck thread exits once its task returns

@@ -10,6 +10,11 @@ impossible; a spare wake-up is harmless.
 Mailbox bounds are enforced by the router (``load() < mailbox_max``), not here, so internal
 re-admissions (retries, released dependents) can never block a worker. The body of a token runs
 through ``LaneHost.execute``, the same code a waiting worker uses to run a token inline.
+
+A thread cannot be killed, so a worker stuck in a task past its ``timeout`` is *replaced*
+(:meth:`ThreadLane.replace`): a fresh thread on the same core takes over its mailbox, and the
+stuck thread exits when its task returns. Without it, every token queued behind a hung task
+waited for the hang to end, however long, while the other workers sat idle.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class ThreadWorker:
         self.current: Any = None
         self.sleeping = False
         self.stopping = False
+        self.retired = False  # replaced while stuck: exit once the current task returns
         self.completed = 0
         self._wake = _thread.allocate_lock()
         self._wake.acquire()
@@ -105,6 +111,8 @@ class ThreadWorker:
                     execute(token, self)
                 self.completed += 1
                 after(self)
+                if self.retired:
+                    break
         finally:
             lane.on_worker_exit(self)
 
@@ -131,6 +139,7 @@ class ThreadLane:
                 self.by_core[core].append(worker)
         self._started = threading.Event()
         self._lock = threading.Lock()
+        self._retired: list[ThreadWorker] = []
 
     def start(self) -> None:
         for worker in self.workers:
@@ -156,13 +165,38 @@ class ThreadLane:
             out.extend(list(worker.mailbox))
         return out
 
+    def replace(self, worker: ThreadWorker) -> ThreadWorker | None:
+        """Retire ``worker``, stuck in a task, for a fresh thread that takes over its mailbox.
+
+        The fresh worker keeps the slot (index, core, name); the retired one forwards pushes
+        from routes cached before the swap, and its thread exits when its task returns.
+        Returns the fresh worker, or None if ``worker`` is no longer one of this lane's.
+        """
+        with self._lock:
+            if worker.retired or worker not in self.workers:
+                return None
+            fresh = ThreadWorker(self, worker.index, worker.core, worker.cpu, worker.local_index)
+            fresh.mailbox = worker.mailbox
+            fresh.stopping = worker.stopping
+            worker.retired = True
+            worker.push = fresh.push  # type: ignore[method-assign]
+            self.workers[self.workers.index(worker)] = fresh
+            peers = self.by_core[worker.core]
+            peers[peers.index(worker)] = fresh
+            self._retired = [w for w in self._retired if w.thread.is_alive()]
+            self._retired.append(worker)
+        fresh.thread.start()
+        return fresh
+
     def stop(self, timeout: float | None = None) -> list[ThreadWorker]:
         """Stop every worker after its mailbox; returns the workers still running at timeout."""
-        for worker in self.workers:
-            worker.stop()
+        with self._lock:  # not while replace() swaps one in
+            for worker in self.workers:
+                worker.stop()
+            workers = self.workers + self._retired
         stuck = []
         current = threading.current_thread()
-        for worker in self.workers:
+        for worker in workers:
             if worker.thread is current or not worker.thread.is_alive():
                 continue
             worker.thread.join(timeout)
