@@ -363,18 +363,24 @@ class OperationsCoordinator:
                 hook(spec)
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
         self._stats.record_submitted(spec.operation_type, spec.weight)
-        if spec.deadline is not None:
-            token._deadline_at = token.submitted_at + spec.deadline
-        if args or kwargs:
-            deps = find_dependencies(args, kwargs)
-            if deps:
-                if not internal and len(self._deps) >= self._backlog_bound():
-                    self._gate.wait_for(
-                        lambda: True if len(self._deps) < self._backlog_bound() else None
-                    )
-                self._deps.park(token, deps)
-                return token
-        self._admit(token, internal)
+        try:
+            if spec.deadline is not None:
+                token._deadline_at = token.submitted_at + spec.deadline
+            if args or kwargs:
+                deps = find_dependencies(args, kwargs)
+                if deps:
+                    if not internal and len(self._deps) >= self._backlog_bound():
+                        self._gate.wait_for(
+                            lambda: True if len(self._deps) < self._backlog_bound() else None
+                        )
+                    self._deps.park(token, deps)
+                    return token
+            self._admit(token, internal)
+        except BaseException:
+            # The caller never gets this token (a Ctrl-C while it waited for room, say): it
+            # must not stay counted as in flight with nowhere to run, or stop() waits for ever.
+            token._discard("interrupted")
+            raise
         return token
 
     def _backlog_bound(self) -> int:
