@@ -119,6 +119,12 @@ class OperationsCoordinator:
         self._status = "new"  # new -> running -> stopping -> stopped
         self._accepting = False
         self._draining = False
+        # Set when stop() gives up on what has not started (cancel_pending, or the drain timed
+        # out): producers waiting for room give up too, and no new attempt is scheduled.
+        self._discarding = False
+        # Set once the workers are being stopped: a token routed, parked or queued for a permit
+        # from then on is discarded, since no worker would ever run it.
+        self._closed = False
         self._drain_cond = threading.Condition(threading.Lock())
         self._backoff: set[Token[Any]] = set()
         self._lanes: dict[str, Lane] = {}
@@ -157,6 +163,8 @@ class OperationsCoordinator:
         self._timers.on_thread_start = self._on_internal_thread
         self._stats.reset_clock()
         self._draining = False
+        self._discarding = False
+        self._closed = False
         self._accepting = True
         for lane in self._lanes.values():
             lane.start()
@@ -244,8 +252,10 @@ class OperationsCoordinator:
             log.info("Stopping Operations Coordinator...")
         try:
             if cancel_pending:
+                self._give_up_pending()
                 self._discard_pending("stopped")
             if not self._wait_drained(timeout):
+                self._give_up_pending()
                 left = self._discard_pending("stopped")
                 log.warning(
                     "stop(timeout=%s): %d tokens discarded before they started; tasks still "
@@ -256,12 +266,21 @@ class OperationsCoordinator:
         finally:
             self._shutdown_workers()
 
+    def _give_up_pending(self) -> None:
+        self._discarding = True
+        self._gate.notify()  # producers waiting for room re-check and give up
+
     def _shutdown_workers(self) -> None:
         timers = self._timers
         if log.isEnabledFor(_INFO):
             log.info("[GATE] Admission gate stopped")
             log.info("[CORE_PINNED_QUEUE] Stopping all workers...")
+        self._closed = True
+        self._give_up_pending()
         stuck = [w for lane in self._lanes.values() for w in lane.stop(timeout=1.0)]
+        # Whatever reached a mailbox, a permit queue or the dependency tracker before the flags
+        # above were seen: no worker will run it now (stuck workers skip discarded tokens).
+        self._discard_pending("stopped")
         for worker in stuck:
             log.warning(
                 "[%s] still running %r after stop; it is a daemon thread and is left behind",
@@ -371,9 +390,16 @@ class OperationsCoordinator:
                 if deps:
                     if not internal and len(self._deps) >= self._backlog_bound():
                         self._gate.wait_for(
-                            lambda: True if len(self._deps) < self._backlog_bound() else None
+                            lambda: (
+                                self._discarding or len(self._deps) < self._backlog_bound() or None
+                            )
                         )
+                        if self._discarding:
+                            token._discard("stopped")
+                            return token
                     self._deps.park(token, deps)
+                    if self._closed:
+                        token._discard("stopped")
                     return token
             self._admit(token, internal)
         except BaseException:
@@ -399,10 +425,15 @@ class OperationsCoordinator:
                 bound = self._backlog_bound()
                 if self.throttle.waiting(tier) >= bound:
                     self._gate.wait_for(
-                        lambda: True if self.throttle.waiting(tier) < bound else None
+                        lambda: self._discarding or self.throttle.waiting(tier) < bound or None
                     )
+                    if self._discarding:
+                        token._discard("stopped")
+                        return
             token._parked = "tier"
             if not self.throttle.try_acquire(tier, token):
+                if self._closed:  # no permit will be released to it any more
+                    token._discard("stopped")
                 return  # routed by whoever releases the next permit
         self._route(token, internal)
 
@@ -423,8 +454,13 @@ class OperationsCoordinator:
                 best, best_load = worker, load
         if best is None:
             best = self._route_full(token, internal, candidates)
+            if best is None:  # stop() gave up on pending work while this producer waited
+                token._discard("stopped")
+                return
         token._parked = None
         best.push(token)
+        if self._closed:  # pushed after the workers were told to stop: none will run it
+            token._discard("stopped")
         if routing_log.isEnabledFor(_DEBUG):
             routing_log.debug(
                 "[ROUTING] Token %s (%s) → Pos %d (Core %d, Worker %d)",
@@ -445,7 +481,9 @@ class OperationsCoordinator:
                 best, best_load = worker, load
         return best
 
-    def _route_full(self, token: Token[Any], internal: bool, candidates: list[Worker]) -> Worker:
+    def _route_full(
+        self, token: Token[Any], internal: bool, candidates: list[Worker]
+    ) -> Worker | None:
         if internal:  # never block a worker or the timer thread: overflow the soft bound
             return min(candidates, key=lambda w: w.load())
         if self._reject:
@@ -455,9 +493,15 @@ class OperationsCoordinator:
                 f"{self._mailbox_max} tokens (mailbox_max); {token.operation_type!r} was "
                 f"refused. Slow the producer, raise mailbox_max, or use admission='block'"
             )
-        worker = self._gate.wait_for(lambda: self._pick(candidates))
-        assert worker is not None
-        return worker
+
+        def room() -> list[Worker] | None:  # [] ends the wait without a worker
+            if self._discarding:
+                return []
+            worker = self._pick(candidates)
+            return None if worker is None else [worker]
+
+        found = self._gate.wait_for(room)
+        return found[0] if found else None
 
     # -- execution (the LaneHost side) ------------------------------------------------------------
     def on_worker_thread(self, worker: Worker) -> None:
@@ -603,6 +647,8 @@ class OperationsCoordinator:
             self._stats.record_failed(spec.operation_type, spec.weight, now - token.submitted_at)
 
     def _maybe_retry(self, token: Token[Any], run_id: int, exc: BaseException) -> bool:
+        if self._discarding:  # stop() is not waiting for new attempts: fail with the error
+            return False
         spec = token.spec
         policy = self._policies[spec.weight]
         if not policy.is_retryable(exc, retry_on=spec.retry_on, dont_retry_on=spec.dont_retry_on):
@@ -627,7 +673,12 @@ class OperationsCoordinator:
         with self._lock:
             self._backoff.add(token)
         assert self._timers is not None
-        self._timers.call_later(delay, self._readmit, token)
+        try:
+            self._timers.call_later(delay, self._readmit, token)
+        except RuntimeError:  # the timer queue closed in between (stop): no retry will come
+            with self._lock:
+                self._backoff.discard(token)
+            token._discard("stopped")
         return True
 
     def _readmit(self, token: Token[Any]) -> None:

@@ -24,7 +24,7 @@ from ._support import (
     serves_new_work,
     settle,
 )
-from ._tasks import GATE, gated, link, plain, tiered
+from ._tasks import GATE, gated, link, plain, surge_tier, tiered, timed
 
 
 # -- KeyboardInterrupt in the main thread -------------------------------------------------------
@@ -110,4 +110,30 @@ def test_ctrl_c_while_blocked_by_backpressure_loses_nothing(resources: Resources
     assert coordinator.stats().in_flight == 0
     leaks = resources.leaks()
     record("ctrl_c_at_backpressure", injected=1, tokens=3, lost=0, leaks=len(leaks))
+    assert leaks == []
+
+
+def test_ctrl_c_during_stops_drain_loses_nothing(resources: Resources) -> None:
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    made = [gated(0)]
+    made += [timed(i) for i in range(1, 50)]  # timeout tags: arming one needs the timer queue
+    made += [surge_tier(i) for i in range(50, 80)]
+    interrupt_main_when(lambda: coordinator._status == "stopping")
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.stop()
+    assert not coordinator.running
+    GATE.set()
+    assert settle(made) == 0, "tokens were lost after Ctrl-C interrupted stop()"
+    assert_terminal(made)
+    assert made[0].result(0) == 0
+    for token in made[1:]:
+        assert token.state in ("resolved", "discarded") or isinstance(
+            token.exception(0), ConnectionError
+        ), token
+    eventually(lambda: coordinator.stats().in_flight == 0, what="in_flight to reach 0")
+    assert_counts_match(coordinator, made)
+    with coordinator:
+        serves_new_work(coordinator)
+    leaks = resources.leaks()
+    record("ctrl_c_during_stop", injected=1, tokens=len(made), lost=0, leaks=len(leaks))
     assert leaks == []
