@@ -29,8 +29,25 @@ TERMINAL_STATES = ("resolved", "failed", "discarded")
 
 
 # -- resources ----------------------------------------------------------------------------------
+# multiprocessing's own helpers (started once, living until the interpreter exits) are not
+# workers: a forkserver or resource tracker outliving a coordinator is not a leak.
+_MP_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+
+
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True) if _alive(p)}
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if _alive(p) and not _is_mp_helper(p)
+    }
+
+
+def _is_mp_helper(process: psutil.Process) -> bool:
+    try:
+        cmdline = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return any(helper in cmdline for helper in _MP_HELPERS)
 
 
 def _alive(process: psutil.Process) -> bool:
