@@ -31,6 +31,8 @@ bench: $(STAMP)
 	-$(PY) -m pip install --quiet loky 'dask[distributed]'
 	$(PY) -m tokengate bench --json benchmarks/latest.json --write-markdown BENCHMARKS.md
 
+# The long reliability runs (make test deselects them): the 1,000,000-token flood, the
+# idle/normal/surge soak (TOKENGATE_SOAK_SECONDS, default 600) and 1,000 random schedules.
 soak: $(STAMP)
 	$(PY) -m pytest tests/reliability -m soak --timeout 900 -p no:cacheprovider
 
