@@ -235,7 +235,11 @@ class OperationsCoordinator:
         (including retries). With ``cancel_pending=True`` tokens that have not started are
         discarded instead. ``timeout`` bounds the drain; what has not started by then is
         discarded, and a thread still stuck in user code is left behind (it is a daemon thread)
-        and logged. Calling ``stop()`` on a coordinator that is not running does nothing.
+        and logged. Once stop() discards what has not started (``cancel_pending``, or the
+        timeout ran out), producers still waiting for mailbox room get their token back
+        discarded, and a running task that fails is not retried: it fails with its error.
+        Whatever is left behind still ends in a terminal state and is counted. Calling
+        ``stop()`` on a coordinator that is not running does nothing.
         """
         timeout = check_timeout(timeout)
         if _runtime.local.coordinator is self:
