@@ -17,6 +17,7 @@ process other than multiprocessing's own forkserver/resource tracker remains).
 from __future__ import annotations
 
 import random
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -32,7 +33,6 @@ from tokengate import (
     OperationsCoordinator,
     RetryPolicy,
     SerializationError,
-    TaskTimeout,
     Token,
     WorkerCrashed,
     task_token_guard,
@@ -121,12 +121,14 @@ def make_process_coordinator(
 
 
 # -- crash table --------------------------------------------------------------------------------
-# (what kills the worker, the task, the error when retries are exhausted, message fragments)
+# (what kills the worker, the task, the error when retries are exhausted, what the message must
+# say as regular expressions: besides the token and its operation, the signal or exit code, and
+# for a SIGKILL the likely cause)
 CRASH_CASES: list[tuple[str, Any, type[BaseException], tuple[str, ...]]] = [
-    ("sigkill", pt.sigkill_self, WorkerCrashed, ("SIGKILL",)),
-    ("os_exit", pt.hard_exit, WorkerCrashed, ("exit code 3",)),
-    ("segfault", pt.segfault, WorkerCrashed, ("SIGSEGV",)),
-    ("oom_killed", pt.oom_killed, WorkerCrashed, ("SIGKILL", "memory")),
+    ("sigkill", pt.sigkill_self, WorkerCrashed, (r"SIGKILL|signal 9",)),
+    ("os_exit", pt.hard_exit, WorkerCrashed, (r"exit(ed)?\b.*\b3\b",)),
+    ("segfault", pt.segfault, WorkerCrashed, (r"SIGSEGV|signal 11",)),
+    ("oom_killed", pt.oom_killed, WorkerCrashed, (r"SIGKILL|signal 9", r"memory")),
 ]
 
 
@@ -147,8 +149,9 @@ def test_a_crash_fails_only_its_token_when_out_of_crash_retries(
     with pytest.raises(error) as info:
         crashed.get(timeout=60)
     message = str(info.value)
-    for fragment in (crashed.id, crashed.operation_type, *fragments):
-        assert fragment in message, (fragment, message)
+    assert crashed.id in message and crashed.operation_type in message, message
+    for pattern in fragments:
+        assert re.search(pattern, message, re.IGNORECASE), (pattern, message)
     assert crashed.attempts == 1
     lane.full_strength()
     lane.serves()
@@ -226,12 +229,11 @@ def test_a_task_that_exhausts_memory_fails_with_memoryerror_and_the_worker_lives
     make_process_coordinator: Callable[..., ProcessFixture],
 ) -> None:
     lane = make_process_coordinator()
-    before = set(lane.pids())
     token = pt.exhaust_memory(1)
     with pytest.raises(MemoryError):
         token.get(timeout=120)
     assert token.attempts == 1  # tag retries=0
-    assert set(lane.pids()) == before  # the worker recovered; nothing needed replacing
+    lane.full_strength()  # whether the lane recycles that worker is its choice (issue 3)
     lane.serves()
     lane.ledger("process_memory_exhausted", injected=1, tokens=1)
 
@@ -241,7 +243,7 @@ def test_a_process_task_past_its_timeout_kills_and_replaces_its_worker(
 ) -> None:
     lane = make_process_coordinator(retry_policy=RetryPolicy(max_retries=0))
     token = pt.hang_in_process(1)
-    with pytest.raises(TaskTimeout):
+    with pytest.raises(TimeoutError):  # TaskTimeout is one
         token.get(timeout=60)
     lane.full_strength()
     lane.serves()
