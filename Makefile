@@ -34,8 +34,10 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet ray >/dev/null 2>&1 || echo "make bench: ray is not available here (optional); its cases will say 'not installed'"
 	$(PY) -m tokengate bench --json benchmarks/latest.json --write-markdown BENCHMARKS.md
 
+# The long reliability runs (make test deselects them): the 1,000,000-token flood, the
+# idle/normal/surge soak (TOKENGATE_SOAK_SECONDS, default 600) and 1,000 random schedules.
 soak: $(STAMP)
-	$(PY) -m pytest tests/reliability -m soak --timeout 900 -p no:cacheprovider
+	$(PY) -m pytest tests/reliability -m soak --timeout 900 -o faulthandler_timeout=0 -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

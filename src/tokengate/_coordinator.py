@@ -144,6 +144,12 @@ class OperationsCoordinator(ObservabilityMixin):
         self._status = "new"  # new -> running -> stopping -> stopped
         self._accepting = False
         self._draining = False
+        # Set when stop() gives up on what has not started (cancel_pending, or the drain timed
+        # out): producers waiting for room give up too, and no new attempt is scheduled.
+        self._discarding = False
+        # Set once the workers are being stopped: a token routed, parked or queued for a permit
+        # from then on is discarded, since no worker would ever run it.
+        self._closed = False
         self._drain_cond = threading.Condition(threading.Lock())
         self._backoff: set[Token[Any]] = set()
         self._lanes: dict[str, Lane] = {}
@@ -186,6 +192,8 @@ class OperationsCoordinator(ObservabilityMixin):
         self._timers.on_thread_start = self._on_internal_thread
         self._stats.reset_clock()
         self._draining = False
+        self._discarding = False
+        self._closed = False
         self._accepting = True
         if log.isEnabledFor(_INFO):
             log.info(
@@ -351,7 +359,11 @@ class OperationsCoordinator(ObservabilityMixin):
         (including retries). With ``cancel_pending=True`` tokens that have not started are
         discarded instead. ``timeout`` bounds the drain; what has not started by then is
         discarded, and a thread still stuck in user code is left behind (it is a daemon thread)
-        and logged. Calling ``stop()`` on a coordinator that is not running does nothing.
+        and logged. Once stop() discards what has not started (``cancel_pending``, or the
+        timeout ran out), producers still waiting for mailbox room get their token back
+        discarded, and a running task that fails is not retried: it fails with its error.
+        Whatever is left behind still ends in a terminal state and is counted. Calling
+        ``stop()`` on a coordinator that is not running does nothing.
         """
         timeout = check_timeout(timeout)
         if _runtime.local.coordinator is self:
@@ -371,8 +383,10 @@ class OperationsCoordinator(ObservabilityMixin):
             engine.stop()
         try:
             if cancel_pending:
+                self._give_up_pending()
                 self._discard_pending("stopped")
             if not self._wait_drained(timeout):
+                self._give_up_pending()
                 left = self._discard_pending("stopped")
                 log.warning(
                     "stop(timeout=%s): %d tokens discarded before they started; tasks still "
@@ -383,12 +397,21 @@ class OperationsCoordinator(ObservabilityMixin):
         finally:
             self._shutdown_workers()
 
+    def _give_up_pending(self) -> None:
+        self._discarding = True
+        self._gate.notify()  # producers waiting for room re-check and give up
+
     def _shutdown_workers(self) -> None:
         timers = self._timers
         if log.isEnabledFor(_INFO):
             log.info("[GATE] Admission gate stopped")
             log.info("[CORE_PINNED_QUEUE] Stopping all workers...")
+        self._closed = True
+        self._give_up_pending()
         stuck = [w for lane in self._lanes.values() for w in lane.stop(timeout=1.0)]
+        # Whatever reached a mailbox, a permit queue or the dependency tracker before the flags
+        # above were seen: no worker will run it now (stuck workers skip discarded tokens).
+        self._discard_pending("stopped")
         for worker in stuck:
             log.warning(
                 "[%s] still running %r after stop; it is a daemon thread and is left behind",
@@ -554,25 +577,38 @@ class OperationsCoordinator(ObservabilityMixin):
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
         token._payload = payload
         self._stats.record_submitted(spec.operation_type, spec.weight)
-        if spec.deadline is not None:
-            token._deadline_at = token.submitted_at + spec.deadline
-        if args or kwargs:
-            for value in args:
-                if type(value) in _MAYBE_DEPENDENCY:
-                    break
-            else:
-                if not kwargs:
-                    self._admit(token, internal)
+        try:
+            if spec.deadline is not None:
+                token._deadline_at = token.submitted_at + spec.deadline
+            if args or kwargs:
+                for value in args:
+                    if type(value) in _MAYBE_DEPENDENCY:
+                        break
+                else:
+                    if not kwargs:
+                        self._admit(token, internal)
+                        return token
+                deps = find_dependencies(args, kwargs)
+                if deps:
+                    if not internal and len(self._deps) >= self._backlog_bound():
+                        self._gate.wait_for(
+                            lambda: (
+                                self._discarding or len(self._deps) < self._backlog_bound() or None
+                            )
+                        )
+                        if self._discarding:
+                            token._discard("stopped")
+                            return token
+                    self._deps.park(token, deps)
+                    if self._closed:
+                        token._discard("stopped")
                     return token
-            deps = find_dependencies(args, kwargs)
-            if deps:
-                if not internal and len(self._deps) >= self._backlog_bound():
-                    self._gate.wait_for(
-                        lambda: True if len(self._deps) < self._backlog_bound() else None
-                    )
-                self._deps.park(token, deps)
-                return token
-        self._admit(token, internal)
+            self._admit(token, internal)
+        except BaseException:
+            # The caller never gets this token (a Ctrl-C while it waited for room, say): it
+            # must not stay counted as in flight with nowhere to run, or stop() waits for ever.
+            token._discard("interrupted")
+            raise
         return token
 
     def _backlog_bound(self) -> int:
@@ -591,10 +627,15 @@ class OperationsCoordinator(ObservabilityMixin):
                 bound = self._backlog_bound()
                 if self.throttle.waiting(tier) >= bound:
                     self._gate.wait_for(
-                        lambda: True if self.throttle.waiting(tier) < bound else None
+                        lambda: self._discarding or self.throttle.waiting(tier) < bound or None
                     )
+                    if self._discarding:
+                        token._discard("stopped")
+                        return
             token._parked = "tier"
             if not self.throttle.try_acquire(tier, token):
+                if self._closed:  # no permit will be released to it any more
+                    token._discard("stopped")
                 return  # routed by whoever releases the next permit
         self._route(token, internal)
 
@@ -615,9 +656,14 @@ class OperationsCoordinator(ObservabilityMixin):
                 best, best_load = worker, load
         if best is None:
             best = self._route_full(token, internal, candidates)
+            if best is None:  # stop() gave up on pending work while this producer waited
+                token._discard("stopped")
+                return
         if token._parked is not None:  # only tier tokens were parked; don't touch the rest
             token._parked = None
         best.push(token)
+        if self._closed:  # pushed after the workers were told to stop: none will run it
+            token._discard("stopped")
         if routing_log.isEnabledFor(_DEBUG):
             routing_log.debug(
                 "[ROUTING] Token %s (%s) → Pos %d (Core %d, Worker %d)",
@@ -638,7 +684,9 @@ class OperationsCoordinator(ObservabilityMixin):
                 best, best_load = worker, load
         return best
 
-    def _route_full(self, token: Token[Any], internal: bool, candidates: list[Worker]) -> Worker:
+    def _route_full(
+        self, token: Token[Any], internal: bool, candidates: list[Worker]
+    ) -> Worker | None:
         if internal:  # never block a worker or the timer thread: overflow the soft bound
             return min(candidates, key=lambda w: w.load())
         if self._reject:
@@ -648,9 +696,15 @@ class OperationsCoordinator(ObservabilityMixin):
                 f"{self._mailbox_max} tokens (mailbox_max); {token.operation_type!r} was "
                 f"refused. Slow the producer, raise mailbox_max, or use admission='block'"
             )
-        worker = self._gate.wait_for(lambda: self._pick(candidates))
-        assert worker is not None
-        return worker
+
+        def room() -> list[Worker] | None:  # [] ends the wait without a worker
+            if self._discarding:
+                return []
+            worker = self._pick(candidates)
+            return None if worker is None else [worker]
+
+        found = self._gate.wait_for(room)
+        return found[0] if found else None
 
     # -- execution (the LaneHost side) ------------------------------------------------------------
     def on_worker_thread(self, worker: Worker) -> None:
@@ -717,6 +771,26 @@ class OperationsCoordinator(ObservabilityMixin):
         # The body is still running: its storage permit stays held until it really returns
         # (its own, late completion releases it), so the tier limit holds.
         self.complete(token, run_id, None, exc, release_permit=False)
+        self._replace_stuck(token)
+
+    def _replace_stuck(self, token: Token[Any]) -> None:
+        """Give the mailbox of the worker stuck in ``token`` to a fresh thread, so the tokens
+        queued behind a hung task do not wait for it (a thread cannot be killed)."""
+        lane = self._lanes.get(token.lane or "")
+        replace = getattr(lane, "replace", None)
+        if lane is None or replace is None:
+            return
+        stuck = next((w for w in lane.workers if w.current is token), None)
+        if stuck is None or replace(stuck) is None:
+            return
+        self._routes = {}  # cached routes still name the stuck worker
+        self.count_event("workers_replaced")
+        log.warning(
+            "[%s] stuck in %s past its timeout; a fresh thread took over its mailbox and the "
+            "stuck one will exit when the task returns",
+            stuck.name,
+            token.id,
+        )
 
     def complete(
         self,
@@ -790,6 +864,8 @@ class OperationsCoordinator(ObservabilityMixin):
         counters.latency.record(now - token.submitted_at)
 
     def _maybe_retry(self, token: Token[Any], run_id: int, exc: BaseException) -> bool:
+        if self._discarding:  # stop() is not waiting for new attempts: fail with the error
+            return False
         spec = token.spec
         policy = self._policies[spec.weight]
         if not policy.is_retryable(exc, retry_on=spec.retry_on, dont_retry_on=spec.dont_retry_on):
@@ -814,7 +890,12 @@ class OperationsCoordinator(ObservabilityMixin):
         with self._lock:
             self._backoff.add(token)
         assert self._timers is not None
-        self._timers.call_later(delay, self._readmit, token)
+        try:
+            self._timers.call_later(delay, self._readmit, token)
+        except RuntimeError:  # the timer queue closed in between (stop): no retry will come
+            with self._lock:
+                self._backoff.discard(token)
+            token._discard("stopped")
         return True
 
     def _readmit(self, token: Token[Any]) -> None:

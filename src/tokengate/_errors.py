@@ -46,8 +46,13 @@ class Overloaded(TokenGateError):
 class DependencyFailed(TokenGateError):
     """A token this task depended on failed or was discarded, so the task never ran.
 
-    The dependency's own error is the ``__cause__``.
+    The dependency's own error is the ``__cause__``. ``root_cause`` is the error where the
+    chain broke (the first failure or discard up the chain), so a long chain's message names
+    the root instead of nesting every intermediate message.
     """
+
+    root_cause: BaseException | None = None
+    root_message: str = ""
 
 
 class TokenDiscarded(TokenGateError, CancelledError):

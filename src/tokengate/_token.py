@@ -343,14 +343,28 @@ class Token(Future[T], Generic[T]):
         )
 
     def _invoke_callbacks(self) -> None:
+        """Run every done-callback; one that raises is logged and the others still run.
+
+        ``SystemExit``/``KeyboardInterrupt`` are caught too: raised on a worker thread they
+        silently ended the worker (its mailbox with it) and skipped the callbacks after it,
+        among them the one that releases dependents. On the main thread, where a real Ctrl-C
+        lands, the first of them is raised again once every callback has run.
+        """
         callbacks = self._cb
         if not callbacks:
             return
+        escaped: BaseException | None = None
         for callback in callbacks:
             try:
                 callback(self)
             except Exception:
                 callback_log.exception("done-callback %r of token %s raised", callback, self.id)
+            except BaseException as exc:
+                callback_log.exception("done-callback %r of token %s raised", callback, self.id)
+                if escaped is None:
+                    escaped = exc
+        if escaped is not None and threading.current_thread() is threading.main_thread():
+            raise escaped
 
     def _wake_all(self, kind: str) -> None:
         """Tell stdlib waiters and our sleepers; call with the token locked."""
