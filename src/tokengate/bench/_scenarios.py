@@ -11,6 +11,7 @@ from tokengate.bench import (
     _b2_scaling,
     _b3_isolation,
     _b4_flood,
+    _b5_io,
     _b6_mixed,
     _b7_nested,
 )
@@ -26,8 +27,11 @@ SCENARIOS: dict[str, Scenario] = {
         _b2_scaling.SCENARIO_OVERHEAD,
         _b3_isolation.SCENARIO,
         _b4_flood.SCENARIO,
+        _b5_io.SCENARIO_B5,
+        _b5_io.SCENARIO_B5B,
         _b6_mixed.SCENARIO,
         _b7_nested.SCENARIO,
+        _b5_io.SCENARIO_SURGE,
     )
 }
 
