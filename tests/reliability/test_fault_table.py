@@ -118,7 +118,11 @@ def hangs_past_timeout(_: OperationsCoordinator) -> Outcome:
 
     def workers_replaced(coordinator: OperationsCoordinator) -> None:
         # every hung worker handed its mailbox to a fresh thread, so the rest did not wait
-        assert coordinator.stats().events.get("workers_replaced") == len(hung)
+        # The token fails first and its worker is replaced just after: wait for the count.
+        eventually(
+            lambda: coordinator.stats().events.get("workers_replaced") == len(hung),
+            what="every hung worker to be replaced",
+        )
 
     return Outcome(tokens, check, injected=len(hung), release=HANG.set, extra=[workers_replaced])
 
@@ -205,7 +209,9 @@ def test_fault_table(
     inject: Callable[[OperationsCoordinator], Outcome],
 ) -> None:
     name = request.node.callspec.id
-    coordinator = OperationsCoordinator(workers_per_core=2, **options).start()
+    # convergence=False: the fault rows count replacements and workers exactly; the engine's own
+    # growth is tested in tests/test_convergence.py.
+    coordinator = OperationsCoordinator(workers_per_core=2, convergence=False, **options).start()
     outcome = None
     try:
         outcome = inject(coordinator)
