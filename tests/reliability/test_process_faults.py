@@ -178,9 +178,9 @@ def test_a_crash_is_retried_per_crash_retries(
 
 @pytest.mark.xfail(
     strict=False,
-    reason="known gap (filed as an issue): a worker slot whose process is SIGKILLed while starting "
-    "3 times in a row is given up for good (a crash-loop guard without a cool-down), so random "
-    "kills can leave the lane short; no token is lost",
+    reason="known gap (see the closing note of 2026-11-30): a worker slot whose process is "
+    "SIGKILLed while starting 3 times in a row is given up for good (a crash-loop guard without "
+    "a cool-down), so random kills can leave the lane short; no token is lost",
 )
 def test_sigkill_at_random_moments_under_load(
     make_process_coordinator: Callable[..., ProcessFixture],
