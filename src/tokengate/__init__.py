@@ -21,12 +21,24 @@ from ._errors import (
     TokenGateError,
     WorkerCrashed,
 )
+from ._executor import TokenGateExecutor
 from ._retry import DEFAULT_RETRY_ON, RetryPolicy
 from ._spec import TaskSpec
 from ._stats import OperationStats, StatsSnapshot
 from ._throttle import TierStats
 from ._token import Token
 from ._topology import Topology, detect_topology
+from .observability import (
+    FailureRecord,
+    GuardHouse,
+    GuardHouseReport,
+    OperationHealth,
+    OverflowGuard,
+    OverflowStatus,
+    SlowRun,
+    Span,
+    TokenGateCollector,
+)
 
 __version__ = "0.1.0"
 
@@ -37,12 +49,20 @@ __all__ = [
     "CoordinatorConfig",
     "CoordinatorNotRunning",
     "DependencyFailed",
+    "FailureRecord",
+    "GuardHouse",
+    "GuardHouseReport",
     "OperationBlocked",
+    "OperationHealth",
     "OperationStats",
     "OperationsCoordinator",
+    "OverflowGuard",
+    "OverflowStatus",
     "Overloaded",
     "RetryPolicy",
     "SerializationError",
+    "SlowRun",
+    "Span",
     "StatsSnapshot",
     "TaskFunction",
     "TaskSpec",
@@ -50,7 +70,9 @@ __all__ = [
     "TierStats",
     "Token",
     "TokenDiscarded",
+    "TokenGateCollector",
     "TokenGateError",
+    "TokenGateExecutor",
     "Topology",
     "WorkerCrashed",
     "__version__",

@@ -7,11 +7,19 @@ the dependent fails with ``DependencyFailed`` chained to the cause, without runn
 dependents follow through the same path.
 
 The scan is the only cost on the hot path: one ``type()`` check per argument.
+
+Releases never recurse. Failing a dependent runs its done-callbacks, which release *its*
+dependents, and so on down the chain; done naively that is a few stack frames per link, and a
+chain of a few hundred tokens broke the recursion limit half-way, leaving the rest pending for
+ever. A thread already releasing queues further releases and its outermost call works through
+them in a loop, so any chain length runs in constant stack depth.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -22,6 +30,7 @@ from ._token import Token
 __all__ = ["DependencyTracker", "find_dependencies", "substitute"]
 
 _CONTAINERS = (list, tuple, dict)
+log = logging.getLogger("tokengate.dependencies")
 
 
 def _collect(value: Any, out: list[Token[Any]]) -> None:
@@ -71,6 +80,10 @@ def substitute(
     return tuple(_replace(a) for a in args), {k: _replace(v) for k, v in kwargs.items()}
 
 
+class _Releasing(threading.local):
+    queue: deque[Token[Any]] | None = None
+
+
 class DependencyTracker:
     """Holds tokens until their dependencies finish, then hands them to ``admit``."""
 
@@ -83,6 +96,7 @@ class DependencyTracker:
         self._fail = fail
         self._lock = threading.Lock()
         self._waiting: dict[Token[Any], list[Token[Any]]] = {}
+        self._releasing = _Releasing()
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -100,6 +114,23 @@ class DependencyTracker:
             dep.add_done_callback(on_done)
 
     def _on_dependency_done(self, token: Token[Any]) -> None:
+        local = self._releasing
+        queue = local.queue
+        if queue is not None:  # already releasing on this thread: the loop below takes it
+            queue.append(token)
+            return
+        queue = local.queue = deque((token,))
+        try:
+            while queue:
+                waiting = queue.popleft()
+                try:
+                    self._release(waiting)
+                except Exception:  # one bad release must not strand the rest of the queue
+                    log.exception("releasing token %s after its dependencies raised", waiting.id)
+        finally:
+            local.queue = None
+
+    def _release(self, token: Token[Any]) -> None:
         with self._lock:
             deps = self._waiting.get(token)
             if deps is None:
@@ -147,9 +178,18 @@ def _dependency_error(token: Token[Any], dep: Token[Any]) -> DependencyFailed:
     else:
         cause = dep.exception(0)  # type: ignore[assignment]
         what = f"failed with {type(cause).__name__}: {cause}"
+    if isinstance(cause, DependencyFailed) and cause.root_cause is not None:
+        # Name the root, not the whole chain: nesting each message in the next one made the
+        # messages of a long chain grow with its length (quadratic memory overall).
+        root, root_message = cause.root_cause, cause.root_message
+        what = f"did not run either; the chain broke at {root_message}"
+    else:
+        root, root_message = cause, f"{dep.id} ({dep.operation_type}), which {what}"
     err = DependencyFailed(
         f"token {token.id} ({token.operation_type}) did not run: its dependency {dep.id} "
         f"({dep.operation_type}) {what}"
     )
     err.__cause__ = cause
+    err.root_cause = root
+    err.root_message = root_message
     return err

@@ -46,8 +46,13 @@ class Overloaded(TokenGateError):
 class DependencyFailed(TokenGateError):
     """A token this task depended on failed or was discarded, so the task never ran.
 
-    The dependency's own error is the ``__cause__``.
+    The dependency's own error is the ``__cause__``. ``root_cause`` is the error where the
+    chain broke (the first failure or discard up the chain), so a long chain's message names
+    the root instead of nesting every intermediate message.
     """
+
+    root_cause: BaseException | None = None
+    root_message: str = ""
 
 
 class TokenDiscarded(TokenGateError, CancelledError):
@@ -63,7 +68,15 @@ class TokenDiscarded(TokenGateError, CancelledError):
 
 
 class TaskTimeout(TokenGateError, TimeoutError):
-    """The task ran longer than its ``timeout`` tag allowed."""
+    """The task ran longer than its ``timeout`` tag allowed.
+
+    ``retryable`` is False when the timed-out run could not be stopped (a thread cannot be
+    killed): re-running it would run the function twice at once, so the retry policy refuses.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class WorkerCrashed(TokenGateError, BrokenExecutor):
@@ -75,7 +88,18 @@ class SerializationError(TokenGateError, TypeError):
 
 
 class OperationBlocked(TokenGateError):
-    """The Guard House's circuit breaker is open for this operation type."""
+    """The Guard House's circuit breaker is open for this operation type.
+
+    ``operation_type`` names it; ``retry_in`` is how many seconds until a probe call will be let
+    through (``None`` if unknown).
+    """
+
+    def __init__(
+        self, message: str, operation_type: str = "", retry_in: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.operation_type = operation_type
+        self.retry_in = retry_in
 
 
 for _cls in (

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ._errors import ConfigError, WorkerCrashed
+from ._errors import ConfigError, TaskTimeout, WorkerCrashed
 
 __all__ = ["DEFAULT_RETRY_ON", "RetryPolicy", "default_retry_policies"]
 
@@ -80,6 +80,8 @@ class RetryPolicy:
             return False
         if isinstance(exc, WorkerCrashed):
             return True
+        if isinstance(exc, TaskTimeout) and not exc.retryable:
+            return False  # the timed-out run is still going: never run it twice at once
         allow = self.retry_on if retry_on is None else retry_on
         return isinstance(exc, allow)
 

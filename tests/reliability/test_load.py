@@ -1,0 +1,134 @@
+"""Load (issue 8, part 2): a flood of tokens in bounded memory, and a soak that stays flat.
+
+Both run in a fresh interpreter (``_workloads.py``) so that peak RSS (``ru_maxrss``) is theirs
+alone. ``make test`` runs the short forms (a 100,000-token flood, a 4-second soak);
+``make soak`` runs the 1,000,000-token flood and the soak for ``TOKENGATE_SOAK_SECONDS``
+(600 by default).
+
+**The flood's bound.** Peak RSS stays under 150 MB, and within 40 MB of the RSS measured after
+start-up (interpreter, tokengate, psutil, 8 workers: about 25 MB). Why that is enough: what
+may be alive at once is bounded by the mailboxes (workers x ``mailbox_max`` = 8 x 425 tokens)
+plus the tier queues (bounded by the same figure), some 10,000 tokens of well under 1 KB each,
+so a few MB; the rest is allocator slack. Why it is tight enough: a leak of 40 bytes per token
+breaks it at 1,000,000 tokens (400 bytes per token at 100,000).
+
+**The soak's flatness.** The soak cycles through the seed's idle / normal / surge phases and
+samples RSS and thread counts; at the end of every phase the work has drained. The first cycle
+is the warm-up (allocator arenas, histograms, stats shards grow to their working size). After
+it, RSS at every phase end stays within 10 MB of its value at the end of the first cycle, and
+the thread count at the end of every idle phase equals the first idle phase's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ._support import env_int
+
+WORKLOADS = Path(__file__).with_name("_workloads.py")
+PEAK_RSS_BOUND_MB = 150
+GROWTH_BOUND_MB = 40
+SOAK_RSS_TOLERANCE_MB = 10
+SOAK_SECONDS = env_int("TOKENGATE_SOAK_SECONDS", 600)
+
+
+def run_workload(*args: object, timeout: float) -> tuple[dict[str, Any], str]:
+    proc = subprocess.run(
+        [sys.executable, str(WORKLOADS), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    *text, last = proc.stdout.strip().splitlines()
+    return json.loads(last), "\n".join(text)
+
+
+def check_flood(result: dict[str, Any]) -> None:
+    n = result["tokens"]
+    assert result["resolved"] == result["submitted"] == n, result
+    assert (result["failed"], result["discarded"], result["in_flight"]) == (0, 0, 0), result
+    assert result["callbacks"] == n and result["callback_errors"] == 0, result
+    assert result["checksum_ok"], result
+    for tier, high in result["tier_high_water"].items():
+        assert high <= result["tier_limits"][tier], result
+    assert result["peak_rss_mb"] < PEAK_RSS_BOUND_MB, result
+    assert result["peak_rss_mb"] - result["baseline_rss_mb"] < GROWTH_BOUND_MB, result
+
+
+def summary(result: dict[str, Any]) -> str:
+    return (
+        f"flood of {result['tokens']:,} tokens: {result['seconds']} s "
+        f"({result['tokens_per_second']:,}/s), peak RSS {result['peak_rss_mb']} MB "
+        f"(after start-up {result['baseline_rss_mb']} MB), all resolved"
+    )
+
+
+def test_flood_of_100_000_tokens_in_bounded_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    result, _ = run_workload("flood", "--tokens", 100_000, timeout=50)
+    check_flood(result)
+    with capsys.disabled():
+        print("\n" + summary(result))
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_flood_of_1_000_000_tokens_in_bounded_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    result, _ = run_workload("flood", "--tokens", 1_000_000, timeout=850)
+    with capsys.disabled():
+        print("\n" + summary(result))
+    check_flood(result)
+
+
+def check_soak(result: dict[str, Any], *, flat_rss: bool) -> None:
+    assert result["resolved"] == result["submitted"] == result["callbacks"], result["submitted"]
+    assert (result["failed"], result["discarded"], result["in_flight"]) == (0, 0, 0)
+    assert result["callback_errors"] == 0
+    assert all(result["per_phase"].values()), result["per_phase"]
+    assert result["peak_rss_mb"] < PEAK_RSS_BOUND_MB
+    ends = result["phase_ends"]
+    idle_threads = {e["threads"] for e in ends if e["phase"] == "IDLE"}
+    assert len(idle_threads) == 1, ends  # the same threads at every idle phase's end
+    assert all(e["in_flight"] == 0 for e in ends)
+    if flat_rss:
+        warm = ends[len(ends) // result["cycles"] - 1]["rss_mb"]  # end of the first cycle
+        later = [e["rss_mb"] for e in ends[len(ends) // result["cycles"] :]]
+        assert max(later) - warm <= SOAK_RSS_TOLERANCE_MB, ends
+
+
+def test_a_short_soak_through_every_phase() -> None:
+    result, _ = run_workload(
+        "soak", "--seconds", 4, "--cycles", 2, "--sample-every", 0.5, timeout=50
+    )
+    check_soak(result, flat_rss=False)  # 4 s is mostly warm-up: flatness is the long run's
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(SOAK_SECONDS + 300)
+def test_soak_rss_and_threads_stay_flat(capsys: pytest.CaptureFixture[str]) -> None:
+    cycles = 10 if SOAK_SECONDS >= 100 else 5
+    result, text = run_workload(
+        "soak",
+        "--seconds",
+        SOAK_SECONDS,
+        "--cycles",
+        cycles,
+        "--sample-every",
+        max(0.5, SOAK_SECONDS / 60),
+        timeout=SOAK_SECONDS + 240,
+    )
+    with capsys.disabled():
+        print(f"\nsoak of {SOAK_SECONDS} s ({cycles} cycles of idle / normal / surge)")
+        print(text[text.index("RSS and threads at start") :])
+        print(
+            f"tokens per phase: {result['per_phase']}; peak RSS {result['peak_rss_mb']} MB; "
+            f"tolerance: +{SOAK_RSS_TOLERANCE_MB} MB after the first cycle, idle threads equal"
+        )
+    check_soak(result, flat_rss=True)
