@@ -66,10 +66,13 @@ class Harness:
 
     _names = itertools.count()
 
-    def __init__(self, name: str, cluster: Any, tmp: str) -> None:
+    def __init__(
+        self, name: str, cluster: Any, tmp: str, defaults: dict[str, Any] | None = None
+    ) -> None:
         self.name = name
         self.cluster = cluster
         self.tmp = tmp
+        self.defaults = dict(defaults or {})
         self.made: list[OperationsCoordinator] = []
 
     @property
@@ -77,7 +80,11 @@ class Harness:
         return self.name == "dask"
 
     def coordinator(self, **options: Any) -> OperationsCoordinator:
-        """A started coordinator on this backend (stopped, and checked, at teardown)."""
+        """A started coordinator on this backend (stopped, and checked, at teardown).
+
+        The test module's ``COORDINATOR_DEFAULTS`` apply first (the convention of
+        ``tests/conftest.py``), then ``options``."""
+        options = {**self.defaults, **options}
         if self.dask:
             from tokengate.backends import DaskBackend
 
@@ -118,7 +125,8 @@ class Harness:
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     cluster = request.getfixturevalue("dask_cluster") if request.param == "dask" else None
     with tempfile.TemporaryDirectory(prefix="tokengate-conformance-") as tmp:
-        h = Harness(request.param, cluster, tmp)
+        defaults = getattr(request.module, "COORDINATOR_DEFAULTS", {})
+        h = Harness(request.param, cluster, tmp, defaults)
         yield h
         for coordinator in h.made:
             coordinator.stop(cancel_pending=True, timeout=10)

@@ -52,6 +52,11 @@ from .tasks import (
     write_json_fast,
 )
 
+# The probes of the local backend are threading objects (Events), which cannot cross into the
+# process lane's worker processes; the suite is about coordinator behaviour, so heavy tasks stay on
+# threads here (the process lane has its own tests). The Dask backend has no process lane.
+COORDINATOR_DEFAULTS = {"process_lane": False}
+
 NO_BACKOFF = {"retry_policy": RetryPolicy(max_retries=2, backoff_base=0.0)}
 
 
