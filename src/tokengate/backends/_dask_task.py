@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import pickle
 import threading
@@ -44,7 +43,7 @@ from .._decorator import TaskFunction, adhoc_task
 from .._retry import RetryPolicy
 from .._spec import TaskSpec
 from .._timers import TimerQueue
-from .._token import Token
+from .._token import Token, next_seq
 
 __all__ = [
     "DEADLINE",
@@ -277,7 +276,6 @@ def _unwrap(value: Any) -> Any:
 
 
 # -- nested calls ---------------------------------------------------------------------------------
-_nested_seq = itertools.count(1)
 _default_config: Any = None
 
 
@@ -322,9 +320,8 @@ class TaskScope:
         from ._dask_runner import submit_nested
 
         spec = task.spec
-        token: Token[Any] = Token(
-            spec, task.__wrapped__, args, kwargs, next(_nested_seq), _perf(), self
-        )
+        # next_seq: the process-wide sequence every coordinator uses, so ids stay unique.
+        token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
         self._count(spec, 1)
         if spec.deadline is not None:
             token._deadline_at = token.submitted_at + spec.deadline
@@ -332,10 +329,11 @@ class TaskScope:
         return token
 
     # Token -> host calls.
-    def _help(self, token: Token[Any]) -> None:
-        """The body waits on a nested token: leave the worker's thread pool (once) so another
-        task, that one included, can run in our slot. Never rejoined: the task finishes outside
-        the pool, as with ``distributed.secede()``."""
+    def _help(self, token: Token[Any], end: float | None = None) -> None:
+        """The body waits on a nested token (until ``end``, the caller's ``get(timeout=)``):
+        leave the worker's thread pool (once) so another task, that one included, can run in
+        our slot. Never rejoined: the task finishes outside the pool, as with
+        ``distributed.secede()``. The wait itself is the token's own."""
         if not self.seceded and threading.get_ident() == self.thread:
             from distributed import secede
 
