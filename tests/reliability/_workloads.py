@@ -102,6 +102,20 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS.
+
+    On Linux ``ru_maxrss`` is not ours alone: the kernel carries the high-water mark across the
+    fork and exec that started us, so it is at least the parent's RSS at that moment (a pytest
+    session that imported Dask and ran clusters is bigger than the flood). ``VmHWM`` in
+    ``/proc/self/status`` belongs to this process's own address space, made at exec.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
