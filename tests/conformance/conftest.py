@@ -1,10 +1,10 @@
 """The conformance harness: the same behavioural tests against every backend.
 
 ``harness`` is parametrised over ``local`` (the coordinator's own lanes) and ``dask`` (a
-``LocalCluster`` of 2 worker processes with 4 threads each, started once per session by the
+``LocalCluster`` of 2 worker processes with 4 threads each, started once for this package by the
 tests themselves). A test asks the harness for a started coordinator and for probes that work on
-both sides of a process boundary; every coordinator is stopped at teardown and its counts must add
-up. Without dask installed the ``dask`` half is skipped, saying why.
+both sides of a process boundary; every coordinator is stopped at teardown and its counts must
+add up. Without dask installed the ``dask`` half is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ def assert_counts_add_up(coordinator: OperationsCoordinator) -> None:
     assert snap.submitted == snap.resolved + snap.failed + snap.discarded, str(snap)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dask_cluster() -> Iterator[Any]:
-    """One LocalCluster for the whole session (it starts in well under a second)."""
+    """One LocalCluster for this package's tests (it starts in well under a second), closed
+    after them: the rest of the suite runs without Dask processes alongside."""
     if distributed is None:
         pytest.skip("dask.distributed is not installed: pip install 'tokengate[dask]'")
     # Workers log task failures the tests provoke on purpose; keep them out of the output.
