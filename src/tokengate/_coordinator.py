@@ -571,6 +571,8 @@ class OperationsCoordinator(ObservabilityMixin):
 
     def _room_for(self, spec: TaskSpec, has_deps: bool, mailboxes: bool) -> bool | None:
         """True if a call of ``spec`` would be admitted now without waiting, else None."""
+        if self._backend is not None:  # issue 7: the backend bounds what it has in flight
+            return True if self._backend.has_room(spec) else None
         bound = self._backlog_bound()
         if has_deps:
             return True if len(self._deps) < bound else None
@@ -984,8 +986,12 @@ class OperationsCoordinator(ObservabilityMixin):
         if token.spec.storage_speed is not None:
             # Always ask the throttle (it checks under its lock): a permit granted while this
             # token was being cancelled must come back too.
-            for granted in self.throttle.release(token):
-                self._route(granted, True)
+            granted = self.throttle.release(token)
+            if granted and self._backend is not None:  # issue 7: they run on the backend
+                self._backend.granted(granted)
+            else:
+                for other in granted:
+                    self._route(other, True)
         if self._draining:
             self._notify_drain()
 

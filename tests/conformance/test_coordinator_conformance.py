@@ -414,3 +414,36 @@ def test_seed_proof_3_mixed_load(harness: Harness) -> None:
     with open(log_path, encoding="utf-8") as f:
         assert sorted(f.read().split("\n")[:-1]) == sorted(f"entry {i}" for i in range(8))
     assert coordinator.stats().resolved == 26
+
+
+# -- asyncio producers ----------------------------------------------------------------------------
+def test_submit_async_awaits_room_instead_of_blocking(harness: Harness) -> None:
+    """A full coordinator makes ``submit_async`` await, with its event loop free meanwhile."""
+    coordinator = harness.coordinator(mailbox_max=1, cores=1)
+    gate = harness.gate()
+
+    async def produce() -> list[Token[Any]]:
+        admitted: list[Token[Any]] = []
+        for _ in range(100):  # the bound is mailbox_max per worker (thread): far below 100
+            # With room, submit_async finishes in its first step: one yield to the loop tells.
+            pending = asyncio.ensure_future(coordinator.submit_async(blocker, gate))
+            await asyncio.sleep(0)
+            if not pending.done():
+                break
+            admitted.append(pending.result())
+        else:
+            raise AssertionError("submit_async never had to wait for room")
+        ticks = 0
+        for _ in range(5):  # the loop keeps running while the producer waits
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 5 and not pending.done()
+        gate.set()
+        admitted.append(await asyncio.wait_for(pending, 30))
+        return admitted
+
+    tokens = asyncio.run(produce())
+    assert [t.get(timeout=30) for t in tokens] == ["released"] * len(tokens)
+    snap = coordinator.stats()
+    assert (snap.submitted, snap.resolved) == (len(tokens), len(tokens))
+

@@ -13,7 +13,9 @@ The contract is small on purpose (anyio's backends, CPython's executors):
 * :meth:`start` / :meth:`stop` follow the coordinator's lifecycle;
 * :meth:`submit` takes a token that has just been counted, and must end it exactly once;
 * :meth:`discarded` hears that a token was discarded (cancelled, deadline, stop) so the backend
-  can stop it from running; :meth:`resized` that a storage tier's limit changed;
+  can stop it from running; :meth:`resized` that a storage tier's limit changed; :meth:`granted`
+  receives tokens the coordinator's storage throttle has just given a permit;
+* :meth:`has_room` tells ``submit_async`` whether a call would be taken without waiting;
 * :meth:`not_started` lists the tokens a ``stop(cancel_pending=True)`` may discard.
 """
 
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .._coordinator import OperationsCoordinator
     from .._decorator import TaskFunction
+    from .._spec import TaskSpec
     from .._token import Token
 
 __all__ = ["Backend"]
@@ -54,6 +57,16 @@ class Backend(ABC):
     @abstractmethod
     def resized(self, granted: list[Token[Any]]) -> None:
         """A storage limit changed (``set_storage_limit``); ``granted`` just got permits."""
+
+    @abstractmethod
+    def granted(self, tokens: list[Token[Any]]) -> None:
+        """``tokens`` were just given a storage-tier permit by the coordinator's throttle (a
+        permit came back from a discarded token): run them."""
+
+    def has_room(self, spec: TaskSpec) -> bool:
+        """Whether a call of ``spec`` would be taken now without waiting for room (asked by
+        ``submit_async``, which then awaits instead of blocking). By default: always."""
+        return True
 
     @abstractmethod
     def not_started(self) -> list[Token[Any]]:

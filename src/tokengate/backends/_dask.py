@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 if TYPE_CHECKING:
     from .._coordinator import OperationsCoordinator
     from .._decorator import TaskFunction
+    from .._spec import TaskSpec
 
 __all__ = ["DaskBackend"]
 
@@ -249,11 +250,23 @@ class DaskBackend(Backend):
         route = self._routes.get(id(task.spec))
         if route is None or route.spec is not task.spec:
             route = self._route(task)
-        if not internal and runner.load() >= self._bound:
-            self._wait_for_room(token)
+        if not internal and runner.load() >= self._bound and not self._wait_for_room(token):
+            return
         runner.admit(token, self, route, internal)
 
-    def _wait_for_room(self, token: Token[Any]) -> None:
+    def has_room(self, spec: TaskSpec) -> bool:
+        """Whether a call of ``spec`` would be sent now without waiting (``submit_async``)."""
+        runner, coordinator = self._runner, self._coordinator
+        if runner is None or coordinator is None:
+            return True  # not running: submit raises at once
+        if runner.load() >= self._bound:
+            return False
+        tier = spec.storage_speed
+        return tier is None or coordinator.throttle.waiting(tier) < self._bound
+
+    def _wait_for_room(self, token: Token[Any]) -> bool:
+        """Wait until fewer than the bound are in flight; False if stop() gave up meanwhile
+        (the token is then discarded, as a producer waiting on the local lanes is)."""
         coordinator, runner = self._coordinator, self._runner
         assert coordinator is not None and runner is not None
         if coordinator._reject:
@@ -264,7 +277,13 @@ class DaskBackend(Backend):
                 f"mailbox_max, or use admission='block'"
             )
         bound = self._bound
-        coordinator._gate.wait_for(lambda: True if runner.load() < bound else None)
+        coordinator._gate.wait_for(
+            lambda: True if coordinator._discarding or runner.load() < bound else None
+        )
+        if coordinator._discarding:
+            token._discard("stopped")
+            return False
+        return True
 
     # -- Host: what the runner asks of the coordinator's side ----------------------------------
     def acquire(self, token: Token[Any], internal: bool) -> bool:
@@ -277,11 +296,18 @@ class DaskBackend(Backend):
         throttle = coordinator.throttle
         if not internal and throttle.waiting(tier) >= self._bound:
             bound = self._bound
-            coordinator._gate.wait_for(lambda: True if throttle.waiting(tier) < bound else None)
+            coordinator._gate.wait_for(
+                lambda: True if coordinator._discarding or throttle.waiting(tier) < bound else None
+            )
+            if coordinator._discarding:
+                token._discard("stopped")
+                return False
         token._parked = "tier"
         if throttle.try_acquire(tier, token):
             token._parked = None
             return True
+        if coordinator._closed:  # stopping: no permit will be released to it any more
+            token._discard("stopped")
         return False
 
     def settled(self, token: Token[Any]) -> None:
