@@ -18,6 +18,7 @@ import pytest
 from conftest import eventually
 from tokengate import (
     DependencyFailed,
+    OperationBlocked,
     Overloaded,
     RetryPolicy,
     TaskTimeout,
@@ -447,3 +448,74 @@ def test_submit_async_awaits_room_instead_of_blocking(harness: Harness) -> None:
     snap = coordinator.stats()
     assert (snap.submitted, snap.resolved) == (len(tokens), len(tokens))
 
+
+# -- observability from the client's side ---------------------------------------------------------
+def _observed_load(harness: Harness, coordinator: Any) -> None:
+    """10 resolved squares, 3 ValueErrors, one token retried once then resolved."""
+    journal = harness.journal()
+    ok = [square(i) for i in range(10)]
+    bad = [raises_value_error(str(i)) for i in range(3)]
+    retried = flaky(journal, "o", 1)
+    assert [t.get(timeout=30) for t in ok] == [i * i for i in range(10)]
+    for token in bad:
+        assert isinstance(token.exception(timeout=30), ValueError)
+    assert retried.get(timeout=30) == "o"
+
+
+def test_the_guard_house_sees_every_run(harness: Harness) -> None:
+    coordinator = harness.coordinator(guard_house=True, **NO_BACKOFF)
+    _observed_load(harness, coordinator)
+    report = coordinator.guard_house.report()
+    square_health = report.operations["square"]
+    assert (square_health.runs, square_health.errors, square_health.failed) == (10, 0, 0)
+    bad = report.operations["bad_value"]
+    assert (bad.runs, bad.errors, bad.failed, bad.failure_rate) == (3, 3, 3, 1.0)
+    assert [f.exception_type for f in bad.recent_failures] == ["ValueError"] * 3
+    flaky_health = report.operations["flaky"]
+    assert (flaky_health.runs, flaky_health.errors, flaky_health.retried) == (2, 1, 1)
+    assert "bad_value" in coordinator.guard_house.render()
+
+
+def test_the_circuit_breaker_refuses_calls_after_repeated_failures(harness: Harness) -> None:
+    coordinator = harness.coordinator(auto_block=True, block_after=3, block_cooldown=60)
+    for i in range(3):
+        assert isinstance(raises_value_error(str(i)).exception(timeout=30), ValueError)
+    with pytest.raises(OperationBlocked, match="bad_value"):
+        raises_value_error("refused")
+    assert coordinator.guard_house.breaker_state("bad_value") == "open"
+    assert square(3).get(timeout=30) == 9  # other operation types are not affected
+
+
+def test_prometheus_metrics_read_the_same_counts(harness: Harness) -> None:
+    pytest.importorskip("prometheus_client")
+    coordinator = harness.coordinator(guard_house=True, **NO_BACKOFF)
+    _observed_load(harness, coordinator)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in coordinator.metrics_collector().collect()
+        for s in family.samples
+    }
+    square_op = (("operation_type", "square"), ("weight", "light"))
+    assert samples[("tokengate_tokens_submitted_total", square_op)] == 10
+    assert samples[("tokengate_tokens_resolved_total", square_op)] == 10
+    bad_op = (("operation_type", "bad_value"), ("weight", "light"))
+    assert samples[("tokengate_tokens_failed_total", bad_op)] == 3
+    flaky_op = (("operation_type", "flaky"), ("weight", "heavy"))
+    assert samples[("tokengate_tokens_retried_total", flaky_op)] == 1
+    assert samples[("tokengate_token_latency_seconds_count", square_op)] == 10
+    assert samples[("tokengate_guard_house_runs_total", (("operation_type", "flaky"),))] == 2
+    assert samples[("tokengate_coordinator_running", ())] == 1
+
+
+def test_the_trace_has_a_span_per_attempt(harness: Harness, tmp_path: Any) -> None:
+    coordinator = harness.coordinator(trace=True, **NO_BACKOFF)
+    _observed_load(harness, coordinator)
+    spans = coordinator.trace_spans()
+    outcomes: dict[str, list[str]] = {}
+    for span in spans:
+        outcomes.setdefault(span.operation_type, []).append(span.outcome)
+        assert span.end >= span.start and span.worker
+    assert outcomes["square"] == ["resolved"] * 10
+    assert outcomes["bad_value"] == ["failed"] * 3
+    assert sorted(outcomes["flaky"]) == ["resolved", "retried"]
+    assert coordinator.export_trace(tmp_path / "trace.json") == len(spans) == 15
