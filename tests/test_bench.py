@@ -255,6 +255,56 @@ def test_task_counts_timeouts_and_system_filter_reach_the_executor() -> None:
     assert _bench(_scenario(), FakeExecutor({}), systems=["elsewhere"])["scenarios"] == []
 
 
+def test_the_dask_backend_cases_run_only_with_backend_dask() -> None:
+    """``--backend dask`` runs the scenarios with a Dask-backend case, all their systems; the
+    default leaves that case out. Its ratio is to the peer it names, not to the best one."""
+    systems = (
+        System("tg", "tokengate", _never, kind="tokengate"),
+        System(
+            "tg-dask",
+            "tokengate on Dask",
+            _never,
+            kind="tokengate",
+            backend="dask",
+            compare_to="raw",
+        ),
+        System("a", "peer A", _never),
+        System("raw", "raw Dask", _never),
+    )
+    runs = {
+        "tg": [_run(speed=20.0, done=True)],
+        "tg-dask": [_run(speed=3.0, done=True)],
+        "a": [_run(speed=10.0, done=True)],
+        "raw": [_run(speed=4.0, done=True)],
+    }
+    execute = FakeExecutor(runs)
+    _bench(_scenario(systems=systems), execute, repeat=1)
+    assert [key for key, *_ in execute.calls] == ["tg", "a", "raw"]
+
+    execute = FakeExecutor(runs)
+    report = _bench(_scenario(systems=systems), execute, repeat=1, backend="dask")
+    assert [key for key, *_ in execute.calls] == ["tg", "tg-dask", "a", "raw"]
+    ratios = {r["system"]: r for r in report["scenarios"][0]["ratios"]}
+    assert (ratios["tg"]["best_peer"], ratios["tg"]["ratio"]) == ("a", 2.0)
+    assert (ratios["tg-dask"]["best_peer"], ratios["tg-dask"]["ratio"]) == ("raw", 0.75)
+    assert report["options"]["backend"] == "dask"
+    # A scenario without a Dask-backend case is left out with --backend dask.
+    assert _bench(_scenario(), FakeExecutor({}), backend="dask")["scenarios"] == []
+
+
+def test_the_registry_has_dask_backend_cases_for_b1_and_b6() -> None:
+    with_dask = {
+        sc.id: [s.key for s in sc.systems if s.backend == "dask"] for sc in SCENARIOS.values()
+    }
+    assert {sid: keys for sid, keys in with_dask.items() if keys} == {
+        "B1": ["tokengate-dask"],
+        "B6": ["tokengate-dask"],
+    }
+    b1 = SCENARIOS["B1"].system("tokengate-dask")
+    assert (b1.kind, b1.compare_to, b1.requires) == ("tokengate", "dask-submit", ("distributed",))
+    assert SCENARIOS["B1"].system(b1.compare_to).kind == "peer"
+
+
 def test_json_shape() -> None:
     report = json.loads(json.dumps(_bench(_scenario(), FakeExecutor(_standard_runs()))))
     assert {"tool", "command", "date", "machine", "options", "scenarios"} <= set(report)
@@ -412,6 +462,14 @@ def test_cli_list_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--repeat", "0"])
     with pytest.raises(SystemExit):
         main(["--systems", "nope"])
+    with pytest.raises(SystemExit) as exc:
+        main(["--address", "tcp://127.0.0.1:8786"])
+    assert exc.value.code == 2
+    assert "--address needs --backend dask" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--backend", "dask", "--only", "B2"])
+    assert exc.value.code == 2
+    assert "those that do: B1, B6" in capsys.readouterr().err
 
 
 # -- the subprocess runner ------------------------------------------------------------------------
@@ -567,6 +625,17 @@ def test_tokengate_cases_run(scenario: str, system: str, n: str) -> None:
     assert record["figures"]["peak_rss_mb"] > 0
     if scenario == "B7":
         assert record["figures"]["completed"] is True
+
+
+@pytest.mark.parametrize(("scenario", "n"), [("B1", "100"), ("B6", "1")])
+def test_tokengate_dask_backend_cases_run(scenario: str, n: str) -> None:
+    pytest.importorskip("distributed", reason="the Dask backend needs tokengate[dask]")
+    record = _case_subprocess(scenario, "tokengate-dask", "--quick", "--n", n, timeout=90)
+    assert record["status"] == "ok", record.get("traceback") or record["error"]
+    assert record["figures"]["peak_rss_mb"] > 0
+    if scenario == "B6":
+        assert record["figures"]["failed"] == 0
+        assert record["figures"]["resolved"] == record["figures"]["submitted"] > 0
 
 
 def test_cases_import_this_tokengate() -> None:

@@ -3,6 +3,10 @@
 Every system gets one warm-up task first (so worker start-up is not charged to the tasks), then
 the clock runs from the first submit to the last result. Process pools, loky, Dask and Ray are
 scaled down to 5,000 tasks; the figures are per task, so they compare.
+
+``tokengate-dask`` (``tokengate bench --backend dask``) is tokengate on its Dask backend, on a
+cluster of the same shape as the raw Dask peers (or the same scheduler, with ``--address``); its
+ratio is taken against ``dask-submit``, raw ``client.submit``: the Dask backend's own overhead.
 """
 
 from __future__ import annotations
@@ -100,16 +104,45 @@ def run_loky(p: CaseParams) -> Figures:
         ex.shutdown(wait=True)
 
 
-def _dask_client() -> tuple[Any, Any]:
+def _dask_client(p: CaseParams) -> tuple[Any, Any]:
+    """(cluster or None, client): the scheduler at ``p.address``, else a LocalCluster."""
     distributed = importlib.import_module("distributed")
+    if p.address is not None:
+        return None, distributed.Client(p.address)
     cluster = distributed.LocalCluster(
         processes=False, n_workers=1, threads_per_worker=4, dashboard_address=None
     )
     return cluster, distributed.Client(cluster)
 
 
+def _close(cluster: Any, client: Any) -> None:
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def run_tokengate_dask(p: CaseParams) -> Figures:
+    from tokengate import OperationsCoordinator
+    from tokengate.backends import DaskBackend
+    from tokengate.bench._tasks import noop
+
+    cluster, client = _dask_client(p)
+    try:
+        with OperationsCoordinator(backend=DaskBackend(client=client)):
+            noop(-1).get(timeout=GATHER_TIMEOUT_S)
+            t0 = time.perf_counter()
+            tokens = [noop(i) for i in range(p.n)]
+            t1 = time.perf_counter()
+            results = [t.get(timeout=GATHER_TIMEOUT_S) for t in tokens]
+            t2 = time.perf_counter()
+    finally:
+        _close(cluster, client)
+    _check(results, p.n)
+    return _figures(p.n, t0, t1, t2)
+
+
 def run_dask_submit(p: CaseParams) -> Figures:
-    cluster, client = _dask_client()
+    cluster, client = _dask_client(p)
     try:
         client.submit(noop_plain, -1, pure=False).result(timeout=GATHER_TIMEOUT_S)
         t0 = time.perf_counter()
@@ -118,14 +151,13 @@ def run_dask_submit(p: CaseParams) -> Figures:
         results = client.gather(futures)
         t2 = time.perf_counter()
     finally:
-        client.close()
-        cluster.close()
+        _close(cluster, client)
     _check(results, p.n)
     return _figures(p.n, t0, t1, t2)
 
 
 def run_dask_map(p: CaseParams) -> Figures:
-    cluster, client = _dask_client()
+    cluster, client = _dask_client(p)
     try:
         client.submit(noop_plain, -1, pure=False).result(timeout=GATHER_TIMEOUT_S)
         t0 = time.perf_counter()
@@ -134,8 +166,7 @@ def run_dask_map(p: CaseParams) -> Figures:
         results = client.gather(futures)
         t2 = time.perf_counter()
     finally:
-        client.close()
-        cluster.close()
+        _close(cluster, client)
     _check(results, p.n)
     return _figures(p.n, t0, t1, t2)
 
@@ -218,6 +249,19 @@ SCENARIO = Scenario(
             run_tokengate,
             kind="tokengate",
             note="OperationsCoordinator() with its defaults",
+        ),
+        System(
+            "tokengate-dask",
+            "tokengate on Dask",
+            run_tokengate_dask,
+            kind="tokengate",
+            requires=("distributed",),
+            n=SLOW_N,
+            quick_n=SLOW_QUICK_N,
+            backend="dask",
+            compare_to="dask-submit",
+            note="OperationsCoordinator(backend=DaskBackend(client=...)) on the dask-submit "
+            "cluster's shape (or --address); ratio to dask-submit: the backend's own overhead",
         ),
         System("threadpool-4", "ThreadPoolExecutor(4) submit", run_threadpool),
         System(

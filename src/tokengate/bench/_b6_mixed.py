@@ -134,6 +134,16 @@ def run_tokengate(p: CaseParams) -> Figures:
         return drive(lambda fn, args: fn(*args), p.n)
 
 
+def run_tokengate_dask(p: CaseParams) -> Figures:
+    from tokengate import OperationsCoordinator
+
+    with OperationsCoordinator(backend="dask", address=p.address) as coordinator:
+        backend: Any = coordinator.backend
+        # Before the clock, as for the process pool: every worker imports the bodies.
+        backend.client.run(importlib.import_module, "tokengate.demos.mixed")
+        return drive(lambda fn, args: fn(*args), p.n)
+
+
 def run_threadpool(p: CaseParams) -> Figures:
     with ThreadPoolExecutor(THREADS) as pool:
         return drive(lambda fn, args: pool.submit(fn.__wrapped__, *args), p.n)
@@ -197,6 +207,16 @@ SCENARIO = Scenario(
             run_tokengate,
             kind="tokengate",
             note="OperationsCoordinator() defaults; the demo's decorated functions",
+        ),
+        System(
+            "tokengate-dask",
+            "tokengate on Dask",
+            run_tokengate_dask,
+            kind="tokengate",
+            requires=("distributed",),
+            backend="dask",
+            note="OperationsCoordinator(backend='dask'): a LocalCluster sized to the machine "
+            "(or --address), started and warmed up before the clock",
         ),
         System(
             "threadpool-8",

@@ -1,6 +1,6 @@
 """Run one (scenario, system) case in this fresh process and print one JSON line.
 
-    python -m tokengate.bench._case B1 threadpool-4 [--quick] [--n N]
+    python -m tokengate.bench._case B1 threadpool-4 [--quick] [--n N] [--address ADDR]
 
 A fresh interpreter per case is the only honest way to measure peak RSS (``ru_maxrss`` is a
 process-wide high-water mark) and to keep one system's threads, processes and garbage away from
@@ -61,7 +61,12 @@ def _memory(n: int, baseline_kib: int) -> Figures:
 
 
 def measure(
-    scenario: Scenario, system: System, *, quick: bool, n: int | None = None
+    scenario: Scenario,
+    system: System,
+    *,
+    quick: bool,
+    n: int | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Run the system here and now; return the result record (never raises for the system)."""
     count = n if n is not None else system.task_count(scenario, quick=quick)
@@ -80,7 +85,7 @@ def measure(
     if missing:
         record.update(status="not installed", error=f"needs {', '.join(missing)}")
         return record
-    params = CaseParams(n=count, quick=quick, cores=usable_cores())
+    params = CaseParams(n=count, quick=quick, cores=usable_cores(), address=address)
     baseline = _maxrss_kib()
     try:
         # Imports first, so the RSS growth is the work's, not the modules'.
@@ -125,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("system")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=None, help="task count (overrides the default)")
+    parser.add_argument(
+        "--address", default=None, help="a Dask scheduler for the systems that use Dask"
+    )
     args = parser.parse_args(argv)
     scenario = get_scenario(args.scenario)
     system = scenario.system(args.system)
     out = _result_stream()
-    record = measure(scenario, system, quick=args.quick, n=args.n)
+    record = measure(scenario, system, quick=args.quick, n=args.n, address=args.address)
     record["python"] = platform.python_version()
     record["pid"] = os.getpid()
     out.write(json.dumps(record) + "\n")

@@ -68,11 +68,16 @@ RSS_PER_TASK = Figure("rss_growth_kb_per_task", "RSS growth KB/task", higher_is_
 
 @dataclass(frozen=True)
 class CaseParams:
-    """What a system function is told: the task count, quick mode, and the usable cores."""
+    """What a system function is told: the task count, quick mode, and the usable cores.
+
+    ``address`` is a Dask scheduler (``tokengate bench --backend dask --address ...``): the
+    systems that use Dask connect to it instead of starting a ``LocalCluster`` of their own.
+    """
 
     n: int
     quick: bool
     cores: int
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,10 @@ class System:
     "not installed". ``n`` / ``quick_n`` override the scenario's task count (process pools and
     Dask are scaled down; per-task figures keep them comparable). ``timeout_status`` is what a
     runner-side timeout is called for this case (B7's ``"deadlocked"``).
+
+    ``backend`` is where a tokengate system runs its tokens: ``"dask"`` systems run only with
+    ``tokengate bench --backend dask``. ``compare_to`` names the peer a tokengate system's ratio
+    is taken against (the same engine without tokengate), instead of the best peer.
     """
 
     key: str
@@ -97,6 +106,8 @@ class System:
     quick_timeout: float | None = None
     timeout_status: str = "timeout"
     note: str = ""
+    backend: str = "local"
+    compare_to: str | None = None
 
     def task_count(self, scenario: Scenario, *, quick: bool) -> int:
         if quick:

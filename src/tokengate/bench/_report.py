@@ -12,6 +12,7 @@ the two [min–max] ranges overlap. Floors are shown, never counted as peers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -111,20 +112,25 @@ def _verdict(tg: Record, peer: Record, higher_is_better: bool) -> str:
 
 
 def compare(scenario: Scenario, cases: Sequence[Record]) -> list[Record]:
-    """tokengate's ratio to the best peer on the headline figure, one entry per tokengate case."""
+    """tokengate's ratio to the best peer on the headline figure, one entry per tokengate case
+    (or to the peer the system names in ``compare_to``, if that one completed)."""
     head = scenario.figure(scenario.headline)
     higher = bool(head.higher_is_better)
     peers = [
         c for c in cases if c["kind"] == "peer" and c["status"] == "ok" and head.key in c["summary"]
     ]
-    best: Record | None = None
+    best_peer: Record | None = None
     if peers:
         pick = max if higher else min
-        best = pick(peers, key=lambda c: c["summary"][head.key]["median"])
+        best_peer = pick(peers, key=lambda c: c["summary"][head.key]["median"])
+    by_key = {c["system"]: c for c in peers}
     out: list[Record] = []
     for case in cases:
         if case["kind"] != "tokengate":
             continue
+        best = best_peer
+        with contextlib.suppress(KeyError):
+            best = by_key.get(scenario.system(case["system"]).compare_to or "", best_peer)
         entry: Record = {
             "system": case["system"],
             "label": case["label"],

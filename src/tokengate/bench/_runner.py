@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import importlib.util
 import json
 import os
@@ -97,12 +98,22 @@ def _tail(text: str, lines: int = 1) -> str:
 
 
 def run_case_subprocess(
-    scenario: Scenario, system: System, n: int, quick: bool, timeout: float
+    scenario: Scenario,
+    system: System,
+    n: int,
+    quick: bool,
+    timeout: float,
+    *,
+    address: str | None = None,
 ) -> Record:
-    """Run one case in a fresh interpreter; never raises for what the case does."""
+    """Run one case in a fresh interpreter; never raises for what the case does.
+
+    ``address``: a Dask scheduler the case's Dask systems connect to (``--address``)."""
     cmd = [sys.executable, "-m", "tokengate.bench._case", scenario.id, system.key, "--n", str(n)]
     if quick:
         cmd.append("--quick")
+    if address is not None:
+        cmd += ["--address", address]
     started = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -159,8 +170,13 @@ def run_benchmarks(
     execute: CaseExecutor = run_case_subprocess,
     progress: Callable[[str], None] = _progress,
     command: str = "tokengate bench",
+    backend: str = "local",
 ) -> Record:
-    """Run the cases and return the full report (the dict ``--json`` writes)."""
+    """Run the cases and return the full report (the dict ``--json`` writes).
+
+    ``backend="local"`` leaves out the tokengate systems that run on the Dask backend;
+    ``backend="dask"`` runs only the scenarios that have one, with all their systems (the local
+    tokengate beside it, and the peers)."""
     default_timeout = QUICK_TIMEOUT_S if quick else DEFAULT_TIMEOUT_S
     report: Record = {
         "tool": "tokengate bench",
@@ -174,11 +190,12 @@ def run_benchmarks(
             "timeout_s": timeout,
             "only": [s.id for s in scenarios],
             "systems": list(systems) if systems else None,
+            "backend": backend,
         },
         "scenarios": [],
     }
     for scenario in scenarios:
-        chosen = [s for s in scenario.systems if not systems or s.key in systems]
+        chosen = [s for s in backend_systems(scenario, backend) if not systems or s.key in systems]
         if not chosen:
             continue
         cases = []
@@ -203,6 +220,15 @@ def run_benchmarks(
             }
         )
     return report
+
+
+def backend_systems(scenario: Scenario, backend: str) -> list[System]:
+    """The systems of ``scenario`` that ``tokengate bench --backend <backend>`` runs."""
+    if backend == "local":
+        return [s for s in scenario.systems if s.backend == "local"]
+    if any(s.backend == backend for s in scenario.systems):
+        return list(scenario.systems)
+    return []
 
 
 def _run_case(
@@ -317,6 +343,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--list", action="store_true", help="list the scenarios and their systems, then exit"
     )
+    parser.add_argument(
+        "--backend",
+        choices=("local", "dask"),
+        default="local",
+        help="local (default): tokengate's own lanes; dask: the scenarios that have a Dask-backend "
+        "case (B1 against raw client.submit, B6 beside the local backend), with their peers",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --backend dask: a running Dask scheduler (tcp://host:8786) for every Dask "
+        "case, tokengate's and the peers', instead of a LocalCluster started per case",
+    )
     return parser
 
 
@@ -338,7 +377,8 @@ def _listing() -> str:
         lines.append(f"{sc.id} {sc.title}: {sc.description}")
         for s in sc.systems:
             needs = f"  (needs {', '.join(s.requires)})" if s.requires else ""
-            lines.append(f"    {s.key:<24} {s.label}{needs}")
+            only = f"  [--backend {s.backend}]" if s.backend != "local" else ""
+            lines.append(f"    {s.key:<24} {s.label}{needs}{only}")
     return "\n".join(lines) + "\n"
 
 
@@ -354,21 +394,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout:g}")
+    if args.address is not None and args.backend != "dask":
+        parser.error("--address needs --backend dask")
     scenarios = _select(parser, args.only)
+    if args.backend != "local":
+        scenarios = [sc for sc in scenarios if backend_systems(sc, args.backend)]
+        if not scenarios:
+            with_backend = [sc.id for sc in SCENARIOS.values() if backend_systems(sc, args.backend)]
+            parser.error(
+                f"--backend {args.backend}: none of the chosen scenarios has a case on it; "
+                f"those that do: {', '.join(with_backend)}"
+            )
     systems = [s.strip() for s in args.systems.split(",")] if args.systems else None
     if systems:
-        known = {s.key for sc in scenarios for s in sc.systems}
+        known = {s.key for sc in scenarios for s in backend_systems(sc, args.backend)}
         unknown = [s for s in systems if s not in known]
         if unknown:
             parser.error(f"--systems: unknown {unknown}; known: {', '.join(sorted(known))}")
     command = shlex.join(["tokengate", "bench", *args_list])
+    execute: CaseExecutor = run_case_subprocess
+    if args.address is not None:
+        execute = functools.partial(run_case_subprocess, address=args.address)
     report = run_benchmarks(
         scenarios,
         quick=args.quick,
         repeat=args.repeat,
         timeout=args.timeout,
         systems=systems,
+        execute=execute,
         command=command,
+        backend=args.backend,
     )
     if args.plain or not (sys.stdout.isatty() and render_rich(report, sys.stdout)):
         sys.stdout.write(render_text(report) + "\n")
