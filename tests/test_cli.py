@@ -18,6 +18,7 @@ import pytest
 
 import tokengate
 from tokengate.cli import main
+from tokengate.cli._demo import accepts_backend
 from tokengate.cli._display import plain_line, read_status
 
 SHORT = "0.3"
@@ -232,6 +233,15 @@ def test_bad_arguments_exit_2_with_a_clear_message(
     assert message in capsys.readouterr().err
 
 
+def test_address_without_the_dask_backend_exits_2_before_starting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["demo", "mixed", "--duration", SHORT, "--address", "tcp://h:8786"]) == 2
+    captured = capsys.readouterr()
+    assert "--address tcp://h:8786 needs --backend dask" in captured.err
+    assert "started" not in captured.out
+
+
 def test_options_this_build_lacks_exit_2_before_starting(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -242,7 +252,7 @@ def test_options_this_build_lacks_exit_2_before_starting(
         cases.append((["--trace", str(tmp_path / "t.json")], "--trace is not available"))
     if not hasattr(OperationsCoordinator, "serve_metrics"):
         cases.append((["--metrics-port", "0"], "--metrics-port is not available"))
-    if "backend" not in tokengate.CoordinatorConfig.__dataclass_fields__:
+    if not accepts_backend():
         cases.append((["--backend", "dask"], "--backend dask is not available"))
     if not cases:
         pytest.skip("this build has every optional part")
@@ -268,8 +278,15 @@ def test_trace_metrics_and_backend_reach_the_coordinator_when_present(
     calls: dict[str, object] = {}
 
     class Observable(OperationsCoordinator):
-        def __init__(self, *, trace: bool = False, backend: str = "local", **options: object):
-            calls["trace"], calls["backend"] = trace, backend
+        def __init__(
+            self,
+            *,
+            trace: bool = False,
+            backend: str = "local",
+            address: str | None = None,
+            **options: object,
+        ):
+            calls["trace"], calls["backend"], calls["address"] = trace, backend, address
             super().__init__(**options)  # type: ignore[arg-type]
 
         def serve_metrics(self, port: int = 0) -> int:
@@ -294,9 +311,17 @@ def test_trace_metrics_and_backend_reach_the_coordinator_when_present(
         "0",
         "--backend",
         "dask",
+        "--address",
+        "tcp://10.0.0.5:8786",
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert calls == {"trace": True, "backend": "dask", "port": 0, "path": trace}
+    assert calls == {
+        "trace": True,
+        "backend": "dask",
+        "address": "tcp://10.0.0.5:8786",
+        "port": 0,
+        "path": trace,
+    }
     assert "http://127.0.0.1:9464/metrics" in out
     assert f"Trace: 42 task spans written to {trace}" in out

@@ -366,6 +366,20 @@ def test_the_mixed_demo_reports_the_same_on_dask(dask_cluster: Any, tmp_path: An
     assert "Operations dispatched:" in report
 
 
+def test_the_cli_runs_the_mixed_demo_on_dask(
+    dask_cluster: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokengate.cli import main
+
+    address = dask_cluster.scheduler_address
+    argv = ["demo", "mixed", "--backend", "dask", "--address", address, "--duration", "1"]
+    assert main([*argv, "--plain", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"[BACKEND] dask scheduler {address}: {DASK_WORKERS} workers" in out
+    assert "MIXED ORCHESTRATOR COMPLETE" in out
+    assert "(100.0%)" in out and "Operations dispatched:" in out
+
+
 # -- worker loss (its own cluster: workers die here) -----------------------------------------------
 @pytest.fixture(scope="module")
 def fragile_cluster() -> Iterator[Any]:

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="where tasks run: the embedded coordinator (default) or a Dask cluster",
     )
+    demo.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --backend dask: a running Dask scheduler (tcp://host:8786); without it a "
+        "LocalCluster sized to this machine is started and closed with the demo",
+    )
 
     sub.add_parser(
         "bench",

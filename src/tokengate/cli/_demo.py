@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import logging
 import random
 import signal
@@ -56,6 +57,12 @@ def _config_fields() -> dict[str, Any]:
     return dict(getattr(tokengate.CoordinatorConfig, "__dataclass_fields__", {}))
 
 
+def accepts_backend(coordinator_class: Any = None) -> bool:
+    """Whether ``OperationsCoordinator`` takes ``backend=`` (the Dask backend is in this build)."""
+    cls = OperationsCoordinator if coordinator_class is None else coordinator_class
+    return "backend" in inspect.signature(cls).parameters
+
+
 def unavailable(args: argparse.Namespace) -> str | None:
     """Why an option cannot be honoured by this build, or None if all can."""
     fields = _config_fields()
@@ -71,11 +78,13 @@ def unavailable(args: argparse.Namespace) -> str | None:
             "--metrics-port is not available in this build: it needs the observability part "
             "(OperationsCoordinator.serve_metrics)"
         )
-    if args.backend != "local" and "backend" not in fields:
+    if args.backend != "local" and not accepts_backend():
         return (
             f"--backend {args.backend} is not available in this build: it needs the Dask "
             "backend (OperationsCoordinator(backend='dask'))"
         )
+    if args.address is not None and args.backend != "dask":
+        return f"--address {args.address} needs --backend dask"
     return None
 
 
@@ -136,6 +145,8 @@ def run_demo(args: argparse.Namespace) -> int:
         options["trace"] = True
     if args.backend != "local":
         options["backend"] = args.backend
+    if args.address is not None:
+        options["address"] = args.address
     try:
         coordinator = OperationsCoordinator(**options)
     except (TokenGateError, ImportError) as exc:
@@ -165,6 +176,9 @@ def run_demo(args: argparse.Namespace) -> int:
                     port = observable.serve_metrics(args.metrics_port)
                     display.say(f"[METRICS] Prometheus metrics at http://127.0.0.1:{port}/metrics")
                 display.start()
+                backend = getattr(coordinator, "backend", None)
+                if backend is not None:
+                    display.say(f"[BACKEND] {backend.describe()}")
                 display.say(
                     f"[DEMO] {args.name} started: {demo.duration:g} s, seed {seed} "
                     "(Ctrl-C stops it cleanly)"

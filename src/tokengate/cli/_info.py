@@ -9,6 +9,7 @@ import tokengate
 from tokengate import OperationsCoordinator
 from tokengate._affinity import mapping_banner
 from tokengate._topology import gil_enabled
+from tokengate.cli._demo import accepts_backend
 
 __all__ = ["features", "gil_enabled", "info_text"]
 
@@ -20,14 +21,9 @@ def features() -> dict[str, bool]:
         "trace export (--trace)": hasattr(OperationsCoordinator, "export_trace"),
         "Prometheus metrics (--metrics-port)": hasattr(OperationsCoordinator, "serve_metrics")
         and importlib.util.find_spec("prometheus_client") is not None,
-        "Dask backend (--backend dask)": _accepts_backend()
+        "Dask backend (--backend dask)": accepts_backend()
         and importlib.util.find_spec("distributed") is not None,
     }
-
-
-def _accepts_backend() -> bool:
-    fields = getattr(tokengate.CoordinatorConfig, "__dataclass_fields__", {})
-    return "backend" in fields
 
 
 def info_text() -> str:
