@@ -533,10 +533,11 @@ class Runner:
         # the last event is the final failure, not a retry.
         final_published = bool(errors) and exc is not None and type(exc) is type(errors[-1])
         retried = errors[:-1] if final_published else errors
-        token.attempts = len(retried) + 1 if ran else 0
-        for err in retried:
+        for attempt, err in enumerate(retried, 1):  # middleware sees each attempt's number
+            token.attempts = attempt
             host.record_retried(token)
             host.after_attempt(token, "retried", err)
+        token.attempts = len(retried) + 1 if ran else 0
         if nested:
             host.merge_nested(nested)  # before anyone is woken: get() then sees every count
         entry.done = True
