@@ -64,10 +64,14 @@ def open_gate_once_stopping(coordinator: OperationsCoordinator) -> None:
 def test_ctrl_c_inside_the_with_block_discards_pending_and_finishes_running(
     resources: Resources,
 ) -> None:
-    coordinator = OperationsCoordinator(workers_per_core=1, cores=1)
+    # convergence=False: while the only thread worker waits on the gate, the engine rightly adds
+    # threads, which can run the queued tokens (the last one included) before Ctrl-C lands.
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1, convergence=False)
     made: list[Token[Any]] = []
     with pytest.raises(KeyboardInterrupt), coordinator:
         made += [gated(0)]
+        # Running before Ctrl-C, whose stop(cancel_pending=True) would discard it unstarted.
+        eventually(made[0].running, what="the gated task to start")
         made += [plain(i) for i in range(1, 100)]
         made += [tiered(i) for i in range(100, 120)]
         made += [link(made[-1], 120, -1)]
