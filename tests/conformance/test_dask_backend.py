@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from tokengate import (
     ConfigError,
     CoordinatorNotRunning,
     OperationsCoordinator,
+    SerializationError,
     WorkerCrashed,
     task_token_guard,
 )
@@ -188,6 +190,36 @@ async def async_double(x: int) -> int:
 
     await asyncio.sleep(0)
     return 2 * x
+
+
+def test_an_argument_that_cannot_be_pickled_fails_its_token(dask_harness: Harness) -> None:
+    """Dask pickles a call when it is sent: at the call, or, for a token parked until its
+    dependency is sent, on the backend's own thread. Either way the token fails naming the
+    argument; none is left pending (stop() would wait for it for ever)."""
+    coordinator = dask_harness.coordinator(storage_limits={"SLOW": 1})
+    gate, journal, high_water = (
+        dask_harness.gate(),
+        dask_harness.journal(),
+        dask_harness.high_water(),
+    )
+    direct = record(journal, threading.Lock())  # type: ignore[arg-type]
+    error = direct.exception(timeout=30)
+    assert isinstance(error, SerializationError)
+    assert "argument 2 of 'record'" in str(error) and "_thread.lock" in str(error)
+    holder = slow_write(high_water, gate)
+    waiting = slow_write(high_water, gate)  # no SLOW permit yet: not sent to Dask
+    eventually(lambda: high_water.read()[0] == 1, what="the SLOW permit to be taken")
+    later = record(journal, "later", waiting, threading.Lock())
+    assert not later.done()  # parked until its dependency is sent
+    gate.set()
+    assert [holder.get(timeout=30), waiting.get(timeout=30)] == ["written"] * 2
+    error = later.exception(timeout=30)
+    assert isinstance(error, SerializationError)
+    assert "argument 4 of 'record'" in str(error)
+    coordinator.stop(timeout=30)
+    snap = coordinator.stats()
+    assert (snap.submitted, snap.resolved, snap.failed, snap.in_flight) == (4, 2, 2, 0)
+    assert journal.labels() == []
 
 
 def test_async_def_tasks_run_on_the_workers(dask_harness: Harness) -> None:

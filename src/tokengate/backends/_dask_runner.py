@@ -35,7 +35,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._dependencies import _dependency_error, _failed, find_dependencies
-from .._errors import DependencyFailed, TaskTimeout, TokenGateError, WorkerCrashed
+from .._errors import (
+    DependencyFailed,
+    SerializationError,
+    TaskTimeout,
+    TokenGateError,
+    WorkerCrashed,
+)
 from .._token import Token
 from ._dask_task import (
     DEADLINE,
@@ -263,14 +269,18 @@ class Runner:
         else:
             call = Call(key, route.ctx_blob, route.tier, deadline, route.spec_meta, args, kwargs)
             parts = (route.target, call)
-        future = self.client.submit(
-            run_task,
-            *parts,
-            key=key,
-            retries=route.retries,
-            priority=route.priority,
-            pure=False,
-        )
+        try:
+            future = self.client.submit(
+                run_task,
+                *parts,
+                key=key,
+                retries=route.retries,
+                priority=route.priority,
+                pure=False,
+            )
+        except Exception as exc:  # Dask pickles here: never leave the token without an end
+            self._fail_unrun(token, host, unsendable(token, route.target, exc))
+            return
         self._inflight[key] = _Entry(token, host, deps, future)
         self._watch(future)
         if token.done():  # discarded while being sent
@@ -627,6 +637,50 @@ def _scheduler_cancel() -> Callable[..., Any]:
         )
 
     return cancel
+
+
+def unsendable(token: Token[Any], target: Any, exc: BaseException) -> BaseException:
+    """Why Dask could not take ``token``: a :class:`SerializationError` naming the function or
+    the argument that cannot be pickled (found only now, on the error path), else a
+    :class:`TokenGateError` wrapping Dask's own error (a closing client, say)."""
+    from ..lanes._wire import _culprit, _reason, _type_name
+
+    found = _culprit(target, "the function")
+    if found is None:
+        for i, arg in enumerate(token.args):
+            found = _culprit(_without_tokens(arg), f"argument {i + 1}")
+            if found is not None:
+                break
+        else:
+            for name, arg in token.kwargs.items():
+                found = _culprit(_without_tokens(arg), f"keyword argument {name!r}")
+                if found is not None:
+                    break
+    what = f"{token.operation_type!r} (token {token.id})"
+    error: BaseException
+    if found is None:
+        error = TokenGateError(f"Dask refused {what}: {type(exc).__name__}: {exc}")
+    else:
+        where, value = found
+        error = SerializationError(
+            f"cannot send {where} of {what} to a Dask worker: a {_type_name(value)} cannot be "
+            f"pickled ({_reason(value)}). Pass picklable values (plain data, module-level "
+            f"functions and classes)"
+        )
+    error.__cause__ = exc
+    return error
+
+
+def _without_tokens(value: Any) -> Any:
+    """``value`` with Token arguments blanked (Dask sends their results, not them)."""
+    if isinstance(value, Token):
+        return None
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return kind(_without_tokens(v) for v in value)
+    if kind is dict:
+        return {k: _without_tokens(v) for k, v in value.items()}
+    return value
 
 
 def _remote(value: Any, remote: dict[int, Any]) -> Any:
