@@ -210,7 +210,7 @@ class OperationsCoordinator(ObservabilityMixin):
         self._discarding = False
         self._closed = False
         self._accepting = True
-        if log.isEnabledFor(_INFO):
+        if log.isEnabledFor(_INFO) and self._backend is None:  # issue 7: a backend has no lanes
             log.info(
                 "[CORE_PINNED_QUEUE] Starting %d mailbox workers...",
                 sum(len(lane.workers) for lane in self._lanes.values()),
@@ -224,14 +224,17 @@ class OperationsCoordinator(ObservabilityMixin):
         _runtime.push_coordinator(self)
         for hook in self._hooks["on_start"]:
             hook(self)
-        if log.isEnabledFor(_INFO) and self._backend is None:
-            log.info(
-                "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
-                sum(
-                    len(ln.workers) for ln in self._lanes.values() if ln.name not in ("io", "async")
-                ),
-                self.core_count,
-            )
+        if log.isEnabledFor(_INFO):
+            if self._backend is None:  # issue 7: a backend logs its own workers ([DASK] ...)
+                log.info(
+                    "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
+                    sum(
+                        len(ln.workers)
+                        for ln in self._lanes.values()
+                        if ln.name not in ("io", "async")
+                    ),
+                    self.core_count,
+                )
             log.info(
                 "[GATE] Admission gate started - %s (mailbox_max=%d)",
                 "full saturation mode" if not self._reject else "reject when full",

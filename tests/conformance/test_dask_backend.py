@@ -267,6 +267,8 @@ def test_address_string_and_verbose_logs(
         assert token.get(timeout=10) == 6765
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("[DASK] Backend ready: dask scheduler tcp://") for m in messages)
+    assert "Operations Coordinator started successfully!" in messages
+    assert not any(m.startswith("[CORE_PINNED_QUEUE] Start") for m in messages)  # no lanes
     assert any(f"[ROUTING] Token {token.id} (heavy) → Pos" in m for m in messages)
     assert any(f"✓ Completed {token.id}" in m for m in messages)
     assert token.lane == "dask" and token.worker is not None and token.worker.startswith("tcp://")
