@@ -173,6 +173,20 @@ def test_one_pinned_worker_process_per_core_kept_warm(procs: Make) -> None:
     assert {t.core for t in tokens} <= set(coordinator.affinity.allowed("heavy"))
 
 
+def test_a_worker_process_boots_without_the_coordinator_stack() -> None:
+    """Start-up (B2's figure) is mostly the worker's imports: it needs the decorator and the
+    wire format, not the coordinator, observability or asyncio (the package is lazy)."""
+    probe = (
+        "import sys, tokengate.lanes._process_child; "
+        "print(sorted(m for m in ('asyncio', 'tokengate._coordinator', 'tokengate.observability',"
+        " 'psutil') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_seed_proof_1_runs_unchanged_in_the_process_lane() -> None:
     coordinator = OperationsCoordinator()
     coordinator.start()
