@@ -33,7 +33,7 @@ from tokengate.demos.cpu import (
     heavy_operation,
     simple_operation,
 )
-from tokengate.demos.io import append_log_slow, write_blob_moderate, write_json_fast
+from tokengate.demos.seed_io import append_log_slow, write_blob_moderate, write_json_fast
 
 # -- the seed's prime check (Proof 3), and three small operations named in its report ----------
 
