@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengate import OperationsCoordinator, StatsSnapshot, Token
+from tokengate.demos._standalone import run_standalone
 from tokengate.demos.seed_io import (
     append_log_slow,
     generate_medium_json,
@@ -123,12 +124,7 @@ class IoProof:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    demo = IoProof(duration=float(argv[0]) if argv else 5.0)
-    with OperationsCoordinator() as coordinator:
-        demo.run(coordinator)
-    print(demo.report(coordinator.stats("FINAL")))
-    return 1 if coordinator.stats().failed else 0
+    return run_standalone(IoProof, argv)
 
 
 if __name__ == "__main__":
