@@ -24,6 +24,7 @@ from tokengate import (
     Topology,
     task_token_guard,
 )
+from tokengate.demos.cpu import fibonacci_operation  # the seed's Proof 1 task, unchanged
 
 Make = Callable[..., OperationsCoordinator]
 GATE = threading.Event()
@@ -37,17 +38,6 @@ def _reset() -> Any:
     RUNS.clear()
     yield
     GATE.set()
-
-
-@task_token_guard(operation_type="fibonacci", tags={"weight": "heavy"})
-def fibonacci_operation(n: int) -> int:
-    """The seed's Proof 1 task, unchanged."""
-    if n <= 1:
-        return n
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
 
 
 @task_token_guard(operation_type="echo", tags={"weight": "light"})

@@ -2,8 +2,9 @@
 remote errors, crashes, timeouts, stop and orphans, and chains across lanes.
 
 Worker processes import the tasks from ``process_tasks`` (tests/ is on ``sys.path``, which the
-workers inherit). Nothing here sleeps to wait for a process: tests wait on tokens with
-``get(timeout=...)`` or on a condition with ``eventually``.
+workers inherit), and the seed's Proof 1 tasks from ``tokengate.demos.cpu``. Nothing here sleeps
+to wait for a process: tests wait on tokens with ``get(timeout=...)`` or on a condition with
+``eventually``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tokengate import (
     WorkerCrashed,
     task_token_guard,
 )
+from tokengate.demos.cpu import fibonacci_operation, heavy_operation
 from tokengate.lanes import _process
 from tokengate.lanes._process import describe_exit, runs_in_process
 from tokengate.lanes._wire import RemoteTraceback
@@ -192,11 +194,11 @@ def test_seed_proof_1_runs_unchanged_in_the_process_lane() -> None:
     coordinator.start()
     try:
         args = [100, 200, 300, 150, 250, 180, 220, 280]
-        tokens = [pt.fibonacci_operation(n) for n in args]
+        tokens = [fibonacci_operation(n) for n in args]
         results = [token.get(timeout=30) for token in tokens]
     finally:
         coordinator.stop()
-    assert results == [pt.fibonacci_operation.__wrapped__(n) for n in args]
+    assert results == [fibonacci_operation.__wrapped__(n) for n in args]
     assert {t.lane for t in tokens} == {"process"}
     assert_counts_add_up(coordinator)
 
@@ -702,7 +704,7 @@ def test_main_script_functions_run_in_the_process_lane(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert f"heavy {pt.heavy_operation.__wrapped__(10)}" in out
+    assert f"heavy {heavy_operation.__wrapped__(10)}" in out
     assert "[HEAVY-7] Generating complex nested JSON (depth: 3)..." in out  # printed by a worker
     assert "json ['level_3']" in out
     assert "fib 144" in out
