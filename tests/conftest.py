@@ -1,4 +1,5 @@
-"""Shared fixtures: a coordinator that is always stopped, and a bounded condition wait."""
+"""Shared fixtures: a coordinator that is always stopped, a bounded condition wait, and the
+gate that gated test tasks wait on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tokengate import OperationsCoordinator, Topology
+
+#: The gate that gated test tasks wait on (``assert GATE.wait(30)``); a test opens it with
+#: ``GATE.set()``. ``_close_the_gate`` closes it before every test and opens it after, pass or
+#: fail, so a failed test never leaves a worker blocked behind it.
+GATE = threading.Event()
+
+
+@pytest.fixture(autouse=True)
+def _close_the_gate() -> Iterator[None]:
+    GATE.clear()
+    yield
+    GATE.set()
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

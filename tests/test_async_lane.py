@@ -9,7 +9,7 @@ from typing import Any, assert_type
 
 import pytest
 
-from conftest import assert_counts_add_up, eventually
+from conftest import GATE, assert_counts_add_up, eventually
 from tokengate import (
     CoordinatorNotRunning,
     DependencyFailed,
@@ -30,17 +30,13 @@ COORDINATOR_DEFAULTS = {"process_lane": False}
 
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
 SEEN: dict[str, int] = {}
 LOCK = threading.Lock()
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> Any:
-    GATE.clear()
+def _reset() -> None:
     SEEN.clear()
-    yield
-    GATE.set()
 
 
 @task_token_guard(operation_type="double_async", tags={"weight": "light"})

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import eventually
+from conftest import GATE, eventually
 from tokengate import ConfigError, OperationsCoordinator, task_token_guard
 from tokengate._convergence import (
     ConvergenceEngine,
@@ -32,14 +32,6 @@ COORDINATOR_DEFAULTS = {"process_lane": False}
 
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
-
-
-@pytest.fixture(autouse=True)
-def _reset() -> Any:
-    GATE.clear()
-    yield
-    GATE.set()
 
 
 @task_token_guard(operation_type="waits_on_io", tags={"weight": "light"})

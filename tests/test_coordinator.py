@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_counts_add_up, eventually
+from conftest import GATE, assert_counts_add_up, eventually
 from tokengate import (
     CoordinatorNotRunning,
     DependencyFailed,
@@ -27,17 +27,13 @@ from tokengate import (
 from tokengate.demos.cpu import fibonacci_operation  # the seed's Proof 1 task, unchanged
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
 RUNS: list[str] = []
 RUNS_LOCK = threading.Lock()
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> Any:
-    GATE.clear()
+def _reset() -> None:
     RUNS.clear()
-    yield
-    GATE.set()
 
 
 @task_token_guard(operation_type="echo", tags={"weight": "light"})

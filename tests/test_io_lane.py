@@ -9,11 +9,10 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import assert_counts_add_up, eventually
+from conftest import GATE, assert_counts_add_up, eventually
 from tokengate import OperationsCoordinator, task_token_guard
 from tokengate._convergence import ConvergenceEngine
 from tokengate.demos.seed_io import (
@@ -24,17 +23,13 @@ from tokengate.demos.seed_io import (
 )
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
 LOCK = threading.Lock()
 RUNNING = {"now": 0, "high": 0}
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> Any:
-    GATE.clear()
+def _reset() -> None:
     RUNNING.update(now=0, high=0)
-    yield
-    GATE.set()
 
 
 @task_token_guard(operation_type="fast_write", tags={"weight": "light", "storage_speed": "FAST"})
