@@ -40,14 +40,19 @@ def assert_counts_add_up(coordinator: OperationsCoordinator) -> None:
     assert snap.submitted == snap.resolved + snap.failed + snap.discarded, str(snap)
 
 
+#: ``COORDINATOR_DEFAULTS`` for a module whose tests pass threading objects to heavy tasks, which
+#: the process lane cannot pickle: they test thread-lane behaviour, so heavy work stays on threads
+#: there (tests/test_process_lane.py covers processes).
+HEAVY_ON_THREADS = {"process_lane": False}
+
+
 @pytest.fixture
 def make_coordinator(
     request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., OperationsCoordinator]]:
     """Build and start coordinators; every one is stopped and its counts checked at teardown.
 
-    A test module may set ``COORDINATOR_DEFAULTS`` (e.g. ``{"process_lane": False}`` where its
-    heavy tasks take threading objects that cannot cross into a worker process).
+    A test module may set ``COORDINATOR_DEFAULTS``, e.g. to ``HEAVY_ON_THREADS``.
     """
     made: list[OperationsCoordinator] = []
     defaults = dict(getattr(request.module, "COORDINATOR_DEFAULTS", {}))
