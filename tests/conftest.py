@@ -1,4 +1,5 @@
-"""Shared fixtures: a coordinator that is always stopped, and a bounded condition wait."""
+"""Shared fixtures: a coordinator that is always stopped, a bounded condition wait, and the
+gate that gated test tasks wait on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tokengate import OperationsCoordinator, Topology
+
+#: The gate that gated test tasks wait on (``assert GATE.wait(30)``); a test opens it with
+#: ``GATE.set()``. ``_close_the_gate`` closes it before every test and opens it after, pass or
+#: fail, so a failed test never leaves a worker blocked behind it.
+GATE = threading.Event()
+
+
+@pytest.fixture(autouse=True)
+def _close_the_gate() -> Iterator[None]:
+    GATE.clear()
+    yield
+    GATE.set()
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -27,14 +40,19 @@ def assert_counts_add_up(coordinator: OperationsCoordinator) -> None:
     assert snap.submitted == snap.resolved + snap.failed + snap.discarded, str(snap)
 
 
+#: ``COORDINATOR_DEFAULTS`` for a module whose tests pass threading objects to heavy tasks, which
+#: the process lane cannot pickle: they test thread-lane behaviour, so heavy work stays on threads
+#: there (tests/test_process_lane.py covers processes).
+HEAVY_ON_THREADS = {"process_lane": False}
+
+
 @pytest.fixture
 def make_coordinator(
     request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., OperationsCoordinator]]:
     """Build and start coordinators; every one is stopped and its counts checked at teardown.
 
-    A test module may set ``COORDINATOR_DEFAULTS`` (e.g. ``{"process_lane": False}`` where its
-    heavy tasks take threading objects that cannot cross into a worker process).
+    A test module may set ``COORDINATOR_DEFAULTS``, e.g. to ``HEAVY_ON_THREADS``.
     """
     made: list[OperationsCoordinator] = []
     defaults = dict(getattr(request.module, "COORDINATOR_DEFAULTS", {}))

@@ -18,26 +18,6 @@ from tokengate import Token, task_token_guard
 HEAVY = {"weight": "heavy"}
 
 
-@task_token_guard(operation_type="fibonacci", tags=HEAVY)
-def fibonacci_operation(n: int) -> int:
-    """The seed's Proof 1 task, unchanged."""
-    if n <= 1:
-        return n
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-@task_token_guard(operation_type="cpu_intensive", tags=HEAVY)
-def heavy_operation(iterations: int) -> int:
-    """The seed's heavy_operation."""
-    result = 0
-    for _ in range(iterations):
-        result += sum(j**2 for j in range(100))
-    return result
-
-
 @task_token_guard(operation_type="whoami", tags=HEAVY)
 def whoami() -> dict[str, Any]:
     return {

@@ -9,7 +9,7 @@ from typing import Any, assert_type
 
 import pytest
 
-from conftest import assert_counts_add_up, eventually
+from conftest import GATE, HEAVY_ON_THREADS, assert_counts_add_up, eventually
 from tokengate import (
     CoordinatorNotRunning,
     DependencyFailed,
@@ -23,24 +23,17 @@ from tokengate import (
     task_token_guard,
 )
 
-# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
-# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
-# covers processes).
-COORDINATOR_DEFAULTS = {"process_lane": False}
+COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
 SEEN: dict[str, int] = {}
 LOCK = threading.Lock()
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> Any:
-    GATE.clear()
+def _reset() -> None:
     SEEN.clear()
-    yield
-    GATE.set()
 
 
 @task_token_guard(operation_type="double_async", tags={"weight": "light"})

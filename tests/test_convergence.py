@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import eventually
+from conftest import GATE, HEAVY_ON_THREADS, eventually
 from tokengate import ConfigError, OperationsCoordinator, task_token_guard
 from tokengate._convergence import (
     ConvergenceEngine,
@@ -25,21 +25,10 @@ from tokengate._convergence import (
     read_thread_cpu,
 )
 
-# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
-# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
-# covers processes).
-COORDINATOR_DEFAULTS = {"process_lane": False}
+COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
-
-
-@pytest.fixture(autouse=True)
-def _reset() -> Any:
-    GATE.clear()
-    yield
-    GATE.set()
 
 
 @task_token_guard(operation_type="waits_on_io", tags={"weight": "light"})

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_counts_add_up, eventually
+from conftest import GATE, assert_counts_add_up, eventually
 from tokengate import (
     CoordinatorNotRunning,
     DependencyFailed,
@@ -24,30 +24,16 @@ from tokengate import (
     Topology,
     task_token_guard,
 )
+from tokengate.demos.cpu import fibonacci_operation  # the seed's Proof 1 task, unchanged
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
 RUNS: list[str] = []
 RUNS_LOCK = threading.Lock()
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> Any:
-    GATE.clear()
+def _reset() -> None:
     RUNS.clear()
-    yield
-    GATE.set()
-
-
-@task_token_guard(operation_type="fibonacci", tags={"weight": "heavy"})
-def fibonacci_operation(n: int) -> int:
-    """The seed's Proof 1 task, unchanged."""
-    if n <= 1:
-        return n
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
 
 
 @task_token_guard(operation_type="echo", tags={"weight": "light"})

@@ -14,7 +14,7 @@ import pytest
 import tokengate
 from tokengate import OperationsCoordinator
 from tokengate.bench import _b6_mixed
-from tokengate.demos import chain, cpu, endurance, io, mixed
+from tokengate.demos import chain, cpu, endurance, io, mixed, seed_io
 
 DEMO_DIR = Path(mixed.__file__).parent
 DEMO_MODULES = sorted(p for p in DEMO_DIR.glob("*.py") if p.name != "__init__.py")
@@ -46,9 +46,9 @@ def test_the_seed_functions_compute_what_the_seed_says() -> None:
         assert mixed.prime_operation(91).get(timeout=10) is False
         assert chain.start_chain(5).get(timeout=10) == chain.direct(5)
     assert cpu.heavy_operation.spec.weight == "heavy"
-    assert io.write_json_fast.spec.storage_speed == "FAST"
-    assert io.append_log_slow.spec.storage_speed == "SLOW"
-    assert io.write_blob_moderate.spec.storage_speed == "MODERATE"
+    assert seed_io.write_json_fast.spec.storage_speed == "FAST"
+    assert seed_io.append_log_slow.spec.storage_speed == "SLOW"
+    assert seed_io.write_blob_moderate.spec.storage_speed == "MODERATE"
 
 
 DemoFactory = Callable[..., Any]

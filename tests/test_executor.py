@@ -11,18 +11,15 @@ from typing import Any
 
 import pytest
 
+from conftest import GATE
 from tokengate import ConfigError, OperationsCoordinator, Token, TokenGateExecutor
 
-GATE = threading.Event()
 STARTED = threading.Event()
 
 
 @pytest.fixture(autouse=True)
-def _open_gate() -> Any:
-    GATE.clear()
+def _reset() -> None:
     STARTED.clear()
-    yield
-    GATE.set()
 
 
 def square(x: int) -> int:

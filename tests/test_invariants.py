@@ -20,7 +20,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import eventually
+from conftest import HEAVY_ON_THREADS, eventually
 from tokengate import (
     DependencyFailed,
     OperationsCoordinator,
@@ -31,10 +31,7 @@ from tokengate import (
     task_token_guard,
 )
 
-# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
-# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
-# covers processes).
-COORDINATOR_DEFAULTS = {"process_lane": False}
+COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
 
 WEIGHTS = ("light", "medium", "heavy")

@@ -4,33 +4,32 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import assert_counts_add_up, eventually
+from conftest import GATE, assert_counts_add_up, eventually
 from tokengate import OperationsCoordinator, task_token_guard
 from tokengate._convergence import ConvergenceEngine
+from tokengate.demos.seed_io import (
+    append_log_slow,
+    create_json_file,
+    write_blob_moderate,
+    write_json_fast,
+)
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
 LOCK = threading.Lock()
 RUNNING = {"now": 0, "high": 0}
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> Any:
-    GATE.clear()
+def _reset() -> None:
     RUNNING.update(now=0, high=0)
-    yield
-    GATE.set()
 
 
 @task_token_guard(operation_type="fast_write", tags={"weight": "light", "storage_speed": "FAST"})
@@ -244,95 +243,7 @@ def test_tokens_survive_workers_added_and_retired_under_load(
     assert_counts_add_up(coordinator)
 
 
-# -- the seed's Proof 2, as written ------------------------------------------------------------
-@task_token_guard(
-    operation_type="write_json_fast", tags={"weight": "light", "storage_speed": "FAST"}
-)
-def write_json_fast(path, payload):  # type: ignore[no-untyped-def]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    return {
-        "path": path,
-        "bytes": os.path.getsize(path),
-        "keys": len(payload),
-    }
-
-
-@task_token_guard(
-    operation_type="append_log_slow", tags={"weight": "heavy", "storage_speed": "SLOW"}
-)
-def append_log_slow(path, message):  # type: ignore[no-untyped-def]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(message + "\n")
-    return {
-        "path": path,
-        "chars": len(message),
-    }
-
-
-@task_token_guard(
-    operation_type="write_blob_moderate", tags={"weight": "medium", "storage_speed": "MODERATE"}
-)
-def write_blob_moderate(path, size_kb):  # type: ignore[no-untyped-def]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    blob = b"x" * (size_kb * 1024)
-    with open(path, "wb") as f:
-        f.write(blob)
-    return {
-        "path": path,
-        "bytes": len(blob),
-    }
-
-
-@task_token_guard(
-    operation_type="json_fast",
-    tags={
-        "weight": "medium",  # Core routing
-        "storage_speed": "FAST",  # Storage throttling
-    },
-)
-def generate_medium_json(index: int) -> dict:  # type: ignore[type-arg]
-    """Generate medium-sized JSON (~50KB)."""
-    return {
-        "id": index,
-        "timestamp": time.time(),
-        "records": [
-            {
-                "id": i,
-                "value": random.random(),
-                "label": f"record_{i}",
-                "tags": [f"tag_{j}" for j in range(5)],
-                "nested": {
-                    "x": random.randint(0, 100),
-                    "y": random.randint(0, 100),
-                    "data": [random.random() for _ in range(10)],
-                },
-            }
-            for i in range(100)
-        ],
-        "metadata": {
-            "version": "1.0",
-            "type": "medium",
-            "generator": "json_medium",
-            "stats": {"total_records": 100, "created_at": time.time()},
-        },
-    }
-
-
-def create_json_file(index: int, base: Path) -> dict:  # type: ignore[type-arg]
-    """The seed's create_json_file with the README's one-line change (``.get()``)."""
-    _dir = base / "jsons"
-    _dir.mkdir(exist_ok=True)
-    data = generate_medium_json(index).get()  # the seed: data = generate_medium_json(index)
-    timestamp = int(time.time() * 1000)
-    filename = _dir / f"json_fast_{timestamp}_{index:04d}.json"
-    with open(filename, "w") as f:
-        json.dump(data, f, indent=2)
-    return {"index": index, "filename": str(filename), "size_bytes": filename.stat().st_size}
-
-
+# -- the seed's Proof 2, as written (its functions: tokengate.demos.seed_io) ------------------
 def test_the_seeds_io_proof_runs_as_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

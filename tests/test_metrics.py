@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import GATE
 from tokengate import (
     CoordinatorNotRunning,
     OperationsCoordinator,
@@ -24,14 +25,6 @@ from tokengate import (
 from tokengate.observability._metrics import METRICS
 
 Make = Callable[..., OperationsCoordinator]
-GATE = threading.Event()
-
-
-@pytest.fixture(autouse=True)
-def _open_gate() -> Any:
-    GATE.clear()
-    yield
-    GATE.set()
 
 
 @task_token_guard(operation_type="mx_light", tags={"weight": "light"})

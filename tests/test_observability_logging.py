@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HEAVY_ON_THREADS
 from tokengate import ConfigError, OperationsCoordinator, task_token_guard
 
-# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
-# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
-# covers processes).
-COORDINATOR_DEFAULTS = {"process_lane": False}
+COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
 
 # Proof 4's lines in the seed's order (a subsequence of what verbose=True prints). Worker start

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import eventually
+from conftest import HEAVY_ON_THREADS, eventually
 from tokengate import (
     ConfigError,
     CoordinatorNotRunning,
@@ -28,10 +28,7 @@ from tokengate.observability._options import (
 )
 from tokengate.observability._overflow import process_rss
 
-# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
-# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
-# covers processes).
-COORDINATOR_DEFAULTS = {"process_lane": False}
+COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
 
 Make = Callable[..., OperationsCoordinator]

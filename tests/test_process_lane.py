@@ -2,8 +2,9 @@
 remote errors, crashes, timeouts, stop and orphans, and chains across lanes.
 
 Worker processes import the tasks from ``process_tasks`` (tests/ is on ``sys.path``, which the
-workers inherit). Nothing here sleeps to wait for a process: tests wait on tokens with
-``get(timeout=...)`` or on a condition with ``eventually``.
+workers inherit), and the seed's Proof 1 tasks from ``tokengate.demos.cpu``. Nothing here sleeps
+to wait for a process: tests wait on tokens with ``get(timeout=...)`` or on a condition with
+``eventually``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tokengate import (
     WorkerCrashed,
     task_token_guard,
 )
+from tokengate.demos.cpu import fibonacci_operation, heavy_operation
 from tokengate.lanes import _process
 from tokengate.lanes._process import describe_exit, runs_in_process
 from tokengate.lanes._wire import RemoteTraceback
@@ -173,16 +175,30 @@ def test_one_pinned_worker_process_per_core_kept_warm(procs: Make) -> None:
     assert {t.core for t in tokens} <= set(coordinator.affinity.allowed("heavy"))
 
 
+def test_a_worker_process_boots_without_the_coordinator_stack() -> None:
+    """Start-up (B2's figure) is mostly the worker's imports: it needs the decorator and the
+    wire format, not the coordinator, observability or asyncio (the package is lazy)."""
+    probe = (
+        "import sys, tokengate.lanes._process_child; "
+        "print(sorted(m for m in ('asyncio', 'tokengate._coordinator', 'tokengate.observability',"
+        " 'psutil') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_seed_proof_1_runs_unchanged_in_the_process_lane() -> None:
     coordinator = OperationsCoordinator()
     coordinator.start()
     try:
         args = [100, 200, 300, 150, 250, 180, 220, 280]
-        tokens = [pt.fibonacci_operation(n) for n in args]
+        tokens = [fibonacci_operation(n) for n in args]
         results = [token.get(timeout=30) for token in tokens]
     finally:
         coordinator.stop()
-    assert results == [pt.fibonacci_operation.__wrapped__(n) for n in args]
+    assert results == [fibonacci_operation.__wrapped__(n) for n in args]
     assert {t.lane for t in tokens} == {"process"}
     assert_counts_add_up(coordinator)
 
@@ -688,7 +704,7 @@ def test_main_script_functions_run_in_the_process_lane(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert f"heavy {pt.heavy_operation.__wrapped__(10)}" in out
+    assert f"heavy {heavy_operation.__wrapped__(10)}" in out
     assert "[HEAVY-7] Generating complex nested JSON (depth: 3)..." in out  # printed by a worker
     assert "json ['level_3']" in out
     assert "fib 144" in out

@@ -11,13 +11,11 @@ from typing import Any
 
 import pytest
 
+from conftest import HEAVY_ON_THREADS
 from tokengate import OperationsCoordinator, RetryPolicy, Span, TokenGateError, task_token_guard
 from tokengate.observability._trace import trace_events
 
-# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
-# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
-# covers processes).
-COORDINATOR_DEFAULTS = {"process_lane": False}
+COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
 
 Make = Callable[..., OperationsCoordinator]

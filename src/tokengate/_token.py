@@ -16,7 +16,6 @@ A Token *is* a ``concurrent.futures.Future``, so ``wait``, ``as_completed`` and
 from __future__ import annotations
 
 import _thread
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -37,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ._errors import TokenDiscarded, TokenGateError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ._spec import TaskSpec
 
 __all__ = ["PENDING", "Token", "check_timeout", "next_seq"]
@@ -474,6 +475,9 @@ async def _await_token(token: Token[T]) -> T:
     ``call_soon_threadsafe``. Cancelling the awaiting task cancels the token if it has not
     started, as awaiting an asyncio future would.
     """
+    import asyncio  # here, not at the top: awaiting means asyncio is loaded already, and a
+    # process-lane worker, which imports this module, starts faster without it
+
     if not token.done():
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengate import OperationsCoordinator, StatsSnapshot, Token, task_token_guard
+from tokengate.demos._standalone import run_standalone
 
 # -- the seed's functions, as written (the import changed, type hints added) -----------------
 
@@ -166,12 +167,7 @@ class CpuProof:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    demo = CpuProof(duration=float(argv[0]) if argv else 10.0)
-    with OperationsCoordinator() as coordinator:
-        demo.run(coordinator)
-    print(demo.report(coordinator.stats("FINAL")))
-    return 1 if coordinator.stats().failed or demo.mismatches else 0
+    return run_standalone(CpuProof, argv, wrong=lambda demo: demo.mismatches)
 
 
 if __name__ == "__main__":

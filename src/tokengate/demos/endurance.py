@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengate import OperationsCoordinator, StatsSnapshot, Token
+from tokengate.demos._standalone import run_standalone
 from tokengate.demos.cpu import cpu_call
 
 PHASES = ("NORMAL", "SURGE", "NORMAL", "IDLE")
@@ -94,12 +95,7 @@ class EnduranceRun:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    demo = EnduranceRun(duration=float(argv[0]) if argv else 60.0)
-    with OperationsCoordinator() as coordinator:
-        demo.run(coordinator)
-    print(demo.report(coordinator.stats("FINAL")))
-    return 1 if coordinator.stats().failed else 0
+    return run_standalone(EnduranceRun, argv)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Run it on its own::
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import sys
 import tempfile
 import threading
@@ -24,86 +22,14 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokengate import OperationsCoordinator, StatsSnapshot, Token, task_token_guard
-
-# -- the seed's functions, as written (the import changed, type hints added) -----------------
-
-
-@task_token_guard(
-    operation_type="write_json_fast", tags={"weight": "light", "storage_speed": "FAST"}
+from tokengate import OperationsCoordinator, StatsSnapshot, Token
+from tokengate.demos._standalone import run_standalone
+from tokengate.demos.seed_io import (
+    append_log_slow,
+    generate_medium_json,
+    write_blob_moderate,
+    write_json_fast,
 )
-def write_json_fast(path: str, payload: dict[str, Any]) -> dict[str, Any]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    return {
-        "path": path,
-        "bytes": os.path.getsize(path),
-        "keys": len(payload),
-    }
-
-
-@task_token_guard(
-    operation_type="append_log_slow", tags={"weight": "heavy", "storage_speed": "SLOW"}
-)
-def append_log_slow(path: str, message: str) -> dict[str, Any]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(message + "\n")
-    return {
-        "path": path,
-        "chars": len(message),
-    }
-
-
-@task_token_guard(
-    operation_type="write_blob_moderate", tags={"weight": "medium", "storage_speed": "MODERATE"}
-)
-def write_blob_moderate(path: str, size_kb: int) -> dict[str, Any]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    blob = b"x" * (size_kb * 1024)
-    with open(path, "wb") as f:
-        f.write(blob)
-    return {
-        "path": path,
-        "bytes": len(blob),
-    }
-
-
-@task_token_guard(
-    operation_type="json_fast",
-    tags={
-        "weight": "medium",  # Core routing
-        "storage_speed": "FAST",  # Storage throttling
-    },
-)
-def generate_medium_json(index: int) -> dict[str, Any]:
-    """Generate medium-sized JSON (~50KB)."""
-    return {
-        "id": index,
-        "timestamp": time.time(),
-        "records": [
-            {
-                "id": i,
-                "value": random.random(),
-                "label": f"record_{i}",
-                "tags": [f"tag_{j}" for j in range(5)],
-                "nested": {
-                    "x": random.randint(0, 100),
-                    "y": random.randint(0, 100),
-                    "data": [random.random() for _ in range(10)],
-                },
-            }
-            for i in range(100)
-        ],
-        "metadata": {
-            "version": "1.0",
-            "type": "medium",
-            "generator": "json_medium",
-            "stats": {"total_records": 100, "created_at": time.time()},
-        },
-    }
-
 
 # -- the demo ---------------------------------------------------------------------------------
 
@@ -198,12 +124,7 @@ class IoProof:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    demo = IoProof(duration=float(argv[0]) if argv else 5.0)
-    with OperationsCoordinator() as coordinator:
-        demo.run(coordinator)
-    print(demo.report(coordinator.stats("FINAL")))
-    return 1 if coordinator.stats().failed else 0
+    return run_standalone(IoProof, argv)
 
 
 if __name__ == "__main__":

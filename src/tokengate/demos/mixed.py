@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengate import OperationsCoordinator, StatsSnapshot, Token, task_token_guard
+from tokengate.demos._standalone import run_standalone
 from tokengate.demos.cpu import (
     complex_operation,
     fibonacci_operation,
     heavy_operation,
     simple_operation,
 )
-from tokengate.demos.io import append_log_slow, write_blob_moderate, write_json_fast
+from tokengate.demos.seed_io import append_log_slow, write_blob_moderate, write_json_fast
 
 # -- the seed's prime check (Proof 3), and three small operations named in its report ----------
 
@@ -178,12 +179,7 @@ class MixedOrchestrator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    demo = MixedOrchestrator(duration=float(argv[0]) if argv else 20.0)
-    with OperationsCoordinator() as coordinator:
-        demo.run(coordinator)
-    print(demo.report(coordinator.stats("FINAL")))
-    return 1 if coordinator.stats().failed else 0
+    return run_standalone(MixedOrchestrator, argv)
 
 
 if __name__ == "__main__":
