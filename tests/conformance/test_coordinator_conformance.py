@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import eventually
+from conftest import HEAVY_ON_THREADS, eventually
 from tokengate import (
     DependencyFailed,
     OperationBlocked,
@@ -53,10 +53,8 @@ from .tasks import (
     write_json_fast,
 )
 
-# The probes of the local backend are threading objects (Events), which cannot cross into the
-# process lane's worker processes; the suite is about coordinator behaviour, so heavy tasks stay on
-# threads here (the process lane has its own tests). The Dask backend has no process lane.
-COORDINATOR_DEFAULTS = {"process_lane": False}
+# The local backend's probes are threading Events (the Dask backend has no process lane).
+COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
 NO_BACKOFF = {"retry_policy": RetryPolicy(max_retries=2, backoff_base=0.0)}
 
