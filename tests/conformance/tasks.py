@@ -1,4 +1,8 @@
-"""Decorated functions of the conformance suite, importable by name on Dask workers."""
+"""Decorated functions of the conformance suite, importable by name on Dask workers.
+
+The seed's own Proof 1-3 tasks are not copied here: the tests import them from their one home,
+``tokengate.demos`` (``cpu``, ``mixed``, ``seed_io``).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,6 @@ from typing import Any
 from tokengate import task_token_guard
 
 from .probes import Gate, HighWater, Journal
-
-
-@task_token_guard(operation_type="fibonacci", tags={"weight": "heavy"})
-def fibonacci_operation(n: int) -> int:
-    """The seed's Proof 1 task, unchanged."""
-    if n <= 1:
-        return n
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
 
 
 @task_token_guard(operation_type="echo", tags={"weight": "light"})
@@ -128,42 +121,6 @@ def chain_by_hand(value: int, label: str) -> dict[str, Any]:
     v = v // 2 if v % 2 == 0 else v * 2 + 1
     v = sum(i * v for i in range(1, 51)) % 9973
     return {label: v, "parity": "even" if v % 2 == 0 else "odd"}
-
-
-# -- the seed's Proof 2 and 3 I/O tasks, unchanged but for the import ----------------------------
-@task_token_guard(
-    operation_type="write_json_fast", tags={"weight": "light", "storage_speed": "FAST"}
-)
-def write_json_fast(path: str, payload: dict[str, Any]) -> dict[str, Any]:
-    import json
-    import os
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    return {"path": path, "bytes": os.path.getsize(path), "keys": len(payload)}
-
-
-@task_token_guard(
-    operation_type="append_log_slow", tags={"weight": "heavy", "storage_speed": "SLOW"}
-)
-def append_log_slow(path: str, message: str) -> dict[str, Any]:
-    import os
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(message + "\n")
-    return {"path": path, "chars": len(message)}
-
-
-@task_token_guard(operation_type="prime_check", tags={"weight": "medium"})
-def prime_operation(n: int) -> bool:
-    if n < 2:
-        return False
-    for i in range(2, int(n**0.5) + 1):  # noqa: SIM110 - the seed's code, unchanged
-        if n % i == 0:
-            return False
-    return True
 
 
 @task_token_guard(operation_type="json_fast", tags={"weight": "medium", "storage_speed": "FAST"})

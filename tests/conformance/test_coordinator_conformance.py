@@ -26,10 +26,12 @@ from tokengate import (
     TokenDiscarded,
 )
 from tokengate._middleware import Middleware
+from tokengate.demos.cpu import fibonacci_operation
+from tokengate.demos.mixed import prime_operation
+from tokengate.demos.seed_io import append_log_slow, write_json_fast
 
 from .conftest import Harness, assert_counts_add_up
 from .tasks import (
-    append_log_slow,
     blocker,
     chain_accumulate,
     chain_by_hand,
@@ -39,18 +41,15 @@ from .tasks import (
     chain_seed,
     create_json_file,
     echo,
-    fibonacci_operation,
     flaky,
     hangs,
     nested_fib,
-    prime_operation,
     raises_value_error,
     record,
     slow_write,
     square,
     total,
     urgent,
-    write_json_fast,
 )
 
 # The local backend's probes are threading Events (the Dask backend has no process lane).

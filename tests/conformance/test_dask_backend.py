@@ -25,10 +25,11 @@ from tokengate import (
     task_token_guard,
 )
 from tokengate.backends import Backend, BackendUnavailable, resolve_backend
+from tokengate.demos.cpu import fibonacci_operation
 
 from .conftest import DASK_WORKERS, Harness, assert_counts_add_up
 from .probes import HighWater, Journal
-from .tasks import blocker, fibonacci_operation, record, slow_write
+from .tasks import blocker, record, slow_write
 
 distributed = pytest.importorskip(
     "distributed", reason="the Dask backend needs dask.distributed: pip install 'tokengate[dask]'"
