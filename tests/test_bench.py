@@ -660,3 +660,22 @@ def test_count_figures_print_as_whole_numbers_and_equal_ranges_collapse() -> Non
     assert _cell({"median": 1699.0, "min": 1699.0, "max": 1699.0, "runs": 3}, "count") == "1,699"
     assert _cell({"median": 20.5, "min": 20.0, "max": 21.0, "runs": 2}, "count") == "20.5 [20–21]"
     assert _cell({"median": 9.78, "min": 9.781, "max": 9.779, "runs": 3}, "number") == "9.78"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss folding is Linux's")
+def test_a_case_peak_rss_is_its_own_not_its_parents() -> None:
+    """A case process started by a big parent must not report the parent's memory: on Linux
+    ``ru_maxrss`` carries the parent's high-water mark across fork and exec."""
+    parent = (
+        "import subprocess, sys\n"
+        "ballast = bytearray(300 * 2**20)\n"  # the parent's RSS: ~300 MB, touched
+        "for i in range(0, len(ballast), 4096): ballast[i] = 1\n"
+        "code = 'from tokengate.bench._case import peak_rss_kib; print(peak_rss_kib())'\n"
+        "out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)\n"
+        "print(out.stdout.strip() or out.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", parent], capture_output=True, text=True, timeout=60, check=True
+    )
+    child_mb = int(done.stdout.strip()) / 1024
+    assert 5 < child_mb < 150, done.stdout

@@ -2,8 +2,8 @@
 
     python -m tokengate.bench._case B1 threadpool-4 [--quick] [--n N] [--address ADDR]
 
-A fresh interpreter per case is the only honest way to measure peak RSS (``ru_maxrss`` is a
-process-wide high-water mark) and to keep one system's threads, processes and garbage away from
+A fresh interpreter per case is the only honest way to measure peak RSS (a high-water mark
+is process-wide) and to keep one system's threads, processes and garbage away from
 the next. Whatever happens, the last line of stdout is the JSON result: ``status`` is ``ok``,
 ``not installed``, ``error`` or ``deadlocked``; anything the system itself prints goes to stderr.
 """
@@ -25,16 +25,29 @@ from tokengate.bench._scenarios import get_scenario
 if sys.platform != "win32":
     import resource
 
-__all__ = ["main", "measure"]
+__all__ = ["main", "measure", "peak_rss_kib"]
 
 
-def _maxrss_kib() -> int:
-    """This process's peak resident set so far, in KiB."""
+def peak_rss_kib() -> int:
+    """This process's own peak resident set so far, in KiB.
+
+    On Linux ``ru_maxrss`` is not ours alone: the kernel folds the high-water mark of the address
+    space we were forked from into it at ``exec``, so it is at least our parent's RSS (the bench
+    runner's, or a pytest session's). ``VmHWM`` in ``/proc/self/status`` belongs to the address
+    space made at ``exec``: read it where it exists.
+    """
     if sys.platform == "win32":  # the peak working set
         import psutil
 
         info = psutil.Process().memory_info()
         return int(getattr(info, "peak_wset", info.rss)) // 1024
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])  # kB
+    except OSError:
+        pass
     raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return raw // 1024 if sys.platform == "darwin" else raw  # bytes on macOS, KiB on Linux
 
@@ -51,7 +64,7 @@ def _preload(system: System) -> list[str]:
 
 
 def _memory(n: int, baseline_kib: int) -> Figures:
-    peak = _maxrss_kib()
+    peak = peak_rss_kib()
     growth = max(peak - baseline_kib, 0)
     return {
         "peak_rss_mb": peak / 1024,
@@ -86,12 +99,12 @@ def measure(
         record.update(status="not installed", error=f"needs {', '.join(missing)}")
         return record
     params = CaseParams(n=count, quick=quick, cores=usable_cores(), address=address)
-    baseline = _maxrss_kib()
+    baseline = peak_rss_kib()
     try:
         # Imports first, so the RSS growth is the work's, not the modules'.
         for module in _preload(system):
             importlib.import_module(module)
-        baseline = _maxrss_kib()
+        baseline = peak_rss_kib()
         figures = system.run(params)
     except Deadlocked as stuck:
         record.update(status="deadlocked", error=str(stuck), figures=stuck.figures)

@@ -58,8 +58,9 @@ class Figure:
     kind: Literal["number", "count", "bool"] = "number"
 
 
-#: Added to every case by the harness: ``ru_maxrss`` of the case's own fresh process, and its
-#: growth over the high-water mark taken just before the system ran (after its imports).
+#: Added to every case by the harness: the peak RSS (``VmHWM``) of the case's own fresh
+#: process, and its growth over the high-water mark taken just before the system ran (after
+#: its imports).
 PEAK_RSS = Figure("peak_rss_mb", "peak RSS MB", higher_is_better=False)
 RSS_GROWTH = Figure("rss_growth_mb", "RSS growth MB", higher_is_better=False)
 #: Also computed for every case; shown only by scenarios that list it (B4).

@@ -364,9 +364,9 @@ def render_markdown(report: Record) -> str:
         "",
         "The latest full run of `tokengate bench`. Each case ran in a fresh process; figures are "
         "medians with the [min–max] range over the runs. Peak RSS is the case's own process "
-        '(`ru_maxrss`), not worker processes it started. "vs best peer" is tokengate\'s median '
-        "divided by the best peer's on the scenario's headline figure (floors are not peers); "
-        '"within noise" means the two ranges overlap.',
+        '(`VmHWM` on Linux), not worker processes it started. "vs best peer" is tokengate\'s '
+        "median divided by the best peer's on the scenario's headline figure (floors are not "
+        'peers); "within noise" means the two ranges overlap.',
         "",
         f"- command: `{report['command']}`",
         f"- date: {report['date']}",
