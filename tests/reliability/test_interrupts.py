@@ -57,7 +57,7 @@ def test_ctrl_c_while_waiting_in_get_leaves_the_tokens_alone(resources: Resource
 
 def open_gate_once_stopping(coordinator: OperationsCoordinator) -> None:
     """Open the gate once stop() is draining, as a task finishing on its own would."""
-    eventually(lambda: coordinator._status != "running", what="stop() to begin")
+    eventually(lambda: coordinator._status != "running", timeout=50, what="stop() to begin")
     GATE.set()
 
 
