@@ -28,12 +28,19 @@ def assert_counts_add_up(coordinator: OperationsCoordinator) -> None:
 
 
 @pytest.fixture
-def make_coordinator() -> Iterator[Callable[..., OperationsCoordinator]]:
-    """Build and start coordinators; every one is stopped and its counts checked at teardown."""
+def make_coordinator(
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., OperationsCoordinator]]:
+    """Build and start coordinators; every one is stopped and its counts checked at teardown.
+
+    A test module may set ``COORDINATOR_DEFAULTS`` (e.g. ``{"process_lane": False}`` where its
+    heavy tasks take threading objects that cannot cross into a worker process).
+    """
     made: list[OperationsCoordinator] = []
+    defaults = dict(getattr(request.module, "COORDINATOR_DEFAULTS", {}))
 
     def make(**options: object) -> OperationsCoordinator:
-        coordinator = OperationsCoordinator(**options).start()  # type: ignore[arg-type]
+        coordinator = OperationsCoordinator(**{**defaults, **options}).start()  # type: ignore[arg-type]
         made.append(coordinator)
         return coordinator
 

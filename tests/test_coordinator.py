@@ -60,12 +60,12 @@ def where_light() -> str:
     return threading.current_thread().name
 
 
-@task_token_guard(operation_type="where_heavy", tags={"weight": "heavy"})
+@task_token_guard(operation_type="where_heavy", tags={"weight": "heavy", "executor": "thread"})
 def where_heavy() -> str:
     return threading.current_thread().name
 
 
-@task_token_guard(operation_type="blocker", tags={"weight": "heavy"})
+@task_token_guard(operation_type="blocker", tags={"weight": "heavy", "executor": "thread"})
 def blocker(started: threading.Event | None = None) -> str:
     if started is not None:
         started.set()
@@ -73,7 +73,7 @@ def blocker(started: threading.Event | None = None) -> str:
     return "released"
 
 
-@task_token_guard(operation_type="record", tags={"weight": "heavy"})
+@task_token_guard(operation_type="record", tags={"weight": "heavy", "executor": "thread"})
 def record(label: str) -> str:
     with RUNS_LOCK:
         RUNS.append(label)
@@ -83,7 +83,9 @@ def record(label: str) -> str:
 FLAKY_STATE: dict[str, int] = {}
 
 
-@task_token_guard(operation_type="flaky", tags={"weight": "heavy", "retries": 3})
+@task_token_guard(
+    operation_type="flaky", tags={"weight": "heavy", "retries": 3, "executor": "thread"}
+)
 def flaky(label: str, failures: int, exc_type: type[BaseException] = ConnectionError) -> str:
     with RUNS_LOCK:
         RUNS.append(label)
@@ -403,7 +405,9 @@ def test_nested_tasks_never_deadlock(make_coordinator: Make, workers_per_core: i
 
 
 # -- cancellation, deadlines, timeouts, stop ------------------------------------------------------
-@task_token_guard(operation_type="urgent", tags={"weight": "heavy", "deadline": 0.05})
+@task_token_guard(
+    operation_type="urgent", tags={"weight": "heavy", "deadline": 0.05, "executor": "thread"}
+)
 def urgent() -> str:
     return "ran"
 
@@ -423,7 +427,9 @@ def test_a_token_past_its_deadline_is_discarded_not_run(make_coordinator: Make) 
     assert coordinator.stats().discarded == 1
 
 
-@task_token_guard(operation_type="hangs", tags={"weight": "heavy", "timeout": 0.2})
+@task_token_guard(
+    operation_type="hangs", tags={"weight": "heavy", "timeout": 0.2, "executor": "thread"}
+)
 def hangs() -> str:
     GATE.wait(30)
     return "late"
@@ -546,3 +552,63 @@ def test_threads_end_after_stop() -> None:
     with OperationsCoordinator(workers_per_core=2):
         [nested_fib(8) for _ in range(4)]
     eventually(lambda: set(threading.enumerate()) <= before, what="worker threads to end")
+
+
+def test_an_internal_error_fails_the_token_and_keeps_the_worker(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1)
+    real_begin = coordinator.begin
+    calls = {"n": 0}
+
+    def broken_begin(token: Any, worker: Any, *, arm_timeout: bool = True) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated bug in tokengate")
+        return real_begin(token, worker, arm_timeout=arm_timeout)
+
+    monkeypatch.setattr(coordinator, "begin", broken_begin)
+    with caplog.at_level(logging.CRITICAL, logger="tokengate.worker"):
+        first = record("first")
+        with pytest.raises(TokenGateError, match="internal error") as info:
+            first.get(timeout=10)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert any("internal error" in r.getMessage() for r in caplog.records)
+    assert record("second").get(timeout=10) == "second"  # the same worker goes on
+
+
+class Box:
+    """Hands a token to a task without making it a dependency (tokens as arguments are)."""
+
+    def __init__(self, token: Any) -> None:
+        self.token = token
+
+
+@task_token_guard(operation_type="waits_briefly", tags={"weight": "light"})
+def waits_briefly(box: Box) -> str:
+    try:
+        box.token.get(timeout=0.2)
+    except TimeoutError:
+        return "timed out"
+    return "finished"
+
+
+@task_token_guard(operation_type="slow_held", tags={"weight": "light", "storage_speed": "SLOW"})
+def slow_held(started: threading.Event | None = None) -> str:
+    if started is not None:
+        started.set()
+    assert GATE.wait(30)
+    return "io"
+
+
+def test_get_timeout_holds_inside_a_task_too(make_coordinator: Make) -> None:
+    """A worker that helps while it waits (here: the awaited token waits for a storage permit,
+    so the worker runs its own mailbox and sleeps) still honours the caller's timeout."""
+    make_coordinator(workers_per_core=2, cores=1, storage_limits={"SLOW": 1})
+    started = threading.Event()
+    holder = slow_held(started)  # takes the only SLOW permit and holds it
+    assert started.wait(10)
+    child = slow_held()  # parked: waiting for the permit
+    assert waits_briefly(Box(child)).get(timeout=10) == "timed out"
+    GATE.set()
+    assert holder.get(timeout=10) == child.get(timeout=10) == "io"

@@ -28,6 +28,17 @@ from ._stats import OperationStats, StatsSnapshot
 from ._throttle import TierStats
 from ._token import Token
 from ._topology import Topology, detect_topology
+from .observability import (
+    FailureRecord,
+    GuardHouse,
+    GuardHouseReport,
+    OperationHealth,
+    OverflowGuard,
+    OverflowStatus,
+    SlowRun,
+    Span,
+    TokenGateCollector,
+)
 
 __version__ = "0.1.0"
 
@@ -38,12 +49,20 @@ __all__ = [
     "CoordinatorConfig",
     "CoordinatorNotRunning",
     "DependencyFailed",
+    "FailureRecord",
+    "GuardHouse",
+    "GuardHouseReport",
     "OperationBlocked",
+    "OperationHealth",
     "OperationStats",
     "OperationsCoordinator",
+    "OverflowGuard",
+    "OverflowStatus",
     "Overloaded",
     "RetryPolicy",
     "SerializationError",
+    "SlowRun",
+    "Span",
     "StatsSnapshot",
     "TaskFunction",
     "TaskSpec",
@@ -51,6 +70,7 @@ __all__ = [
     "TierStats",
     "Token",
     "TokenDiscarded",
+    "TokenGateCollector",
     "TokenGateError",
     "TokenGateExecutor",
     "Topology",

@@ -9,10 +9,16 @@ here: a worker blocked on its own mailbox would deadlock, so their re-admissions
 soft bound, which the recursion structure of their work bounds in turn.
 
 Other admission conditions (the Overflow Guard's memory budget) plug in as ``pause`` reasons.
+
+asyncio producers (``submit_async``) wait in :meth:`wait_for_async` instead: the same attempt,
+the same register-then-re-check order, but the wait is an ``asyncio`` future that ``notify``
+resolves through ``call_soon_threadsafe``, so the producer's event loop never blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +39,8 @@ class AdmissionGate:
         self._cond = threading.Condition(threading.Lock())
         self.waiters = 0
         self._paused: dict[str, str] = {}
+        # io-lane: asyncio producers waiting for room, as (their loop, a future to resolve)
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def wait_for(self, attempt: Callable[[], T | None], timeout: float | None = None) -> T | None:
         """Call ``attempt`` until it returns non-None; ``None`` if ``timeout`` runs out."""
@@ -59,6 +67,49 @@ class AdmissionGate:
         """Room was made; wake the waiting producers (callers check ``waiters`` first)."""
         with self._cond:
             self._cond.notify_all()
+            woken = self._take_async_waiters()
+        _wake_async(woken)
+
+    # -- io-lane: asyncio producers ------------------------------------------------------------
+    async def wait_for_async(
+        self, attempt: Callable[[], T | None], timeout: float | None = None
+    ) -> T | None:
+        """:meth:`wait_for` for asyncio code: awaits instead of blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            waiter: asyncio.Future[None] = loop.create_future()
+            entry = (loop, waiter)
+            with self._cond:
+                self.waiters += 1
+                self._async_waiters.append(entry)
+            try:
+                if not self._paused:  # re-checked after registering: no wake-up can be lost
+                    result = attempt()
+                    if result is not None:
+                        return result
+                wait = _SAFETY_WAIT
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = min(wait, left)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await waiter
+            finally:
+                with self._cond:
+                    self.waiters -= 1
+                    with contextlib.suppress(ValueError):
+                        self._async_waiters.remove(entry)
+
+    def _take_async_waiters(
+        self,
+    ) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]:
+        woken = self._async_waiters
+        if woken:
+            self._async_waiters = []
+        return woken
 
     # -- pauses (overflow guard) ---------------------------------------------------------------
     def pause(self, reason: str, detail: str = "") -> None:
@@ -69,7 +120,20 @@ class AdmissionGate:
         with self._cond:
             self._paused.pop(reason, None)
             self._cond.notify_all()
+            woken = self._take_async_waiters()
+        _wake_async(woken)
 
     @property
     def paused(self) -> dict[str, str]:
         return dict(self._paused)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _wake_async(woken: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]) -> None:
+    for loop, waiter in woken:
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, waiter)

@@ -6,6 +6,7 @@ value fails when the coordinator is made, not when the first token meets it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,6 +15,7 @@ from typing import Any
 from ._errors import ConfigError
 from ._retry import RetryPolicy, default_retry_policies
 from ._spec import STORAGE_TIERS, WEIGHTS
+from .observability._options import validate_observability
 
 __all__ = ["DEFAULT_STORAGE_LIMITS", "MAILBOX_MAX", "CoordinatorConfig"]
 
@@ -44,6 +46,21 @@ class CoordinatorConfig:
     ``Overloaded``. ``storage_limits`` caps how many tasks of each storage tier run at once.
     ``retry_policy`` is one :class:`RetryPolicy` for every weight or a mapping per weight.
     ``cores`` limits the coordinator to the first N usable cores (``None``: all of them).
+
+    Observability (see the README): ``guard_house`` watches every run per operation type;
+    ``auto_block`` turns it into a circuit breaker that opens after ``block_after`` consecutive
+    failures and lets one probe through after ``block_cooldown`` seconds. ``overflow_guard``
+    pauses admission while the process's RSS is over ``memory_budget`` (bytes, ``"512MB"``,
+    ``"25%"``; ``None``: half the memory this process may use), sampled every
+    ``memory_check_interval`` seconds. ``trace`` keeps the last ``trace_buffer`` task spans for
+    ``export_trace``.
+    I/O lane and convergence engine: ``io_workers`` threads per storage tier to start with;
+    ``convergence`` turns the engine on, sampling every ``convergence_interval`` seconds and
+    growing a backed-up core up to ``max_workers_per_core`` workers (a storage tier up to its
+    limit) while the queued work waits on I/O. ``async_concurrency`` caps the ``async def``
+    tasks running at once on the coordinator's event loop.
+    ``process_lane`` runs CPU-heavy tasks in worker processes, one per core (``None``: wherever
+    the platform supports it; ``False``: never, every task runs on threads).
     """
 
     workers_per_core: int = 4
@@ -56,6 +73,23 @@ class CoordinatorConfig:
     cores: int | None = None
     verbose: bool = False
     convergence_verbose: bool = False
+    # -- observability (issue 5); validated by observability/_options.py ----------------------
+    guard_house: bool = True
+    auto_block: bool = False
+    block_after: int = 5
+    block_cooldown: float = 30.0
+    overflow_guard: bool = True
+    memory_budget: int | str | None = None
+    memory_check_interval: float = 0.5
+    trace: bool = False
+    trace_buffer: int = 10_000
+    # -- io-lane: async tasks, the I/O lane and the convergence engine -------------------------
+    io_workers: int = 4
+    max_workers_per_core: int = 32
+    async_concurrency: int = 512
+    convergence: bool = True
+    convergence_interval: float = 0.1
+    process_lane: bool | None = None  # issue 3: see lanes/_process.py
 
     def __post_init__(self) -> None:
         _positive_int("workers_per_core", self.workers_per_core, upper=_MAX_WORKERS_PER_CORE)
@@ -107,6 +141,33 @@ class CoordinatorConfig:
         for name in ("verbose", "convergence_verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        validate_observability(self)  # observability knobs (issue 5)
+        self._check_io_lane()
+        if self.process_lane is not None and not isinstance(self.process_lane, bool):
+            raise ConfigError(
+                f"process_lane must be True, False or None (automatic), got {self.process_lane!r}"
+            )
+
+    def _check_io_lane(self) -> None:
+        """io-lane knobs (kept apart so other lanes' knobs merge cleanly)."""
+        _positive_int("io_workers", self.io_workers, upper=_MAX_WORKERS_PER_CORE)
+        _positive_int(
+            "max_workers_per_core", self.max_workers_per_core, upper=_MAX_WORKERS_PER_CORE
+        )
+        _positive_int("async_concurrency", self.async_concurrency)
+        if not isinstance(self.convergence, bool):
+            raise ConfigError(f"convergence must be True or False, got {self.convergence!r}")
+        interval = self.convergence_interval
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not math.isfinite(interval)
+            or interval <= 0
+        ):
+            raise ConfigError(
+                f"convergence_interval must be a positive number of seconds (e.g. 0.1), "
+                f"got {interval!r}"
+            )
 
     def policy_for(self, weight: str) -> RetryPolicy:
         """The retry policy of one weight class."""

@@ -22,8 +22,12 @@ done-callbacks release its dependents, so no thread ever polls for work.
 
 Lanes (``lanes/``) own workers and mailboxes and talk back only through the ``LaneHost`` methods
 ``claim``, ``begin``, ``execute``, ``complete`` and ``after_token``. Which lane runs a spec is
-decided once per spec by ``_lane_for``. Optional policies (``Middleware``) see submissions and the
-end of every attempt; with none installed they cost one truthiness check.
+decided once per spec by ``_lane_for``: ``async def`` tasks run on the coordinator's event loop
+(``AsyncLane``), storage-tier tasks on the per-tier thread pools of the ``IOLane``, the rest on
+the core-pinned ``ThreadLane``. The ``ConvergenceEngine`` (``_convergence.py``) resizes the
+thread and I/O pools while running; it calls ``_workers_changed`` so cached routes are rebuilt.
+Optional policies (``Middleware``) see submissions and the end of every attempt; with none
+installed they cost one truthiness check.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ from . import _runtime
 from ._admission import AdmissionGate
 from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
 from ._config import CoordinatorConfig
+from ._convergence import ConvergenceEngine, ConvergencePolicy
 from ._dependencies import DependencyTracker, find_dependencies
 from ._errors import (
+    ConfigError,
     CoordinatorNotRunning,
     Overloaded,
     TaskTimeout,
@@ -49,14 +55,23 @@ from ._errors import (
 from ._executor import TokenGateExecutor, make_executor
 from ._logging import attach_verbose_handlers, detach_verbose_handlers
 from ._middleware import HOOKS, Middleware, overridden
-from ._spec import TaskSpec
+from ._spec import STORAGE_TIERS, TaskSpec
 from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
-from ._token import Token, check_timeout, next_seq
-from ._topology import Topology, detect_topology
+from ._token import PENDING, Token, check_timeout, next_seq
+from ._topology import Topology, detect_topology, gil_enabled
+from .lanes._async import AsyncLane
 from .lanes._base import Lane, Worker
+from .lanes._io import IOLane
+from .lanes._process import (
+    ProcessLane,
+    check_process_lane_option,
+    runs_in_process,
+)
 from .lanes._thread import ThreadLane
+from .lanes._wire import prepare_call
+from .observability._facade import ObservabilityMixin
 
 if TYPE_CHECKING:
     from ._decorator import TaskFunction
@@ -71,16 +86,22 @@ log = logging.getLogger("tokengate.coordinator")
 routing_log = logging.getLogger("tokengate.routing")
 worker_log = logging.getLogger("tokengate.worker")
 retry_log = logging.getLogger("tokengate.retry")
+stats_log = logging.getLogger("tokengate.stats")  # the seed's "[DEBUG] Recorded:" (issue 5)
 _DEBUG = logging.DEBUG
 _INFO = logging.INFO
+_THREADED = frozenset(("thread", "io"))  # lanes whose workers are plain threads
 _perf = time.perf_counter
+# Argument types that can hold a Token (the dependency scan's fast path checks only these).
+_MAYBE_DEPENDENCY = frozenset((Token, list, tuple, dict))
 
 
-class OperationsCoordinator:
+class OperationsCoordinator(ObservabilityMixin):
     """Runs decorated functions as tokens on core-pinned workers with bounded mailboxes.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. Keyword arguments are
     those of :class:`CoordinatorConfig` (or pass ``config=``); they are validated here.
+    Observability (``guard_house``, ``overflow_guard``, ``serve_metrics``, ``export_trace``)
+    comes from :class:`ObservabilityMixin` (``observability/_facade.py``).
     """
 
     def __init__(
@@ -115,6 +136,10 @@ class OperationsCoordinator:
         self._low_water = max(1, config.mailbox_max // 2)
         self._reject = config.admission == "reject"
         self._policies = {w: config.policy_for(w) for w in ("light", "medium", "heavy")}
+        # Process lane (issue 3): on where supported unless process_lane=False.
+        self._process_on = check_process_lane_option(config.process_lane)
+        self._gil = gil_enabled()
+        self._warned_no_process: set[str] = set()
         self._lock = threading.Lock()
         self._status = "new"  # new -> running -> stopping -> stopped
         self._accepting = False
@@ -136,6 +161,8 @@ class OperationsCoordinator:
         self._before_submit: list[Callable[[TaskSpec], None]] = []
         self._after_attempt: list[Callable[[Token[Any], str, BaseException | None], None]] = []
         self._verbose_handlers: list[Any] = []
+        self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
+        self._convergence: ConvergenceEngine | None = None  # io-lane: built at start
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> OperationsCoordinator:
@@ -154,6 +181,8 @@ class OperationsCoordinator:
             )
         if log.isEnabledFor(_INFO):
             self._log_banner()
+        else:  # the guards' banner lines have their own loggers (issue 5)
+            self._log_observability_banner(ready=True)
         cores: dict[int, int | None] = {
             core: self.topology.cpu_for_core(core) for core in range(1, self.core_count + 1)
         }
@@ -166,42 +195,137 @@ class OperationsCoordinator:
         self._discarding = False
         self._closed = False
         self._accepting = True
+        if log.isEnabledFor(_INFO):
+            log.info(
+                "[CORE_PINNED_QUEUE] Starting %d mailbox workers...",
+                sum(len(lane.workers) for lane in self._lanes.values()),
+            )
         for lane in self._lanes.values():
             lane.start()
+        self._start_convergence()  # io-lane
         _runtime.push_coordinator(self)
         for hook in self._hooks["on_start"]:
             hook(self)
         if log.isEnabledFor(_INFO):
             log.info(
                 "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
-                sum(len(lane.workers) for lane in self._lanes.values()),
+                sum(
+                    len(ln.workers) for ln in self._lanes.values() if ln.name not in ("io", "async")
+                ),
                 self.core_count,
             )
+            log.info(
+                "[GATE] Admission gate started - %s (mailbox_max=%d)",
+                "full saturation mode" if not self._reject else "reject when full",
+                self._mailbox_max,
+            )
+            log.info("Worker queue started")
+            log.info("Admission gate started")
+            io_lane = self._lanes.get("io")  # io-lane: its threads are not core-pinned
+            if io_lane is not None:
+                log.info(
+                    "[IO_LANE] Started %d workers (%d per storage tier)",
+                    len(io_lane.workers),
+                    self.config.io_workers,
+                )
+            if self._convergence is not None:  # io-lane
+                log.info("Convergence monitoring started")
             log.info("Operations Coordinator started successfully!")
         return self
 
     def _build_lanes(self, cores: dict[int, int | None]) -> dict[str, Lane]:
         """Create the lanes this coordinator runs (thread always; others per configuration)."""
         lanes: dict[str, Lane] = {
-            "thread": ThreadLane(cores, self.config.workers_per_core, host=self)
+            "thread": ThreadLane(
+                cores,
+                self.config.workers_per_core,
+                host=self,
+                max_workers_per_core=self.config.max_workers_per_core,  # io-lane
+            )
         }
+        lanes.update(self._build_io_lanes())  # io-lane
+        if self._process_on:  # issue 3: one worker process per core, started here, kept warm
+            lanes["process"] = ProcessLane(
+                cores, host=self, policies=self._policies, allowed=self.affinity.allowed
+            )
         return lanes
 
     def _lane_for(self, spec: TaskSpec) -> str:
         """Which lane runs tokens of ``spec`` (see the README's routing rules)."""
+        io_lane = self._io_lane_for(spec)  # io-lane: async def and storage-tier tasks
+        if io_lane is not None:
+            return io_lane
+        # Process lane (issue 3): heavy CPU work while the GIL is on, or executor='process'.
+        if runs_in_process(spec, gil=self._gil):
+            if self._process_on:
+                return "process"
+            if spec.executor == "process" and spec.operation_type not in self._warned_no_process:
+                self._warned_no_process.add(spec.operation_type)
+                log.warning(
+                    "%r is tagged executor='process' but this coordinator has no process lane "
+                    "(process_lane=False or unsupported here); it runs on threads",
+                    spec.operation_type,
+                )
         return "thread"
 
     def _route_of(self, spec: TaskSpec) -> tuple[TaskSpec, str, list[Worker]]:
+        routes = self._routes  # io-lane: a route built while workers change lands in the old dict
         lane_name = self._lane_for(spec)
         lane = self._lanes[lane_name]
-        candidates = [
-            w for core in self.affinity.allowed(spec.weight) for w in lane.by_core.get(core, ())
-        ]
+        pick = getattr(lane, "candidates", None)  # io-lane: a lane may choose its own workers
+        if pick is not None:
+            candidates = list(pick(spec))
+        else:
+            candidates = [
+                w for core in self.affinity.allowed(spec.weight) for w in lane.by_core.get(core, ())
+            ]
         if not candidates:  # a lane with fewer cores than the policy (e.g. one event loop)
             candidates = list(lane.workers)
         route = (spec, lane_name, candidates)
-        self._routes[id(spec)] = route
+        routes[id(spec)] = route
         return route
+
+    # -- io-lane: the async and I/O lanes, the convergence engine ---------------------------------
+    def _build_io_lanes(self) -> dict[str, Lane]:
+        cfg = self.config
+        return {
+            "io": IOLane(STORAGE_TIERS, cfg.io_workers, host=self, limit=self.throttle.limit),
+            "async": AsyncLane(self, concurrency=cfg.async_concurrency),
+        }
+
+    def _io_lane_for(self, spec: TaskSpec) -> str | None:
+        if spec.is_async:
+            return "async"
+        if spec.storage_speed is not None and spec.executor != "process":
+            return "io"
+        return None
+
+    def _start_convergence(self) -> None:
+        cfg = self.config
+        if not cfg.convergence:
+            self._convergence = None
+            return
+        engine = ConvergenceEngine(
+            lambda: self._lanes,
+            interval=cfg.convergence_interval,
+            policy=ConvergencePolicy(
+                gil_capacity=1.0 if gil_enabled() else float(self.core_count),
+                cores=self.core_count,
+            ),
+            on_change=self._workers_changed,
+            count_event=self.count_event,
+        )
+        engine.start()
+        self._convergence = engine
+
+    def _workers_changed(self) -> None:
+        """A lane added or retired workers: routes are rebuilt on their next use."""
+        self._routes = {}
+
+    @property
+    def convergence(self) -> ConvergenceEngine | None:
+        """The running convergence engine (None when ``convergence=False`` or stopped)."""
+        return self._convergence
 
     # -- middleware ----------------------------------------------------------------------------
     def add_middleware(self, middleware: Middleware) -> None:
@@ -237,8 +361,9 @@ class OperationsCoordinator:
         discarded, and a thread still stuck in user code is left behind (it is a daemon thread)
         and logged. Once stop() discards what has not started (``cancel_pending``, or the
         timeout ran out), producers still waiting for mailbox room get their token back
-        discarded, and a running task that fails is not retried: it fails with its error.
-        Whatever is left behind still ends in a terminal state and is counted. Calling
+        discarded; a task left running when the workers stop is not retried if it fails (it
+        fails with its error). Whatever is left behind still ends in a terminal state and is
+        counted. Calling
         ``stop()`` on a coordinator that is not running does nothing.
         """
         timeout = check_timeout(timeout)
@@ -254,6 +379,9 @@ class OperationsCoordinator:
             self._accepting = False
         if log.isEnabledFor(_INFO):
             log.info("Stopping Operations Coordinator...")
+        engine, self._convergence = self._convergence, None  # io-lane: no resizing while stopping
+        if engine is not None:
+            engine.stop()
         try:
             if cancel_pending:
                 self._give_up_pending()
@@ -306,6 +434,7 @@ class OperationsCoordinator:
                 log.exception("middleware on_stop hook %r raised", hook)
         if log.isEnabledFor(_INFO):
             log.info("[CORE_PINNED_QUEUE] All workers stopped")
+            log.info("All components stopped")
             log.info("Operations shutdown complete!")
         detach_verbose_handlers(self._verbose_handlers)
         self._verbose_handlers = []
@@ -349,7 +478,7 @@ class OperationsCoordinator:
         for lane in self._lanes.values():
             sources += lane.queued()
         for token in sources:
-            if token._discard(reason):
+            if not token.done() and token._discard(reason):
                 count += 1
         return count
 
@@ -368,6 +497,53 @@ class OperationsCoordinator:
         task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
         return self._submit(task, args, kwargs, _runtime.local.coordinator is self)
 
+    # -- io-lane: submission from asyncio code ------------------------------------------------
+    async def submit_async(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]:
+        """Submit from asyncio code: ``token = await coordinator.submit_async(fn, x)``.
+
+        Where :meth:`submit` would block its thread until there is room (full mailboxes, a full
+        storage-tier queue), this *awaits* the room, so the caller's event loop keeps running
+        while the coordinator is saturated. It returns the Token once admitted; ``await token``
+        for the result. Calls made on the coordinator's own threads and loop never wait. With
+        ``admission='reject'`` a full mailbox raises ``Overloaded`` at once, as ``submit`` does.
+        """
+        from ._decorator import TaskFunction, adhoc_task
+
+        task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
+        return await self._submit_async(task, args, kwargs)
+
+    async def _submit_async(
+        self, task: TaskFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Token[Any]:
+        if _runtime.local.coordinator is self or not self._accepting:
+            return self._submit(task, args, kwargs, _runtime.local.coordinator is self)
+        spec = task.spec
+        has_deps = bool((args or kwargs) and find_dependencies(args, kwargs))
+        mailboxes = not self._reject
+        if self._room_for(spec, has_deps, mailboxes) is None:
+            await self._gate.wait_for_async(lambda: self._room_for(spec, has_deps, mailboxes))
+        if self._reject or not self._accepting:
+            return self._submit(task, args, kwargs, False)  # raises Overloaded / NotRunning
+        # There is room now and nothing ran on this thread since the check: admitting as an
+        # "internal" call skips the blocking waits (a racing thread can overflow the soft bound
+        # by a token, exactly as calls from inside tasks may).
+        return self._submit(task, args, kwargs, True)
+
+    def _room_for(self, spec: TaskSpec, has_deps: bool, mailboxes: bool) -> bool | None:
+        """True if a call of ``spec`` would be admitted now without waiting, else None."""
+        bound = self._backlog_bound()
+        if has_deps:
+            return True if len(self._deps) < bound else None
+        tier = spec.storage_speed
+        if tier is not None:
+            return True if self.throttle.waiting(tier) < bound else None
+        if not mailboxes:
+            return True
+        route = self._routes.get(id(spec))
+        if route is None or route[0] is not spec:
+            route = self._route_of(spec)
+        return True if self._pick(route[2]) is not None else None
+
     def _submit(
         self,
         task: TaskFunction[..., Any],
@@ -375,6 +551,10 @@ class OperationsCoordinator:
         kwargs: dict[str, Any],
         internal: bool,
     ) -> Token[Any]:
+        # Overflow Guard (issue 5): while admission is paused for memory, external producers
+        # wait here (or are refused with admission='reject'); calls from tasks never wait.
+        if self._gate._paused and not internal and self._accepting:
+            self._wait_admission_paused(task.spec)
         if not self._accepting and not (internal and self._status == "stopping"):
             raise CoordinatorNotRunning(
                 f"cannot run {task.spec.operation_type!r}: the coordinator is {self._status}; "
@@ -384,12 +564,31 @@ class OperationsCoordinator:
         if self._before_submit:
             for hook in self._before_submit:
                 hook(spec)
+        payload = None
+        if self._process_on:
+            # Process lane (issue 3): the call is pickled here, on the caller's thread, before
+            # the token exists, so an unpicklable argument raises SerializationError from the
+            # call and nothing is counted. Arguments holding tokens are pickled once resolved.
+            route = self._routes.get(id(spec))
+            if route is None or route[0] is not spec:
+                route = self._route_of(spec)
+            if route[1] == "process":
+                deps = find_dependencies(args, kwargs) if args or kwargs else None
+                payload = prepare_call(task, args, kwargs, has_dependencies=bool(deps))
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
+        token._payload = payload
         self._stats.record_submitted(spec.operation_type, spec.weight)
         try:
             if spec.deadline is not None:
                 token._deadline_at = token.submitted_at + spec.deadline
             if args or kwargs:
+                for value in args:
+                    if type(value) in _MAYBE_DEPENDENCY:
+                        break
+                else:
+                    if not kwargs:
+                        self._admit(token, internal)
+                        return token
                 deps = find_dependencies(args, kwargs)
                 if deps:
                     if not internal and len(self._deps) >= self._backlog_bound():
@@ -461,7 +660,8 @@ class OperationsCoordinator:
             if best is None:  # stop() gave up on pending work while this producer waited
                 token._discard("stopped")
                 return
-        token._parked = None
+        if token._parked is not None:  # only tier tokens were parked; don't touch the rest
+            token._parked = None
         best.push(token)
         if self._closed:  # pushed after the workers were told to stop: none will run it
             token._discard("stopped")
@@ -569,37 +769,52 @@ class OperationsCoordinator:
             f"result will be dropped",
             retryable=False,
         )
-        self.complete(token, run_id, None, exc)
+        # The body is still running: its storage permit stays held until it really returns
+        # (its own, late completion releases it), so the tier limit holds.
+        self.complete(token, run_id, None, exc, release_permit=False)
         self._replace_stuck(token)
 
     def _replace_stuck(self, token: Token[Any]) -> None:
-        """Give the mailbox of the worker stuck in ``token`` to a fresh thread, so the tokens
-        queued behind a hung task do not wait for it (a thread cannot be killed)."""
-        lane = self._lanes.get(token.lane or "")
-        replace = getattr(lane, "replace", None)
-        if lane is None or replace is None:
+        """Retire the worker stuck in ``token`` for a fresh one in the same pool, so the tokens
+        queued behind a hung task do not wait for it (a thread cannot be killed). The stuck
+        worker hands its queue to its pool and exits when the task returns."""
+        for lane in self._lanes.values():
+            stuck = next((w for w in lane.workers if w.current is token), None)
+            if stuck is not None:
+                break
+        else:
             return
-        stuck = next((w for w in lane.workers if w.current is token), None)
-        if stuck is None or replace(stuck) is None:
+        add = getattr(lane, "add_worker", None)
+        retire = getattr(lane, "retire_worker", None)
+        if add is None or retire is None:
             return
-        self._routes = {}  # cached routes still name the stuck worker
+        add(stuck.pool)
+        if not retire(stuck):
+            return
+        self._workers_changed()
         self.count_event("workers_replaced")
         log.warning(
-            "[%s] stuck in %s past its timeout; a fresh thread took over its mailbox and the "
+            "[%s] stuck in %s past its timeout; a fresh worker took over its queue and the "
             "stuck one will exit when the task returns",
             stuck.name,
             token.id,
         )
 
     def complete(
-        self, token: Token[Any], run_id: int, value: Any, exc: BaseException | None
+        self,
+        token: Token[Any],
+        run_id: int,
+        value: Any,
+        exc: BaseException | None,
+        *,
+        release_permit: bool = True,
     ) -> None:
         """The one place a run ends: resolve, retry or fail (every lane calls this)."""
         timer = token._timer
         if timer is not None:
             timer.cancel()
             token._timer = None
-        if token._holds_permit:
+        if release_permit and token._holds_permit:
             for granted in self.throttle.release(token):
                 self._route(granted, True)
         racy = None if token.spec.timeout is None else run_id
@@ -611,6 +826,8 @@ class OperationsCoordinator:
                     self._notify_after_attempt(token, "resolved", None)
                 if worker_log.isEnabledFor(_DEBUG):
                     worker_log.debug("[%s] ✓ Completed %s", (token.worker or "?").upper(), token.id)
+                if stats_log.isEnabledFor(_DEBUG):
+                    stats_log.debug("[DEBUG] Recorded: %s", token.id)
         elif self._maybe_retry(token, run_id, exc):
             if self._after_attempt:
                 self._notify_after_attempt(token, "retried", exc)
@@ -628,6 +845,8 @@ class OperationsCoordinator:
                     type(exc).__name__,
                     exc,
                 )
+            if stats_log.isEnabledFor(_DEBUG):
+                stats_log.debug("[DEBUG] Recorded: %s", token.id)
         if self._draining:
             self._notify_drain()
 
@@ -645,13 +864,15 @@ class OperationsCoordinator:
         now = _perf()
         token.finished_at = now
         spec = token.spec
+        counters = self._stats._counters(spec.operation_type, spec.weight)
         if exc is None:
-            self._stats.record_resolved(spec.operation_type, spec.weight, now - token.submitted_at)
+            counters.resolved += 1
         else:
-            self._stats.record_failed(spec.operation_type, spec.weight, now - token.submitted_at)
+            counters.failed += 1
+        counters.latency.record(now - token.submitted_at)
 
     def _maybe_retry(self, token: Token[Any], run_id: int, exc: BaseException) -> bool:
-        if self._discarding:  # stop() is not waiting for new attempts: fail with the error
+        if self._closed:  # the workers are stopping: no retry could run, fail with the error
             return False
         spec = token.spec
         policy = self._policies[spec.weight]
@@ -693,6 +914,17 @@ class OperationsCoordinator:
         token._parked = None
         self._admit(token, True)
 
+    def fail_internal(self, token: Token[Any], exc: BaseException) -> None:
+        """Fail a token whose run broke inside tokengate itself (never lose it)."""
+        error = TokenGateError(
+            f"internal error while running {token.operation_type!r} (token {token.id}): "
+            f"{type(exc).__name__}: {exc}; please report it"
+        )
+        error.__cause__ = exc
+        token._finish(None, error, self._record_terminal)
+        if self._draining:
+            self._notify_drain()
+
     def _fail_unrun(self, token: Token[Any], exc: BaseException) -> None:
         if token._finish(None, exc, self._record_terminal) and self._after_attempt:
             self._notify_after_attempt(token, "failed", exc)
@@ -711,42 +943,96 @@ class OperationsCoordinator:
                 hook(token)
             except Exception:
                 log.exception("middleware hook %r raised; the token is not affected", hook)
-        if token._holds_permit:
+        if token.spec.storage_speed is not None:
+            # Always ask the throttle (it checks under its lock): a permit granted while this
+            # token was being cancelled must come back too.
             for granted in self.throttle.release(token):
                 self._route(granted, True)
         if self._draining:
             self._notify_drain()
 
     # -- help while waiting (nested tasks) ----------------------------------------------------
-    def _help(self, token: Token[Any]) -> None:
-        """A worker waiting on ``token`` runs it itself if it has not started.
+    def _help(self, token: Token[Any], end: float | None = None) -> None:
+        """A thread worker waiting on ``token`` keeps the coordinator moving instead of blocking.
 
-        Without this, a task waiting on a child queued behind it (or behind other waiting
-        tasks) would deadlock once every worker waits. Claiming is atomic, so the worker whose
-        mailbox also holds the token simply skips it later.
+        If the token has not started, the worker runs it itself (claiming is atomic, so the
+        worker whose mailbox also holds it simply skips it later). If it cannot run it here —
+        it runs elsewhere, waits for a storage permit or a retry backoff, or belongs to another
+        lane — the worker runs tokens from its own mailbox meanwhile, and sleeps only when that
+        is empty, woken by whichever comes first: a new token or the end of the awaited one.
+        So whatever the awaited token depends on can never be stuck behind the waiting worker,
+        and nested tasks never deadlock, whatever the worker count. Helping stops at ``end``
+        (the caller's ``get(timeout=...)``, as a ``time.monotonic()`` instant).
         """
         local = _runtime.local
         worker = local.worker
-        if worker is None or local.coordinator is not self:
+        if worker is not None and worker.kind == "async":  # io-lane: never block the event loop
+            self._refuse_blocking_wait(token)
+        if (
+            worker is None
+            or local.coordinator is not self
+            or worker.kind not in _THREADED  # io-lane: I/O workers help as thread workers do
+            or token._state != PENDING  # io-lane: _wait also asks for running tokens (above)
+        ):
             return
         while not token.done():
+            if end is not None and time.monotonic() >= end:
+                return  # the caller's timeout: its _wait raises TimeoutError
             parked = token._parked
-            if parked is None:
+            if parked is None and token._state == PENDING:
                 deadline = token._deadline_at
                 if deadline is not None and _perf() > deadline:
                     token._discard("deadline")
-                elif self._lane_for(token.spec) == worker.kind and token._try_claim():
+                    return
+                if self._can_run_inline(token, worker) and token._try_claim():
                     self.execute(token, worker)
+                    continue  # a run that ended in a retry leaves the token still pending
+            elif parked == "deps":
+                pending = self._deps.unfinished(token)
+                if pending:
+                    # Helps (recursively) or waits for the dependency; a discarded one raises,
+                    # and the loop re-checks the token either way.
+                    with contextlib.suppress(BaseException):
+                        pending[0].exception()
+                    continue
+            self._help_from_mailbox(worker, token, end)
+
+    def _help_from_mailbox(self, worker: Any, token: Token[Any], end: float | None) -> None:
+        """Run one token of ``worker``'s own mailbox, or sleep until there is one or ``token``
+        has ended (the worker's wake lock doubles as a sleeper on the token)."""
+        mailbox = worker.mailbox
+        try:
+            other = mailbox.popleft()
+        except IndexError:
+            wake = worker._wake
+            if not token._add_sleeper(wake):
+                return  # ended meanwhile
+            worker.sleeping = True
+            if mailbox or token.done() or worker.stopping:
+                worker.sleeping = False
                 return
-            if parked != "deps":
-                return  # waiting for a tier permit or a backoff: block normally
-            pending = self._deps.unfinished(token)
-            if not pending:
-                return
-            # Helps (recursively) or waits for the dependency; a discarded one raises, and the
-            # loop re-checks the token either way.
-            with contextlib.suppress(BaseException):
-                pending[0].exception()
+            if end is None:
+                wake.acquire()
+            else:
+                wake.acquire(True, max(0.0, end - time.monotonic()))
+            return
+        if self.claim(other):
+            self.execute(other, worker)
+
+    def _can_run_inline(self, token: Token[Any], worker: Worker) -> bool:
+        """Whether ``worker`` may run ``token`` itself: same lane, or both plain threads
+        (io-lane: a thread worker waiting on a storage-tier token, or the reverse, helps too)."""
+        lane = self._lane_for(token.spec)
+        return lane == worker.kind or (lane in _THREADED and worker.kind in _THREADED)
+
+    def _refuse_blocking_wait(self, token: Token[Any]) -> None:
+        if token.done():
+            return
+        raise TokenGateError(
+            f"token {token.id} ({token.operation_type}) was waited on with get()/result() on "
+            f"the coordinator's event loop, which would block every async task (and deadlock "
+            f"if the token needs the loop). In an async task write `await token` instead."
+        )
 
     # -- observation ------------------------------------------------------------------------------
     def stats(self, label: str = "STATS") -> StatsSnapshot:
@@ -759,6 +1045,10 @@ class OperationsCoordinator:
 
     def set_storage_limit(self, tier: str, limit: int) -> None:
         """Resize a storage tier's limit while running."""
+        if not isinstance(tier, str):
+            raise ConfigError(
+                f"storage tier must be a name such as 'FAST', got {type(tier).__name__} {tier!r}"
+            )
         for granted in self.throttle.resize(tier.upper(), limit):
             self._route(granted, True)
 
@@ -804,6 +1094,24 @@ class OperationsCoordinator:
     def gate(self) -> AdmissionGate:
         return self._gate
 
+    def _log_io_banner(self) -> None:
+        cfg = self.config
+        log.info(
+            "[IO_LANE] %d threads per storage tier to start, up to the tier's limit", cfg.io_workers
+        )
+        log.info("[ASYNC_LANE] One event loop, up to %d async tasks at once", cfg.async_concurrency)
+        log.info("")
+        log.info("Configuring convergence engine...")
+        if cfg.convergence:
+            log.info(
+                "Convergence engine enabled (every %.2fs; cores grow up to %d workers, "
+                "storage tiers up to their limits, only while the queued work waits on I/O)",
+                cfg.convergence_interval,
+                cfg.max_workers_per_core,
+            )
+        else:
+            log.info("Convergence engine disabled: worker counts stay at their baseline")
+
     def _log_banner(self) -> None:
         cfg = self.config
         rule = "=" * 70
@@ -815,14 +1123,17 @@ class OperationsCoordinator:
         log.info("%s", self.topology.banner())
         log.info("")
         log.info("Creating foundation components...")
+        self._log_observability_banner()  # [OVERFLOW_GUARD], [GUARD_HOUSE] (issue 5)
         log.info("%s", self.affinity.banner())
         log.info("%s", self.throttle.banner())
+        self._log_observability_ready()
         log.info("Core affinity policy created")
         log.info("")
         log.info("Building execution pipeline...")
         log.info("%s", mapping_banner(self.core_count, cfg.workers_per_core))
         log.info("Worker queue created")
         log.info("Admission gate configured (mailbox_max=%d, %s)", cfg.mailbox_max, cfg.admission)
+        self._log_io_banner()  # io-lane
         log.info("")
         log.info("Operations Coordinator ready!")
         log.info("  Cores: %d", self.core_count)
@@ -833,6 +1144,7 @@ class OperationsCoordinator:
                 len(v) for v in core_worker_mapping(self.core_count, cfg.workers_per_core).values()
             ),
         )
+        log.info("  Convergence: %s", "ENABLED" if cfg.convergence else "DISABLED")  # io-lane
         log.info(rule)
         log.info("")
         log.info("Starting Operations Coordinator...")

@@ -13,11 +13,12 @@ import contextlib
 import functools
 import importlib
 import inspect
+import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import _runtime
 from ._errors import ConfigError, CoordinatorNotRunning
@@ -25,6 +26,9 @@ from ._spec import TaskSpec
 from ._token import Token, check_timeout
 
 __all__ = ["TaskFunction", "adhoc_task", "task_token_guard"]
+
+_local = _runtime.local
+_stack = _runtime.running_stack
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,14 +54,25 @@ class TaskFunction(Generic[P, R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
-        local = _runtime.local
-        coordinator = local.coordinator
-        if coordinator is not None:
+        coordinator = _local.coordinator
+        if coordinator is not None:  # called from inside a task: never blocks at admission
             return coordinator._submit(self, args, kwargs, True)  # type: ignore[no-any-return]
+        if not _stack:
+            # Inside a process-lane worker there is no coordinator: the call runs inline and
+            # returns a finished Token (see lanes/_process_child.py).
+            if _runtime.inline_runner is not None:
+                return _runtime.inline_runner(self, args, kwargs)  # type: ignore[no-any-return]
+            raise _not_running(self.spec)
+        return _stack[-1]._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
+
+    async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
+        """From asyncio code: ``token = await fn.submit_async(x)`` awaits room instead of
+        blocking the event loop when the coordinator is saturated (see
+        ``OperationsCoordinator.submit_async``); ``await token`` gives the result."""
         coordinator = _runtime.current_coordinator()
         if coordinator is None:
             raise _not_running(self.spec)
-        return coordinator._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
+        return await coordinator._submit_async(self, args, kwargs)  # type: ignore[no-any-return]
 
     def map(
         self,
@@ -77,10 +92,10 @@ class TaskFunction(Generic[P, R]):
         ):
             raise ConfigError(f"window must be a whole number >= 1, got {window!r}")
         coordinator = _runtime.current_coordinator()
-        if coordinator is None:
+        if coordinator is None and _runtime.inline_runner is None:
             raise _not_running(self.spec)
-        if window is None:
-            window = coordinator.config.mailbox_max
+        if window is None:  # (1 inside a process-lane worker, where each call runs inline)
+            window = 1 if coordinator is None else coordinator.config.mailbox_max
         end = None if timeout is None else time.monotonic() + timeout
         return self._map(zip(*iterables, strict=False), window, end)
 
@@ -103,7 +118,12 @@ class TaskFunction(Generic[P, R]):
         return functools.partial(self, instance)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_load_task, (self.__module__, self.__qualname__))
+        # By name when its module holds it under its qualified name (a worker imports it and
+        # runs ``__wrapped__``); otherwise as (raw function, spec), which cloudpickle can send
+        # by value (a task defined in a function, or rebound under another name).
+        if resolves_by_name(self):
+            return (_load_task, (self.__module__, self.__qualname__))
+        return (_rebuild_task, (self.__wrapped__, self.spec))
 
     def __repr__(self) -> str:
         return (
@@ -112,7 +132,10 @@ class TaskFunction(Generic[P, R]):
 
 
 def _wait(token: Token[R], end: float | None) -> R:
-    return token.result(None if end is None else max(0.0, end - time.monotonic()))
+    try:
+        return token.result(None if end is None else max(0.0, end - time.monotonic()))
+    finally:
+        token.cancel()  # a no-op once it ended; after a timeout it must not run on regardless
 
 
 def _load_task(module: str, qualname: str) -> Any:
@@ -122,9 +145,34 @@ def _load_task(module: str, qualname: str) -> Any:
     return obj
 
 
-def task_token_guard(
-    operation_type: str, tags: Mapping[str, Any] | None = None
-) -> Callable[[Callable[P, R]], TaskFunction[P, R]]:
+def _rebuild_task(fn: Callable[..., Any], spec: TaskSpec) -> TaskFunction[..., Any]:
+    return TaskFunction(fn, spec)
+
+
+def resolves_by_name(task: TaskFunction[..., Any]) -> bool:
+    """Whether ``task`` is what its module (already imported) holds under its qualified name."""
+    obj: Any = sys.modules.get(task.__module__)
+    if obj is None:
+        return False
+    for part in task.__qualname__.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return obj is task
+
+
+class _Decorator(Protocol):
+    """What ``task_token_guard(...)`` returns. An ``async def`` task resolves to what its
+    coroutine returns, so ``fn(3)`` is a ``Token[int]`` for ``async def fn(n) -> int`` too."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> TaskFunction[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> TaskFunction[P, R]: ...
+
+
+def task_token_guard(operation_type: str, tags: Mapping[str, Any] | None = None) -> _Decorator:
     """Decorate a function so that calling it returns a Token (the seed's decorator).
 
     ``tags``: ``weight`` (light / medium / heavy), ``storage_speed`` (SLOW / MODERATE / FAST /
@@ -152,7 +200,7 @@ def task_token_guard(
         spec = TaskSpec.from_tags(operation_type, tags, is_async=is_async)
         return TaskFunction(fn, spec)
 
-    return decorate
+    return cast(_Decorator, decorate)
 
 
 _adhoc: weakref.WeakKeyDictionary[Callable[..., Any], TaskFunction[..., Any]] = (

@@ -88,7 +88,18 @@ class SerializationError(TokenGateError, TypeError):
 
 
 class OperationBlocked(TokenGateError):
-    """The Guard House's circuit breaker is open for this operation type."""
+    """The Guard House's circuit breaker is open for this operation type.
+
+    ``operation_type`` names it; ``retry_in`` is how many seconds until a probe call will be let
+    through (``None`` if unknown).
+    """
+
+    def __init__(
+        self, message: str, operation_type: str = "", retry_in: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.operation_type = operation_type
+        self.retry_in = retry_in
 
 
 for _cls in (

@@ -137,10 +137,14 @@ class TokenGateExecutor(Executor):
             while futures:
                 future = futures.pop()
                 left = None if end is None else max(0.0, end - time.monotonic())
+                try:
+                    value = future.result(left)
+                finally:
+                    future.cancel()  # as the stdlib does: a timed-out call must not run later
                 if chunked:
-                    yield from future.result(left)
+                    yield from value
                 else:
-                    yield future.result(left)
+                    yield value
         finally:
             for future in futures:
                 future.cancel()

@@ -8,9 +8,10 @@ Every other thread uses the most recently started coordinator that is still runn
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["current_coordinator", "local", "pop_coordinator", "push_coordinator"]
+__all__ = ["current_coordinator", "inline_runner", "local", "pop_coordinator", "push_coordinator"]
 
 
 class _Local(threading.local):
@@ -19,7 +20,11 @@ class _Local(threading.local):
 
 
 local = _Local()
+# Set in a process-lane worker process only: runs a decorated call inline, returns a finished
+# Token (lanes/_process_child.py). None everywhere else.
+inline_runner: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any] | None = None
 _stack: list[Any] = []
+running_stack = _stack  # read-only outside this module: the decorator's fast path
 _lock = threading.Lock()
 
 

@@ -92,7 +92,11 @@ def _empty_mapping() -> Mapping[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class OperationStats:
-    """Frozen totals for one operation type. Latencies are in seconds."""
+    """Frozen totals for one operation type. Latencies are in seconds.
+
+    ``latency`` is the operation's merged histogram (for exporters: Prometheus buckets per
+    operation type); a private copy, left out of ``==`` and ``repr``. Treat it as read-only.
+    """
 
     operation_type: str
     weight: str
@@ -107,6 +111,7 @@ class OperationStats:
     latency_p99: float
     latency_max: float
     latency_mean: float
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +351,7 @@ class StatsRecorder:
                 latency_p99=p99,
                 latency_max=lmax,
                 latency_mean=lmean,
+                latency=h,
             )
         overall = LatencyHistogram.merged(merged_ops)
         sub = sum(o.submitted for o in operations.values())

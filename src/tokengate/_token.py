@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -38,15 +39,20 @@ from ._errors import TokenDiscarded, TokenGateError
 if TYPE_CHECKING:
     from ._spec import TaskSpec
 
-__all__ = ["Token"]
+__all__ = ["PENDING", "Token", "check_timeout", "next_seq"]
 
 T = TypeVar("T")
 _TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+_HELPABLE = frozenset((PENDING, RUNNING))
 _ID_BASE = time.time_ns()
 # One sequence per process, so ids stay unique across coordinators.
 next_seq = itertools.count(1).__next__
 _RLock = threading.RLock
+# State changes of token k take stripe k % 64 (see Token): no lock object per token.
+_STRIPE_MASK = 63
+_STRIPES = tuple(_thread.allocate_lock() for _ in range(_STRIPE_MASK + 1))
 _allocate_lock = _thread.allocate_lock
+_monotonic = time.monotonic
 callback_log = logging.getLogger("tokengate.callbacks")
 
 
@@ -71,29 +77,38 @@ class Token(Future[T], Generic[T]):
     Built lean on purpose: a stdlib ``Future`` allocates a ``Condition`` (with five bound
     methods and a deque) and two lists, about ten objects the cyclic garbage collector must
     traverse for as long as the future lives, and with 100,000 futures alive collection time
-    dominated the whole run. A Token keeps its fields in ``__slots__``, uses a plain ``RLock``
-    as ``_condition`` (all the stdlib helpers ``wait``/``as_completed`` need of it), creates its
-    waiter and callback lists only when someone asks, and wakes its own waiters in
-    :meth:`result`. Every stdlib path that reads ``_state``/``_waiters``/``_done_callbacks``
-    keeps working; ``set_result``/``set_exception`` belong to the coordinator.
+    dominated the whole run. A Token is one object: its fields are ``__slots__``, its state
+    changes take one of 64 shared stripe locks, its waiter and callback lists are made only
+    when someone asks, and it wakes its own waiters in :meth:`result`.
+
+    The stdlib helpers ``wait``/``as_completed`` lock futures through ``_condition``; for them a
+    per-token ``RLock`` is made on first access. From then on a state change holds the stripe
+    *and* that lock. It only ever *tries* the token lock while holding the stripe (and backs off
+    to wait for it holding nothing), while ``_condition`` takes a stripe holding nothing of ours,
+    so the two orders can never deadlock. ``set_result``/``set_exception`` belong to the
+    coordinator.
     """
 
+    # Rarely set fields live in class-level defaults: an instance writes them (into its
+    # ``__dict__``) only on the paths that need them, so the common token never pays for them.
+    _w: list[Any] | None = None  # stdlib waiters (wait / as_completed)
+    _cb: list[Callable[[Future[Any]], object]] | None = None  # done-callbacks
+    _sleepers: list[Any] | None = None  # locks released when the token ends
+    _parked: str | None = None  # "deps" | "tier" | "backoff" while not runnable
+    _holds_permit: bool = False
+    _discard_reason: str | None = None
+    _deadline_at: float | None = None
+    _retry_count: int = 0
+    _timer: Any = None
+    _payload: Any = None  # process lane: the call, pickled at submit (lanes/_wire.py)
+
     __slots__ = (
-        "_cb",
-        "_condition",
+        "_cond",
         "_coordinator",
-        "_deadline_at",
-        "_discard_reason",
         "_exception",
-        "_holds_permit",
-        "_parked",
         "_result",
-        "_retry_count",
         "_run_id",
-        "_sleepers",
         "_state",
-        "_timer",
-        "_w",
         "args",
         "attempts",
         "core",
@@ -119,13 +134,10 @@ class Token(Future[T], Generic[T]):
         coordinator: Any,
     ) -> None:
         # Future.__init__ is deliberately not called: see the class docstring.
-        self._condition = _RLock()  # type: ignore[assignment]
+        self._cond: Any = None  # the stdlib-facing RLock, made only if asked for
         self._state = PENDING
         self._result = None
         self._exception: BaseException | None = None
-        self._w: list[Any] | None = None
-        self._cb: list[Callable[[Future[T]], object]] | None = None
-        self._sleepers: list[Any] | None = None
         self.spec = spec
         self.fn = fn
         self.args = args
@@ -139,13 +151,37 @@ class Token(Future[T], Generic[T]):
         self.core: int | None = None
         self.worker: str | None = None
         self.lane: str | None = None
-        self._parked: str | None = None  # "deps" | "tier" | "backoff" while not runnable
-        self._holds_permit = False
-        self._discard_reason: str | None = None
-        self._deadline_at: float | None = None
         self._run_id = 0
-        self._retry_count = 0
-        self._timer: Any = None
+
+    # -- locking --------------------------------------------------------------------------
+    @property
+    def _condition(self) -> Any:  # type: ignore[override]
+        """The per-token lock the stdlib helpers use, made on first access."""
+        cond = self._cond
+        if cond is None:
+            stripe = _STRIPES[self.seq & _STRIPE_MASK]
+            with stripe:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = _RLock()
+        return cond
+
+    def _lock(self) -> Any:
+        """Hold this token's stripe (and its stdlib lock if it has one); see the class doc."""
+        stripe = _STRIPES[self.seq & _STRIPE_MASK]
+        while True:
+            stripe.acquire()
+            cond = self._cond
+            if cond is None or cond.acquire(False):
+                return cond
+            stripe.release()
+            cond.acquire()  # a stdlib helper holds it: wait holding nothing, then retry
+            cond.release()
+
+    def _unlock(self, cond: Any) -> None:
+        if cond is not None:
+            cond.release()
+        _STRIPES[self.seq & _STRIPE_MASK].release()
 
     # Lists the stdlib helpers append to, created on first use.
     @property
@@ -197,28 +233,36 @@ class Token(Future[T], Generic[T]):
     def done(self) -> bool:
         return self._state in _TERMINAL
 
+    def cancelled(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    def running(self) -> bool:
+        return self._state == RUNNING
+
     # -- waiting ----------------------------------------------------------------------------
     def _wait(self, timeout: float | None) -> None:
         """Block until terminal or ``timeout``; raises ``TimeoutError`` on timeout."""
-        if self._state == PENDING:
-            self._coordinator._help(self)
+        if self._state in _HELPABLE:  # io-lane: RUNNING too, so the event loop never blocks
+            end = None if timeout is None else _monotonic() + timeout
+            self._coordinator._help(self, end)
+            if end is not None:
+                timeout = max(0.0, end - _monotonic())
         if self._state in _TERMINAL:
             return
         sleeper = _allocate_lock()
         sleeper.acquire()
-        with self._condition:
-            if self._state in _TERMINAL:
-                return
-            if self._sleepers is None:
-                self._sleepers = []
-            self._sleepers.append(sleeper)
+        if not self._add_sleeper(sleeper):
+            return
         if sleeper.acquire(True, -1 if timeout is None else timeout):
             return
-        with self._condition:
+        cond = self._lock()
+        try:
             if self._state in _TERMINAL:
                 return
             if self._sleepers is not None and sleeper in self._sleepers:
                 self._sleepers.remove(sleeper)
+        finally:
+            self._unlock(cond)
         raise TimeoutError(f"token {self.id} did not finish within {timeout}s")
 
     def result(self, timeout: float | None = None) -> T:
@@ -250,12 +294,43 @@ class Token(Future[T], Generic[T]):
                 raise self._discarded_error()
         return self._exception
 
+    def _add_sleeper(self, lock: Any) -> bool:
+        """Have ``lock`` released when the token ends; False if it already has."""
+        cond = self._lock()
+        try:
+            if self._state in _TERMINAL:
+                return False
+            if self._sleepers is None:
+                self._sleepers = []
+            self._sleepers.append(lock)
+            return True
+        finally:
+            self._unlock(cond)
+
+    def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
+        """Call ``fn(token)`` when the token ends (at once if it has); errors are logged."""
+        cond = self._lock()
+        try:
+            if self._state not in _TERMINAL:
+                if self._cb is None:
+                    self._cb = []
+                self._cb.append(fn)
+                return
+        finally:
+            self._unlock(cond)
+        try:
+            fn(self)
+        except Exception:
+            callback_log.exception("done-callback %r of token %s raised", fn, self.id)
+
     def _discarded_error(self) -> TokenDiscarded:
         reason = self._discard_reason or "cancelled"
         return TokenDiscarded(f"token {self.id} was discarded before it ran ({reason})", reason)
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self).__await__()
+        # io-lane: not asyncio.wrap_future, which turns a discarded token into the awaiting
+        # task's own CancelledError; this re-raises TokenDiscarded or the task's error as is.
+        return _await_token(self).__await__()
 
     def set_result(self, result: object) -> None:
         raise TokenGateError(
@@ -292,7 +367,7 @@ class Token(Future[T], Generic[T]):
             raise escaped
 
     def _wake_all(self, kind: str) -> None:
-        """Tell stdlib waiters and our sleepers; call with ``_condition`` held."""
+        """Tell stdlib waiters and our sleepers; call with the token locked."""
         waiters = self._w
         if waiters:
             for waiter in waiters:
@@ -301,7 +376,9 @@ class Token(Future[T], Generic[T]):
         if sleepers:
             self._sleepers = None
             for sleeper in sleepers:
-                sleeper.release()
+                # A worker's wake lock may already be released (a new token woke it first).
+                with contextlib.suppress(RuntimeError):
+                    sleeper.release()
 
     # -- terminal transitions (called by the coordinator only) --------------------------------
     def cancel(self) -> bool:
@@ -309,7 +386,8 @@ class Token(Future[T], Generic[T]):
         return self._discard("cancelled")
 
     def _discard(self, reason: str) -> bool:
-        with self._condition:
+        cond = self._lock()
+        try:
             state = self._state
             if state in (RUNNING, FINISHED):
                 return False
@@ -319,6 +397,8 @@ class Token(Future[T], Generic[T]):
             self._discard_reason = reason
             self._coordinator._on_discarded(self)
             self._wake_all("add_cancelled")
+        finally:
+            self._unlock(cond)
         self._invoke_callbacks()
         self._coordinator._after_discard(self)
         return True
@@ -328,12 +408,15 @@ class Token(Future[T], Generic[T]):
 
     def _try_claim(self) -> bool:
         """PENDING -> RUNNING, atomically; False if discarded or claimed by someone else."""
-        with self._condition:
+        cond = self._lock()
+        try:
             if self._state != PENDING:
                 return False
             self._state = RUNNING
             self._run_id += 1
             return True
+        finally:
+            self._unlock(cond)
 
     def _finish(
         self,
@@ -347,7 +430,8 @@ class Token(Future[T], Generic[T]):
         ``record`` (the statistics) runs under the token's lock before anyone is woken, so a
         caller returning from ``get()`` always sees counts that include this token.
         """
-        with self._condition:
+        cond = self._lock()
+        try:
             if self._state in _TERMINAL or (run_id is not None and run_id != self._run_id):
                 return False
             if exception is None:
@@ -358,15 +442,50 @@ class Token(Future[T], Generic[T]):
             record(self, exception)
             if self._w or self._sleepers:
                 self._wake_all("add_result" if exception is None else "add_exception")
+        finally:
+            self._unlock(cond)
         if self._cb:
             self._invoke_callbacks()
         return True
 
     def _reopen(self, run_id: int) -> bool:
         """RUNNING -> PENDING for a retry, only if ``run_id`` is still the current run."""
-        with self._condition:
+        cond = self._lock()
+        try:
             if self._state != RUNNING or run_id != self._run_id:
                 return False
             self._state = PENDING
             self._run_id += 1  # a late completion of the old run no longer matches
             return True
+        finally:
+            self._unlock(cond)
+
+
+# -- io-lane: awaiting a token from any event loop ------------------------------------------------
+def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _await_token(token: Token[T]) -> T:
+    """Wait for ``token`` without blocking the running loop, then return its result.
+
+    The token's done-callback (on whichever thread finishes it) wakes the loop through
+    ``call_soon_threadsafe``. Cancelling the awaiting task cancels the token if it has not
+    started, as awaiting an asyncio future would.
+    """
+    if not token.done():
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_resolve_waiter, waiter)
+
+        token.add_done_callback(wake)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
+    return token.result()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import psutil
 
 from tokengate._errors import ConfigError
 
-__all__ = ["Topology", "detect_topology", "pin_current_thread"]
+__all__ = ["Topology", "detect_topology", "gil_enabled", "pin_current_thread"]
 
 logger = logging.getLogger("tokengate.topology")
 
@@ -158,3 +159,13 @@ def pin_current_thread(cpus: Iterable[int]) -> bool:
         logger.debug("could not pin thread to CPUs %r: %s", cpus, exc)
         return False
     return True
+
+
+def gil_enabled() -> bool:
+    """True unless this is a free-threaded build running without the GIL.
+
+    It decides where CPU-heavy work runs (processes under the GIL, threads without it) and how
+    much CPU one interpreter can use (the convergence engine).
+    """
+    probe = getattr(sys, "_is_gil_enabled", None)
+    return True if probe is None else bool(probe())

@@ -19,6 +19,7 @@ mailboxes) phases, sampling RSS and thread count as it goes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import sys
@@ -120,7 +121,10 @@ def flood(tokens: int) -> dict[str, Any]:
     coordinator.stop()
     seconds = time.perf_counter() - started
     snap = coordinator.stats()
+    gc.collect()
+    alive = sum(isinstance(o, Token) for o in gc.get_objects())
     return {
+        "tokens_alive_after": alive,  # Tokens are gc-tracked: a kept one is found
         "tokens": tokens,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds),

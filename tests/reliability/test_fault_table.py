@@ -236,7 +236,7 @@ def test_fault_table(
 def test_a_callback_raising_keyboardinterrupt_on_the_main_thread_still_interrupts() -> None:
     """On the main thread (a cancel() there runs the callbacks) a KeyboardInterrupt or
     SystemExit from a callback is raised again, but only after every other callback ran."""
-    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1, convergence=False).start()
     try:
         running = gated(0)
         queued = gated(1)
@@ -263,7 +263,9 @@ def test_tokens_queued_behind_a_hung_task_run_once_it_times_out(resources: Resou
     """Regression: a thread cannot be killed, and the tokens queued in the hung worker's own
     mailbox waited for the hang to end (however long) while the token itself had long failed.
     The stuck worker is now replaced by a fresh thread that takes over its mailbox."""
-    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    # convergence=False: the engine may add a worker that steals the queue, which would hide
+    # what this test is about (a lone worker stuck behind its timeout)
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1, convergence=False).start()
     try:
         stuck = hang(0)
         behind = [plain(i) for i in range(1, 50)]  # one worker: all queued behind the hang
@@ -271,7 +273,9 @@ def test_tokens_queued_behind_a_hung_task_run_once_it_times_out(resources: Resou
         with pytest.raises(TaskTimeout):
             stuck.get(timeout=0)
         assert not HANG.is_set()  # the hung task is still running: it was not waited for
-        assert len(coordinator.lanes["thread"].workers) == 1  # replaced, not added
+        eventually(  # replaced, not added (the swap may trail the token's failure a little)
+            lambda: len(coordinator.lanes["thread"].workers) == 1, what="one worker again"
+        )
         serves_new_work(coordinator)
     finally:
         HANG.set()

@@ -64,7 +64,8 @@ def open_gate_once_stopping(coordinator: OperationsCoordinator) -> None:
 def test_ctrl_c_inside_the_with_block_discards_pending_and_finishes_running(
     resources: Resources,
 ) -> None:
-    coordinator = OperationsCoordinator(workers_per_core=1, cores=1)
+    # convergence=False: the premise is one worker held by the gate (the engine would add more)
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1, convergence=False)
     made: list[Token[Any]] = []
     with pytest.raises(KeyboardInterrupt), coordinator:
         made += [gated(0)]
@@ -91,7 +92,9 @@ def test_ctrl_c_while_blocked_by_backpressure_loses_nothing(resources: Resources
     """Regression: a producer interrupted while waiting for mailbox room left its token counted
     as submitted but never queued; ``in_flight`` stayed at 1 and ``stop()`` (the ``with``
     block's exit on Ctrl-C) waited for it for ever."""
-    coordinator = OperationsCoordinator(workers_per_core=1, cores=1, mailbox_max=2).start()
+    coordinator = OperationsCoordinator(
+        workers_per_core=1, cores=1, mailbox_max=2, convergence=False
+    ).start()
     try:
         made = [gated(0), plain(1)]  # full: 1 running + 1 queued
         interrupt_main_when(lambda: coordinator.gate.waiters == 1)

@@ -149,8 +149,11 @@ def test_stop_with_a_timeout_while_producers_are_blocked_behind_a_hung_task(
 ) -> None:
     """Producers blocked at the full mailbox of a hung worker are let go when stop() gives up:
     their tokens are discarded, never pushed into a mailbox no worker will read."""
-    coordinator = OperationsCoordinator(workers_per_core=1, cores=1, mailbox_max=2).start()
+    coordinator = OperationsCoordinator(
+        workers_per_core=1, cores=1, mailbox_max=2, convergence=False
+    ).start()
     stuck = gated(0)  # no timeout: the worker stays stuck until the test opens the gate
+    eventually(lambda: stuck.state == "running", what="the gated task to start")
     queued = [plain(1)]  # the mailbox is full: 1 running + 1 queued
     blocked: list[Token[Any]] = []
     ends: list[BaseException] = []

@@ -1,159 +1,190 @@
-"""The seed's Proof 3 load: waves of CPU and I/O tasks mixed, with stats as it runs.
+"""Proof 3, mixed workload coordination: waves of CPU and I/O tasks under one coordinator.
 
-Every 0.1-1.0 s a wave of 10-20 tasks drawn from the seed's operation types is submitted; the
-results are collected as they finish, and a stats block is printed every few seconds. At the end,
-the seed's "MIXED ORCHESTRATOR COMPLETE" report.
+After the seed's small set-up (eight log appends and eight prime checks, resolved together),
+every 0.1-1.0 s a wave of 10-20 tasks is drawn from the seed's 11 operation types (the CPU ones
+of Proof 1, a prime check, three small string/arithmetic ones, and the three storage-tier writes
+of Proof 2) and submitted at once; nothing waits for a wave to finish before the next. At the end,
+the seed's "MIXED ORCHESTRATOR COMPLETE" report with the operations-dispatched bars. Run it on its
+own::
+
+    python -m tokengate.demos.mixed 20
+
+``WAVE_MAKERS`` and ``plan_wave`` are shared with benchmark B6, which replays the same waves on
+other executors.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
 from typing import Any
 
-from tokengate import OperationsCoordinator, Token, task_token_guard
+from tokengate import OperationsCoordinator, StatsSnapshot, Token, task_token_guard
+from tokengate.demos.cpu import (
+    complex_operation,
+    fibonacci_operation,
+    heavy_operation,
+    simple_operation,
+)
+from tokengate.demos.io import append_log_slow, write_blob_moderate, write_json_fast
+
+# -- the seed's prime check (Proof 3), and three small operations named in its report ----------
 
 
-@task_token_guard(operation_type="simple_operation", tags={"weight": "light"})
-def simple_operation(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i
-    return total
-
-
-@task_token_guard(operation_type="complex_operation", tags={"weight": "medium"})
-def complex_operation(dimension: int) -> int:
-    matrix = [[i * j for j in range(dimension)] for i in range(dimension)]
-    return sum(sum(row) for row in matrix)
-
-
-@task_token_guard(operation_type="heavy_operation", tags={"weight": "heavy"})
-def heavy_operation(iterations: int) -> int:
-    result = 0
-    for _ in range(iterations):
-        result += sum(j**2 for j in range(100))
-    return result
-
-
-@task_token_guard(operation_type="fibonacci_operation", tags={"weight": "heavy"})
-def fibonacci_operation(n: int) -> int:
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-@task_token_guard(operation_type="prime_operation", tags={"weight": "medium"})
+@task_token_guard(operation_type="prime_check", tags={"weight": "medium"})
 def prime_operation(n: int) -> bool:
+    """Check if the number is prime (moderate complexity)."""
     if n < 2:
         return False
-    return all(n % i for i in range(2, int(n**0.5) + 1))
+    for i in range(2, int(n**0.5) + 1):  # noqa: SIM110 (as the seed wrote it)
+        if n % i == 0:
+            return False
+    return True
 
 
 @task_token_guard(operation_type="string_operation", tags={"weight": "light"})
 def string_operation(n: int) -> int:
+    """Build, upper-case and measure a string of ``n`` numbers."""
     return len("".join(str(i) for i in range(n)).upper())
 
 
 @task_token_guard(operation_type="trivial_operation", tags={"weight": "light"})
 def trivial_operation(n: int) -> int:
+    """Almost nothing: the cost of the machinery itself."""
     return n + 1
 
 
 @task_token_guard(operation_type="moderate_operation", tags={"weight": "medium"})
 def moderate_operation(n: int) -> int:
+    """A sum of squares over ``range(n)``."""
     return sum(i * i for i in range(n))
 
 
-@task_token_guard(
-    operation_type="write_json_fast", tags={"weight": "light", "storage_speed": "FAST"}
+# -- the waves --------------------------------------------------------------------------------
+
+#: (function, arguments drawn from rng, for a task numbered i writing under base).
+WaveMaker = Callable[[random.Random, str, int], tuple[Any, tuple[Any, ...]]]
+
+WAVE_MAKERS: tuple[WaveMaker, ...] = (
+    lambda rng, base, i: (simple_operation, (rng.randint(1_000, 5_000),)),
+    lambda rng, base, i: (complex_operation, (rng.randint(20, 40),)),
+    lambda rng, base, i: (heavy_operation, (rng.randint(20, 60),)),
+    lambda rng, base, i: (fibonacci_operation, (rng.randint(100, 300),)),
+    lambda rng, base, i: (prime_operation, (rng.randint(10_000, 100_000),)),
+    lambda rng, base, i: (string_operation, (rng.randint(100, 500),)),
+    lambda rng, base, i: (trivial_operation, (i,)),
+    lambda rng, base, i: (moderate_operation, (rng.randint(1_000, 5_000),)),
+    lambda rng, base, i: (
+        write_json_fast,
+        (os.path.join(base, "json", f"{i}.json"), {"i": i, "wave": i // 100}),
+    ),
+    lambda rng, base, i: (
+        append_log_slow,
+        (os.path.join(base, "logs", "out.log"), f"entry {i}"),
+    ),
+    lambda rng, base, i: (
+        write_blob_moderate,
+        (os.path.join(base, "blobs", f"{i % 50}.bin"), 16),
+    ),
 )
-def write_json_fast(path: str, payload: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    return {"path": path, "bytes": os.path.getsize(path), "keys": len(payload)}
 
 
-@task_token_guard(
-    operation_type="append_log_slow", tags={"weight": "heavy", "storage_speed": "SLOW"}
-)
-def append_log_slow(path: str, message: str) -> dict[str, Any]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(message + "\n")
-    return {"path": path, "chars": len(message)}
+def plan_wave(rng: random.Random, base: str, wave: int) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The calls of one wave: 10-20 tasks, each drawn from the 11 operation types."""
+    size = rng.randint(10, 20)
+    return [rng.choice(WAVE_MAKERS)(rng, base, wave * 100 + k) for k in range(size)]
 
 
-@task_token_guard(
-    operation_type="write_blob_moderate", tags={"weight": "medium", "storage_speed": "MODERATE"}
-)
-def write_blob_moderate(path: str, size_kb: int) -> dict[str, Any]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    blob = b"x" * (size_kb * 1024)
-    with open(path, "wb") as f:
-        f.write(blob)
-    return {"path": path, "bytes": len(blob)}
+def next_gap(rng: random.Random) -> float:
+    """Seconds until the next wave."""
+    return rng.uniform(0.1, 1.0)
 
 
-def _wave(rng: random.Random, base: str, index: int) -> list[Token[Any]]:
-    makers: list[Callable[[int], Token[Any]]] = [
-        lambda i: simple_operation(rng.randint(1_000, 5_000)),
-        lambda i: complex_operation(rng.randint(20, 40)),
-        lambda i: heavy_operation(rng.randint(20, 60)),
-        lambda i: fibonacci_operation(rng.randint(100, 300)),
-        lambda i: prime_operation(rng.randint(10_000, 100_000)),
-        lambda i: string_operation(rng.randint(100, 500)),
-        trivial_operation,
-        lambda i: moderate_operation(rng.randint(1_000, 5_000)),
-        lambda i: write_json_fast(os.path.join(base, "json", f"{i}.json"), {"i": i}),
-        lambda i: append_log_slow(os.path.join(base, "logs", "out.log"), f"entry {i}"),
-        lambda i: write_blob_moderate(os.path.join(base, "blobs", f"{i % 50}.bin"), 16),
-    ]
-    return [rng.choice(makers)(index * 100 + k) for k in range(rng.randint(10, 20))]
+# -- the demo ---------------------------------------------------------------------------------
 
 
-def run(duration: float = 20.0, *, verbose: bool = False, seed: int | None = None) -> int:
-    """Run the mixed orchestrator for ``duration`` seconds; returns the number of failures."""
-    rng = random.Random(seed)
-    base = tempfile.mkdtemp(prefix="tokengate_mixed_")
-    stop_at = time.monotonic() + duration
-    waves = 0
-    pending: list[Token[Any]] = []
-    done = threading.Event()
-    with OperationsCoordinator(verbose=verbose) as coordinator:
-        next_report = time.monotonic() + 5
-        while time.monotonic() < stop_at:
-            pending = [t for t in pending if not t.done()]
-            pending += _wave(rng, base, waves)
-            waves += 1
-            if time.monotonic() >= next_report:
-                print(coordinator.stats("MIXED"), flush=True)
-                next_report += 5
-            done.wait(rng.uniform(0.1, 1.0))
-        for token in pending:
-            token.exception(timeout=60)
-    snap = coordinator.stats("FINAL")
-    rule = "=" * 70
-    print(rule)
-    print("MIXED ORCHESTRATOR COMPLETE")
-    print(rule)
-    print(f"  Total wall-clock : {snap.elapsed:.1f}s")
-    print(f"  Waves            : {waves}")
-    print(f"  Submitted        : {snap.submitted}")
-    pct = 100.0 * snap.resolved / snap.submitted if snap.submitted else 0.0
-    print(f"  Resolved         : {snap.resolved}  ({pct:.1f}%)")
-    print(f"  Failed           : {snap.failed}")
-    print(f"  Latency p50      : {snap.latency_p50:.3f}s")
-    print(f"  Latency p95      : {snap.latency_p95:.3f}s")
-    print(f"  Latency max      : {snap.latency_max:.3f}s")
-    print()
-    print(snap.render_dispatched())
-    return snap.failed
+@dataclass
+class MixedOrchestrator:
+    """Waves of mixed tasks for ``duration`` seconds; ``report()`` is the seed's closing block."""
+
+    duration: float = 20.0
+    seed: int | None = None
+    workdir: str | None = None
+    say: Any = print
+    phase: str = "starting"
+    waves: int = 0
+    _pending: list[Token[Any]] = field(default_factory=list, repr=False)
+
+    def run(self, coordinator: OperationsCoordinator, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        rng = random.Random(self.seed)
+        base = self.workdir or tempfile.mkdtemp(prefix="tokengate_mixed_")
+
+        # The seed's Proof 3 set-up first: I/O and CPU tokens side by side, then resolve all.
+        self.phase = "set-up"
+        log_path = os.path.join(base, "logs", "out.log")
+        log_tokens = [append_log_slow(log_path, f"entry {i}") for i in range(8)]
+        primes_to_check = [97, 101, 103, 107, 109, 113, 127, 131]
+        prime_tokens = [prime_operation(n) for n in primes_to_check]
+        log_results = [t.get(timeout=30) for t in log_tokens]
+        prime_results = [t.get(timeout=30) for t in prime_tokens]
+        self.say(f"  Log results  : {log_results[:3]}")
+        self.say(f"  Prime results: {prime_results}")
+
+        self.phase = "waves"
+        started = time.monotonic()
+        next_at = started
+        while not stop.is_set() and next_at - started < self.duration:
+            self._pending = [t for t in self._pending if not t.done()]
+            self._pending += [fn(*args) for fn, args in plan_wave(rng, base, self.waves)]
+            self.waves += 1
+            next_at += next_gap(rng)  # on a fixed schedule: a slow wave does not shift the rest
+            stop.wait(max(0.0, min(next_at, started + self.duration) - time.monotonic()))
+        self.phase = "draining"
+        if not stop.is_set():
+            futures.wait(self._pending)
+        self.phase = "done"
+
+    def report(self, snap: StatsSnapshot) -> str:
+        rule = "=" * 70
+        pct = 100.0 * snap.resolved / snap.submitted if snap.submitted else 0.0
+        lines = [
+            rule,
+            "MIXED ORCHESTRATOR COMPLETE",
+            rule,
+            f"  Total wall-clock : {snap.elapsed:.1f}s",
+            f"  Waves            : {self.waves}",
+            f"  Submitted        : {snap.submitted}",
+            f"  Resolved         : {snap.resolved}  ({pct:.1f}%)",
+            f"  Failed           : {snap.failed}",
+        ]
+        if snap.discarded:
+            lines.append(f"  Discarded        : {snap.discarded}")
+        lines += [
+            f"  Latency p50      : {snap.latency_p50:.3f}s",
+            f"  Latency p95      : {snap.latency_p95:.3f}s",
+            f"  Latency max      : {snap.latency_max:.3f}s",
+            "",
+            snap.render_dispatched(),
+        ]
+        return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    demo = MixedOrchestrator(duration=float(argv[0]) if argv else 20.0)
+    with OperationsCoordinator() as coordinator:
+        demo.run(coordinator)
+    print(demo.report(coordinator.stats("FINAL")))
+    return 1 if coordinator.stats().failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

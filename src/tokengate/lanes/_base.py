@@ -64,8 +64,17 @@ class LaneHost(Protocol):
         """Record the start of a run; returns the run id ``complete`` must quote."""
         ...
 
-    def complete(self, token: Any, run_id: int, value: Any, exc: BaseException | None) -> None:
-        """End a run: resolve, retry or fail."""
+    def complete(
+        self,
+        token: Any,
+        run_id: int,
+        value: Any,
+        exc: BaseException | None,
+        *,
+        release_permit: bool = True,
+    ) -> None:
+        """End a run: resolve, retry or fail. ``release_permit=False`` when the body is still
+        running (a thread past its timeout): the storage permit stays held until it returns."""
         ...
 
     def execute(self, token: Any, worker: Any) -> None:
@@ -78,6 +87,10 @@ class LaneHost(Protocol):
 
     def on_worker_thread(self, worker: Any) -> None:
         """Called first on every worker thread (thread-local set-up)."""
+        ...
+
+    def fail_internal(self, token: Any, exc: BaseException) -> None:
+        """Fail a token whose run broke inside tokengate itself."""
         ...
 
     def count_event(self, name: str, n: int = 1) -> None:

@@ -5,16 +5,21 @@ it. A worker drains its mailbox without waiting; only when it finds it empty doe
 ``sleeping`` and block on its private wake lock, and a producer releases that lock only if the
 worker said it sleeps. So a busy worker costs the producer one ``append`` and one attribute read
 per token. The order (announce, re-check, block / append, check, wake) makes a lost wake-up
-impossible; a spare wake-up is harmless.
+impossible; a spare wake-up is harmless. Before it sleeps, an idle worker takes the oldest token
+of the busiest sibling in its pool (``ThreadLane.steal``).
 
 Mailbox bounds are enforced by the router (``load() < mailbox_max``), not here, so internal
 re-admissions (retries, released dependents) can never block a worker. The body of a token runs
 through ``LaneHost.execute``, the same code a waiting worker uses to run a token inline.
 
-A thread cannot be killed, so a worker stuck in a task past its ``timeout`` is *replaced*
-(:meth:`ThreadLane.replace`): a fresh thread on the same core takes over its mailbox, and the
-stuck thread exits when its task returns. Without it, every token queued behind a hung task
-waited for the hang to end, however long, while the other workers sat idle.
+Resizing (the convergence engine): workers are grouped in *pools* (here one per core; the I/O
+lane keys them by storage tier). ``add_worker`` starts one more; ``retire_worker`` removes one
+from the pool at once (the router stops choosing it once its cached routes are invalidated) and
+hands the tokens queued in its mailbox to its pool siblings; the worker finishes its current
+token, hands back anything that arrived meanwhile, and exits. The lists are replaced, never
+mutated, so readers need no lock. A push that races with the exit finds ``sleeping`` set and
+calls ``wake``, which on a closed worker hands the token back instead: no token can be
+stranded, and ``push`` stays two operations.
 """
 
 from __future__ import annotations
@@ -23,22 +28,37 @@ import _thread
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from .._topology import pin_current_thread
 from ._base import LaneHost
 
-__all__ = ["ThreadLane", "ThreadWorker"]
+__all__ = ["ThreadLane", "ThreadWorker", "thread_cpu_clock"]
 
 logger = logging.getLogger("tokengate.worker")
 
 
+def thread_cpu_clock() -> int | None:
+    """The CPU-time clock id of the calling thread, for others to read later; None where the
+    platform has none. Taken by the thread itself while it is alive: a clock id is a plain
+    number, so reading it after the thread ended fails with ``OSError``, nothing worse. The
+    convergence engine reads it to see how much of a task's wall time is spent on a CPU."""
+    getclock = getattr(time, "pthread_getcpuclockid", None)
+    if getclock is None:
+        return None
+    try:
+        clock: int = getclock(threading.get_ident())
+        time.clock_gettime(clock)
+    except (OSError, OverflowError, ValueError):
+        return None
+    return clock
+
+
 class ThreadWorker:
     """One worker thread, its mailbox and its core."""
-
-    kind = "thread"
 
     def __init__(
         self,
@@ -47,19 +67,28 @@ class ThreadWorker:
         core: int,
         cpu: int | None,
         local_index: int,
+        *,
+        name: str | None = None,
+        pool: Hashable = None,
     ) -> None:
         self.lane = lane
+        self.kind = lane.kind
         self.index = index
         self.core = core
         self.cpu = cpu
         self.local_index = local_index
-        self.name = f"worker_{index}_core_{core}"
+        self.name = name or f"worker_{index}_core_{core}"
+        # Resizing (convergence engine): the pool this worker belongs to, whether it was asked
+        # to retire, whether it has exited for good, and its thread's CPU clock (Linux/BSD).
+        self.pool: Hashable = core if pool is None else pool
+        self.retiring = False
+        self.closed = False
+        self.cpu_clock: int | None = None
+        self.completed = 0  # tokens taken from a mailbox: the engine's throughput check
         self.mailbox: deque[Any] = deque()
         self.current: Any = None
         self.sleeping = False
         self.stopping = False
-        self.retired = False  # replaced while stuck: exit once the current task returns
-        self.completed = 0
         self._wake = _thread.allocate_lock()
         self._wake.acquire()
         self.thread = threading.Thread(
@@ -76,6 +105,9 @@ class ThreadWorker:
             self.wake()
 
     def wake(self) -> None:
+        if self.closed:  # retired: a push raced with the exit, pass its token on
+            self.lane.hand_back(self)
+            return
         self.sleeping = False
         # RuntimeError: already released by another producer; the worker will see that one.
         with contextlib.suppress(RuntimeError):
@@ -94,26 +126,34 @@ class ThreadWorker:
         claim = host.claim
         execute = host.execute
         after = host.after_token
+        steal = lane.steal
         try:
             while True:
                 try:
                     token = pop()
                 except IndexError:
-                    if self.stopping:
+                    if self.stopping or self.retiring:
                         break
-                    self.sleeping = True
-                    if mailbox or self.stopping:
-                        self.sleeping = False
+                    token = steal(self)  # io-lane: idle, so help a backed-up sibling
+                    if token is None:
+                        self.sleeping = True
+                        if mailbox or self.stopping or self.retiring:
+                            self.sleeping = False
+                            continue
+                        self._wake.acquire()
                         continue
-                    self._wake.acquire()
-                    continue
-                if claim(token):
-                    execute(token, self)
+                try:
+                    if claim(token):
+                        execute(token, self)
+                except BaseException as exc:  # a bug of ours, not the task's: keep the worker
+                    lane.internal_error(token, self, exc)
                 self.completed += 1
                 after(self)
-                if self.retired:
+                if self.retiring:
                     break
         finally:
+            if self.retiring:
+                lane.on_worker_retired(self)
             lane.on_worker_exit(self)
 
 
@@ -121,79 +161,94 @@ class ThreadLane:
     """``workers_per_core`` :class:`ThreadWorker` per core, started and stopped together.
 
     The lane owns threads and mailboxes; what a token's run means is the host's (the coordinator).
+    ``max_workers_per_core`` is how far the convergence engine may grow a core's pool.
     """
 
     name = "thread"
+    kind = "thread"
 
     def __init__(
-        self, cores: Mapping[int, int | None], workers_per_core: int, host: LaneHost
+        self,
+        cores: Mapping[int, int | None],
+        workers_per_core: int,
+        host: LaneHost,
+        *,
+        max_workers_per_core: int | None = None,
     ) -> None:
         self.host = host
         self.workers: list[ThreadWorker] = []
         self.by_core: dict[int, list[ThreadWorker]] = {}
-        for core, cpu in cores.items():
+        self.pools: dict[Any, list[ThreadWorker]] = self.by_core
+        self._cpus: dict[Any, int | None] = dict(cores)
+        self._baseline = workers_per_core
+        self._maximum = max(workers_per_core, max_workers_per_core or workers_per_core)
+        self._next_index = 0
+        self._retiring: set[ThreadWorker] = set()
+        self._running = False
+        self._lock = threading.Lock()
+        for core in cores:
             self.by_core[core] = []
-            for local in range(workers_per_core):
-                worker = ThreadWorker(self, len(self.workers), core, cpu, local)
+            for _ in range(workers_per_core):
+                worker = self._make_worker(core)
                 self.workers.append(worker)
                 self.by_core[core].append(worker)
-        self._started = threading.Event()
-        self._lock = threading.Lock()
-        self._retired: list[ThreadWorker] = []
+
+    def _make_worker(self, pool: Any) -> ThreadWorker:
+        """A new (unstarted) worker for ``pool``; subclasses name and place theirs."""
+        index = self._next_index
+        self._next_index += 1
+        local = len(self.pools.get(pool, ()))
+        return ThreadWorker(self, index, pool, self._cpus[pool], local)
 
     def start(self) -> None:
-        for worker in self.workers:
+        with self._lock:
+            self._running = True
+            workers = list(self.workers)
+        for worker in workers:
             worker.thread.start()
 
     def on_worker_start(self, worker: ThreadWorker) -> None:
         if worker.cpu is not None:
             pin_current_thread([worker.cpu])
+        worker.cpu_clock = thread_cpu_clock()
         self.host.on_worker_thread(worker)
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "[%s] Started on Core %d (local %d)", worker.name, worker.core, worker.local_index
             )
 
+    def internal_error(self, token: Any, worker: ThreadWorker, exc: BaseException) -> None:
+        """An error escaped the run machinery itself: log it loudly and fail the token, so
+        neither the token nor the rest of the mailbox is ever stranded."""
+        logger.critical(
+            "[%s] internal error while handling %r; the token is failed and the worker goes on",
+            worker.name,
+            token,
+            exc_info=exc,
+        )
+        worker.current = None
+        self.host.fail_internal(token, exc)
+
     def on_worker_exit(self, worker: ThreadWorker) -> None:
         if logger.isEnabledFor(logging.INFO):
             logger.info("[%s] Stopped", worker.name)
 
     def queued(self) -> list[Any]:
-        """Every token sitting in a mailbox (a copy)."""
+        """Every token sitting in a mailbox (a copy), retiring workers' included."""
         out: list[Any] = []
-        for worker in self.workers:
+        with self._lock:
+            workers = [*self.workers, *self._retiring]
+        for worker in workers:
             out.extend(list(worker.mailbox))
         return out
 
-    def replace(self, worker: ThreadWorker) -> ThreadWorker | None:
-        """Retire ``worker``, stuck in a task, for a fresh thread that takes over its mailbox.
-
-        The fresh worker keeps the slot (index, core, name); the retired one forwards pushes
-        from routes cached before the swap, and its thread exits when its task returns.
-        Returns the fresh worker, or None if ``worker`` is no longer one of this lane's.
-        """
-        with self._lock:
-            if worker.retired or worker not in self.workers:
-                return None
-            fresh = ThreadWorker(self, worker.index, worker.core, worker.cpu, worker.local_index)
-            fresh.mailbox = worker.mailbox
-            fresh.stopping = worker.stopping
-            worker.retired = True
-            worker.push = fresh.push  # type: ignore[method-assign]
-            self.workers[self.workers.index(worker)] = fresh
-            peers = self.by_core[worker.core]
-            peers[peers.index(worker)] = fresh
-            self._retired = [w for w in self._retired if w.thread.is_alive()]
-            self._retired.append(worker)
-        fresh.thread.start()
-        return fresh
-
     def stop(self, timeout: float | None = None) -> list[ThreadWorker]:
         """Stop every worker after its mailbox; returns the workers still running at timeout."""
-        with self._lock:  # not while replace() swaps one in
-            for worker in self.workers:
-                worker.stop()
-            workers = self.workers + self._retired
+        with self._lock:
+            self._running = False
+            workers = [*self.workers, *self._retiring]
+        for worker in self.workers:
+            worker.stop()
         stuck = []
         current = threading.current_thread()
         for worker in workers:
@@ -203,3 +258,86 @@ class ThreadLane:
             if worker.thread.is_alive():
                 stuck.append(worker)
         return stuck
+
+    # -- resizing (the convergence engine) ------------------------------------------------------
+    def pool_limits(self, pool: Any) -> tuple[int, int]:
+        """(baseline, maximum) worker count of ``pool``."""
+        return self._baseline, self._maximum
+
+    def add_worker(self, pool: Any) -> ThreadWorker:
+        """Start one more worker in ``pool``; the caller invalidates cached routes."""
+        with self._lock:
+            worker = self._make_worker(pool)
+            pools = dict(self.pools)
+            pools[pool] = [*pools.get(pool, ()), worker]
+            self._publish(pools)
+            if self._running:
+                worker.thread.start()
+        return worker
+
+    def retire_worker(self, worker: ThreadWorker) -> bool:
+        """Take ``worker`` out of its pool: it finishes its current token, hands back the rest
+        of its mailbox and exits. False if it is not (or no longer) in a pool, or is the last."""
+        with self._lock:
+            members = self.pools.get(worker.pool, [])
+            if worker not in members or len(members) <= 1:
+                return False
+            pools = dict(self.pools)
+            pools[worker.pool] = [w for w in members if w is not worker]
+            self._publish(pools)
+            self._retiring.add(worker)
+            worker.retiring = True
+        self.hand_back(worker)  # queued tokens go to siblings now, not after the current one
+        worker.wake()
+        return True
+
+    def _publish(self, pools: dict[Any, list[ThreadWorker]]) -> None:
+        """Replace the worker lists (call with the lock held): readers see old or new, whole."""
+        self.pools = pools
+        self.by_core = pools
+        self.workers = [w for members in pools.values() for w in members]
+
+    def steal(self, thief: ThreadWorker) -> Any:
+        """The oldest token queued on the busiest sibling of idle ``thief``, or None.
+
+        Tokens are routed to a mailbox when they are submitted, so without this a worker added
+        during a surge would only see new arrivals while its siblings' queues stayed long, and a
+        long task would hold up the tokens queued behind it while siblings idle. Only an idle
+        worker steals (never the hot path), only within its pool (same core, or same tier), and
+        from the front of the queue, so the order tokens start in stays first come, first served.
+        """
+        victim = None
+        most = 0
+        for worker in self.pools.get(thief.pool, ()):
+            queued = len(worker.mailbox)
+            if queued > most and worker is not thief:
+                victim, most = worker, queued
+        if victim is None:
+            return None
+        try:
+            return victim.mailbox.popleft()
+        except IndexError:  # its owner (or another thief) took it first
+            return None
+
+    def hand_back(self, worker: ThreadWorker) -> None:
+        """Move the tokens queued on a retired ``worker`` to the least-loaded of its siblings."""
+        mailbox = worker.mailbox
+        while True:
+            siblings = self.pools.get(worker.pool) or self.workers
+            try:
+                token = mailbox.popleft()
+            except IndexError:
+                return
+            if token.done():
+                continue
+            min(siblings, key=lambda w: w.load()).push(token)
+
+    def on_worker_retired(self, worker: ThreadWorker) -> None:
+        """Called on the retiring worker's thread as it leaves its loop."""
+        worker.closed = True  # before ``sleeping``: see the module docstring
+        worker.sleeping = True
+        self.hand_back(worker)
+        with self._lock:
+            self._retiring.discard(worker)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("[%s] Retired", worker.name)

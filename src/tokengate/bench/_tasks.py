@@ -1,0 +1,33 @@
+"""The tokengate side of the benchmarks: decorated tasks at module level.
+
+Defined here, in an importable module, so that a process lane can pickle them by reference.
+Only the tokengate cases import this module, so the runner and the peer cases never import the
+system under test.
+"""
+
+from __future__ import annotations
+
+from tokengate import task_token_guard
+from tokengate.bench._b4_flood import flood_plain
+
+
+@task_token_guard(operation_type="noop", tags={"weight": "light"})
+def noop(i: int) -> int:
+    """B1: the smallest task, so the figure is the machinery's overhead."""
+    return i
+
+
+@task_token_guard(operation_type="flood", tags={"weight": "light"})
+def flood(payload: bytes) -> int:
+    """B4: a slow consumer of a fresh 4 KB payload (the peers' very body)."""
+    return flood_plain(payload)
+
+
+@task_token_guard(operation_type="fib", tags={"weight": "light"})
+def fib(n: int) -> int:
+    """B7: each task submits its two children as tasks and waits on them."""
+    if n < 2:
+        return n
+    left = fib(n - 1)
+    right = fib(n - 2)
+    return left.get() + right.get()

@@ -1,0 +1,399 @@
+"""What crosses the pipes between the process lane and its worker processes, and how.
+
+Both sides import this module; it keeps no state but a lazily built pickler class. Three concerns:
+
+**Pickling.** Plain ``pickle`` first (fast, in C), ``cloudpickle`` where plain pickle cannot: a
+function or class defined in ``__main__`` (a worker process never imports the user's script, so
+such objects travel *by value*), a lambda, a function defined inside another, a decorated
+function rebound under another name. :class:`_MainAware` makes plain pickle give up early on
+anything from ``__main__`` (it would pickle by a name the worker cannot resolve), and
+:class:`_ByValue` makes cloudpickle send such a :class:`TaskFunction` as its raw function plus
+its spec, so the worker runs the body and never re-submits it.
+
+**Framing.** A message is an 8-byte big-endian length and the payload. Writes use one
+``writev``; reads take whatever the pipe holds in one ``read`` and loop only for big messages.
+
+**Replies.** The first byte of a reply from a worker says what follows: ``R`` ready (its pid),
+``B`` boot failure (traceback text), ``V`` a value, ``E`` an exception (pickled with its
+traceback as text), ``S`` a serialization failure inside the worker (text).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import struct
+import traceback
+import types
+from collections import ChainMap
+from collections.abc import Mapping
+from typing import Any
+
+from .._decorator import TaskFunction, _rebuild_task, resolves_by_name
+from .._errors import SerializationError
+
+__all__ = [
+    "ProcessCall",
+    "Reader",
+    "RemoteTraceback",
+    "decode_failure",
+    "dumps",
+    "dumps_arguments",
+    "encode_exception",
+    "encode_value",
+    "function_payload",
+    "prepare_call",
+    "send",
+    "split_call",
+]
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+_HEADER = struct.Struct("!Q")
+_FN_LEN = struct.Struct("!I")
+_READ_CHUNK = 1 << 16
+
+READY = ord("R")
+BOOT_ERROR = ord("B")
+VALUE = ord("V")
+ERROR = ord("E")
+SERIAL = ord("S")
+_V, _E, _S = b"V", b"E", b"S"
+
+
+# -- pickling ------------------------------------------------------------------------------------
+class _NeedsCloudpickle(Exception):
+    """Raised inside plain pickling to switch to cloudpickle (never escapes this module)."""
+
+
+def _from_main(obj: Any) -> bool:
+    return getattr(obj, "__module__", None) == "__main__"
+
+
+class _MainAware(pickle.Pickler):
+    """Plain pickle that refuses what a worker could not unpickle by name.
+
+    ``reducer_override`` is not called for ints, strs, lists, dicts and the other basic types,
+    so the usual arguments cost nothing extra.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, TaskFunction):
+            if _from_main(obj) or not resolves_by_name(obj):
+                raise _NeedsCloudpickle
+        elif isinstance(obj, type | types.FunctionType) and _from_main(obj):
+            raise _NeedsCloudpickle
+        return NotImplemented
+
+
+def _plain(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _MainAware(buf, PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+_by_value_pickler: Any = None
+
+
+def _make_by_value_pickler() -> Any:
+    import cloudpickle
+
+    class _ByValue(cloudpickle.Pickler):  # type: ignore[misc]
+        """cloudpickle, with tasks the worker cannot import sent as (raw function, spec), and
+        code keeping its file name (cloudpickle blanks it), so remote tracebacks show source."""
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, TaskFunction) and (_from_main(obj) or not resolves_by_name(obj)):
+                return _rebuild_task, (obj.__wrapped__, obj.spec)
+            return super().reducer_override(obj)
+
+    code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+    if code_reduce is not None:
+
+        def reduce_code(code: types.CodeType) -> Any:
+            make, args = code_reduce(code)
+            name = code.co_filename
+            return make, tuple(
+                name if isinstance(a, str) and a == "<dynamic-code>" else a for a in args
+            )
+
+        _ByValue.dispatch_table = ChainMap(
+            {types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table
+        )
+    return _ByValue
+
+
+def _cloud(obj: Any) -> bytes:
+    global _by_value_pickler
+    if _by_value_pickler is None:
+        _by_value_pickler = _make_by_value_pickler()
+    buf = io.BytesIO()
+    _by_value_pickler(buf, PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` for the other side: plain pickle, or cloudpickle where it cannot.
+
+    Raises whatever cloudpickle raised when neither can (the caller words the error).
+    """
+    try:
+        return _plain(obj)
+    except Exception:
+        pass
+    return _cloud(obj)
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+def _culprit(value: Any, path: str, depth: int = 0) -> tuple[str, Any] | None:
+    """The innermost element of ``value`` (through lists, tuples, sets and dicts) that cannot be
+    pickled, with its path; None if ``value`` pickles."""
+    try:
+        dumps(value)
+    except Exception:
+        pass
+    else:
+        return None
+    if depth < 4:
+        items: list[tuple[str, Any]] = []
+        if isinstance(value, list | tuple):
+            items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+        elif isinstance(value, set | frozenset):
+            items = [(f"{path} (an element)", item) for item in value]
+        elif isinstance(value, Mapping):
+            items = [(f"{path}[{key!r}]", item) for key, item in value.items()]
+        for sub_path, item in items:
+            found = _culprit(item, sub_path, depth + 1)
+            if found is not None:
+                return found
+    return path, value
+
+
+def _reason(value: Any) -> str:
+    try:
+        dumps(value)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "it could not be pickled"  # pragma: no cover - only when pickling is non-deterministic
+
+
+def _describe(task: Any) -> str:
+    name = getattr(task, "__qualname__", None) or repr(task)
+    spec = getattr(task, "spec", None)
+    return name if spec is None else f"{name} (operation {spec.operation_type!r})"
+
+
+def dumps_arguments(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickle a call's arguments, or raise :class:`SerializationError` naming the culprit."""
+    try:
+        return dumps((args, kwargs))
+    except Exception as exc:
+        error = exc
+    found: tuple[str, Any] | None = None
+    for i, arg in enumerate(args):
+        found = _culprit(arg, f"argument {i + 1}")
+        if found is not None:
+            break
+    else:
+        for key, arg in kwargs.items():
+            found = _culprit(arg, f"keyword argument {key!r}")
+            if found is not None:
+                break
+    if found is None:  # each pickles alone but not together (e.g. a recursion limit)
+        where, what, reason = "the arguments", (args, kwargs), f"{type(error).__name__}: {error}"
+    else:
+        where, what = found
+        reason = _reason(what)
+    raise SerializationError(
+        f"cannot send {where} of {_describe(task)} to a worker process: a {_type_name(what)} "
+        f"cannot be pickled ({reason}). Pass picklable values (plain data, module-level "
+        f"functions and classes), or tag the task executor='thread' to run it in this process"
+    ) from error
+
+
+def function_payload(task: TaskFunction[..., Any]) -> bytes:
+    """The pickled task for a worker process, made once per task and cached on it.
+
+    An importable task travels by name (the worker imports its module); one defined in
+    ``__main__`` or not reachable by its name travels by value, once: the globals it uses are
+    captured at its first call.
+    """
+    cached: bytes | None = task.__dict__.get("_tokengate_payload")
+    if cached is not None:
+        return cached
+    try:
+        payload = dumps(task)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot send the function {_describe(task)} to a worker process "
+            f"({type(exc).__name__}: {exc}). Define it at module level, or tag the task "
+            f"executor='thread' to run it in this process"
+        ) from exc
+    task.__dict__["_tokengate_payload"] = payload
+    return payload
+
+
+class ProcessCall:
+    """A process token's call, pickled: the function and (once dependencies are resolved) the
+    arguments. Pickled once at submit time; retries send the same bytes."""
+
+    __slots__ = ("args", "fn", "task")
+
+    def __init__(self, task: TaskFunction[..., Any] | None, fn: bytes, args: bytes | None) -> None:
+        self.task = task
+        self.fn = fn
+        self.args = args
+
+    def message(self) -> list[bytes]:
+        """The buffers of the task message (function length, function, arguments)."""
+        assert self.args is not None
+        return [_FN_LEN.pack(len(self.fn)), self.fn, self.args]
+
+
+def prepare_call(
+    task: TaskFunction[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    has_dependencies: bool,
+) -> ProcessCall:
+    """Pickle a process token's call on the caller's thread (raises ``SerializationError``).
+
+    Arguments holding tokens are pickled later, once the tokens' values replace them.
+    """
+    fn = function_payload(task)
+    return ProcessCall(task, fn, None if has_dependencies else dumps_arguments(task, args, kwargs))
+
+
+def split_call(data: memoryview) -> tuple[memoryview, memoryview]:
+    """The function and argument parts of a task message (worker side)."""
+    (n,) = _FN_LEN.unpack_from(data)
+    start = _FN_LEN.size
+    return data[start : start + n], data[start + n :]
+
+
+# -- replies (worker side) -------------------------------------------------------------------------
+def encode_value(value: Any, what: str) -> list[bytes]:
+    """``V`` + the pickled value, or ``S`` + why it cannot be pickled (buffers for ``send``)."""
+    try:
+        return [_V, dumps(value)]
+    except Exception as exc:
+        message = (
+            f"{what} returned a {_type_name(value)}, which cannot be pickled to come back from "
+            f"the worker process ({type(exc).__name__}: {exc}). Return picklable data, or tag "
+            f"the task executor='thread'"
+        )
+        return [_S, pickle.dumps((message, ""), PROTOCOL)]
+
+
+def encode_exception(exc: BaseException) -> list[bytes]:
+    """``E`` + (the pickled exception or None, its type, its text, the traceback as text).
+
+    The traceback starts at the task's own frame (the worker loop's frame is left out).
+    """
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    blob: bytes | None
+    try:
+        blob = dumps(exc)
+        pickle.loads(blob)  # an exception class whose __init__ needs other args fails here
+    except Exception:
+        blob = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() failed>"
+    return [_E, pickle.dumps((blob, _type_name(exc), message, text), PROTOCOL)]
+
+
+# -- replies (parent side) -------------------------------------------------------------------------
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process, as text.
+
+    Set as the ``__cause__`` of the exception ``get()`` raises, as ``concurrent.futures`` does,
+    so the traceback printed in the parent shows where the task failed in the worker.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def decode_failure(status: int, body: memoryview, what: str) -> BaseException:
+    """Rebuild the exception of an ``E`` or ``S`` reply, with the remote traceback attached."""
+    if status == SERIAL:
+        message, text = pickle.loads(body)
+        exc: BaseException = SerializationError(message)
+    else:
+        blob, type_name, message, text = pickle.loads(body)
+        remote: BaseException | None = None
+        if blob is not None:
+            with contextlib.suppress(Exception):
+                remote = pickle.loads(blob)
+        if isinstance(remote, BaseException):
+            exc = remote
+        else:
+            exc = SerializationError(
+                f"{what} raised {type_name}: {message} — an exception that could not be pickled "
+                f"to come back from the worker process (its traceback is attached)"
+            )
+    if text:
+        exc.__cause__ = RemoteTraceback(text)
+    return exc
+
+
+# -- framing ---------------------------------------------------------------------------------------
+def send(fd: int, buffers: list[bytes]) -> None:
+    """Write one message made of ``buffers`` (raises ``BrokenPipeError`` if nobody reads)."""
+    size = sum(len(b) for b in buffers)
+    parts: list[Any] = [_HEADER.pack(size), *buffers]
+    total = _HEADER.size + size
+    written = os.writev(fd, parts)
+    if written < total:  # interrupted part-way (a signal): write the rest
+        view = memoryview(b"".join(parts))[written:]
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+class Reader:
+    """Reads whole messages from a pipe; one message per ``recv``."""
+
+    __slots__ = ("_buf", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buf = b""
+
+    def recv(self) -> memoryview:
+        """The next message; raises ``EOFError`` if the writer is gone."""
+        buf = self._buf
+        while len(buf) < _HEADER.size:
+            chunk = os.read(self.fd, _READ_CHUNK)
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        (size,) = _HEADER.unpack_from(buf)
+        end = _HEADER.size + size
+        if len(buf) < end:
+            parts = [buf]
+            have = len(buf)
+            while have < end:
+                chunk = os.read(self.fd, max(_READ_CHUNK, end - have))
+                if not chunk:
+                    raise EOFError
+                parts.append(chunk)
+                have += len(chunk)
+            buf = b"".join(parts)
+        self._buf = buf[end:]
+        return memoryview(buf)[_HEADER.size : end]

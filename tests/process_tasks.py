@@ -1,0 +1,250 @@
+"""Tasks for the process-lane tests, in a module of their own so that worker processes import
+only this (and tokengate), not pytest and the test modules."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tokengate import Token, task_token_guard
+
+HEAVY = {"weight": "heavy"}
+
+
+@task_token_guard(operation_type="fibonacci", tags=HEAVY)
+def fibonacci_operation(n: int) -> int:
+    """The seed's Proof 1 task, unchanged."""
+    if n <= 1:
+        return n
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+@task_token_guard(operation_type="cpu_intensive", tags=HEAVY)
+def heavy_operation(iterations: int) -> int:
+    """The seed's heavy_operation."""
+    result = 0
+    for _ in range(iterations):
+        result += sum(j**2 for j in range(100))
+    return result
+
+
+@task_token_guard(operation_type="whoami", tags=HEAVY)
+def whoami() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "thread": threading.current_thread().name,
+    }
+
+
+@task_token_guard(operation_type="square", tags=HEAVY)
+def square(x: int) -> int:
+    return x * x
+
+
+@task_token_guard(operation_type="add", tags={"weight": "heavy"})
+def add(*values: int) -> int:
+    return sum(values)
+
+
+@task_token_guard(operation_type="total", tags=HEAVY)
+def total(values: list[int], extra: dict[str, int]) -> int:
+    return sum(values) + sum(extra.values())
+
+
+@task_token_guard(operation_type="apply", tags=HEAVY)
+def apply(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+@task_token_guard(operation_type="light_double", tags={"weight": "light"})
+def light_double(x: int) -> int:
+    return 2 * x
+
+
+@task_token_guard(operation_type="light_waits_on_heavy", tags={"weight": "light"})
+def light_waits_on_heavy(x: int) -> int:
+    """A thread task that submits a process task and waits for it (blocks its thread)."""
+    return square(x).get(timeout=30) + 1
+
+
+@task_token_guard(operation_type="light_fib", tags={"weight": "light"})
+def light_fib(n: int) -> int:
+    """B7-style fan-out on threads whose leaves are heavy process tasks."""
+    if n < 2:
+        return square(n).get(timeout=60)
+    left, right = light_fib(n - 1), light_fib(n - 2)
+    return left.get(timeout=60) + right.get(timeout=60)
+
+
+@task_token_guard(operation_type="nested_fib", tags=HEAVY)
+def nested_fib(n: int) -> int:
+    """Heavy nested tasks: inside a worker process each call runs inline."""
+    if n < 2:
+        return n
+    return nested_fib(n - 1).get(timeout=60) + nested_fib(n - 2).get(timeout=60)
+
+
+@task_token_guard(operation_type="inline_probe", tags=HEAVY)
+def inline_probe() -> dict[str, Any]:
+    """What a decorated call made inside a worker process returns."""
+    token = square(7)
+    failing = raises_value_error("inner")
+    chained = add(token, 1)
+    return {
+        "is_token": isinstance(token, Token),
+        "done_at_once": token.done(),
+        "value": token.get(timeout=0),
+        "lane": token.lane,
+        "failed_type": type(failing.exception(0)).__name__,
+        "chained": chained.get(timeout=0),
+        "mapped": list(square.map([1, 2, 3])),
+    }
+
+
+@task_token_guard(operation_type="bad_value", tags=HEAVY)
+def raises_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+class NeedsTwoArgs(Exception):
+    """An exception whose __init__ signature defeats unpickling."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+
+@task_token_guard(operation_type="odd_error", tags=HEAVY)
+def raises_odd_error() -> None:
+    raise NeedsTwoArgs(7, "odd")
+
+
+@task_token_guard(operation_type="returns_lock", tags=HEAVY)
+def returns_lock() -> Any:
+    return threading.Lock()
+
+
+@task_token_guard(operation_type="length", tags=HEAVY)
+def length(value: Any) -> int:
+    return len(value)
+
+
+@task_token_guard(operation_type="light_lock", tags={"weight": "light"})
+def light_lock() -> Any:
+    return [threading.Lock()]
+
+
+@task_token_guard(operation_type="slow_io", tags={"weight": "heavy", "storage_speed": "SLOW"})
+def slow_io() -> str:
+    return "io"
+
+
+@task_token_guard(
+    operation_type="slow_io_process",
+    tags={"weight": "light", "storage_speed": "SLOW", "executor": "process"},
+)
+def slow_io_process() -> int:
+    return os.getpid()
+
+
+@task_token_guard(operation_type="thread_heavy", tags={"weight": "heavy", "executor": "thread"})
+def thread_heavy() -> int:
+    return os.getpid()
+
+
+# -- ways to die -----------------------------------------------------------------------------------
+def _no_core_dumps() -> None:
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+@task_token_guard(operation_type="exits", tags=HEAVY)
+def exit_hard(code: int) -> None:
+    os._exit(code)
+
+
+@task_token_guard(operation_type="sigkill_self", tags=HEAVY)
+def sigkill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task_token_guard(operation_type="segfault", tags=HEAVY)
+def segfault() -> None:
+    _no_core_dumps()
+    ctypes.string_at(0)
+
+
+@task_token_guard(operation_type="aborts", tags=HEAVY)
+def abort() -> None:
+    _no_core_dumps()
+    os.abort()
+
+
+@task_token_guard(operation_type="memory_hog", tags={"weight": "heavy", "retries": 0})
+def memory_hog() -> None:
+    """Allocate past an address-space limit: Python raises MemoryError (no crash)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, hard))
+    try:
+        bytearray(2 << 30)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@task_token_guard(operation_type="crash_once", tags=HEAVY)
+def crash_once(marker: str) -> str:
+    """Dies on the first attempt (no marker file yet), succeeds on the retry."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        os._exit(9)
+    return "recovered"
+
+
+@task_token_guard(operation_type="block", tags=HEAVY)
+def block_until_killed(marker: str, seconds: float = 60.0) -> str:
+    """Announce the run (pid in ``marker``, written atomically), then hold the worker."""
+    partial = Path(marker + ".partial")
+    partial.write_text(str(os.getpid()))
+    os.replace(partial, marker)
+    time.sleep(seconds)
+    return "not killed"
+
+
+@task_token_guard(operation_type="block_light", tags={"weight": "light", "executor": "process"})
+def block_light(marker: str) -> str:
+    """block_until_killed for a light process task (light may only use the last cores)."""
+    return block_until_killed.__wrapped__(marker)
+
+
+@task_token_guard(operation_type="light_square", tags={"weight": "light", "executor": "process"})
+def light_square(x: int) -> int:
+    return x * x
+
+
+@task_token_guard(operation_type="hangs", tags={"weight": "heavy", "timeout": 0.3, "retries": 0})
+def hangs() -> str:
+    time.sleep(60)
+    return "late"
+
+
+@task_token_guard(operation_type="hangs_once", tags={"weight": "heavy", "timeout": 0.3})
+def hangs_once(marker: str) -> int:
+    """Overruns its timeout on the first attempt only (then the marker exists)."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text("")
+        time.sleep(60)
+    return os.getpid()

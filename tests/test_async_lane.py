@@ -1,0 +1,398 @@
+"""Async tasks on the coordinator's event loop, awaitable tokens and ``submit_async`` (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any, assert_type
+
+import pytest
+
+from conftest import assert_counts_add_up, eventually
+from tokengate import (
+    CoordinatorNotRunning,
+    DependencyFailed,
+    OperationsCoordinator,
+    Overloaded,
+    RetryPolicy,
+    TaskTimeout,
+    Token,
+    TokenDiscarded,
+    TokenGateError,
+    task_token_guard,
+)
+
+# These tests pass threading objects to heavy tasks, which the process lane cannot pickle; they
+# test thread-lane behaviour, so heavy work stays on threads here (tests/test_process_lane.py
+# covers processes).
+COORDINATOR_DEFAULTS = {"process_lane": False}
+
+
+Make = Callable[..., OperationsCoordinator]
+GATE = threading.Event()
+SEEN: dict[str, int] = {}
+LOCK = threading.Lock()
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Any:
+    GATE.clear()
+    SEEN.clear()
+    yield
+    GATE.set()
+
+
+@task_token_guard(operation_type="double_async", tags={"weight": "light"})
+async def double_async(x: int) -> int:
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+@task_token_guard(operation_type="where_async", tags={"weight": "light"})
+async def where_async() -> tuple[str, bool]:
+    loop = asyncio.get_running_loop()
+    return threading.current_thread().name, loop.is_running()
+
+
+@task_token_guard(operation_type="square", tags={"weight": "light"})
+def square(x: int) -> int:
+    return x * x
+
+
+@task_token_guard(operation_type="gated", tags={"weight": "heavy"})
+def gated(label: str, started: threading.Event | None = None) -> str:
+    if started is not None:
+        started.set()
+    assert GATE.wait(30)
+    return label
+
+
+@task_token_guard(operation_type="nested_async", tags={"weight": "light"})
+async def nested_async(x: int) -> int:
+    # awaits a sync task (runs on a thread worker) and an async one (this same loop)
+    return await square(x) + await double_async(x)
+
+
+@task_token_guard(operation_type="fails_async", tags={"weight": "light"})
+async def fails_async(message: str) -> None:
+    await asyncio.sleep(0)
+    raise ValueError(message)
+
+
+@task_token_guard(
+    operation_type="flaky_async", tags={"weight": "light", "retries": 2, "retry_on": (OSError,)}
+)
+async def flaky_async(label: str, failures: int) -> str:
+    with LOCK:
+        seen = SEEN.get(label, 0)
+        SEEN[label] = seen + 1
+    if seen < failures:
+        raise ConnectionError(f"{label} attempt {seen + 1}")
+    return label
+
+
+CANCELLED = threading.Event()
+
+
+@task_token_guard(operation_type="slow_async", tags={"weight": "light", "timeout": 0.05})
+async def slow_async() -> str:
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        CANCELLED.set()
+        raise
+    return "late"
+
+
+SLOW_ONCE: list[int] = []
+
+
+@task_token_guard(operation_type="slow_once_async", tags={"weight": "light", "timeout": 0.05})
+async def slow_once_async() -> str:
+    SLOW_ONCE.append(1)
+    if len(SLOW_ONCE) == 1:
+        await asyncio.sleep(30)  # cancelled by the timeout
+    return "second attempt"
+
+
+@task_token_guard(operation_type="gated_async", tags={"weight": "light"})
+async def gated_async(started: threading.Event) -> str:
+    started.set()
+    while not GATE.is_set():
+        await asyncio.sleep(0.005)
+    return "released"
+
+
+@task_token_guard(operation_type="stuck_async", tags={"weight": "light"})
+async def stuck_async(started: threading.Event) -> str:
+    started.set()
+    await asyncio.Event().wait()  # never set: only stop() ends it
+    return "never"
+
+
+@task_token_guard(operation_type="blocking_get", tags={"weight": "light"})
+async def blocking_get() -> int:
+    return square(3).get(timeout=5)  # wrong on the event loop: must raise, not block
+
+
+TIER_RUNNING = 0
+TIER_HIGH = 0
+
+
+def _enter() -> None:
+    global TIER_RUNNING, TIER_HIGH
+    with LOCK:
+        TIER_RUNNING += 1
+        TIER_HIGH = max(TIER_HIGH, TIER_RUNNING)
+
+
+def _leave() -> None:
+    global TIER_RUNNING
+    with LOCK:
+        TIER_RUNNING -= 1
+
+
+@task_token_guard(operation_type="tier_sync", tags={"storage_speed": "SLOW"})
+def tier_sync() -> str:
+    _enter()
+    try:
+        assert GATE.wait(30)
+    finally:
+        _leave()
+    return "sync"
+
+
+@task_token_guard(operation_type="tier_async", tags={"storage_speed": "SLOW"})
+async def tier_async() -> str:
+    _enter()
+    try:
+        while not GATE.is_set():
+            await asyncio.sleep(0.005)
+    finally:
+        _leave()
+    return "async"
+
+
+# -- running async tasks ------------------------------------------------------------------------
+def test_async_tasks_run_on_the_coordinators_event_loop(
+    coordinator: OperationsCoordinator,
+) -> None:
+    tokens = [double_async(i) for i in range(20)]
+    assert_type(tokens[0], Token[int])  # an async task's token holds what the coroutine returns
+    assert [t.get(timeout=10) for t in tokens] == [2 * i for i in range(20)]
+    token = where_async()
+    name, running = token.get(timeout=10)
+    assert (name, running) == ("tokengate-event-loop", True)
+    assert (token.lane, token.worker, token.attempts) == ("async", "event_loop", 1)
+    assert coordinator.stats().operations["double_async"].resolved == 20
+
+
+def test_async_errors_keep_type_and_traceback(coordinator: OperationsCoordinator) -> None:
+    token = fails_async("bad 7")
+    with pytest.raises(ValueError, match="bad 7") as info:
+        token.get(timeout=10)
+    assert any(entry.name == "fails_async" for entry in info.traceback)
+    assert token.attempts == 1  # a programming error is not retried
+
+
+def test_async_tasks_are_retried_by_the_same_policy(make_coordinator: Make) -> None:
+    make_coordinator(workers_per_core=1, retry_policy=RetryPolicy(backoff_base=0.0))
+    token = flaky_async("a", 2)
+    assert token.get(timeout=10) == "a"
+    assert token.attempts == 3
+
+
+def test_an_async_timeout_really_cancels_the_coroutine(make_coordinator: Make) -> None:
+    CANCELLED.clear()
+    coordinator = make_coordinator(
+        workers_per_core=1, retry_policy=RetryPolicy(retry_on=(ConnectionError,))
+    )
+    token = slow_async()
+    with pytest.raises(TaskTimeout, match=r"timeout of 0\.05s on the event loop and was cancelled"):
+        token.get(timeout=10)
+    assert CANCELLED.is_set()  # the coroutine itself saw the cancellation
+    assert coordinator.stats().failed == 1
+
+
+def test_a_cancelled_async_timeout_may_be_retried(make_coordinator: Make) -> None:
+    # unlike a thread, the timed-out coroutine really stopped: running it again is safe
+    SLOW_ONCE.clear()
+    make_coordinator(workers_per_core=1, retry_policy=RetryPolicy(backoff_base=0.0))
+    token = slow_once_async()
+    assert token.get(timeout=10) == "second attempt"
+    assert token.attempts == 2
+
+
+def test_async_and_sync_tasks_share_one_limit_per_tier(make_coordinator: Make) -> None:
+    global TIER_HIGH
+    TIER_HIGH = 0
+    coordinator = make_coordinator(workers_per_core=1, storage_limits={"SLOW": 3}, io_workers=3)
+    tokens = [tier_sync() if i % 2 else tier_async() for i in range(10)]
+    eventually(lambda: coordinator.tier_stats()["SLOW"].running == 3, what="3 SLOW permits taken")
+    eventually(lambda: TIER_RUNNING == 3, what="3 SLOW tasks running")
+    assert coordinator.tier_stats()["SLOW"].waiting == 7
+    GATE.set()
+    assert sorted(t.get(timeout=10) for t in tokens) == ["async"] * 5 + ["sync"] * 5
+    assert TIER_HIGH == 3
+    assert coordinator.tier_stats()["SLOW"].high_water == 3
+
+
+def test_async_tasks_nest_and_chain(coordinator: OperationsCoordinator) -> None:
+    assert nested_async(4).get(timeout=10) == 16 + 8
+    # a token as an argument is a dependency, across lanes both ways
+    assert square(double_async(3)).get(timeout=10) == 36
+    assert double_async(square(3)).get(timeout=10) == 18
+    with pytest.raises(DependencyFailed):
+        square(fails_async("x")).get(timeout=10)
+
+
+def test_get_on_the_event_loop_raises_instead_of_blocking(
+    coordinator: OperationsCoordinator,
+) -> None:
+    with pytest.raises(TokenGateError, match="await token"):
+        blocking_get().get(timeout=10)
+
+
+# -- asyncio callers ----------------------------------------------------------------------------
+def test_await_any_token_from_asyncio(coordinator: OperationsCoordinator) -> None:
+    async def main() -> tuple[int, int, int]:
+        return await square(5), await double_async(5), await nested_async(2)
+
+    assert asyncio.run(main()) == (25, 10, 4 + 4)
+
+
+def test_awaiting_a_failed_or_discarded_token_raises_its_own_error(make_coordinator: Make) -> None:
+    make_coordinator(workers_per_core=1, cores=1)
+    started = threading.Event()
+    blocker = gated("first", started)
+    assert started.wait(10)
+    queued = gated("queued")
+    assert queued.cancel()
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="boom"):
+            await fails_async("boom")
+        with pytest.raises(TokenDiscarded) as info:
+            await queued
+        assert info.value.reason == "cancelled"
+
+    asyncio.run(main())
+    GATE.set()
+    blocker.get(timeout=10)
+
+
+def test_cancelling_the_awaiting_task_cancels_a_pending_token(make_coordinator: Make) -> None:
+    make_coordinator(workers_per_core=1, cores=1)
+    started = threading.Event()
+    blocker = gated("first", started)
+    assert started.wait(10)
+    queued = gated("queued")
+
+    async def main() -> None:
+        waiter = asyncio.ensure_future(_await(queued))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    asyncio.run(main())
+    assert queued.discard_reason == "cancelled"
+    GATE.set()
+    blocker.get(timeout=10)
+
+
+async def _await(token: Any) -> Any:
+    return await token
+
+
+def test_submit_async_awaits_room_and_keeps_the_loop_responsive(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1, mailbox_max=2)
+    started = threading.Event()
+    first = gated("first", started)
+    assert started.wait(10)
+    second = gated("second")  # load 2 = mailbox_max: the coordinator is saturated
+
+    async def main() -> list[str]:
+        producer = asyncio.ensure_future(coordinator.submit_async(gated, "third"))
+        ticks = 0
+        for _ in range(50):  # the loop keeps running other coroutines meanwhile
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 50
+        assert not producer.done()
+        assert coordinator.gate.waiters == 1
+        GATE.set()  # the worker finishes, makes room, and the gate wakes this loop
+        token = await asyncio.wait_for(producer, 10)
+        via_task_function = await square.submit_async(6)
+        return [await first, await second, await token, str(await via_task_function)]
+
+    assert asyncio.run(main()) == ["first", "second", "third", "36"]
+    assert coordinator.gate.waiters == 0
+
+
+def test_submit_async_with_reject_admission_raises_overloaded(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1, mailbox_max=1, admission="reject")
+    started = threading.Event()
+    first = gated("first", started)
+    assert started.wait(10)
+
+    async def main() -> None:
+        with pytest.raises(Overloaded):
+            await coordinator.submit_async(gated, "refused")
+
+    asyncio.run(main())
+    GATE.set()
+    first.get(timeout=10)
+    assert coordinator.stats().discarded == 1
+
+
+def test_submit_async_needs_a_running_coordinator() -> None:
+    coordinator = OperationsCoordinator(process_lane=False, workers_per_core=1)
+
+    async def main() -> None:
+        with pytest.raises(CoordinatorNotRunning):
+            await coordinator.submit_async(square, 2)
+        with pytest.raises(CoordinatorNotRunning):
+            await square.submit_async(2)
+
+    asyncio.run(main())
+
+
+# -- stopping -----------------------------------------------------------------------------------
+def test_stop_drains_async_tasks() -> None:
+    coordinator = OperationsCoordinator(process_lane=False, workers_per_core=1).start()
+    started = threading.Event()
+    running = gated_async(started)
+    assert started.wait(10)
+    queued = [double_async(i) for i in range(30)]
+    stopper = threading.Thread(target=coordinator.stop)
+    stopper.start()
+    GATE.set()
+    stopper.join(10)
+    assert running.get(timeout=1) == "released"
+    assert [t.get(timeout=1) for t in queued] == [2 * i for i in range(30)]
+    assert_counts_add_up(coordinator)
+
+
+def test_stop_timeout_cancels_async_tasks_that_would_not_end() -> None:
+    coordinator = OperationsCoordinator(process_lane=False, workers_per_core=1).start()
+    started = threading.Event()
+    stuck = stuck_async(started)
+    assert started.wait(10)
+    coordinator.stop(timeout=0.05)
+    with pytest.raises(TokenGateError, match="cancelled while running") as info:
+        stuck.get(timeout=5)
+    assert isinstance(info.value.__cause__, asyncio.CancelledError)
+    assert_counts_add_up(coordinator)
+
+
+def test_the_event_loop_thread_ends_with_the_coordinator() -> None:
+    with OperationsCoordinator(process_lane=False, workers_per_core=1):
+        assert double_async(1).get(timeout=10) == 2
+        names = {t.name for t in threading.enumerate()}
+        assert "tokengate-event-loop" in names
+    eventually(
+        lambda: "tokengate-event-loop" not in {t.name for t in threading.enumerate()},
+        what="the event loop thread to end",
+    )

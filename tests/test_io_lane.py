@@ -1,0 +1,373 @@
+"""The I/O lane (per-tier thread pools) and resizable pools: add, retire, hand back, steal
+(issue 4), plus the seed's Proof 2 I/O functions run as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import assert_counts_add_up, eventually
+from tokengate import OperationsCoordinator, task_token_guard
+from tokengate._convergence import ConvergenceEngine
+
+Make = Callable[..., OperationsCoordinator]
+GATE = threading.Event()
+LOCK = threading.Lock()
+RUNNING = {"now": 0, "high": 0}
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Any:
+    GATE.clear()
+    RUNNING.update(now=0, high=0)
+    yield
+    GATE.set()
+
+
+@task_token_guard(operation_type="fast_write", tags={"weight": "light", "storage_speed": "FAST"})
+def fast_write(label: str) -> str:
+    with LOCK:
+        RUNNING["now"] += 1
+        RUNNING["high"] = max(RUNNING["high"], RUNNING["now"])
+    try:
+        assert GATE.wait(30)
+    finally:
+        with LOCK:
+            RUNNING["now"] -= 1
+    return label
+
+
+@task_token_guard(operation_type="where_fast", tags={"weight": "heavy", "storage_speed": "FAST"})
+def where_fast() -> str:
+    return threading.current_thread().name
+
+
+@task_token_guard(operation_type="light_gated", tags={"weight": "light"})
+def light_gated(label: str, started: threading.Event | None = None) -> str:
+    if started is not None:
+        started.set()
+    assert GATE.wait(30)
+    return label
+
+
+@task_token_guard(operation_type="quick", tags={"weight": "light"})
+def quick(x: int) -> int:
+    return x + 1
+
+
+@task_token_guard(operation_type="quick_fast", tags={"weight": "light", "storage_speed": "FAST"})
+def quick_fast(x: int) -> int:
+    return x + 1
+
+
+def _idle_engine(coordinator: OperationsCoordinator) -> tuple[ConvergenceEngine, list[float]]:
+    """An engine over ``coordinator``'s lanes, driven by hand: the interpreter looks 1% busy."""
+    cpu = [0.0]
+    engine = ConvergenceEngine(
+        lambda: coordinator.lanes,
+        on_change=coordinator._workers_changed,
+        count_event=coordinator.count_event,
+        process_cpu=lambda: (cpu[0], cpu[0]),
+        run_queue_waits=lambda tids: None,
+    )
+    return engine, cpu
+
+
+# -- routing ------------------------------------------------------------------------------------
+def test_storage_tier_tasks_run_on_the_io_lane(coordinator: OperationsCoordinator) -> None:
+    token = where_fast()
+    name = token.get(timeout=10)
+    assert name.startswith("tokengate-io_fast_")
+    assert token.lane == "io" and token.core == 0
+    assert re.fullmatch(r"io_fast_\d+", token.worker or "")
+    assert quick(1).get(timeout=10) == 2
+    assert set(coordinator.lanes) >= {"thread", "io", "async"}
+
+
+def test_fifty_fast_writes_in_flight_once_the_pool_grows(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, convergence=False)
+    engine, cpu = _idle_engine(coordinator)
+    tokens = [fast_write(str(i)) for i in range(60)]
+    eventually(lambda: RUNNING["now"] == 4, what="the 4 baseline FAST workers to be busy")
+    assert coordinator.tier_stats()["FAST"].waiting == 10  # 50 permits, 10 wait for one
+    engine._sample(now=0.0)
+    cpu[0] = 0.01
+    engine._sample(now=1.0)  # a second backlogged sample with an idle interpreter: grow
+    assert len(coordinator.lanes["io"].pools["FAST"]) == 50
+    eventually(lambda: RUNNING["now"] == 50, what="50 FAST writes running at once")
+    GATE.set()
+    assert sorted(int(t.get(timeout=10)) for t in tokens) == list(range(60))
+    assert RUNNING["high"] == 50
+    assert coordinator.tier_stats()["FAST"].high_water == 50
+
+
+def test_cpu_work_keeps_flowing_while_a_tier_is_full(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, storage_limits={"FAST": 2}, io_workers=2)
+    writes = [fast_write(str(i)) for i in range(5)]
+    eventually(lambda: RUNNING["now"] == 2, what="the FAST tier to fill")
+    assert [quick(i).get(timeout=10) for i in range(20)] == list(range(1, 21))
+    assert coordinator.tier_stats()["FAST"].waiting == 3
+    GATE.set()
+    for token in writes:
+        token.get(timeout=10)
+
+
+@task_token_guard(operation_type="thread_parent", tags={"weight": "light"})
+def thread_parent(barrier: threading.Barrier) -> int:
+    barrier.wait(10)
+    return quick_fast(1).get(timeout=30)  # waits on a token queued behind io_parent
+
+
+@task_token_guard(operation_type="io_parent", tags={"weight": "light", "storage_speed": "FAST"})
+def io_parent(barrier: threading.Barrier) -> int:
+    barrier.wait(10)
+    return quick(1).get(timeout=30)  # waits on a token queued behind thread_parent
+
+
+def test_thread_and_io_workers_help_each_other_instead_of_deadlocking(
+    make_coordinator: Make,
+) -> None:
+    make_coordinator(workers_per_core=1, cores=1, io_workers=1, convergence=False)
+    barrier = threading.Barrier(2)
+    a, b = thread_parent(barrier), io_parent(barrier)
+    assert (a.get(timeout=30), b.get(timeout=30)) == (2, 2)
+
+
+# -- resizing mechanics -------------------------------------------------------------------------
+def test_an_added_worker_steals_from_a_backed_up_sibling(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1, convergence=False)
+    started = threading.Event()
+    blocker = light_gated("first", started)
+    assert started.wait(10)
+    queued = [quick(i) for i in range(10)]  # all queued behind the blocked worker
+    lane = coordinator.lanes["thread"]
+    lane.add_worker(1)
+    coordinator._workers_changed()
+    assert [t.get(timeout=10) for t in queued] == list(range(1, 11))  # while the first blocks
+    assert {t.worker for t in queued} == {lane.pools[1][1].name}
+    GATE.set()
+    blocker.get(timeout=10)
+
+
+def test_retiring_a_busy_worker_hands_back_its_queue_then_it_exits(
+    make_coordinator: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator = make_coordinator(workers_per_core=2, cores=1, convergence=False)
+    lane = coordinator.lanes["thread"]
+    first, second = lane.pools[1]
+    started = [threading.Event(), threading.Event()]
+    blockers = [light_gated(str(i), started[i]) for i in range(2)]
+    for event in started:
+        assert event.wait(10)
+    queued = [light_gated(f"q{i}") for i in range(10)]
+    assert len(first.mailbox) == len(second.mailbox) == 5
+    with caplog.at_level("INFO", logger="tokengate.worker"):
+        assert lane.retire_worker(second)
+        coordinator._workers_changed()
+        assert lane.pools[1] == [first]
+        eventually(lambda: len(first.mailbox) == 10, what="the queue to be handed back")
+        assert not second.closed  # still running its current token
+        GATE.set()
+        assert [t.get(timeout=10) for t in blockers + queued] == [
+            "0",
+            "1",
+            *(f"q{i}" for i in range(10)),
+        ]
+        second.thread.join(10)
+    assert second.closed and not second.thread.is_alive()
+    assert {t.worker for t in queued} == {first.name}
+    assert f"[{second.name}] Retired" in caplog.text
+    assert not lane.retire_worker(first)  # never the last worker of a pool
+
+
+def test_a_push_racing_with_retirement_is_handed_back(make_coordinator: Make) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1, io_workers=1, convergence=False)
+    lane = coordinator.lanes["io"]
+    (keeper,) = lane.pools["FAST"]
+    blocker = fast_write("blocker")
+    eventually(lambda: RUNNING["now"] == 1, what="the FAST worker to be busy")
+    extra = lane.add_worker("FAST")
+    assert lane.retire_worker(extra)
+    extra.thread.join(10)
+    assert extra.closed
+    token = fast_write("late")
+    assert list(keeper.mailbox) == [token]
+    # a router holding a stale route pushes to the retired worker anyway
+    assert keeper.mailbox.popleft() is token
+    extra.push(token)
+    assert list(keeper.mailbox) == [token] and not extra.mailbox
+    GATE.set()
+    assert [blocker.get(timeout=10), token.get(timeout=10)] == ["blocker", "late"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_tokens_survive_workers_added_and_retired_under_load(
+    make_coordinator: Make, seed: int
+) -> None:
+    coordinator = make_coordinator(workers_per_core=2, convergence=False)
+    rng = random.Random(seed)
+    stop = threading.Event()
+    lanes = [(coordinator.lanes["thread"], key) for key in coordinator.lanes["thread"].pools]
+    lanes.append((coordinator.lanes["io"], "FAST"))
+
+    def churn() -> None:
+        while not stop.is_set():
+            lane, key = rng.choice(lanes)
+            members = lane.pools[key]
+            if rng.random() < 0.5 or len(members) < 2:
+                lane.add_worker(key)
+            else:
+                lane.retire_worker(rng.choice(members))
+            coordinator._workers_changed()
+            stop.wait(0.001)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        tokens = [quick(i) if i % 3 else quick_fast(i) for i in range(3000)]
+        assert [t.get(timeout=30) for t in tokens] == [i + 1 for i in range(3000)]
+    finally:
+        stop.set()
+        churner.join(10)
+    for lane, _ in lanes:
+        names = [w.name for w in lane.workers]
+        assert len(names) == len(set(names))
+    assert_counts_add_up(coordinator)
+
+
+# -- the seed's Proof 2, as written ------------------------------------------------------------
+@task_token_guard(
+    operation_type="write_json_fast", tags={"weight": "light", "storage_speed": "FAST"}
+)
+def write_json_fast(path, payload):  # type: ignore[no-untyped-def]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    return {
+        "path": path,
+        "bytes": os.path.getsize(path),
+        "keys": len(payload),
+    }
+
+
+@task_token_guard(
+    operation_type="append_log_slow", tags={"weight": "heavy", "storage_speed": "SLOW"}
+)
+def append_log_slow(path, message):  # type: ignore[no-untyped-def]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(message + "\n")
+    return {
+        "path": path,
+        "chars": len(message),
+    }
+
+
+@task_token_guard(
+    operation_type="write_blob_moderate", tags={"weight": "medium", "storage_speed": "MODERATE"}
+)
+def write_blob_moderate(path, size_kb):  # type: ignore[no-untyped-def]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    blob = b"x" * (size_kb * 1024)
+    with open(path, "wb") as f:
+        f.write(blob)
+    return {
+        "path": path,
+        "bytes": len(blob),
+    }
+
+
+@task_token_guard(
+    operation_type="json_fast",
+    tags={
+        "weight": "medium",  # Core routing
+        "storage_speed": "FAST",  # Storage throttling
+    },
+)
+def generate_medium_json(index: int) -> dict:  # type: ignore[type-arg]
+    """Generate medium-sized JSON (~50KB)."""
+    return {
+        "id": index,
+        "timestamp": time.time(),
+        "records": [
+            {
+                "id": i,
+                "value": random.random(),
+                "label": f"record_{i}",
+                "tags": [f"tag_{j}" for j in range(5)],
+                "nested": {
+                    "x": random.randint(0, 100),
+                    "y": random.randint(0, 100),
+                    "data": [random.random() for _ in range(10)],
+                },
+            }
+            for i in range(100)
+        ],
+        "metadata": {
+            "version": "1.0",
+            "type": "medium",
+            "generator": "json_medium",
+            "stats": {"total_records": 100, "created_at": time.time()},
+        },
+    }
+
+
+def create_json_file(index: int, base: Path) -> dict:  # type: ignore[type-arg]
+    """The seed's create_json_file with the README's one-line change (``.get()``)."""
+    _dir = base / "jsons"
+    _dir.mkdir(exist_ok=True)
+    data = generate_medium_json(index).get()  # the seed: data = generate_medium_json(index)
+    timestamp = int(time.time() * 1000)
+    filename = _dir / f"json_fast_{timestamp}_{index:04d}.json"
+    with open(filename, "w") as f:
+        json.dump(data, f, indent=2)
+    return {"index": index, "filename": str(filename), "size_bytes": filename.stat().st_size}
+
+
+def test_the_seeds_io_proof_runs_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with OperationsCoordinator(workers_per_core=1, verbose=True) as coordinator:
+        writes = [
+            write_json_fast(str(tmp_path / "json" / f"{i}.json"), {"i": i, "v": [i] * 10})
+            for i in range(10)
+        ]
+        logs = [
+            append_log_slow(str(tmp_path / "logs" / "out.log"), f"entry {i}") for i in range(10)
+        ]
+        blobs = [write_blob_moderate(str(tmp_path / "blobs" / f"{i}.bin"), 16) for i in range(6)]
+        results = [t.get(timeout=30) for t in writes + logs + blobs]
+        made = [create_json_file(i, tmp_path) for i in range(3)]
+    out = capsys.readouterr().out
+    assert "[STORAGE_THROTTLE] Initialized with speed tiers:" in out
+    for line in ("SLOW: 10", "MODERATE: 25", "FAST: 50", "INSANE: 70"):
+        assert f"  {line} concurrent I/O" in out
+    assert "Convergence: ENABLED" in out and "Convergence monitoring started" in out
+    assert "Event loop started" in out
+    assert re.search(r"\[IO_FAST_\d+\] ✓ Completed write_json_fast_\d+", out)
+    assert [r["keys"] for r in results[:10]] == [2] * 10
+    assert (tmp_path / "logs" / "out.log").read_text().count("\n") == 10
+    assert [r["bytes"] for r in results[20:]] == [16 * 1024] * 6
+    assert all(m["size_bytes"] > 20_000 for m in made)
+    assert json.loads(Path(made[0]["filename"]).read_text())["id"] == 0
+    snap = coordinator.stats()
+    assert (snap.resolved, snap.failed) == (29, 0)
+
+
+def test_the_io_proof_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokengate.demos import io_proof
+
+    assert io_proof.run(show_calm=False) == 0
+    out = capsys.readouterr().out
+    assert "[STORAGE_THROTTLE] Initialized with speed tiers:" in out
+    assert "10/10 resolved  |  0 failed" in out
+    assert "✓ I/O proof complete." in out

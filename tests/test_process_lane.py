@@ -1,0 +1,710 @@
+"""The process lane (issue 3): routing by executor, warm pinned worker processes, pickling,
+remote errors, crashes, timeouts, stop and orphans, and chains across lanes.
+
+Worker processes import the tasks from ``process_tasks`` (tests/ is on ``sys.path``, which the
+workers inherit). Nothing here sleeps to wait for a process: tests wait on tokens with
+``get(timeout=...)`` or on a condition with ``eventually``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import process_tasks as pt
+from conftest import assert_counts_add_up, eventually
+from tokengate import (
+    ConfigError,
+    DependencyFailed,
+    OperationsCoordinator,
+    RetryPolicy,
+    SerializationError,
+    TaskSpec,
+    TaskTimeout,
+    TokenDiscarded,
+    WorkerCrashed,
+    task_token_guard,
+)
+from tokengate.lanes import _process
+from tokengate.lanes._process import describe_exit, runs_in_process
+from tokengate.lanes._wire import RemoteTraceback
+
+Make = Callable[..., OperationsCoordinator]
+NO_CRASH_RETRY = RetryPolicy(crash_retries=0, max_retries=0)
+
+pytestmark = pytest.mark.skipif(
+    not _process.process_lane_supported(), reason="worker processes need POSIX"
+)
+
+
+@pytest.fixture
+def procs(make_coordinator: Make) -> Callable[..., OperationsCoordinator]:
+    """A started coordinator whose worker processes are ready."""
+
+    def make(**options: Any) -> OperationsCoordinator:
+        coordinator = make_coordinator(**options)
+        assert coordinator.lanes["process"].wait_ready(30)  # type: ignore[attr-defined]
+        return coordinator
+
+    return make
+
+
+def lane_of(coordinator: OperationsCoordinator) -> Any:
+    return coordinator.lanes["process"]
+
+
+def own_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans() -> Iterator[None]:
+    """Every test leaves no worker process of its own behind."""
+    before = own_children()
+    yield
+    eventually(lambda: own_children() <= before, timeout=10, what="worker processes to exit")
+
+
+# -- the routing rule ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("tags", "is_async", "gil", "expected"),
+    [
+        ({"weight": "heavy"}, False, True, True),
+        ({"weight": "heavy"}, False, False, False),  # free-threaded: threads run in parallel
+        ({"weight": "heavy", "storage_speed": "FAST"}, False, True, False),  # I/O: threads
+        ({"weight": "medium"}, False, True, False),
+        ({"weight": "light"}, False, True, False),
+        ({"weight": "heavy", "executor": "thread"}, False, True, False),
+        ({"weight": "light", "executor": "process"}, False, True, True),
+        ({"weight": "light", "executor": "process"}, False, False, True),
+        ({"weight": "heavy", "storage_speed": "SLOW", "executor": "process"}, False, True, True),
+        ({"weight": "heavy"}, True, True, False),  # async functions never leave the loop
+    ],
+)
+def test_executor_routing_rule(
+    tags: dict[str, Any], is_async: bool, gil: bool, expected: bool
+) -> None:
+    spec = TaskSpec.from_tags("op", tags, is_async=is_async)
+    assert runs_in_process(spec, gil=gil) is expected
+
+
+def test_auto_heavy_tasks_go_to_processes_and_the_rest_to_threads(procs: Make) -> None:
+    procs(workers_per_core=1)
+    heavy, light, tier, forced = pt.whoami(), pt.light_double(2), pt.slow_io(), pt.thread_heavy()
+    assert heavy.get(timeout=30)["pid"] != os.getpid()
+    assert (light.get(timeout=10), tier.get(timeout=10), forced.get(timeout=10)) == (
+        4,
+        "io",
+        os.getpid(),
+    )
+    assert heavy.lane == "process" and re.fullmatch(r"process_\d+_core_\d+", heavy.worker or "")
+    assert {light.lane, forced.lane} == {"thread"}
+    assert tier.lane == "io"  # a storage-tier task is I/O: the tier's own thread pool
+
+
+def test_free_threaded_build_keeps_auto_tasks_on_threads(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tokengate._coordinator.gil_enabled", lambda: False)
+    make_coordinator(workers_per_core=1)
+    assert pt.whoami().get(timeout=10)["pid"] == os.getpid()
+    assert pt.slow_io_process().get(timeout=30) != os.getpid()  # explicit 'process' still is
+
+
+def test_process_lane_false_runs_everything_on_threads(
+    make_coordinator: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1, process_lane=False)
+    assert "process" not in coordinator.lanes
+    assert pt.whoami().get(timeout=10)["pid"] == os.getpid()
+    with caplog.at_level(logging.WARNING, logger="tokengate.coordinator"):
+        for _ in range(3):
+            assert pt.slow_io_process().get(timeout=10) == os.getpid()
+    warnings = [r for r in caplog.records if "executor='process'" in r.getMessage()]
+    assert len(warnings) == 1  # said once per operation, not per call
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0.0])
+def test_process_lane_option_is_validated(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="process_lane must be True, False or None"):
+        OperationsCoordinator(process_lane=bad)
+
+
+def test_process_lane_true_where_unsupported_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_process, "process_lane_supported", lambda: False)
+    with pytest.raises(ConfigError, match="not supported"):
+        OperationsCoordinator(process_lane=True)
+
+
+# -- workers ---------------------------------------------------------------------------------------
+def test_one_pinned_worker_process_per_core_kept_warm(procs: Make) -> None:
+    coordinator = procs(workers_per_core=2)
+    lane = lane_of(coordinator)
+    pids = lane.pids()
+    assert len(lane.workers) == coordinator.core_count == len(set(pids))
+    assert all(len(workers) == 1 for workers in lane.by_core.values())
+    tokens = [pt.whoami() for _ in range(40)]
+    for token in tokens:
+        info = token.get(timeout=30)
+        assert info["pid"] in pids and info["ppid"] == os.getpid()
+        cpu = coordinator.topology.cpu_for_core(token.core or 0)
+        assert info["cpus"] == [cpu]  # pinned to its core's CPU
+    assert lane.pids() == pids  # the same warm processes served every task
+    assert {t.core for t in tokens} <= set(coordinator.affinity.allowed("heavy"))
+
+
+def test_seed_proof_1_runs_unchanged_in_the_process_lane() -> None:
+    coordinator = OperationsCoordinator()
+    coordinator.start()
+    try:
+        args = [100, 200, 300, 150, 250, 180, 220, 280]
+        tokens = [pt.fibonacci_operation(n) for n in args]
+        results = [token.get(timeout=30) for token in tokens]
+    finally:
+        coordinator.stop()
+    assert results == [pt.fibonacci_operation.__wrapped__(n) for n in args]
+    assert {t.lane for t in tokens} == {"process"}
+    assert_counts_add_up(coordinator)
+
+
+def test_routing_log_and_worker_lines_for_process_workers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with OperationsCoordinator(workers_per_core=1, verbose=True) as coordinator:
+        token = pt.square(3)
+        assert token.get(timeout=30) == 9
+        assert lane_of(coordinator).wait_ready(30)
+    out = capsys.readouterr().out
+    assert re.search(
+        rf"\[ROUTING\] Token {token.id} \(heavy\) → Pos \d+ \(Core \d, Worker \d\)", out
+    )
+    assert re.search(r"\[process_0_core_1\] Started on Core 1 \(pid \d+\)", out), out
+    assert "[process_0_core_1] Stopped" in out
+    assert f"✓ Completed {token.id}" in out
+
+
+def test_queue_depths_and_cancel_in_the_process_lane(procs: Make, tmp_path: Path) -> None:
+    coordinator = procs(workers_per_core=1, cores=1, retry_policy=NO_CRASH_RETRY)
+    marker = tmp_path / "running"
+    running = pt.block_until_killed(str(marker))
+    eventually(marker.exists, what="the blocking task to start in its worker")
+    queued = [pt.square(i) for i in range(3)]
+    assert coordinator.queue_depths("process") == {1: [4]}
+    assert queued[1].cancel() and queued[1].state == "discarded"
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        running.get(timeout=30)
+    assert [queued[0].get(timeout=30), queued[2].get(timeout=30)] == [0, 4]
+    with pytest.raises(TokenDiscarded):
+        queued[1].get(timeout=1)
+
+
+def test_an_idle_worker_takes_tokens_queued_behind_a_busy_one(procs: Make, tmp_path: Path) -> None:
+    coordinator = procs(workers_per_core=1, retry_policy=NO_CRASH_RETRY)
+    if coordinator.core_count < 2:
+        pytest.skip("needs two cores")
+    markers = [tmp_path / "first", tmp_path / "second"]
+    first = pt.block_until_killed(str(markers[0]))
+    eventually(markers[0].exists, what="the first blocking task to start")
+    second = pt.block_until_killed(str(markers[1]))  # the least-loaded worker: the other one
+    eventually(markers[1].exists, what="the second blocking task to start")
+    tokens = [pt.square(i) for i in range(10)]  # queued behind both, half each
+    assert sorted(len(q) for q in coordinator.queue_depths("process").values()) == [1, 1]
+    assert sorted(sum(q) for q in coordinator.queue_depths("process").values()) == [6, 6]
+    os.kill(int(markers[1].read_text()), signal.SIGKILL)  # frees one worker (after a restart)
+    with pytest.raises(WorkerCrashed):
+        second.get(timeout=30)
+    assert [t.get(timeout=30) for t in tokens] == [i * i for i in range(10)]
+    assert not first.done()  # the first worker is still held: its queue was taken over
+    assert {t.core for t in tokens} == {second.core}
+    assert coordinator.stats().events["process_steals"] == 5
+    os.kill(int(markers[0].read_text()), signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        first.get(timeout=30)
+
+
+def test_an_idle_worker_never_takes_a_token_its_core_may_not_run(
+    procs: Make, tmp_path: Path
+) -> None:
+    coordinator = procs(workers_per_core=1, retry_policy=NO_CRASH_RETRY)
+    light_cores = coordinator.affinity.allowed("light")
+    if coordinator.core_count < 2 or len(light_cores) != 1:
+        pytest.skip("needs a core that light tasks may not use")
+    (light_core,) = light_cores
+    marker = tmp_path / "pid"
+    busy = pt.block_light(str(marker))
+    eventually(marker.exists, what="the blocking task to start")
+    queued = [pt.light_square(i) for i in range(3)]
+    assert pt.square(2).get(timeout=30) == 4  # wakes another worker, which looks for work
+    assert coordinator.queue_depths("process")[light_core] == [4]  # nothing was taken
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        busy.get(timeout=30)
+    assert [t.get(timeout=30) for t in queued] == [0, 1, 4]
+    assert {t.core for t in queued} == {light_core}
+
+
+# -- serialization ---------------------------------------------------------------------------------
+def test_unpicklable_argument_raises_at_the_call_and_is_never_counted(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1)
+    lock = threading.Lock()
+    with pytest.raises(SerializationError) as info:
+        pt.length(lock)
+    message = str(info.value)
+    assert "length (operation 'length')" in message
+    assert "argument 1" in message and "_thread.lock" in message
+    with pytest.raises(SerializationError, match=r"argument 1\[2\] .*_thread\.lock"):
+        pt.length([1, 2, lock])
+    with pytest.raises(SerializationError, match=r"keyword argument 'fn'.*_thread\.lock"):
+        pt.apply(fn=lock)  # type: ignore[call-arg]
+    snap = coordinator.stats()
+    assert snap.submitted == 0  # nothing was submitted, nothing discarded
+    assert pt.length([1, 2, 3]).get(timeout=30) == 3
+
+
+def test_unpicklable_result_fails_the_token_naming_function_and_type(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1)
+    token = pt.returns_lock()
+    with pytest.raises(SerializationError, match=r"'returns_lock' returned a _thread\.lock"):
+        token.get(timeout=30)
+    assert coordinator.stats().failed == 1
+    assert pt.square(5).get(timeout=30) == 25  # the worker is fine
+
+
+def test_dependency_resolved_to_an_unpicklable_value_fails_that_token(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1)
+    token = pt.length(pt.light_lock())  # pickled only once the thread task has a value
+    with pytest.raises(SerializationError, match=r"argument 1\[0\] .*_thread\.lock"):
+        token.get(timeout=30)
+    snap = coordinator.stats()
+    assert (snap.resolved, snap.failed) == (1, 1)
+
+
+def test_lambdas_and_local_tasks_travel_by_value(procs: Make) -> None:
+    procs(workers_per_core=1)
+    assert pt.apply(lambda x, y: x * y, 6, 7).get(timeout=30) == 42
+    offset = 100
+
+    @task_token_guard(operation_type="local_task", tags={"weight": "heavy"})
+    def local_task(x: int) -> tuple[int, int]:
+        return x + offset, os.getpid()
+
+    value, pid = local_task(1).get(timeout=30)
+    assert value == 101 and pid != os.getpid()
+
+
+def test_a_function_that_cannot_be_pickled_is_refused_at_the_call(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1)
+    lock = threading.Lock()
+
+    @task_token_guard(operation_type="holds_lock", tags={"weight": "heavy"})
+    def holds_lock() -> bool:
+        return lock.locked()
+
+    with pytest.raises(SerializationError, match=r"cannot send the function .*holds_lock"):
+        holds_lock()
+    assert coordinator.stats().submitted == 0
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def test_exception_keeps_its_type_and_the_remote_traceback(procs: Make) -> None:
+    procs(workers_per_core=1)
+    with pytest.raises(ValueError, match="boom") as info:
+        pt.raises_value_error("boom").get(timeout=30)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "Traceback (most recent call last)" in cause.tb
+    assert "process_tasks.py" in cause.tb and "in raises_value_error" in cause.tb
+    assert "raise ValueError(message)" in cause.tb  # the source line, read in the worker
+    assert "_process_child" not in cause.tb  # starts at the task's own frame
+
+
+def test_an_exception_that_cannot_be_unpickled_arrives_as_serialization_error(
+    procs: Make,
+) -> None:
+    procs(workers_per_core=1)
+    with pytest.raises(SerializationError, match=r"raised process_tasks\.NeedsTwoArgs: 7: odd"):
+        pt.raises_odd_error().get(timeout=30)
+
+
+# -- inside a worker process -----------------------------------------------------------------------
+def test_decorated_calls_inside_a_worker_run_inline(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1)
+    probe = pt.inline_probe().get(timeout=30)
+    assert probe == {
+        "is_token": True,
+        "done_at_once": True,
+        "value": 49,
+        "lane": "inline",
+        "failed_type": "ValueError",
+        "chained": 50,
+        "mapped": [1, 4, 9],
+    }
+    assert coordinator.stats().submitted == 1  # the inner calls never came back to the parent
+
+
+def test_nested_heavy_tasks_never_deadlock(procs: Make) -> None:
+    procs(workers_per_core=1)
+    assert pt.nested_fib(15).get(timeout=60) == 610
+
+
+# -- chains and nesting across lanes ---------------------------------------------------------------
+def test_chains_cross_lanes(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1)
+    assert pt.light_double(pt.square(4)).get(timeout=30) == 32  # process -> thread
+    assert pt.square(pt.light_double(3)).get(timeout=30) == 36  # thread -> process
+    assert pt.total([pt.square(2), pt.square(3)], {"x": pt.light_double(1)}).get(timeout=30) == 15
+    assert pt.light_waits_on_heavy(5).get(timeout=30) == 26  # a thread blocks on a process
+    failed = pt.square(pt.raises_value_error("first"))  # type: ignore[arg-type]
+    with pytest.raises(DependencyFailed) as info:
+        failed.get(timeout=30)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert failed.attempts == 0
+    assert coordinator.stats().failed == 2
+
+
+@pytest.mark.parametrize("workers_per_core", [1, 2])
+def test_b7_style_fan_out_with_process_leaves_never_deadlocks(
+    procs: Make, workers_per_core: int
+) -> None:
+    coordinator = procs(workers_per_core=workers_per_core)
+    assert pt.light_fib(9).get(timeout=60) == 34
+    snap = coordinator.stats()
+    assert snap.operations["square"].resolved == 55  # one process leaf per fib(0)/fib(1) node
+
+
+def test_a_storage_tier_still_applies_in_the_process_lane(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1)
+    pids = {pt.slow_io_process().get(timeout=30) for _ in range(4)}
+    assert os.getpid() not in pids
+    assert coordinator.tier_stats()["SLOW"].high_water >= 1
+
+
+# -- crashes ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kill", "error", "fragments"),
+    [
+        (lambda: pt.exit_hard(3), WorkerCrashed, ["exited with code 3", "os._exit()"]),
+        (pt.sigkill_self, WorkerCrashed, ["SIGKILL (signal 9)", "reclaiming memory"]),
+        (pt.segfault, WorkerCrashed, ["SIGSEGV", "segmentation fault"]),
+        (pt.abort, WorkerCrashed, ["SIGABRT", "abort()"]),
+        (pt.memory_hog, MemoryError, []),  # an address-space limit: Python raises, no crash
+    ],
+    ids=["os._exit", "sigkill", "segfault", "abort", "memory-error"],
+)
+def test_failure_table(
+    procs: Make, kill: Callable[[], Any], error: type[BaseException], fragments: list[str]
+) -> None:
+    coordinator = procs(workers_per_core=1, retry_policy=NO_CRASH_RETRY)
+    lane = lane_of(coordinator)
+    before = lane.pids()
+    token = kill()
+    with pytest.raises(error) as info:
+        token.get(timeout=30)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    if error is WorkerCrashed:
+        assert token.id in message and repr(token.operation_type) in message
+        assert f"{token.worker} (pid " in message and f"core {token.core})" in message
+        assert "not retried" in message
+        assert coordinator.stats().events["process_restarts"] == 1
+        assert lane.wait_ready(30) and lane.pids() != before  # replaced
+    assert pt.square(6).get(timeout=30) == 36  # the lane carries on
+
+
+def test_a_crash_is_retried_per_policy(procs: Make, tmp_path: Path) -> None:
+    coordinator = procs(workers_per_core=1, retry_policy=RetryPolicy(crash_retries=1))
+    token = pt.crash_once(str(tmp_path / "crashed"))
+    assert token.get(timeout=30) == "recovered"
+    assert token.attempts == 2
+    snap = coordinator.stats()
+    assert (snap.retried, snap.events["process_restarts"], snap.events["process_crashes"]) == (
+        1,
+        1,
+        1,
+    )
+
+
+def test_killing_a_busy_worker_loses_no_other_token(procs: Make, tmp_path: Path) -> None:
+    coordinator = procs(workers_per_core=1, retry_policy=NO_CRASH_RETRY)
+    marker = tmp_path / "pid"
+    victim = pt.block_until_killed(str(marker))
+    eventually(marker.exists, what="the victim task to start in its worker")
+    others = [pt.square(i) for i in range(30)]  # some queue behind the victim
+    pid = int(marker.read_text())
+    assert pid in lane_of(coordinator).pids()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerCrashed) as info:
+        victim.get(timeout=30)
+    assert "SIGKILL" in str(info.value) and "memory" in str(info.value)
+    assert info.value.pid == pid and info.value.exitcode == -signal.SIGKILL  # type: ignore[attr-defined]
+    assert [t.get(timeout=30) for t in others] == [i * i for i in range(30)]
+    assert all(t.attempts == 1 for t in others)
+    eventually(lambda: gone(pid), what="the killed worker to be reaped")
+
+
+def test_a_worker_killed_while_idle_is_replaced_without_charging_the_next_token(
+    procs: Make,
+) -> None:
+    coordinator = procs(workers_per_core=1, cores=1, retry_policy=NO_CRASH_RETRY)
+    (pid,) = lane_of(coordinator).pids()
+    os.kill(pid, signal.SIGKILL)
+    eventually(lambda: gone(pid), what="the idle worker to die")
+    token = pt.whoami()
+    assert token.get(timeout=30)["pid"] != pid
+    assert token.attempts == 1
+    assert coordinator.stats().events["process_idle_deaths"] == 1
+
+
+def test_describe_exit_names_signals_and_codes() -> None:
+    assert describe_exit(-9)[0] == "died with SIGKILL (signal 9)"
+    assert "memory" in describe_exit(-9)[1]
+    assert describe_exit(3) == (
+        "exited with code 3",
+        describe_exit(4)[1],
+    )
+    assert describe_exit(-200)[0] == "died with signal 200 (signal 200)"
+
+
+def test_a_worker_that_cannot_start_is_broken_loudly(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(
+        _process,
+        "_BOOTSTRAP",
+        _process._BOOTSTRAP.replace("tokengate.lanes._process_child", "tokengate.no_such_module"),
+    )
+    coordinator = make_coordinator(
+        workers_per_core=1, cores=1, retry_policy=RetryPolicy(crash_retries=0)
+    )
+    assert not lane_of(coordinator).wait_ready(30)
+    with pytest.raises(WorkerCrashed, match=r"(?s)failed to start 3 times.*No module named"):
+        pt.square(2).get(timeout=30)
+    assert "failed to start" in caplog.text
+
+
+# -- timeouts --------------------------------------------------------------------------------------
+def test_a_process_task_past_its_timeout_is_killed_and_replaced(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1, cores=1)
+    (pid,) = lane_of(coordinator).pids()
+    token = pt.hangs()
+    with pytest.raises(TaskTimeout, match=r"timeout of 0\.3s .*killed and replaced") as info:
+        token.get(timeout=30)
+    assert isinstance(info.value, TimeoutError)
+    eventually(lambda: gone(pid), what="the overrunning worker to be killed")
+    assert pt.whoami().get(timeout=30)["pid"] != pid
+    assert coordinator.stats().events["process_timeouts"] == 1
+
+
+def test_a_killed_timeout_may_be_retried(procs: Make, tmp_path: Path) -> None:
+    coordinator = procs(workers_per_core=1, cores=1)
+    token = pt.hangs_once(str(tmp_path / "hung"))
+    assert token.get(timeout=30) != os.getpid()
+    assert token.attempts == 2 and coordinator.stats().retried == 1
+
+
+# -- stop and orphans ------------------------------------------------------------------------------
+def test_stop_shuts_every_worker_process_down() -> None:
+    before = own_children()
+    coordinator = OperationsCoordinator(workers_per_core=1).start()
+    lane = lane_of(coordinator)
+    assert lane.wait_ready(30)
+    pids = lane.pids()
+    assert set(pids) <= own_children() - before
+    assert pt.square(3).get(timeout=30) == 9
+    coordinator.stop()
+    assert all(gone(pid) for pid in pids)
+    assert own_children() <= before
+
+
+def test_stop_right_after_start_does_not_wait_for_workers_to_boot() -> None:
+    before = own_children()
+    OperationsCoordinator(workers_per_core=1).start().stop()
+    assert own_children() <= before
+
+
+def test_stop_with_cancel_pending_discards_queued_process_tokens(tmp_path: Path) -> None:
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    marker = tmp_path / "pid"
+    running = pt.block_until_killed(str(marker), 0.5)  # ends on its own after 0.5 s
+    eventually(marker.exists, what="the task to start")
+    queued = [pt.square(i) for i in range(5)]
+    coordinator.stop(cancel_pending=True)
+    assert running.get(timeout=1) == "not killed"  # what had started finished
+    assert {t.state for t in queued} == {"discarded"}
+    assert {t.discard_reason for t in queued} == {"stopped"}
+    assert running._payload is None  # the pickled call is let go once the token ended
+    assert_counts_add_up(coordinator)
+
+
+def test_stop_kills_a_worker_still_running_when_it_gives_up(tmp_path: Path) -> None:
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    marker = tmp_path / "pid"
+    token = pt.block_until_killed(str(marker))
+    eventually(marker.exists, what="the task to start")
+    coordinator.stop(timeout=0.1)
+    with pytest.raises(TaskTimeout, match="when stop"):
+        token.get(timeout=1)
+    assert gone(int(marker.read_text()))
+    assert_counts_add_up(coordinator)
+
+
+PARENT_SCRIPT = """
+import sys
+from tokengate import OperationsCoordinator
+from tokengate.lanes import _process
+from process_tasks import square
+
+if sys.argv[2] == "lifeline":  # the portable path, as on macOS: no PR_SET_PDEATHSIG
+    _process.USE_PDEATHSIG, _process.USE_LIFELINE = False, True
+
+coordinator = OperationsCoordinator(workers_per_core=1).start()
+assert square(4).get(timeout=30) == 16
+print(*coordinator.lanes["process"].pids(), flush=True)
+if sys.argv[1] == "hold":
+    sys.stdin.read()  # hold until the test kills us
+# else: leave without stop(), as a script that forgets it does
+"""
+
+
+@pytest.mark.parametrize("watch", ["pdeathsig", "lifeline"])
+@pytest.mark.parametrize("end", ["killed", "exits-without-stop"])
+def test_worker_processes_die_with_their_parent(tmp_path: Path, end: str, watch: str) -> None:
+    if watch == "pdeathsig" and not _process.USE_PDEATHSIG:
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    mode = "hold" if end == "killed" else "leave"
+    with subprocess.Popen(
+        [sys.executable, str(script), mode, watch],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            pids = [int(p) for p in parent.stdout.readline().split()]
+            assert pids
+            if end == "killed":
+                assert all(psutil.Process(p).ppid() == parent.pid for p in pids)
+                parent.kill()
+            assert parent.wait(30) in (0, -signal.SIGKILL)
+            eventually(lambda: all(gone(p) for p in pids), what="workers to die with their parent")
+        finally:
+            parent.kill()
+
+
+# -- __main__ scripts and the seed's examples ------------------------------------------------------
+MAIN_SCRIPT = """
+import os
+import random
+import time
+from dataclasses import dataclass
+from tokengate import OperationsCoordinator, task_token_guard
+
+# No `if __name__ == "__main__"` guard on purpose: worker processes never import this script.
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+@task_token_guard(operation_type='cpu_intensive', tags={'weight': 'heavy'})
+def heavy_operation(iterations):
+    result = 0
+    for i in range(iterations):
+        result += sum(j ** 2 for j in range(100))
+    return result
+
+@task_token_guard(operation_type='json_generation_heavy', tags={'weight': 'heavy'})
+def generate_complex_json(depth, index):
+    print(f"[HEAVY-{index}] Generating complex nested JSON (depth: {depth})...")
+    def create_nested(current_depth):
+        if current_depth <= 0:
+            return {"value": random.randint(1, 1000)}
+        return {
+            f"level_{current_depth}": {
+                "data": [create_nested(current_depth - 1) for _ in range(3)],
+                "metadata": {"timestamp": time.time(), "depth": current_depth,
+                             "random": random.random()},
+            }
+        }
+    return create_nested(depth)
+
+@task_token_guard(operation_type='fib', tags={'weight': 'heavy'})
+def fib(n):
+    return n if n < 2 else fib(n - 1).get() + fib(n - 2).get()
+
+@task_token_guard(operation_type='move', tags={'weight': 'heavy'})
+def move(point, by):
+    return Point(point.x + by(1), point.y), os.getpid()
+
+coordinator = OperationsCoordinator()
+coordinator.start()
+try:
+    print("heavy", heavy_operation(10).get(timeout=30))
+    tree = generate_complex_json(3, 7).get(timeout=30)
+    print("json", sorted(tree))
+    print("fib", fib(12).get(timeout=30))
+    moved, pid = move(Point(1, 2), lambda n: n * 10).get(timeout=30)
+    print("moved", moved, isinstance(moved, Point), pid != os.getpid())
+finally:
+    coordinator.stop()
+"""
+
+
+def test_main_script_functions_run_in_the_process_lane(tmp_path: Path) -> None:
+    script = tmp_path / "main_script.py"
+    script.write_text(textwrap.dedent(MAIN_SCRIPT))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert f"heavy {pt.heavy_operation.__wrapped__(10)}" in out
+    assert "[HEAVY-7] Generating complex nested JSON (depth: 3)..." in out  # printed by a worker
+    assert "json ['level_3']" in out
+    assert "fib 144" in out
+    assert "moved Point(x=11, y=2) True True" in out
+
+
+# -- the benchmark script runs (never a timing) ----------------------------------------------------
+def test_the_process_lane_benchmark_runs() -> None:
+    script = Path(__file__).parent.parent / "benchmarks" / "process_lane.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--case", "B2o", "tokengate", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok" and result["figures"]["us_per_task"] > 0
