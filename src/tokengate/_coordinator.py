@@ -379,10 +379,12 @@ class OperationsCoordinator(ObservabilityMixin):
             self._accepting = False
         if log.isEnabledFor(_INFO):
             log.info("Stopping Operations Coordinator...")
-        engine, self._convergence = self._convergence, None  # io-lane: no resizing while stopping
-        if engine is not None:
-            engine.stop()
         try:
+            # Inside the try: a Ctrl-C while the engine's thread is joined must still shut the
+            # workers down, or the coordinator stays 'stopping' for ever (no stop, no start).
+            engine, self._convergence = self._convergence, None  # no resizing while stopping
+            if engine is not None:
+                engine.stop()
             if cancel_pending:
                 self._give_up_pending()
                 self._discard_pending("stopped")
