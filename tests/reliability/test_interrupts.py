@@ -69,6 +69,7 @@ def test_ctrl_c_inside_the_with_block_discards_pending_and_finishes_running(
     made: list[Token[Any]] = []
     with pytest.raises(KeyboardInterrupt), coordinator:
         made += [gated(0)]
+        eventually(lambda: made[0].state == "running", what="the gated task to start")
         made += [plain(i) for i in range(1, 100)]
         made += [tiered(i) for i in range(100, 120)]
         made += [link(made[-1], 120, -1)]

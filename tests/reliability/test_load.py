@@ -94,17 +94,17 @@ def test_flood_of_1_000_000_tokens_in_bounded_memory(capsys: pytest.CaptureFixtu
     check_flood(result)
 
 
-def check_soak(result: dict[str, Any], *, flat_rss: bool) -> None:
+def check_soak(result: dict[str, Any], *, flat: bool) -> None:
     assert result["resolved"] == result["submitted"] == result["callbacks"], result["submitted"]
     assert (result["failed"], result["discarded"], result["in_flight"]) == (0, 0, 0)
     assert result["callback_errors"] == 0
     assert all(result["per_phase"].values()), result["per_phase"]
     assert result["peak_rss_mb"] < PEAK_RSS_BOUND_MB
     ends = result["phase_ends"]
-    idle_threads = {e["threads"] for e in ends if e["phase"] == "IDLE"}
-    assert len(idle_threads) == 1, ends  # the same threads at every idle phase's end
     assert all(e["in_flight"] == 0 for e in ends)
-    if flat_rss:  # no growth in the second half
+    if flat:  # no growth in the second half; the engine back down at every idle phase's end
+        idle_threads = {e["threads"] for e in ends if e["phase"] == "IDLE"}
+        assert len(idle_threads) == 1, ends
         middle, end = ends[len(ends) // 2]["rss_mb"], ends[-1]["rss_mb"]
         assert end - middle <= SOAK_RSS_TOLERANCE_MB, ends
 
@@ -113,7 +113,7 @@ def test_a_short_soak_through_every_phase() -> None:
     result, _ = run_workload(
         "soak", "--seconds", 4, "--cycles", 2, "--sample-every", 0.5, timeout=50
     )
-    check_soak(result, flat_rss=False)  # 4 s is mostly warm-up: flatness is the long run's
+    check_soak(result, flat=False)  # 4 s is warm-up, idle phases too short for the engine
 
 
 @pytest.mark.soak
@@ -137,4 +137,4 @@ def test_soak_rss_and_threads_stay_flat(capsys: pytest.CaptureFixture[str]) -> N
             f"tokens per phase: {result['per_phase']}; peak RSS {result['peak_rss_mb']} MB; "
             f"tolerance: +{SOAK_RSS_TOLERANCE_MB} MB from the middle to the end, idle threads equal"
         )
-    check_soak(result, flat_rss=True)
+    check_soak(result, flat=True)
