@@ -41,7 +41,7 @@ from tokengate.bench._report import (
     summarize_case,
     summarize_runs,
 )
-from tokengate.bench._scenarios import SCENARIOS
+from tokengate.bench._scenarios import SCENARIOS, get_scenario
 
 Record = dict[str, Any]
 MISSING_MODULE = "tokengate_bench_no_such_module"
@@ -355,10 +355,45 @@ def test_scenario_validation() -> None:
 
 
 def test_registry_keys_and_headlines() -> None:
-    assert list(SCENARIOS) == ["B1", "B4", "B6", "B7"]
+    assert list(SCENARIOS) == [
+        "B1",
+        "B2",
+        "B2o",
+        "B3",
+        "B4",
+        "B5",
+        "B5b",
+        "B6",
+        "B7",
+        "IOSURGE",
+        "OBS",
+        "OBSLOG",
+    ]
     for sc in SCENARIOS.values():
         assert any(s.kind == "tokengate" for s in sc.systems), sc.id
         assert any(s.kind == "peer" for s in sc.systems), sc.id
+
+
+def test_new_scenarios_headlines_and_any_case_ids() -> None:
+    expected = {
+        "B2": ("speedup", True),
+        "B2o": ("us_per_task", False),
+        "B3": ("light_p95_ms", False),
+        "B5": ("per_s", True),
+        "B5b": ("per_s", True),
+        "IOSURGE": ("wall_s", False),
+        "OBS": ("us_per_task", False),
+        "OBSLOG": ("us_per_task", False),
+    }
+    for sid, (headline, higher) in expected.items():
+        sc = get_scenario(sid.lower())
+        assert sc.id == sid
+        assert sc.headline == headline
+        assert sc.figure(headline).higher_is_better is higher
+    # OBS / OBSLOG: the reference (everything off) is the one "peer", so the ratio is overhead
+    for sid, ref in (("OBS", "bare"), ("OBSLOG", "log-disabled")):
+        assert [s.key for s in SCENARIOS[sid].systems if s.kind == "peer"] == [ref]
+    assert SCENARIOS["B2"].system("serial").kind == "floor"
 
 
 # -- the CLI --------------------------------------------------------------------------------------
@@ -477,6 +512,18 @@ def test_smoke_quick_b1_peer_case(tmp_path: Path) -> None:
     assert ray["status"] in ("ok", "not installed")
 
 
+def test_smoke_quick_b2o_tokengate(tmp_path: Path) -> None:
+    report = _bench_cli(
+        tmp_path, "--quick", "--only", "b2o", "--repeat", "1", "--systems", "tokengate"
+    )
+    (sc,) = report["scenarios"]
+    assert sc["id"] == "B2o"
+    (case,) = sc["cases"]
+    assert case["status"] == "ok", case["error"]
+    assert case["summary"]["us_per_task"]["median"] > 0
+    assert case["summary"]["round_trip_us"]["median"] > 0
+
+
 def _case_subprocess(*args: str, timeout: float = 50.0) -> Record:
     proc = subprocess.run(
         [sys.executable, "-m", "tokengate.bench._case", *args],
@@ -505,6 +552,13 @@ def test_threadpool_nested_fanout_is_reported_deadlocked() -> None:
         ("B4", "tokengate-map", "300"),
         ("B6", "tokengate", "1"),
         ("B7", "tokengate", "10"),
+        ("B2", "tokengate", "2"),
+        ("B3", "tokengate", "2"),
+        ("B5", "tokengate", "20"),
+        ("B5b", "tokengate", "20"),
+        ("IOSURGE", "tier-on", "20"),
+        ("OBS", "full", "500"),
+        ("OBSLOG", "log-debug", "200"),
     ],
 )
 def test_tokengate_cases_run(scenario: str, system: str, n: str) -> None:

@@ -695,11 +695,10 @@ def test_main_script_functions_run_in_the_process_lane(tmp_path: Path) -> None:
     assert "moved Point(x=11, y=2) True True" in out
 
 
-# -- the benchmark script runs (never a timing) ----------------------------------------------------
+# -- the benchmark case runs (never a timing) ------------------------------------------------------
 def test_the_process_lane_benchmark_runs() -> None:
-    script = Path(__file__).parent.parent / "benchmarks" / "process_lane.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--case", "B2o", "tokengate", "--quick"],
+        [sys.executable, "-m", "tokengate.bench._case", "B2o", "tokengate", "--quick", "--n", "50"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -361,9 +361,8 @@ class OperationsCoordinator(ObservabilityMixin):
         discarded, and a thread still stuck in user code is left behind (it is a daemon thread)
         and logged. Once stop() discards what has not started (``cancel_pending``, or the
         timeout ran out), producers still waiting for mailbox room get their token back
-        discarded; a task left running when the workers stop is not retried if it fails (it
-        fails with its error). Whatever is left behind still ends in a terminal state and is
-        counted. Calling
+        discarded, and a running task that fails is not retried: it fails with its error.
+        Whatever is left behind still ends in a terminal state and is counted. Calling
         ``stop()`` on a coordinator that is not running does nothing.
         """
         timeout = check_timeout(timeout)
@@ -777,26 +776,19 @@ class OperationsCoordinator(ObservabilityMixin):
         self._replace_stuck(token)
 
     def _replace_stuck(self, token: Token[Any]) -> None:
-        """Retire the worker stuck in ``token`` for a fresh one in the same pool, so the tokens
-        queued behind a hung task do not wait for it (a thread cannot be killed). The stuck
-        worker hands its queue to its pool and exits when the task returns."""
-        for lane in self._lanes.values():
-            stuck = next((w for w in lane.workers if w.current is token), None)
-            if stuck is not None:
-                break
-        else:
+        """Give the mailbox of the worker stuck in ``token`` to a fresh thread, so the tokens
+        queued behind a hung task do not wait for it (a thread cannot be killed)."""
+        lane = self._lanes.get(token.lane or "")
+        replace = getattr(lane, "replace", None)
+        if lane is None or replace is None:
             return
-        add = getattr(lane, "add_worker", None)
-        retire = getattr(lane, "retire_worker", None)
-        if add is None or retire is None:
+        stuck = next((w for w in lane.workers if w.current is token), None)
+        if stuck is None or replace(stuck) is None:
             return
-        add(stuck.pool)
-        if not retire(stuck):
-            return
-        self._workers_changed()
+        self._routes = {}  # cached routes still name the stuck worker
         self.count_event("workers_replaced")
         log.warning(
-            "[%s] stuck in %s past its timeout; a fresh worker took over its queue and the "
+            "[%s] stuck in %s past its timeout; a fresh thread took over its mailbox and the "
             "stuck one will exit when the task returns",
             stuck.name,
             token.id,
@@ -874,7 +866,7 @@ class OperationsCoordinator(ObservabilityMixin):
         counters.latency.record(now - token.submitted_at)
 
     def _maybe_retry(self, token: Token[Any], run_id: int, exc: BaseException) -> bool:
-        if self._closed:  # the workers are stopping: no retry could run, fail with the error
+        if self._discarding:  # stop() is not waiting for new attempts: fail with the error
             return False
         spec = token.spec
         policy = self._policies[spec.weight]

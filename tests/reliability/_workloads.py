@@ -172,7 +172,9 @@ class Soak:
     def __init__(self, seconds: float, cycles: int) -> None:
         self.seconds = seconds
         self.cycles = cycles
-        self.coordinator = OperationsCoordinator().start()
+        # convergence=False: the engine rightly adds threads during a surge; the soak checks that
+        # nothing leaks, which needs a thread count that only a leak can move.
+        self.coordinator = OperationsCoordinator(convergence=False).start()
         self.tally = Tally()
         self.phase = "START"
         self.per_phase: dict[str, int] = {name: 0 for name, _ in PHASES}

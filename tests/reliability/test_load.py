@@ -17,12 +17,14 @@ gets ahead of busy cores. Why it is tight enough: a leak of 100 bytes per token 
 after the flood (a leaked token is counted, whatever its size).
 
 **The soak's flatness.** The soak cycles through the seed's idle / normal / surge phases and
-samples RSS and thread counts; at the end of every phase the work has drained. The first cycles
-are the warm-up (allocator arenas, histograms, stats shards and the convergence engine's pools
-grow to their working size), so flat means: no growth in the second half. RSS at the last
-phase end is within 5 MB of RSS at the middle phase end (a leak of a byte per token would add
-several times that over the 10-minute soak's second half, some 15 million tokens), and the
-thread count at the end of every idle phase (engine back down, producers gone) is the same.
+samples RSS and thread counts; at the end of every phase the work has drained. It runs with the
+convergence engine off (the engine rightly adds threads in a surge; its growth is tested in
+tests/test_convergence.py), so only a leak can move the thread count. The first cycles are the
+warm-up (allocator arenas, histograms, stats shards grow to their working size), so flat
+means: no growth in the second half. RSS at the last phase end is within 5 MB of RSS at the
+middle phase end (a leak of a byte per token would add several times that over the 10-minute
+soak's second half, some 15 million tokens), and the thread count is the same at the end of
+every idle phase.
 """
 
 from __future__ import annotations
@@ -102,9 +104,9 @@ def check_soak(result: dict[str, Any], *, flat: bool) -> None:
     assert result["peak_rss_mb"] < PEAK_RSS_BOUND_MB
     ends = result["phase_ends"]
     assert all(e["in_flight"] == 0 for e in ends)
-    if flat:  # no growth in the second half; the engine back down at every idle phase's end
-        idle_threads = {e["threads"] for e in ends if e["phase"] == "IDLE"}
-        assert len(idle_threads) == 1, ends
+    idle_threads = {e["threads"] for e in ends if e["phase"] == "IDLE"}
+    assert len(idle_threads) == 1, ends  # the same threads at every idle phase's end
+    if flat:  # no growth in the second half
         middle, end = ends[len(ends) // 2]["rss_mb"], ends[-1]["rss_mb"]
         assert end - middle <= SOAK_RSS_TOLERANCE_MB, ends
 
@@ -113,7 +115,7 @@ def test_a_short_soak_through_every_phase() -> None:
     result, _ = run_workload(
         "soak", "--seconds", 4, "--cycles", 2, "--sample-every", 0.5, timeout=50
     )
-    check_soak(result, flat=False)  # 4 s is warm-up, idle phases too short for the engine
+    check_soak(result, flat=False)  # 4 s is mostly warm-up: RSS flatness is the long run's
 
 
 @pytest.mark.soak

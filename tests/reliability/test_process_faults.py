@@ -56,11 +56,8 @@ class ProcessFixture:
     def __init__(self, coordinator: OperationsCoordinator) -> None:
         self.coordinator = coordinator
         self.lane: Any = coordinator.lanes["process"]
-        wait_ready = getattr(self.lane, "wait_ready", None)
-        if wait_ready is not None:  # worker processes start in the background
-            assert wait_ready(60)
-        self.size = len(getattr(self.lane, "workers", None) or self.lane.pids())
-        self.seen: set[int] = set(self.lane.pids())
+        self.size = len(self.lane.workers)  # processes start in the background: count slots
+        self.seen: set[int] = set()
         self.fault: tuple[str, int, int] | None = None  # (name, injected, tokens) for the ledger
 
     def ledger(self, name: str, *, injected: int, tokens: int) -> None:
@@ -100,6 +97,10 @@ def make_process_coordinator(
             pytest.skip(NO_PROCESS_LANE)
         fixture = ProcessFixture(coordinator)
         made.append(fixture)
+        wait_ready = getattr(fixture.lane, "wait_ready", None)
+        if wait_ready is not None:  # started, not just spawned: a kill then hits a live worker
+            assert wait_ready(60)
+        fixture.full_strength()  # every worker process up before the fault is injected
         return fixture
 
     yield make
@@ -183,8 +184,10 @@ def test_sigkill_at_random_moments_under_load(
     was hit more often than its crash retries allow; none is lost.
 
     Only workers that have been up for a while are shot: killing a replacement while it boots,
-    again and again, is a different fault (a start-up crash loop), after which the lane marks
-    the worker broken on purpose."""
+    again and again, is a different fault (a start-up crash loop). Known gap there (closing note
+    of 2026-11-30): a worker slot whose process is SIGKILLed while starting 3 times in a row is
+    given up for good (a crash-loop guard without a cool-down), so such kills leave the lane
+    short; no token is lost."""
     lane = make_process_coordinator(retry_policy=RetryPolicy(crash_retries=3, backoff_base=0.0))
     rng = random.Random(8)
     kills, min_age = 8, 0.5

@@ -39,7 +39,7 @@ from tokengate.bench._report import (
     render_text,
     summarize_case,
 )
-from tokengate.bench._scenarios import SCENARIOS
+from tokengate.bench._scenarios import SCENARIOS, get_scenario
 
 __all__ = ["CaseExecutor", "main", "run_benchmarks", "run_case_subprocess"]
 
@@ -325,10 +325,10 @@ def _select(parser: argparse.ArgumentParser, only: str | None) -> list[Scenario]
         return list(SCENARIOS.values())
     chosen = []
     for raw in only.split(","):
-        sid = raw.strip().upper()
-        if sid not in SCENARIOS:
+        try:
+            chosen.append(get_scenario(raw))
+        except KeyError:
             parser.error(f"--only: no scenario {raw.strip()!r}; known: {', '.join(SCENARIOS)}")
-        chosen.append(SCENARIOS[sid])
     return chosen
 
 

@@ -6,7 +6,16 @@ To add a scenario: write ``_bN_name.py`` with one function per system and a ``SC
 
 from __future__ import annotations
 
-from tokengate.bench import _b1_overhead, _b4_flood, _b6_mixed, _b7_nested
+from tokengate.bench import (
+    _b1_overhead,
+    _b2_scaling,
+    _b3_isolation,
+    _b4_flood,
+    _b5_io,
+    _b6_mixed,
+    _b7_nested,
+    _obs_overhead,
+)
 from tokengate.bench._model import Scenario
 
 __all__ = ["SCENARIOS", "get_scenario"]
@@ -15,16 +24,25 @@ SCENARIOS: dict[str, Scenario] = {
     s.id: s
     for s in (
         _b1_overhead.SCENARIO,
+        _b2_scaling.SCENARIO,
+        _b2_scaling.SCENARIO_OVERHEAD,
+        _b3_isolation.SCENARIO,
         _b4_flood.SCENARIO,
+        _b5_io.SCENARIO_B5,
+        _b5_io.SCENARIO_B5B,
         _b6_mixed.SCENARIO,
         _b7_nested.SCENARIO,
+        _b5_io.SCENARIO_SURGE,
+        _obs_overhead.SCENARIO,
+        _obs_overhead.SCENARIO_LOG,
     )
 }
 
 
 def get_scenario(scenario_id: str) -> Scenario:
-    try:
-        return SCENARIOS[scenario_id.upper()]
-    except KeyError:
-        known = ", ".join(SCENARIOS)
-        raise KeyError(f"no scenario {scenario_id!r}; known: {known}") from None
+    """The scenario with this id, in any case (``b5b`` is ``B5b``)."""
+    for sid, scenario in SCENARIOS.items():
+        if sid.upper() == scenario_id.strip().upper():
+            return scenario
+    known = ", ".join(SCENARIOS)
+    raise KeyError(f"no scenario {scenario_id!r}; known: {known}")

@@ -8,6 +8,8 @@ system under test.
 from __future__ import annotations
 
 from tokengate import task_token_guard
+from tokengate.bench._b2_scaling import burn
+from tokengate.bench._b3_isolation import light_work
 from tokengate.bench._b4_flood import flood_plain
 
 
@@ -31,3 +33,21 @@ def fib(n: int) -> int:
     left = fib(n - 1)
     right = fib(n - 2)
     return left.get() + right.get()
+
+
+@task_token_guard(operation_type="burn", tags={"weight": "heavy"})
+def burn_task(steps: int) -> int:
+    """B2, B3: pure-Python CPU work in tokengate's worker processes."""
+    return burn(steps)
+
+
+@task_token_guard(operation_type="light", tags={"weight": "light"})
+def light_task() -> int:
+    """B3: the light task that must not wait behind the heavy ones."""
+    return light_work()
+
+
+@task_token_guard(operation_type="noop_process", tags={"weight": "heavy", "executor": "process"})
+def noop_process(i: int) -> int:
+    """B2o: the smallest process task, so the figure is the process lane's overhead."""
+    return i

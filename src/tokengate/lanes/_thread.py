@@ -20,6 +20,12 @@ token, hands back anything that arrived meanwhile, and exits. The lists are repl
 mutated, so readers need no lock. A push that races with the exit finds ``sleeping`` set and
 calls ``wake``, which on a closed worker hands the token back instead: no token can be
 stranded, and ``push`` stays two operations.
+
+A thread cannot be killed, so a worker stuck in a task past its ``timeout`` is *replaced*
+(:meth:`ThreadLane.replace`: an ``add_worker`` plus a ``retire_worker``): a fresh thread in the
+same pool takes over its queue, and the stuck thread exits when its task returns. Without it,
+every token queued behind a hung task
+waited for the hang to end, however long, while the other workers sat idle.
 """
 
 from __future__ import annotations
@@ -241,6 +247,19 @@ class ThreadLane:
         for worker in workers:
             out.extend(list(worker.mailbox))
         return out
+
+    def replace(self, worker: ThreadWorker) -> ThreadWorker | None:
+        """Replace ``worker``, stuck in a task, by a fresh thread in the same pool.
+
+        The fresh worker joins the pool and the stuck one retires: its queued tokens go to the
+        pool at once, and its thread exits when the task returns. Returns the fresh worker, or
+        None if ``worker`` is no longer one of this lane's. The caller invalidates routes.
+        """
+        if worker.retiring or worker not in self.pools.get(worker.pool, ()):
+            return None
+        fresh = self.add_worker(worker.pool)
+        self.retire_worker(worker)
+        return fresh
 
     def stop(self, timeout: float | None = None) -> list[ThreadWorker]:
         """Stop every worker after its mailbox; returns the workers still running at timeout."""
