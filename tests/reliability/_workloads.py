@@ -103,6 +103,19 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS.
+
+    Linux's ``ru_maxrss`` survives ``exec``: a child started by a big parent (pytest, 50 MB or
+    more by the time it runs these) reports the parent's high-water mark as its own. The
+    memory map's ``VmHWM`` starts afresh at ``exec``, so it is read where it exists.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -269,7 +282,9 @@ class Soak:
         self.coordinator.stop()
         snap = self.coordinator.stats("FINAL")
         print(snap, flush=True)
+        gc.collect()
         return {
+            "tokens_alive_after": sum(isinstance(o, Token) for o in gc.get_objects()),
             "seconds": self.seconds,
             "cycles": self.cycles,
             "per_phase": self.per_phase,
