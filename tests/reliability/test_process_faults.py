@@ -20,7 +20,6 @@ import random
 import re
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -179,33 +178,29 @@ def test_a_crash_is_retried_per_crash_retries(
 def test_sigkill_at_random_moments_under_load(
     make_process_coordinator: Callable[..., ProcessFixture],
 ) -> None:
-    """A killer thread SIGKILLs a random worker process at random moments (8 times) while heavy
+    """A killer thread SIGKILLs a random worker process at random moments (12 times) while heavy
     process tasks and thread tasks flow: every token resolves, or fails with WorkerCrashed once it
-    was hit more often than its crash retries allow; none is lost.
+    was hit more often than its crash retries allow; none is lost, and the lane ends at full
+    strength.
 
-    Only workers that have been up for a while are shot: killing a replacement while it boots,
-    again and again, is a different fault (a start-up crash loop). Known gap there (closing note
-    of 2026-11-30): a worker slot whose process is SIGKILLed while starting 3 times in a row is
-    given up for good (a crash-loop guard without a cool-down), so such kills leave the lane
-    short; no token is lost."""
+    The victims include replacements still starting (``pids()`` lists them from their launch):
+    about half of the kills land there, and now and then the same slot is shot while starting
+    several times in a row. Such a slot is started again after a growing cool-down, never given
+    up (before that fix it was abandoned after 3 failed starts and the lane stayed short;
+    ``test_process_lane.py`` pins the cool-down itself deterministically)."""
     lane = make_process_coordinator(retry_policy=RetryPolicy(crash_retries=3, backoff_base=0.0))
     rng = random.Random(8)
-    kills, min_age = 8, 0.5
+    kills = 12
     done = threading.Event()
     killed: list[int] = []
 
     def killer() -> None:
         pause = threading.Event()
-        first_seen: dict[int, float] = {}  # (psutil's create_time is only good to a second)
         while len(killed) < kills and not done.is_set():
             pause.wait(rng.uniform(0.02, 0.15))  # when to strike: the fault's timing, not a sync
-            now = time.monotonic()
-            grown = []
-            for pid in lane.pids():
-                if now - first_seen.setdefault(pid, now) >= min_age:
-                    grown.append(pid)
-            if grown:
-                victim = rng.choice(grown)
+            pids = lane.pids()
+            if pids:
+                victim = rng.choice(pids)
                 try:
                     psutil.Process(victim).send_signal(signal.SIGKILL)
                     killed.append(victim)
