@@ -8,6 +8,7 @@ blocks before it). ``tests/reliability/test_load.py`` runs them and checks the f
 
 The flood submits N tokens of six kinds (light / medium / heavy, half of them with a storage
 tier) from one producer as fast as it can, keeping none: a done-callback tallies each result.
+The heavy kind is slower than the producer, so its mailboxes fill and the producer waits.
 Everything alive at once is bounded by the mailboxes (workers x ``mailbox_max``) and the tier
 queues, so peak RSS must not depend on N.
 
@@ -47,6 +48,9 @@ def medium(i: int) -> int:
 
 @task_token_guard(operation_type="flood_heavy", tags=HEAVY)
 def heavy(i: int) -> int:
+    """Slower than the producer (0.2 ms without the GIL, as I/O or a C extension would be), so
+    its mailboxes fill and the producer is made to wait: the bound is reached, not just kept."""
+    time.sleep(0.0002)
     return i
 
 
@@ -128,9 +132,17 @@ def flood(tokens: int) -> dict[str, Any]:
         threading.Event().wait(0.01)
     baseline = rss_mb()
     tally = Tally()
+    # Sampled every 256 submits (off the hot path): tokens alive at once (submitted, not
+    # finished) and the fullest mailbox (queued + running) of any lane.
+    high_water = mailbox_high = 0
     started = time.perf_counter()
     for i in range(tokens):
         KINDS[i % 6](i).add_done_callback(tally)
+        if not i & 255:
+            high_water = max(high_water, coordinator.stats().in_flight)
+            for name in coordinator.lanes:
+                for loads in coordinator.queue_depths(name).values():
+                    mailbox_high = max(mailbox_high, *loads)
     coordinator.stop()
     seconds = time.perf_counter() - started
     snap = coordinator.stats()
@@ -143,6 +155,8 @@ def flood(tokens: int) -> dict[str, Any]:
         "tokens_per_second": round(tokens / seconds),
         "workers": coordinator.core_count * coordinator.config.workers_per_core,
         "mailbox_max": coordinator.config.mailbox_max,
+        "in_flight_high_water": high_water,
+        "mailbox_high_water": mailbox_high,
         "baseline_rss_mb": round(baseline, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "callbacks": tally.count,

@@ -1,9 +1,9 @@
 """Load (issue 8, part 2): a flood of tokens in bounded memory, and a soak that stays flat.
 
-Both run in a fresh interpreter (``_workloads.py``) so that peak RSS (``ru_maxrss``) is theirs
-alone. ``make test`` runs the short forms (a 100,000-token flood, a 4-second soak);
-``make soak`` runs the 1,000,000-token flood and the soak for ``TOKENGATE_SOAK_SECONDS``
-(600 by default).
+Both run in a fresh interpreter (``_workloads.py``) so that peak RSS is theirs alone
+(``VmHWM``, see the end). ``make test`` runs the short forms (a 100,000-token flood, a
+4-second soak); ``make soak`` runs the 1,000,000-token flood and the soak for
+``TOKENGATE_SOAK_SECONDS`` (600 by default).
 
 **The flood's bound.** Peak RSS stays under 150 MB, and within 100 MB of the RSS measured after
 start-up (interpreter, tokengate, psutil, the workers: about 30 MB). Why that is enough: what
@@ -14,7 +14,13 @@ workers per core, a tier's pool up to its limit) about 100,000 tokens of under 1
 at most some 70 MB. Measured: 1 to 3 MB above start-up (peak about 30 MB at 100,000 and at
 1,000,000 tokens). Why it is tight enough: a leak of 100 bytes per token breaks it at
 1,000,000 tokens; and, independent of allocator noise, no Token object may still be alive
-after the flood (a leaked token is counted, whatever its size).
+after the flood (a leaked token is counted, whatever its size). And the mailboxes' bound
+itself is checked, not only its effect on RSS: one kind of task (heavy, 0.2 ms) is slower
+than the producer, so its mailboxes fill; the fullest mailbox, sampled every 256 submits, must
+reach ``mailbox_max`` (else the flood never tested the bound) and never pass it. Found by a
+mutation check: with tasks as fast as the producer, a coordinator whose mailboxes had no bound
+at all passed the 100,000-token flood (its peak RSS stays low when the workers keep up); with
+the slow kind it queues some 7,000 tokens in one mailbox and 43,000 in all, and fails.
 
 **The soak's flatness.** The soak cycles through the seed's idle / normal / surge phases and
 samples RSS and thread counts; at the end of every phase the work has drained. It runs with the
@@ -75,13 +81,19 @@ def check_flood(result: dict[str, Any]) -> None:
         assert high <= result["tier_limits"][tier], result
     assert result["peak_rss_mb"] < PEAK_RSS_BOUND_MB, result
     assert result["peak_rss_mb"] - result["baseline_rss_mb"] < GROWTH_BOUND_MB, result
+    # invariant 3, and the premise that makes it a test: the slow kind's mailboxes filled
+    assert result["mailbox_high_water"] <= result["mailbox_max"], result
+    assert result["mailbox_high_water"] >= 0.9 * result["mailbox_max"], result
 
 
 def summary(result: dict[str, Any]) -> str:
     return (
         f"flood of {result['tokens']:,} tokens: {result['seconds']} s "
         f"({result['tokens_per_second']:,}/s), peak RSS {result['peak_rss_mb']} MB "
-        f"(after start-up {result['baseline_rss_mb']} MB), all resolved"
+        f"(after start-up {result['baseline_rss_mb']} MB), at most "
+        f"{result['in_flight_high_water']:,} tokens alive at once and "
+        f"{result['mailbox_high_water']} in a mailbox (mailbox_max {result['mailbox_max']}), "
+        f"all resolved"
     )
 
 
