@@ -133,16 +133,18 @@ def flood(tokens: int) -> dict[str, Any]:
     baseline = rss_mb()
     tally = Tally()
     # Sampled every 256 submits (off the hot path): tokens alive at once (submitted, not
-    # finished) and the fullest mailbox (queued + running) of any lane.
-    high_water = mailbox_high = 0
+    # finished), the fullest mailbox and all mailboxes together (queued + running, every lane),
+    # and the workers there were (the convergence engine may add some).
+    high_water = mailbox_high = queued_high = workers = 0
     started = time.perf_counter()
     for i in range(tokens):
         KINDS[i % 6](i).add_done_callback(tally)
         if not i & 255:
             high_water = max(high_water, coordinator.stats().in_flight)
-            for name in coordinator.lanes:
-                for loads in coordinator.queue_depths(name).values():
-                    mailbox_high = max(mailbox_high, *loads)
+            loads = [w.load() for w in coordinator.iter_workers()]
+            mailbox_high = max(mailbox_high, *loads)
+            queued_high = max(queued_high, sum(loads))
+            workers = max(workers, len(loads))
     coordinator.stop()
     seconds = time.perf_counter() - started
     snap = coordinator.stats()
@@ -157,6 +159,8 @@ def flood(tokens: int) -> dict[str, Any]:
         "mailbox_max": coordinator.config.mailbox_max,
         "in_flight_high_water": high_water,
         "mailbox_high_water": mailbox_high,
+        "mailboxes_high_water": queued_high,
+        "workers_high_water": workers,
         "baseline_rss_mb": round(baseline, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "callbacks": tally.count,
