@@ -111,7 +111,9 @@ def peak_rss_mb() -> float:
 
     Linux's ``ru_maxrss`` survives ``exec``: a child started by a big parent (pytest, 50 MB or
     more by the time it runs these) reports the parent's high-water mark as its own. The
-    memory map's ``VmHWM`` starts afresh at ``exec``, so it is read where it exists.
+    memory map's ``VmHWM`` starts afresh at ``exec``, so it is read where it exists. The kernel
+    updates that mark lazily (memory given back with ``madvise`` may leave it a little below a
+    peak), so the callers also take the largest RSS they sampled.
     """
     try:
         with open("/proc/self/status", encoding="ascii") as status:
@@ -136,11 +138,13 @@ def flood(tokens: int) -> dict[str, Any]:
     # finished), the fullest mailbox and all mailboxes together (queued + running, every lane),
     # and the workers there were (the convergence engine may add some).
     high_water = mailbox_high = queued_high = workers = 0
+    sampled_rss = 0.0
     started = time.perf_counter()
     for i in range(tokens):
         KINDS[i % 6](i).add_done_callback(tally)
         if not i & 255:
             high_water = max(high_water, coordinator.stats().in_flight)
+            sampled_rss = max(sampled_rss, rss_mb())
             loads = [w.load() for w in coordinator.iter_workers()]
             mailbox_high = max(mailbox_high, *loads)
             queued_high = max(queued_high, sum(loads))
@@ -162,7 +166,7 @@ def flood(tokens: int) -> dict[str, Any]:
         "mailboxes_high_water": queued_high,
         "workers_high_water": workers,
         "baseline_rss_mb": round(baseline, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(max(peak_rss_mb(), sampled_rss), 1),
         "callbacks": tally.count,
         "callback_errors": tally.errors,
         "checksum_ok": tally.total == tokens * (tokens - 1) // 2,
@@ -313,7 +317,7 @@ class Soak:
             "in_flight": snap.in_flight,
             "callbacks": self.tally.count,
             "callback_errors": self.tally.errors,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(max(peak_rss_mb(), *(r["rss_mb"] for r in self.samples)), 1),
             "samples": self.samples,
             "phase_ends": self.phase_ends,
         }
