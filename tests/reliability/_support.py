@@ -143,7 +143,7 @@ def serves_new_work(coordinator: OperationsCoordinator, n: int = 50) -> None:
 
 
 # -- interrupts --------------------------------------------------------------------------------
-def interrupt_main_when(predicate: Callable[[], bool], timeout: float = 10.0) -> threading.Thread:
+def interrupt_main_when(predicate: Callable[[], bool], timeout: float = 30.0) -> threading.Thread:
     """From a helper thread, deliver a real SIGINT to the main thread once ``predicate()`` holds.
 
     ``signal.pthread_kill`` (unlike ``_thread.interrupt_main``) interrupts a blocking lock wait,

@@ -90,3 +90,12 @@ def late_transient(started: threading.Event) -> int:
     started.set()
     HANG.wait(60)
     raise ConnectionError("transient failure after stop")
+
+
+@task_token_guard(operation_type="fails_once", tags={"weight": "light"})
+def fails_once(runs: list[int]) -> int:
+    """Fails transiently on its first run (a retryable ConnectionError), then succeeds."""
+    runs.append(len(runs))
+    if len(runs) == 1:
+        raise ConnectionError("transient failure, retried after a back-off")
+    return len(runs)

@@ -8,6 +8,7 @@ blocks before it). ``tests/reliability/test_load.py`` runs them and checks the f
 
 The flood submits N tokens of six kinds (light / medium / heavy, half of them with a storage
 tier) from one producer as fast as it can, keeping none: a done-callback tallies each result.
+The heavy kind is slower than the producer, so its mailboxes fill and the producer waits.
 Everything alive at once is bounded by the mailboxes (workers x ``mailbox_max``) and the tier
 queues, so peak RSS must not depend on N.
 
@@ -19,6 +20,7 @@ mailboxes) phases, sampling RSS and thread count as it goes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import sys
@@ -46,6 +48,9 @@ def medium(i: int) -> int:
 
 @task_token_guard(operation_type="flood_heavy", tags=HEAVY)
 def heavy(i: int) -> int:
+    """Slower than the producer (0.2 ms without the GIL, as I/O or a C extension would be), so
+    its mailboxes fill and the producer is made to wait: the bound is reached, not just kept."""
+    time.sleep(0.0002)
     return i
 
 
@@ -104,10 +109,11 @@ def rss_mb() -> float:
 def peak_rss_mb() -> float:
     """This process's own peak RSS.
 
-    On Linux ``ru_maxrss`` is not ours alone: the kernel carries the high-water mark across the
-    fork and exec that started us, so it is at least the parent's RSS at that moment (a pytest
-    session that imported Dask and ran clusters is bigger than the flood). ``VmHWM`` in
-    ``/proc/self/status`` belongs to this process's own address space, made at exec.
+    Linux's ``ru_maxrss`` survives ``exec``: a child started by a big parent (pytest, 50 MB or
+    more by the time it runs these) reports the parent's high-water mark as its own. The
+    memory map's ``VmHWM`` starts afresh at ``exec``, so it is read where it exists. The kernel
+    updates that mark lazily (memory given back with ``madvise`` may leave it a little below a
+    peak), so the callers also take the largest RSS they sampled.
     """
     try:
         with open("/proc/self/status", encoding="ascii") as status:
@@ -128,20 +134,39 @@ def flood(tokens: int) -> dict[str, Any]:
         threading.Event().wait(0.01)
     baseline = rss_mb()
     tally = Tally()
+    # Sampled every 256 submits (off the hot path): tokens alive at once (submitted, not
+    # finished), the fullest mailbox and all mailboxes together (queued + running, every lane),
+    # and the workers there were (the convergence engine may add some).
+    high_water = mailbox_high = queued_high = workers = 0
+    sampled_rss = 0.0
     started = time.perf_counter()
     for i in range(tokens):
         KINDS[i % 6](i).add_done_callback(tally)
+        if not i & 255:
+            high_water = max(high_water, coordinator.stats().in_flight)
+            sampled_rss = max(sampled_rss, rss_mb())
+            loads = [w.load() for w in coordinator.iter_workers()]
+            mailbox_high = max(mailbox_high, *loads)
+            queued_high = max(queued_high, sum(loads))
+            workers = max(workers, len(loads))
     coordinator.stop()
     seconds = time.perf_counter() - started
     snap = coordinator.stats()
+    gc.collect()
+    alive = sum(isinstance(o, Token) for o in gc.get_objects())
     return {
+        "tokens_alive_after": alive,  # Tokens are gc-tracked: a kept one is found
         "tokens": tokens,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds),
         "workers": coordinator.core_count * coordinator.config.workers_per_core,
         "mailbox_max": coordinator.config.mailbox_max,
+        "in_flight_high_water": high_water,
+        "mailbox_high_water": mailbox_high,
+        "mailboxes_high_water": queued_high,
+        "workers_high_water": workers,
         "baseline_rss_mb": round(baseline, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(max(peak_rss_mb(), sampled_rss), 1),
         "callbacks": tally.count,
         "callback_errors": tally.errors,
         "checksum_ok": tally.total == tokens * (tokens - 1) // 2,
@@ -279,7 +304,9 @@ class Soak:
         self.coordinator.stop()
         snap = self.coordinator.stats("FINAL")
         print(snap, flush=True)
+        gc.collect()
         return {
+            "tokens_alive_after": sum(isinstance(o, Token) for o in gc.get_objects()),
             "seconds": self.seconds,
             "cycles": self.cycles,
             "per_phase": self.per_phase,
@@ -290,7 +317,7 @@ class Soak:
             "in_flight": snap.in_flight,
             "callbacks": self.tally.count,
             "callback_errors": self.tally.errors,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(max(peak_rss_mb(), *(r["rss_mb"] for r in self.samples)), 1),
             "samples": self.samples,
             "phase_ends": self.phase_ends,
         }

@@ -57,7 +57,7 @@ def test_ctrl_c_while_waiting_in_get_leaves_the_tokens_alone(resources: Resource
 
 def open_gate_once_stopping(coordinator: OperationsCoordinator) -> None:
     """Open the gate once stop() is draining, as a task finishing on its own would."""
-    eventually(lambda: coordinator._status != "running", what="stop() to begin")
+    eventually(lambda: coordinator._status != "running", timeout=50, what="stop() to begin")
     GATE.set()
 
 
@@ -95,7 +95,9 @@ def test_ctrl_c_while_blocked_by_backpressure_loses_nothing(resources: Resources
     """Regression: a producer interrupted while waiting for mailbox room left its token counted
     as submitted but never queued; ``in_flight`` stayed at 1 and ``stop()`` (the ``with``
     block's exit on Ctrl-C) waited for it for ever."""
-    coordinator = OperationsCoordinator(workers_per_core=1, cores=1, mailbox_max=2).start()
+    coordinator = OperationsCoordinator(
+        workers_per_core=1, cores=1, mailbox_max=2, convergence=False
+    ).start()
     try:
         made = [gated(0), plain(1)]  # full: 1 running + 1 queued
         interrupt_main_when(lambda: coordinator.gate.waiters == 1)
@@ -140,4 +142,38 @@ def test_ctrl_c_during_stops_drain_loses_nothing(resources: Resources) -> None:
         serves_new_work(coordinator)
     leaks = resources.leaks()
     record("ctrl_c_during_stop", injected=1, tokens=len(made), lost=0, leaks=len(leaks))
+    assert leaks == []
+
+
+class _EngineInterruptedWhileJoined:
+    """Stands in for the convergence engine: its stop() is where the Ctrl-C lands."""
+
+    def stop(self) -> None:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_stop_joins_the_convergence_engine_still_shuts_down(
+    resources: Resources,
+) -> None:
+    """Regression: stop() joined the engine's thread before its try/finally, so a Ctrl-C there
+    skipped the shutdown: the coordinator stayed 'stopping' for ever, refusing both stop() (a
+    no-op) and start() ('already running'), with its workers still up."""
+    coordinator = OperationsCoordinator(workers_per_core=1).start()
+    made = [plain(i) for i in range(50)]
+    engine = coordinator.convergence
+    coordinator._convergence = _EngineInterruptedWhileJoined()  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            coordinator.stop()
+    finally:
+        if engine is not None:
+            engine.stop()
+    assert not coordinator.running
+    assert settle(made) == 0
+    assert_terminal(made)
+    assert_counts_match(coordinator, made)
+    with coordinator:  # it starts again: it really stopped
+        serves_new_work(coordinator)
+    leaks = resources.leaks()
+    record("ctrl_c_while_stop_joins_engine", injected=1, tokens=50, lost=0, leaks=len(leaks))
     assert leaks == []

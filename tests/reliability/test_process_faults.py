@@ -1,12 +1,12 @@
 """Faults and bad input in the process lane (issue 8 parts 1 and 3, against issue 3's API).
 
-Written against the process lane's planned API while it is built on another branch:
-heavy ``executor='process'`` tasks run in ``coordinator.lanes["process"]``,
+Written against the process lane's planned API while it was built on another branch, and run
+against it since: heavy ``executor='process'`` tasks run in ``coordinator.lanes["process"]``,
 ``lanes["process"].pids()`` lists the worker processes, a worker that dies surfaces as
 ``tokengate.WorkerCrashed`` (retried per ``RetryPolicy.crash_retries``), a process task's
 ``timeout`` kills and replaces its worker, and arguments that cannot be pickled raise
-``SerializationError`` at submit time. Every test skips, saying so, while the coordinator has
-no process lane.
+``SerializationError`` at submit time. Every test skips, saying so, where the coordinator has
+no process lane (a platform without one, or ``process_lane=False``).
 
 After each fault: no token lost, every failed token carries the right error, the lane is back
 to its full set of live workers, the coordinator serves new work (thread and process), and after
@@ -29,7 +29,6 @@ import pytest
 
 from conftest import eventually
 from tokengate import (
-    ConfigError,
     OperationsCoordinator,
     RetryPolicy,
     SerializationError,
@@ -49,10 +48,7 @@ from ._support import (
     settle,
 )
 
-NO_PROCESS_LANE = (
-    "the process lane (issue 3) is not merged yet: coordinator.lanes has no 'process'; "
-    "this test is written against its planned API"
-)
+NO_PROCESS_LANE = "this coordinator has no process lane (coordinator.lanes has no 'process')"
 
 
 class ProcessFixture:
@@ -100,6 +96,9 @@ def make_process_coordinator(
             pytest.skip(NO_PROCESS_LANE)
         fixture = ProcessFixture(coordinator)
         made.append(fixture)
+        wait_ready = getattr(fixture.lane, "wait_ready", None)
+        if wait_ready is not None:  # started, not just spawned: a kill then hits a live worker
+            assert wait_ready(60)
         fixture.full_strength()  # every worker process up before the fault is injected
         return fixture
 
@@ -176,18 +175,19 @@ def test_a_crash_is_retried_per_crash_retries(
     lane.ledger("process_crash_retried", injected=1, tokens=1)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known gap (see the closing note of 2026-11-30): a worker slot whose process is "
-    "SIGKILLed while starting 3 times in a row is given up for good (a crash-loop guard without "
-    "a cool-down), so random kills can leave the lane short; no token is lost",
-)
 def test_sigkill_at_random_moments_under_load(
     make_process_coordinator: Callable[..., ProcessFixture],
 ) -> None:
-    """A killer thread SIGKILLs a random worker process at random moments while 400 heavy
-    tasks and 400 thread tasks run: every token resolves, or fails with WorkerCrashed once it
-    was hit more often than its crash retries allow; none is lost."""
+    """A killer thread SIGKILLs a random worker process at random moments (12 times) while heavy
+    process tasks and thread tasks flow: every token resolves, or fails with WorkerCrashed once it
+    was hit more often than its crash retries allow; none is lost, and the lane ends at full
+    strength.
+
+    The victims include replacements still starting (``pids()`` lists them from their launch):
+    about half of the kills land there, and now and then the same slot is shot while starting
+    several times in a row. Such a slot is started again after a growing cool-down, never given
+    up (before that fix it was abandoned after 3 failed starts and the lane stayed short;
+    ``test_process_lane.py`` pins the cool-down itself deterministically)."""
     lane = make_process_coordinator(retry_policy=RetryPolicy(crash_retries=3, backoff_base=0.0))
     rng = random.Random(8)
     kills = 12
@@ -197,7 +197,7 @@ def test_sigkill_at_random_moments_under_load(
     def killer() -> None:
         pause = threading.Event()
         while len(killed) < kills and not done.is_set():
-            pause.wait(rng.uniform(0.005, 0.08))  # when to strike: the fault's timing, not a sync
+            pause.wait(rng.uniform(0.02, 0.15))  # when to strike: the fault's timing, not a sync
             pids = lane.pids()
             if pids:
                 victim = rng.choice(pids)
@@ -211,14 +211,19 @@ def test_sigkill_at_random_moments_under_load(
     thread = threading.Thread(target=killer, name="killer")
     thread.start()
     try:
-        for i in range(400):
-            tokens.append(pt.work(i))
-            tokens.append(canary(i))
+        i = 0
+        while len(killed) < kills and i < 20_000:  # the load lasts until every kill landed
+            for _ in range(200):
+                tokens.append(pt.work(i))
+                tokens.append(canary(i))
+                i += 1
+            settle(tokens[-2:], timeout=60)  # keep the load flowing, not piling up
         lost = settle(tokens, timeout=120)
     finally:
         done.set()
         thread.join(30)
     assert lost == 0
+    assert len(killed) >= 3, f"only {len(killed)} kills landed"
     assert_terminal(tokens)
     for i, token in enumerate(tokens):
         if token.state == "failed":
@@ -320,16 +325,10 @@ def _nested_task() -> Any:
 def test_a_lambda_or_nested_function_for_the_process_lane(
     make_process_coordinator: Callable[..., ProcessFixture], make_task: Callable[[], Any]
 ) -> None:
-    """Either it works (cloudpickle ships the function by value) or it fails clearly, naming
-    the function, at decoration or at the call; never a hang or an obscure pickling error from
-    inside the worker. Which one is the process lane's decision (issue 3)."""
+    """The process lane's documented choice (README): lambdas and functions defined inside
+    functions go to the worker by value, so they run there like module-level ones."""
     lane = make_process_coordinator()
-    try:
-        task = make_task()
-        token = task(41)
-        value = token.get(timeout=60)
-    except (ConfigError, SerializationError) as exc:
-        assert "proc_lambda" in str(exc) or "nested" in str(exc) or "lambda" in str(exc), exc
-    else:
-        assert value == 42
+    token = make_task()(41)
+    assert token.get(timeout=60) == 42
+    assert token.lane == "process"
     lane.serves()

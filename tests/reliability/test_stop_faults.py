@@ -32,6 +32,7 @@ from ._support import (
 from ._tasks import (
     GATE,
     HANG,
+    fails_once,
     gated,
     late_transient,
     link,
@@ -251,4 +252,43 @@ def test_a_transient_failure_after_stop_fails_the_token_instead_of_losing_it(
         serves_new_work(coordinator)
     leaks = resources.leaks()
     record("transient_failure_after_stop", injected=1, tokens=1, lost=0, leaks=len(leaks))
+    assert leaks == []
+
+
+class Retried(Middleware):
+    """Sets ``event`` once a failed attempt was scheduled for a retry (its back-off began)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def after_attempt(self, token: Any, outcome: str, exc: BaseException | None) -> None:
+        if outcome == "retried":
+            self.event.set()
+
+
+@pytest.mark.timeout(30)  # a stop() that waited for the 60 s back-off would hit it
+def test_a_token_waiting_out_its_retry_back_off_is_discarded_by_stop_cancel_pending(
+    resources: Resources,
+) -> None:
+    """stop(cancel_pending=True) while a failed token waits 60 s for its retry: the token has
+    not started its next attempt, so it is discarded at once (not run again, not lost, and
+    stop() does not wait for the back-off). Found by a mutation check: with the back-off set
+    left out of what stop() discards, the random schedules and the other stop tests passed."""
+    policy = RetryPolicy(backoff_base=60.0, backoff_cap=60.0, jitter=0.0)
+    coordinator = OperationsCoordinator(
+        workers_per_core=1, cores=1, convergence=False, retry_policy=policy
+    ).start()
+    retried = Retried()
+    coordinator.add_middleware(retried)
+    runs: list[int] = []
+    token = fails_once(runs)
+    assert retried.event.wait(10)
+    coordinator.stop(cancel_pending=True)  # no drain timeout: nothing here may wait 60 s
+    assert settle([token], timeout=1) == 0, "the token waiting for its retry is lost"
+    assert (token.state, token.discard_reason) == ("discarded", "stopped")
+    assert runs == [0] and token.attempts == 1  # never run again
+    assert_counts_match(coordinator, [token])
+    assert coordinator.stats().retried == 1
+    leaks = resources.leaks()
+    record("stop_during_retry_back_off", injected=1, tokens=1, lost=0, leaks=len(leaks))
     assert leaks == []

@@ -21,6 +21,17 @@ core-worker mapping and routing logs are the same for both lanes. ::
   :class:`WorkerCrashed` naming token, operation, worker, core, pid, exit code or signal and the
   likely cause; the retry policy retries it against ``crash_retries``. Only that token is
   affected: the other workers and every queued token carry on.
+* **Failed start.** A worker process that dies, hangs or cannot be launched while starting is
+  started again after a cool-down that doubles with each failure in a row (none after the first,
+  then 0.1 s, 0.2 s, ... up to 10 s; :func:`restart_delay`), each failure logged at WARNING. The
+  slot is never given up while the lane runs, and its queued tokens wait for it (an idle sibling
+  allowed to run them is woken to take them meanwhile). A *setup* failure (the worker says it
+  cannot import tokengate, exits with an error code while starting, or the interpreter is
+  missing or not executable) repeated
+  ``_BOOT_ATTEMPTS`` times marks the slot ``broken``: retrying will not fix the environment, so
+  tokens that reach it go to a live sibling or fail at once with :class:`WorkerCrashed` and the
+  worker's own message, instead of waiting for ever. The retries go on regardless, and the first
+  start that succeeds clears ``broken``.
 * **Timeout.** A process can be killed: at the limit the proxy kills and replaces the worker and
   completes the token with a (retryable) :class:`TaskTimeout`.
 * **Stop.** Closing the task pipe ends a worker; one still running a task when ``stop()`` gives
@@ -59,6 +70,7 @@ __all__ = [
     "ProcessWorker",
     "describe_exit",
     "process_lane_supported",
+    "restart_delay",
     "runs_in_process",
 ]
 
@@ -66,7 +78,9 @@ logger = logging.getLogger("tokengate.worker")
 lane_log = logging.getLogger("tokengate.process")
 
 _ENV = "TOKENGATE_PROCESS_WORKER"
-_BOOT_ATTEMPTS = 3  # consecutive failed starts before a worker is declared broken
+_BOOT_ATTEMPTS = 3  # setup failures in a row before a slot fails its tokens (see "Failed start")
+_RESTART_DELAY_BASE = 0.1  # seconds before the 2nd retry of a failing start; doubles each time
+_RESTART_DELAY_CAP = 10.0  # the longest cool-down between two attempts to start a worker
 _BOOT_TIMEOUT = 60.0  # seconds a worker may take to import and say it is ready
 _STOP_GRACE = 2.0  # seconds an idle worker gets to exit after its task pipe closes
 _perf = time.perf_counter
@@ -158,6 +172,20 @@ def describe_exit(code: int) -> tuple[str, str]:
         "the task called os._exit() or sys.exit() outside Python's control, or the interpreter "
         "hit an unrecoverable error",
     )
+
+
+def restart_delay(
+    failures: int, *, base: float = _RESTART_DELAY_BASE, cap: float = _RESTART_DELAY_CAP
+) -> float:
+    """Seconds to wait before starting a worker again after ``failures`` failed starts in a row.
+
+    The first retry is immediate (one unlucky kill costs nothing), then the wait doubles from
+    ``base`` up to ``cap``: 0, 0.1, 0.2, 0.4, ... 6.4, 10, 10, ... A slot whose worker cannot
+    start therefore costs one interpreter launch per ``cap`` seconds, and is never given up.
+    """
+    if failures <= 1:
+        return 0.0
+    return min(cap, base * 2.0 ** min(failures - 2, 64))
 
 
 # -- one worker process, as seen from the parent ---------------------------------------------------
@@ -304,8 +332,11 @@ class ProcessWorker:
         self.completed = 0
         self.restarts = 0
         self.pid: int | None = None
-        self.broken: str | None = None
+        self.broken: str | None = None  # why tokens sent here fail now (a setup failure)
         self.ready = threading.Event()  # set while a worker process is ready (or broken)
+        self.restarting = True  # no worker process ready to take a task (starting, or lost)
+        self.failed_starts = 0  # attempts in a row that gave no usable worker (the back-off)
+        self._next_start = 0.0  # time.monotonic() before which no new start is attempted
         self._child: _Child | None = None
         self._aborting = False
         self._wake = _thread.allocate_lock()
@@ -322,6 +353,8 @@ class ProcessWorker:
         self.mailbox.append(token)
         if self.sleeping:
             self.wake()
+        if self.restarting:  # nothing here can run it yet: an idle sibling may take it
+            self.lane.wake_idle(self)
         if self.closed:  # pushed after the proxy ended (a late retry): never leave it stuck
             self._discard_left()
 
@@ -357,18 +390,15 @@ class ProcessWorker:
             self._spawn()
             while True:
                 child = self._child
-                if (
-                    (child is None or not child.ready)
-                    and not self.broken
-                    and not self._await_ready()
-                    and self.stopping
-                ):
-                    break
+                if (child is None or not child.ready) and not self._await_ready() and self.stopping:
+                    break  # else ready, or broken with tokens waiting: handed over or failed
                 try:
                     token = pop()
                 except IndexError:
                     if self.stopping:
                         break
+                    if self.restarting:
+                        continue  # no sleeping here: _await_ready's cool-down is the wait
                     token = self._steal()
                     if token is None:
                         self.sleeping = True
@@ -377,6 +407,9 @@ class ProcessWorker:
                             continue
                         self._wake.acquire()
                         continue
+                if self.broken is not None and self._hand_over(token):
+                    after(self)
+                    continue
                 if claim(token):
                     self._run(token)
                 self.completed += 1
@@ -415,49 +448,109 @@ class ProcessWorker:
         return None
 
     def _spawn(self) -> None:
-        self.ready.clear()
+        self.restarting = True
+        if self.broken is None:
+            self.ready.clear()
         try:
             self._child = _Child(self.cpu)
         except OSError as exc:
             self._child = None
             self.pid = None
-            lane_log.warning("[%s] could not start a worker process: %s", self.name, exc)
+            self._start_failed(
+                f"its worker process could not be launched ({type(exc).__name__}: {exc})",
+                setup=isinstance(exc, (FileNotFoundError, PermissionError)),
+            )
             return
         self.pid = self._child.pid
 
-    def _await_ready(self) -> bool:
-        """Start the worker process if needed and wait for its ready message."""
-        failures: list[str] = []
-        while len(failures) < _BOOT_ATTEMPTS:
-            if self._stop_requested():
+    def _await_ready(self, *, holding: bool = False) -> bool:
+        """Start the worker process if need be and wait until it is ready (True).
+
+        Never gives up while the lane runs: a failed start is retried after its cool-down
+        (:func:`restart_delay`). False when ``stop()`` was asked for, or when the slot is broken
+        and a token waits for it: one in the mailbox, or the one the caller ``holding`` claimed.
+        """
+        while not self._stop_requested():
+            if self.broken is not None and (holding or self.mailbox):
                 return False
+            left = self._next_start - time.monotonic()
+            if left > 0:
+                self._cool_down(left)
+                continue
             child = self._child
             if child is None:
-                self._spawn()
-                child = self._child
-                if child is None:
-                    failures.append("it could not be started (see the log)")
-                    continue
-            why = self._handshake(child)
+                self._spawn()  # a launch that fails is recorded, with its cool-down
+                continue
+            why, setup = self._handshake(child)
             if why is None:
                 return True
             self._discard_child(child)
-            failures.append(why)
-        if self._stop_requested():
-            return False
-        self.broken = (
-            f"worker process for {self.name} (core {self.core}) failed to start "
-            f"{len(failures)} times; last: {failures[-1]}"
-        )
-        lane_log.error("[%s] %s", self.name, self.broken)
-        self.ready.set()
+            if self._stop_requested():  # stop() kills a starting worker: not a failure
+                break
+            self._start_failed(f"its worker process {why}", setup=setup)
         return False
+
+    def _cool_down(self, seconds: float) -> None:
+        """Wait before the next start. ``stop()`` ends the wait, and so does a token pushed to a
+        broken slot (it is handed over or failed at once)."""
+        self.sleeping = self.broken is not None
+        if self.stopping or (self.sleeping and self.mailbox):
+            self.sleeping = False
+            return
+        self._wake.acquire(timeout=seconds)  # False at the timeout; True if woken (re-locked)
+        self.sleeping = False
+
+    def _start_failed(self, why: str, *, setup: bool) -> None:
+        """Record an attempt that gave no usable worker: count it, log it, set the cool-down."""
+        self.failed_starts += 1
+        failures = self.failed_starts
+        delay = restart_delay(failures, base=_RESTART_DELAY_BASE, cap=_RESTART_DELAY_CAP)
+        self.lane.host.count_event("process_start_failures")
+        declared = False
+        if setup and failures >= _BOOT_ATTEMPTS:
+            declared = self.broken is None
+            self.broken = (
+                f"worker process for {self.name} (core {self.core}) failed to start "
+                f"{failures} times in a row; last: {why}"
+            )
+            self.ready.set()
+        elif not setup and self.broken is not None:  # a failure that may pass: tokens wait
+            self.broken = None
+            self.ready.clear()
+        if declared:
+            lane_log.error(
+                "[%s] %s. Retrying will not fix this: until a start succeeds, tokens sent here "
+                "go to a live sibling or fail at once (next attempt in %.2fs)",
+                self.name,
+                self.broken,
+                delay,
+            )
+        else:
+            lane_log.warning(
+                "[%s] %s (%d failed start(s) in a row); next attempt in %.2fs",
+                self.name,
+                why,
+                failures,
+                delay,
+            )
+        self.lane.wake_idle(self)  # tokens queued here may go to an idle sibling meanwhile
+        self._next_start = time.monotonic() + delay  # last: set means all of the above is done
+
+    def _hand_over(self, token: Any) -> bool:
+        """Give a token this broken slot cannot run to a live sibling; False if there is none."""
+        sibling = self.lane.live_worker(token, exclude=self)
+        if sibling is None:
+            return False
+        self.lane.host.count_event("process_handovers")
+        sibling.push(token)
+        return True
 
     def _stop_requested(self) -> bool:
         return self.stopping  # a method, so checkers do not assume other threads never set it
 
-    def _handshake(self, child: _Child) -> str | None:
-        """Wait for the worker's ready message; None when ready, else why it failed."""
+    def _handshake(self, child: _Child) -> tuple[str | None, bool]:
+        """Wait for the worker's ready message: (None, _) when ready, else (why it failed,
+        whether that is a setup failure, which retrying alone will not fix)."""
         what = child.wait(_BOOT_TIMEOUT)
         if what == "reply":
             try:
@@ -467,18 +560,21 @@ class ProcessWorker:
             else:
                 if data[0] == _wire.READY:
                     child.ready = True
+                    self.broken = None
+                    self.restarting = False
                     self.ready.set()
                     if logger.isEnabledFor(logging.INFO):
                         logger.info(
                             "[%s] Started on Core %d (pid %d)", self.name, self.core, child.pid
                         )
-                    return None
+                    return None, False
                 text = bytes(data[1:]).decode("utf-8", "replace")
-                return f"it could not import tokengate:\n{text}"
+                return f"could not import tokengate:\n{text}", True
         if what == "timeout":
-            return f"it was not ready after {_BOOT_TIMEOUT:.0f}s"
-        what_happened, cause = describe_exit(child.reap(_STOP_GRACE))
-        return f"it {what_happened} while starting ({cause})"
+            return f"was not ready after {_BOOT_TIMEOUT:.0f}s", False
+        code = child.reap(_STOP_GRACE)
+        what_happened, cause = describe_exit(code)
+        return f"{what_happened} while starting ({cause})", code >= 0  # a signal may not recur
 
     def _discard_child(self, child: _Child) -> None:
         child.kill()
@@ -488,12 +584,14 @@ class ProcessWorker:
             self._child = None
             self.pid = None
 
-    def _replace(self, child: _Child, event: str) -> int:
-        """Reap a dead (or killed) worker process and start its replacement at once."""
+    def _replace(self, child: _Child, event: str, *, respawn: bool = True) -> int:
+        """Reap a dead (or killed) worker process and start its replacement (at once, unless
+        ``respawn`` is False: then ``_await_ready`` starts it after its cool-down)."""
         code = child.reap()
         child.close()
         self._child = None
         self.pid = None
+        self.restarting = True
         if self._aborting:  # killed by stop(): not replaced, not a restart
             return code
         self.restarts += 1
@@ -501,7 +599,9 @@ class ProcessWorker:
         host.count_event("process_restarts")
         host.count_event(event)
         if not self.stopping:
-            self._spawn()
+            self.lane.wake_idle(self)  # tokens queued here may go to an idle sibling meanwhile
+            if respawn:
+                self._spawn()
         return code
 
     def _run(self, token: Any) -> None:
@@ -528,23 +628,34 @@ class ProcessWorker:
                 return None, exc
         what = _operation(token)
         # Send; a worker that died while idle is replaced and the call sent again (it never saw
-        # it, so this costs the token nothing).
-        for _ in range(_BOOT_ATTEMPTS):
-            if self.broken:
-                return None, self._broken_error(token)
+        # it, so this costs the token nothing). Deaths before a task is taken count as failed
+        # starts: a worker killed each time it comes up is retried with a growing cool-down.
+        waited = False
+        while True:
             child = self._child
             if child is None or not child.ready:
-                if not self._await_ready():
+                if not self._await_ready(holding=True):
                     return None, self._broken_error(token)
+                waited = True
                 continue
             try:
                 _wire.send(child.tasks, call.message())
             except OSError:
-                self._replace(child, "process_idle_deaths")
+                pid = child.pid
+                what_happened, cause = describe_exit(
+                    self._replace(child, "process_idle_deaths", respawn=False)
+                )
+                if not self.stopping and not self._aborting:
+                    self._start_failed(
+                        f"its worker process (pid {pid}) {what_happened} while idle ({cause})",
+                        setup=False,
+                    )
                 continue
+            if self.failed_starts:
+                self.failed_starts = 0  # it took a task: the slot is healthy again
+            if waited:  # its run (and its timeout) starts now, not before the restart
+                token.started_at = _perf()
             break
-        else:
-            return None, self._broken_error(token)
         # Wait for the reply, the process's end or the task's timeout, whichever comes first.
         timeout = token.spec.timeout
         left = None if timeout is None else token.started_at + timeout - _perf()
@@ -690,6 +801,27 @@ class ProcessLane:
             if not worker.ready.wait(left):
                 return False
         return not any(w.broken for w in self.workers)
+
+    def wake_idle(self, exclude: ProcessWorker) -> None:
+        """Wake the sleeping workers, so that they take the tokens queued at ``exclude`` (which
+        has no worker process ready) instead of leaving them to wait for its restart."""
+        for worker in self.workers:
+            if worker is not exclude and worker.sleeping:
+                worker.wake()
+
+    def live_worker(self, token: Any, *, exclude: ProcessWorker) -> ProcessWorker | None:
+        """The least-loaded worker other than ``exclude`` whose process is ready and whose core
+        may run ``token``; None if there is none."""
+        allowed = None if self.allowed is None else self.allowed[token.spec.weight]
+        best: ProcessWorker | None = None
+        for worker in self.workers:
+            if worker is exclude or worker.restarting or worker.closed or worker.stopping:
+                continue
+            if allowed is not None and worker.core not in allowed:
+                continue
+            if best is None or worker.load() < best.load():
+                best = worker
+        return best
 
     def pids(self) -> list[int]:
         """The pids of the worker processes running now, in worker order."""
