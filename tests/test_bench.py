@@ -670,7 +670,7 @@ def test_a_case_peak_rss_is_its_own_not_its_parents() -> None:
         "import subprocess, sys\n"
         "ballast = bytearray(300 * 2**20)\n"  # the parent's RSS: ~300 MB, touched
         "for i in range(0, len(ballast), 4096): ballast[i] = 1\n"
-        "code = 'from tokengate.bench._case import peak_rss_kib; print(peak_rss_kib())'\n"
+        "code = 'from tokengate.bench._rss import peak_rss_kib; print(peak_rss_kib())'\n"
         "out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)\n"
         "print(out.stdout.strip() or out.stderr)\n"
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import psutil
 
 from tokengate import OperationsCoordinator, Token, task_token_guard
+from tokengate.bench._rss import peak_rss_kib
 
 HEAVY = {"weight": "heavy", "executor": "thread"}  # the flood measures mailboxes, not processes
 
@@ -107,22 +107,11 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's own peak RSS.
-
-    Linux's ``ru_maxrss`` survives ``exec``: a child started by a big parent (pytest, 50 MB or
-    more by the time it runs these) reports the parent's high-water mark as its own. The
-    memory map's ``VmHWM`` starts afresh at ``exec``, so it is read where it exists. The kernel
-    updates that mark lazily (memory given back with ``madvise`` may leave it a little below a
-    peak), so the callers also take the largest RSS they sampled.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak RSS (the bench harness's measure: ``VmHWM`` on Linux, since
+    ``ru_maxrss`` carries a big parent's mark across ``exec``). The kernel updates ``VmHWM``
+    lazily (memory given back with ``madvise`` may leave it a little below a peak), so the
+    callers also take the largest RSS they sampled."""
+    return peak_rss_kib() / 1024
 
 
 def flood(tokens: int) -> dict[str, Any]:
