@@ -335,6 +335,12 @@ def test_a_stopped_coordinator_can_start_again(harness: Harness) -> None:
         coordinator.stop()
         coordinator.start()
     assert coordinator.stats().resolved == 2
+    coordinator.stop()
+    for _ in range(2):  # the context manager restarts a stopped coordinator too
+        with coordinator:
+            assert echo(3).get(timeout=10) == ((3,), {})
+        assert not coordinator.running
+    assert coordinator.stats().resolved == 4
 
 
 # -- stats and limits -----------------------------------------------------------------------------
