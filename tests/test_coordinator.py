@@ -3,7 +3,8 @@ nesting, timeouts, stop semantics and logs (issue 2).
 
 What every backend must show (results, errors, chains, dependencies, deadlines, draining, restart)
 is in ``tests/conformance/test_coordinator_conformance.py``, which runs on the local backend too;
-the tests here pin local details (worker counts, cores, mailboxes, threads, logs)."""
+the tests here pin local details (worker counts, cores, mailboxes, threads, logs). Task functions
+shared with that suite are imported from ``conformance.tasks``, its one home."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from conformance.tasks import echo, nested_fib, raises_value_error
 from conftest import GATE, assert_counts_add_up, eventually
 from tokengate import (
     CoordinatorNotRunning,
@@ -36,11 +38,6 @@ RUNS_LOCK = threading.Lock()
 @pytest.fixture(autouse=True)
 def _reset() -> None:
     RUNS.clear()
-
-
-@task_token_guard(operation_type="echo", tags={"weight": "light"})
-def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return args, kwargs
 
 
 @task_token_guard(operation_type="where", tags={"weight": "light"})
@@ -82,19 +79,6 @@ def flaky(label: str, failures: int, exc_type: type[BaseException] = ConnectionE
     if seen < failures:
         raise exc_type(f"{label} failure {seen + 1}")
     return label
-
-
-@task_token_guard(operation_type="bad_value", tags={"weight": "light"})
-def raises_value_error(message: str) -> None:
-    raise ValueError(message)
-
-
-@task_token_guard(operation_type="nested_fib", tags={"weight": "light"})
-def nested_fib(n: int) -> int:
-    if n < 2:
-        return n
-    left, right = nested_fib(n - 1), nested_fib(n - 2)
-    return left.get(timeout=60) + right.get(timeout=60)
 
 
 # -- lifecycle ----------------------------------------------------------------------------------
