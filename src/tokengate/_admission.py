@@ -32,6 +32,14 @@ T = TypeVar("T")
 _SAFETY_WAIT = 0.5
 
 
+def _next_wait(deadline: float | None) -> float | None:
+    """How long a waiter may sleep before re-checking; None once ``deadline`` has passed."""
+    if deadline is None:
+        return _SAFETY_WAIT
+    left = deadline - time.monotonic()
+    return None if left <= 0 else min(_SAFETY_WAIT, left)
+
+
 class AdmissionGate:
     """Blocks external producers until ``attempt()`` finds room."""
 
@@ -53,12 +61,9 @@ class AdmissionGate:
                         result = attempt()
                         if result is not None:
                             return result
-                    wait = _SAFETY_WAIT
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            return None
-                        wait = min(wait, left)
+                    wait = _next_wait(deadline)
+                    if wait is None:
+                        return None
                     self._cond.wait(wait)
             finally:
                 self.waiters -= 1
@@ -88,12 +93,9 @@ class AdmissionGate:
                     result = attempt()
                     if result is not None:
                         return result
-                wait = _SAFETY_WAIT
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    wait = min(wait, left)
+                wait = _next_wait(deadline)
+                if wait is None:
+                    return None
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await waiter

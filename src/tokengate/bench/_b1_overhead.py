@@ -15,7 +15,7 @@ import importlib
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
@@ -121,54 +121,73 @@ def _close(cluster: Any, client: Any) -> None:
         cluster.close()
 
 
+def _on_dask(
+    p: CaseParams,
+    warm_up: Callable[[Any], object],
+    submit_all: Callable[[Any], Any],
+    gather: Callable[[Any, Any], list[int]],
+) -> Figures:
+    """One timed B1 run on a Dask client (a LocalCluster, or ``p.address``): warm up, submit
+    all (clock), gather all (clock), close, check. Each Dask case differs only in the three."""
+    cluster, client = _dask_client(p)
+    try:
+        warm_up(client)
+        t0 = time.perf_counter()
+        pending = submit_all(client)
+        t1 = time.perf_counter()
+        results = gather(client, pending)
+        t2 = time.perf_counter()
+    finally:
+        _close(cluster, client)
+    _check(results, p.n)
+    return _figures(p.n, t0, t1, t2)
+
+
+def _dask_warm_up(client: Any) -> object:
+    return client.submit(noop_plain, -1, pure=False).result(timeout=GATHER_TIMEOUT_S)
+
+
 def run_tokengate_dask(p: CaseParams) -> Figures:
     from tokengate import OperationsCoordinator
     from tokengate.backends import DaskBackend
     from tokengate.bench._tasks import noop
 
-    cluster, client = _dask_client(p)
-    try:
-        with OperationsCoordinator(backend=DaskBackend(client=client)):
-            noop(-1).get(timeout=GATHER_TIMEOUT_S)
-            t0 = time.perf_counter()
-            tokens = [noop(i) for i in range(p.n)]
-            t1 = time.perf_counter()
-            results = [t.get(timeout=GATHER_TIMEOUT_S) for t in tokens]
-            t2 = time.perf_counter()
-    finally:
-        _close(cluster, client)
-    _check(results, p.n)
-    return _figures(p.n, t0, t1, t2)
+    coordinator: Any = None
+
+    def warm_up(client: Any) -> object:
+        nonlocal coordinator
+        coordinator = OperationsCoordinator(backend=DaskBackend(client=client)).start()
+        try:
+            return noop(-1).get(timeout=GATHER_TIMEOUT_S)
+        except BaseException:
+            coordinator.stop(cancel_pending=True)
+            raise
+
+    def gather(_: Any, tokens: list[Any]) -> list[int]:
+        try:
+            return [t.get(timeout=GATHER_TIMEOUT_S) for t in tokens]
+        finally:
+            coordinator.stop()
+
+    return _on_dask(p, warm_up, lambda _: [noop(i) for i in range(p.n)], gather)
 
 
 def run_dask_submit(p: CaseParams) -> Figures:
-    cluster, client = _dask_client(p)
-    try:
-        client.submit(noop_plain, -1, pure=False).result(timeout=GATHER_TIMEOUT_S)
-        t0 = time.perf_counter()
-        futures = [client.submit(noop_plain, i, pure=False) for i in range(p.n)]
-        t1 = time.perf_counter()
-        results = client.gather(futures)
-        t2 = time.perf_counter()
-    finally:
-        _close(cluster, client)
-    _check(results, p.n)
-    return _figures(p.n, t0, t1, t2)
+    return _on_dask(
+        p,
+        _dask_warm_up,
+        lambda client: [client.submit(noop_plain, i, pure=False) for i in range(p.n)],
+        lambda client, futures: client.gather(futures),
+    )
 
 
 def run_dask_map(p: CaseParams) -> Figures:
-    cluster, client = _dask_client(p)
-    try:
-        client.submit(noop_plain, -1, pure=False).result(timeout=GATHER_TIMEOUT_S)
-        t0 = time.perf_counter()
-        futures = client.map(noop_plain, range(p.n), pure=False)
-        t1 = time.perf_counter()
-        results = client.gather(futures)
-        t2 = time.perf_counter()
-    finally:
-        _close(cluster, client)
-    _check(results, p.n)
-    return _figures(p.n, t0, t1, t2)
+    return _on_dask(
+        p,
+        _dask_warm_up,
+        lambda client: client.map(noop_plain, range(p.n), pure=False),
+        lambda client, futures: client.gather(futures),
+    )
 
 
 def run_ray(p: CaseParams) -> Figures:
