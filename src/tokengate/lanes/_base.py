@@ -10,10 +10,13 @@ fail for every lane in one place.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
+import threading
 from collections import deque
 from typing import Any, Protocol
 
-__all__ = ["Lane", "LaneHost", "Worker"]
+__all__ = ["Lane", "LaneHost", "MailboxWorker", "Worker"]
 
 
 class Worker(Protocol):
@@ -33,6 +36,38 @@ class Worker(Protocol):
     def push(self, token: Any) -> None:
         """Append a token to the mailbox and wake the worker if it sleeps."""
         ...
+
+
+class MailboxWorker:
+    """What the thread lane's workers and the process lane's proxies share: the mailbox the
+    router balances on, the lock the worker's thread sleeps on while its mailbox is empty, and
+    that thread. Subclasses define ``_loop`` (the thread's body) and ``push``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mailbox: deque[Any] = deque()
+        self.current: Any = None
+        self.sleeping = False
+        self.stopping = False
+        self.closed = False
+        self.completed = 0  # tokens taken from the mailbox: the convergence engine's throughput
+        self._wake = _thread.allocate_lock()
+        self._wake.acquire()
+        self.thread = threading.Thread(target=self._loop, name=f"tokengate-{name}", daemon=True)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def load(self) -> int:
+        """Tokens waiting plus the one running: what the router balances on."""
+        return len(self.mailbox) + (self.current is not None)
+
+    def wake(self) -> None:
+        """Let the worker's thread run if it sleeps on an empty mailbox."""
+        self.sleeping = False
+        # RuntimeError: already released by another producer; the worker will see that one.
+        with contextlib.suppress(RuntimeError):
+            self._wake.release()
 
 
 class Lane(Protocol):

@@ -41,7 +41,6 @@ core-worker mapping and routing logs are the same for both lanes. ::
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import json
 import logging
@@ -53,13 +52,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError, SerializationError, TaskTimeout, WorkerCrashed
 from . import _wire
-from ._base import LaneHost
+from ._base import LaneHost, MailboxWorker
 
 if TYPE_CHECKING:
     from .._retry import RetryPolicy
@@ -313,7 +311,7 @@ def _executable() -> str:
     return os.fsdecode(spawn.get_executable())
 
 
-class ProcessWorker:
+class ProcessWorker(MailboxWorker):
     """One worker process behind a proxy thread with its own mailbox, on one core."""
 
     kind = "process"
@@ -323,13 +321,7 @@ class ProcessWorker:
         self.index = index
         self.core = core
         self.cpu = cpu
-        self.name = f"process_{index}_core_{core}"
-        self.mailbox: deque[Any] = deque()
-        self.current: Any = None
-        self.sleeping = False
-        self.stopping = False
-        self.closed = False
-        self.completed = 0
+        super().__init__(f"process_{index}_core_{core}")
         self.restarts = 0
         self.pid: int | None = None
         self.broken: str | None = None  # why tokens sent here fail now (a setup failure)
@@ -339,16 +331,8 @@ class ProcessWorker:
         self._next_start = 0.0  # time.monotonic() before which no new start is attempted
         self._child: _Child | None = None
         self._aborting = False
-        self._wake = _thread.allocate_lock()
-        self._wake.acquire()
-        self.thread = threading.Thread(
-            target=self._loop, name=f"tokengate-{self.name}", daemon=True
-        )
 
     # -- the Worker protocol -----------------------------------------------------------------
-    def load(self) -> int:
-        return len(self.mailbox) + (self.current is not None)
-
     def push(self, token: Any) -> None:
         self.mailbox.append(token)
         if self.sleeping:
@@ -357,11 +341,6 @@ class ProcessWorker:
             self.lane.wake_idle(self)
         if self.closed:  # pushed after the proxy ended (a late retry): never leave it stuck
             self._discard_left()
-
-    def wake(self) -> None:
-        self.sleeping = False
-        with contextlib.suppress(RuntimeError):
-            self._wake.release()
 
     # -- control from other threads ------------------------------------------------------------
     def request_stop(self) -> None:

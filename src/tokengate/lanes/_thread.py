@@ -30,17 +30,14 @@ waited for the hang to end, however long, while the other workers sat idle.
 
 from __future__ import annotations
 
-import _thread
-import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Hashable, Mapping
 from typing import Any
 
 from .._topology import pin_current_thread
-from ._base import LaneHost
+from ._base import LaneHost, MailboxWorker
 
 __all__ = ["ThreadLane", "ThreadWorker", "thread_cpu_clock"]
 
@@ -63,7 +60,7 @@ def thread_cpu_clock() -> int | None:
     return clock
 
 
-class ThreadWorker:
+class ThreadWorker(MailboxWorker):
     """One worker thread, its mailbox and its core."""
 
     def __init__(
@@ -83,27 +80,12 @@ class ThreadWorker:
         self.core = core
         self.cpu = cpu
         self.local_index = local_index
-        self.name = name or f"worker_{index}_core_{core}"
+        super().__init__(name or f"worker_{index}_core_{core}")
         # Resizing (convergence engine): the pool this worker belongs to, whether it was asked
-        # to retire, whether it has exited for good, and its thread's CPU clock (Linux/BSD).
+        # to retire, and its thread's CPU clock (Linux/BSD); ``closed``: it has exited for good.
         self.pool: Hashable = core if pool is None else pool
         self.retiring = False
-        self.closed = False
         self.cpu_clock: int | None = None
-        self.completed = 0  # tokens taken from a mailbox: the engine's throughput check
-        self.mailbox: deque[Any] = deque()
-        self.current: Any = None
-        self.sleeping = False
-        self.stopping = False
-        self._wake = _thread.allocate_lock()
-        self._wake.acquire()
-        self.thread = threading.Thread(
-            target=self._loop, name=f"tokengate-{self.name}", daemon=True
-        )
-
-    def load(self) -> int:
-        """Tokens waiting plus the one running: what the router balances on."""
-        return len(self.mailbox) + (self.current is not None)
 
     def push(self, token: Any) -> None:
         self.mailbox.append(token)
@@ -114,10 +96,7 @@ class ThreadWorker:
         if self.closed:  # retired: a push raced with the exit, pass its token on
             self.lane.hand_back(self)
             return
-        self.sleeping = False
-        # RuntimeError: already released by another producer; the worker will see that one.
-        with contextlib.suppress(RuntimeError):
-            self._wake.release()
+        super().wake()
 
     def stop(self) -> None:
         self.stopping = True
