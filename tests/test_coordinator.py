@@ -83,6 +83,8 @@ def flaky(label: str, failures: int, exc_type: type[BaseException] = ConnectionE
 
 # -- lifecycle ----------------------------------------------------------------------------------
 def test_seed_proof_1_runs_unchanged() -> None:
+    """The seed's Proof 1 as written: its heavy tasks go to worker processes where the platform
+    has them (the process lane), to threads elsewhere; the results and counts are the same."""
     coordinator = OperationsCoordinator()
     coordinator.start()
     try:
@@ -94,6 +96,8 @@ def test_seed_proof_1_runs_unchanged() -> None:
     assert results == [fibonacci_operation.__wrapped__(n) for n in args]
     snap = coordinator.stats()
     assert (snap.submitted, snap.resolved, snap.failed, snap.discarded) == (8, 8, 0, 0)
+    expected_lane = "process" if "process" in coordinator.lanes else "thread"
+    assert {t.lane for t in tokens} == {expected_lane}
 
 
 def test_call_without_coordinator_says_how_to_start_one() -> None:

@@ -40,7 +40,7 @@ from tokengate import (
     WorkerCrashed,
     task_token_guard,
 )
-from tokengate.demos.cpu import fibonacci_operation, heavy_operation
+from tokengate.demos.cpu import heavy_operation
 from tokengate.lanes import _process
 from tokengate.lanes._process import describe_exit, runs_in_process
 from tokengate.lanes._wire import RemoteTraceback
@@ -188,20 +188,6 @@ def test_a_worker_process_boots_without_the_coordinator_stack() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
-
-
-def test_seed_proof_1_runs_unchanged_in_the_process_lane() -> None:
-    coordinator = OperationsCoordinator()
-    coordinator.start()
-    try:
-        args = [100, 200, 300, 150, 250, 180, 220, 280]
-        tokens = [fibonacci_operation(n) for n in args]
-        results = [token.get(timeout=30) for token in tokens]
-    finally:
-        coordinator.stop()
-    assert results == [fibonacci_operation.__wrapped__(n) for n in args]
-    assert {t.lane for t in tokens} == {"process"}
-    assert_counts_add_up(coordinator)
 
 
 def test_routing_log_and_worker_lines_for_process_workers(
