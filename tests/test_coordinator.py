@@ -394,16 +394,16 @@ def test_an_internal_error_fails_the_token_and_keeps_the_worker(
     make_coordinator: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     coordinator = make_coordinator(workers_per_core=1, cores=1)
-    real_begin = coordinator.begin
+    real_complete = coordinator.complete
     calls = {"n": 0}
 
-    def broken_begin(token: Any, worker: Any, *, arm_timeout: bool = True) -> int:
+    def broken_complete(*args: Any, **kwargs: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated bug in tokengate")
-        return real_begin(token, worker, arm_timeout=arm_timeout)
+        real_complete(*args, **kwargs)
 
-    monkeypatch.setattr(coordinator, "begin", broken_begin)
+    monkeypatch.setattr(coordinator, "complete", broken_complete)
     with caplog.at_level(logging.CRITICAL, logger="tokengate.worker"):
         first = record("first")
         with pytest.raises(TokenGateError, match="internal error") as info:

@@ -175,6 +175,7 @@ class OperationsCoordinator(ObservabilityMixin):
         self._before_submit: list[Callable[[TaskSpec], None]] = []
         self._after_attempt: list[Callable[[Token[Any], str, BaseException | None], None]] = []
         self._verbose_handlers: list[Any] = []
+        self._record = self._record_terminal  # bound once: Token._finish calls it per token
         self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
         self._convergence: ConvergenceEngine | None = None  # io-lane: built at start
 
@@ -611,56 +612,66 @@ class OperationsCoordinator(ObservabilityMixin):
         if self._before_submit:
             for hook in self._before_submit:
                 hook(spec)
+        backend = self._backend
+        route = None
         payload = None
-        if self._process_on:
-            # Process lane (issue 3): the call is pickled here, on the caller's thread, before
-            # the token exists, so an unpicklable argument raises SerializationError from the
-            # call and nothing is counted. Arguments holding tokens are pickled once resolved.
+        if backend is None:  # issue 7: a backend has no local lanes
             route = self._routes.get(id(spec))
             if route is None or route[0] is not spec:
                 route = self._route_of(spec)
             if route[1] == "process":
+                # Process lane (issue 3): the call is pickled here, on the caller's thread,
+                # before the token exists, so an unpicklable argument raises SerializationError
+                # from the call and nothing is counted. Arguments holding tokens are pickled
+                # once resolved.
                 deps = find_dependencies(args, kwargs) if args or kwargs else None
                 payload = prepare_call(task, args, kwargs, has_dependencies=bool(deps))
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
-        token._payload = payload
+        if payload is not None:
+            token._payload = payload
         self._stats.record_submitted(spec.operation_type, spec.weight)
         try:
             if spec.deadline is not None:
                 token._deadline_at = token.submitted_at + spec.deadline
-            if self._backend is not None:  # issue 7: the backend takes it from here
-                self._backend.submit(token, task, internal)
+            if backend is not None:  # issue 7: the backend takes it from here
+                backend.submit(token, task, internal)
                 return token
-            if args or kwargs:
+            # Only a container or a Token can hold a dependency: most calls skip the search.
+            maybe_deps = bool(kwargs)
+            if not maybe_deps:
                 for value in args:
                     if type(value) in _MAYBE_DEPENDENCY:
+                        maybe_deps = True
                         break
-                else:
-                    if not kwargs:
-                        self._admit(token, internal)
-                        return token
+            if maybe_deps:
                 deps = find_dependencies(args, kwargs)
                 if deps:
-                    if not internal and len(self._deps) >= self._backlog_bound():
-                        self._gate.wait_for(
-                            lambda: (
-                                self._discarding or len(self._deps) < self._backlog_bound() or None
-                            )
-                        )
-                        if self._discarding:
-                            token._discard("stopped")
-                            return token
-                    self._deps.park(token, deps)
-                    if self._closed:
-                        token._discard("stopped")
+                    self._park_dependent(token, deps, internal)
                     return token
-            self._admit(token, internal)
+            if spec.storage_speed is None:  # nothing for _admit to do: route it now
+                self._route(token, internal, route)
+            else:
+                self._admit(token, internal)
         except BaseException:
             # The caller never gets this token (a Ctrl-C while it waited for room, say): it
             # must not stay counted as in flight with nowhere to run, or stop() waits for ever.
             token._discard("interrupted")
             raise
         return token
+
+    def _park_dependent(self, token: Token[Any], deps: list[Token[Any]], internal: bool) -> None:
+        """Hold ``token`` until ``deps`` end (an external producer waits while the backlog of
+        such tokens is as large as the mailboxes)."""
+        if not internal and len(self._deps) >= self._backlog_bound():
+            self._gate.wait_for(
+                lambda: self._discarding or len(self._deps) < self._backlog_bound() or None
+            )
+            if self._discarding:
+                token._discard("stopped")
+                return
+        self._deps.park(token, deps)
+        if self._closed:
+            token._discard("stopped")
 
     def _backlog_bound(self) -> int:
         """How many tokens may wait outside the mailboxes (for dependencies or a tier permit)
@@ -690,11 +701,19 @@ class OperationsCoordinator(ObservabilityMixin):
                 return  # routed by whoever releases the next permit
         self._route(token, internal)
 
-    def _route(self, token: Token[Any], internal: bool) -> None:
-        spec = token.spec
-        route = self._routes.get(id(spec))
-        if route is None or route[0] is not spec:
-            route = self._route_of(spec)
+    def _route(
+        self,
+        token: Token[Any],
+        internal: bool,
+        route: tuple[TaskSpec, str, list[Worker]] | None = None,
+    ) -> None:
+        """Push ``token`` to the least-loaded worker its route allows (``route``: the spec's,
+        when the caller has just looked it up), waiting for room if every mailbox is full."""
+        if route is None:
+            spec = token.spec
+            route = self._routes.get(id(spec))
+            if route is None or route[0] is not spec:
+                route = self._route_of(spec)
         candidates = route[2]
         best: Worker | None = None
         best_load = self._mailbox_max
@@ -798,7 +817,17 @@ class OperationsCoordinator(ObservabilityMixin):
 
     def execute(self, token: Token[Any], worker: Worker) -> None:
         """Run a claimed token's body on this thread and complete it."""
-        run_id = self.begin(token, worker)
+        # ``begin``, inline: this is the hot path of every thread-run token.
+        token.attempts += 1
+        token.core = worker.core
+        token.worker = worker.name
+        token.lane = worker.kind
+        run_id = token._run_id
+        timeout = token.spec.timeout
+        if timeout is not None:
+            assert self._timers is not None
+            token._timer = self._timers.call_later(timeout, self._on_timeout, token, run_id)
+        token.started_at = _perf()
         previous = worker.current
         worker.current = token
         try:
@@ -862,11 +891,14 @@ class OperationsCoordinator(ObservabilityMixin):
                 self._route(granted, True)
         racy = None if token.spec.timeout is None else run_id
         if exc is None:
-            if not token._finish(value, None, self._record_terminal, racy):
+            if not token._finish(value, None, self._record, racy):
                 self._late(token, "result")
             else:
-                if self._after_attempt:
-                    self._notify_after_attempt(token, "resolved", None)
+                for hook in self._after_attempt:  # _notify_after_attempt, inline (hot path)
+                    try:
+                        hook(token, "resolved", None)
+                    except Exception:
+                        log.exception("middleware hook %r raised; the token is not affected", hook)
                 if worker_log.isEnabledFor(_DEBUG):
                     worker_log.debug("[%s] ✓ Completed %s", (token.worker or "?").upper(), token.id)
                 if stats_log.isEnabledFor(_DEBUG):
@@ -875,7 +907,7 @@ class OperationsCoordinator(ObservabilityMixin):
             if self._after_attempt:
                 self._notify_after_attempt(token, "retried", exc)
         else:
-            if not token._finish(None, exc, self._record_terminal, racy):
+            if not token._finish(None, exc, self._record, racy):
                 self._late(token, "error")
                 return
             if self._after_attempt:

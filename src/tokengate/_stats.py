@@ -236,7 +236,11 @@ class StatsRecorder:
 
     def record_submitted(self, operation_type: str, weight: str) -> None:
         """Count a token as submitted. Call it before the token can possibly complete."""
-        self._counters(operation_type, weight).submitted += 1
+        try:  # _counters, inline: once per submitted token
+            counters = self._local.shard.ops[operation_type]
+        except (AttributeError, KeyError):
+            counters = self.shard().op(operation_type, weight)
+        counters.submitted += 1
 
     def record_resolved(self, operation_type: str, weight: str, latency_s: float) -> None:
         """Count a token resolved after ``latency_s`` seconds."""

@@ -409,6 +409,18 @@ class Token(Future[T], Generic[T]):
 
     def _try_claim(self) -> bool:
         """PENDING -> RUNNING, atomically; False if discarded or claimed by someone else."""
+        # Hot path, once per run: with no stdlib lock on the token (the common case) the
+        # stripe alone guards the change, taken inline rather than through _lock/_unlock.
+        stripe = _STRIPES[self.seq & _STRIPE_MASK]
+        stripe.acquire()
+        if self._cond is None:
+            claimed = self._state == PENDING
+            if claimed:
+                self._state = RUNNING
+                self._run_id += 1
+            stripe.release()
+            return claimed
+        stripe.release()
         cond = self._lock()
         try:
             if self._state != PENDING:
@@ -431,7 +443,12 @@ class Token(Future[T], Generic[T]):
         ``record`` (the statistics) runs under the token's lock before anyone is woken, so a
         caller returning from ``get()`` always sees counts that include this token.
         """
-        cond = self._lock()
+        stripe = _STRIPES[self.seq & _STRIPE_MASK]  # _lock(), inline: once per token
+        stripe.acquire()
+        cond = self._cond
+        if cond is not None and not cond.acquire(False):
+            stripe.release()
+            cond = self._lock()
         try:
             if self._state in _TERMINAL or (run_id is not None and run_id != self._run_id):
                 return False
@@ -443,8 +460,10 @@ class Token(Future[T], Generic[T]):
             record(self, exception)
             if self._w or self._sleepers:
                 self._wake_all("add_result" if exception is None else "add_exception")
-        finally:
-            self._unlock(cond)
+        finally:  # _unlock(cond), inline
+            if cond is not None:
+                cond.release()
+            stripe.release()
         if self._cb:
             self._invoke_callbacks()
         return True

@@ -114,9 +114,16 @@ class ThreadWorker(MailboxWorker):
         steal = lane.steal
         try:
             while True:
-                try:
-                    token = pop()
-                except IndexError:
+                # Test before popping: a pop that raises IndexError costs ten times a test,
+                # and an idle worker that steals finds its own mailbox empty for every token.
+                # The test can race with a thief taking the last token, hence the except.
+                token = None
+                if mailbox:
+                    try:
+                        token = pop()
+                    except IndexError:
+                        token = None
+                if token is None:
                     if self.stopping or self.retiring:
                         break
                     token = steal(self)  # io-lane: idle, so help a backed-up sibling
