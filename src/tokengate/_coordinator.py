@@ -63,7 +63,7 @@ from ._spec import STORAGE_TIERS, TaskSpec
 from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
-from ._token import PENDING, Token, check_timeout, next_seq
+from ._token import NO_KWARGS, PENDING, Token, check_timeout, next_seq
 from ._topology import Topology, detect_topology, gil_enabled
 from .backends import Backend, resolve_backend
 from .lanes._async import AsyncLane
@@ -626,6 +626,11 @@ class OperationsCoordinator(ObservabilityMixin):
                 # once resolved.
                 deps = find_dependencies(args, kwargs) if args or kwargs else None
                 payload = prepare_call(task, args, kwargs, has_dependencies=bool(deps))
+        # A call without keyword arguments shares one empty dict: the call's own (always made
+        # for ``**kwargs``) is freed at once, so a token costs the garbage collector two
+        # objects, not three, and collections come a third less often (B1).
+        if not kwargs:
+            kwargs = NO_KWARGS
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
         if payload is not None:
             token._payload = payload

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from ._spec import TaskSpec
 
-__all__ = ["PENDING", "Token", "check_timeout", "next_seq"]
+__all__ = ["NO_KWARGS", "PENDING", "Token", "check_timeout", "next_seq"]
 
 T = TypeVar("T")
 _TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
@@ -55,6 +55,8 @@ _STRIPES = tuple(_thread.allocate_lock() for _ in range(_STRIPE_MASK + 1))
 _allocate_lock = _thread.allocate_lock
 _monotonic = time.monotonic
 _TIMEOUT_MAX = threading.TIMEOUT_MAX
+NO_KWARGS: dict[str, Any] = {}
+"""The ``kwargs`` of every token called without keyword arguments: shared, never mutated."""
 callback_log = logging.getLogger("tokengate.callbacks")
 
 
