@@ -8,6 +8,7 @@ shared with that suite are imported from ``conformance.tasks``, its one home."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import threading
@@ -205,6 +206,58 @@ def test_a_full_mailbox_blocks_the_producer_until_there_is_room(make_coordinator
     assert produced.wait(10)
     thread.join(10)
     assert [t.get(timeout=10) for t in [first, *queued, *extra]] == ["released", "a", "b"]
+
+
+def test_a_blocked_producer_is_notified_once_per_wait_not_once_per_completion(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under the GIL a worker finishes many tokens before the producer it woke runs again; each
+    # of those completions used to notify the gate again (B1: ~84,000 notifies per 100,000).
+    coordinator = make_coordinator(workers_per_core=1, cores=1, mailbox_max=50)
+    gate = coordinator.gate
+    counts = {"notify": 0, "registrations": 0}
+    real_notify, real_wait_for = gate.notify, gate.wait_for
+
+    def counting_notify() -> None:
+        counts["notify"] += 1
+        real_notify()
+
+    def counting_wait_for(attempt: Callable[[], Any], timeout: float | None = None) -> Any:
+        def counted() -> Any:  # the gate registers the producer once per attempt
+            counts["registrations"] += 1
+            return attempt()
+
+        return real_wait_for(counted, timeout)
+
+    monkeypatch.setattr(gate, "notify", counting_notify)
+    monkeypatch.setattr(gate, "wait_for", counting_wait_for)
+    tokens = [echo(i) for i in range(5_000)]
+    assert [t.get(timeout=30) for t in tokens] == [((i,), {}) for i in range(5_000)]
+    assert counts["registrations"] > 0, "the producer never waited: the test shows nothing"
+    assert counts["notify"] <= counts["registrations"], counts
+
+
+def test_a_queued_token_costs_the_garbage_collector_two_objects(make_coordinator: Make) -> None:
+    # The token and its args tuple; a call without keyword arguments does not keep the empty
+    # dict ``**kwargs`` makes, so collections come a third less often with many tokens alive.
+    make_coordinator(workers_per_core=1, cores=1, mailbox_max=5_000, convergence=False)
+    started = threading.Event()
+    first = blocker(started)
+    assert started.wait(10)  # the one worker is busy: what follows only queues
+    record("warm-up")  # the operation's counters and route exist from here on
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        queued = [record(f"t{i}") for i in range(1_000)]
+        per_token = (gc.get_count()[0] - before) / len(queued)
+    finally:
+        gc.enable()
+    GATE.set()
+    assert first.get(timeout=10) == "released"
+    assert [t.get(timeout=10) for t in queued] == [f"t{i}" for i in range(1_000)]
+    assert queued[0].kwargs == {} and record(label="kw").get(timeout=10) == "kw"
+    assert per_token <= 2.05, f"{per_token:.2f} GC objects per queued token"
 
 
 def test_reject_admission_raises_overloaded_and_counts_a_discard(make_coordinator: Make) -> None:

@@ -802,7 +802,7 @@ class OperationsCoordinator(ObservabilityMixin):
 
     def after_token(self, worker: Worker) -> None:
         gate = self._gate
-        if gate.waiters and len(worker.mailbox) <= self._low_water:
+        if gate.unwoken and len(worker.mailbox) <= self._low_water:
             gate.notify()
 
     def begin(self, token: Token[Any], worker: Worker, *, arm_timeout: bool = True) -> int:

@@ -316,7 +316,7 @@ class DaskBackend(Backend):
         if token._holds_permit:
             self.granted(coordinator.throttle.release(token))
         gate = coordinator._gate
-        if gate.waiters and (runner is None or runner.load() <= self._low_water):
+        if gate.unwoken and (runner is None or runner.load() <= self._low_water):
             gate.notify()
         if coordinator._draining:
             coordinator._notify_drain()
