@@ -120,6 +120,31 @@ def test_turning_on_one_logger_shows_only_that_part(caplog: pytest.LogCaptureFix
     assert messages == ["[GUARD_HOUSE] Passive Monitoring initialized", "Guard House initialized"]
 
 
+def test_a_level_changed_while_running_applies_from_the_next_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The hot path reads logging's own cache of level answers before asking isEnabledFor:
+    # a change of level (which empties that cache) must show at once, both ways.
+    caplog.set_level(logging.WARNING)
+    routing = logging.getLogger("tokengate.routing")
+
+    def routed(n: int) -> bool:
+        caplog.clear()
+        seed_log(n).get(timeout=10)
+        return any(r.name == "tokengate.routing" for r in caplog.records)
+
+    with OperationsCoordinator(process_lane=False, workers_per_core=1, cores=1):
+        assert not routed(1)  # answers cached: DEBUG is off
+        with caplog.at_level(logging.DEBUG, logger="tokengate.routing"):
+            assert routed(2)
+            routing.disabled = True  # not in the cache; isEnabledFor still honours it
+            try:
+                assert not routed(3)
+            finally:
+                routing.disabled = False
+        assert not routed(4)
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [

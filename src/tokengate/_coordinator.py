@@ -57,7 +57,7 @@ from ._errors import (
     TokenGateError,
 )
 from ._executor import TokenGateExecutor, make_executor
-from ._logging import attach_verbose_handlers, detach_verbose_handlers
+from ._logging import attach_verbose_handlers, detach_verbose_handlers, level_answers
 from ._middleware import HOOKS, Middleware, overridden
 from ._spec import STORAGE_TIERS, TaskSpec
 from ._stats import StatsRecorder, StatsSnapshot
@@ -92,6 +92,10 @@ routing_log = logging.getLogger("tokengate.routing")
 worker_log = logging.getLogger("tokengate.worker")
 retry_log = logging.getLogger("tokengate.retry")
 stats_log = logging.getLogger("tokengate.stats")  # the seed's "[DEBUG] Recorded:" (issue 5)
+# The hot path (route, complete) reads these before calling isEnabledFor: see level_answers.
+_routing_answers = level_answers(routing_log)
+_worker_answers = level_answers(worker_log)
+_stats_answers = level_answers(stats_log)
 _DEBUG = logging.DEBUG
 _INFO = logging.INFO
 _THREADED = frozenset(("thread", "io"))  # lanes whose workers are plain threads
@@ -739,7 +743,7 @@ class OperationsCoordinator(ObservabilityMixin):
         best.push(token)
         if self._closed:  # pushed after the workers were told to stop: none will run it
             token._discard("stopped")
-        if routing_log.isEnabledFor(_DEBUG):
+        if _routing_answers.get(_DEBUG, True) and routing_log.isEnabledFor(_DEBUG):
             routing_log.debug(
                 "[ROUTING] Token %s (%s) → Pos %d (Core %d, Worker %d)",
                 token.id,
@@ -904,9 +908,9 @@ class OperationsCoordinator(ObservabilityMixin):
                         hook(token, "resolved", None)
                     except Exception:
                         log.exception("middleware hook %r raised; the token is not affected", hook)
-                if worker_log.isEnabledFor(_DEBUG):
+                if _worker_answers.get(_DEBUG, True) and worker_log.isEnabledFor(_DEBUG):
                     worker_log.debug("[%s] ✓ Completed %s", (token.worker or "?").upper(), token.id)
-                if stats_log.isEnabledFor(_DEBUG):
+                if _stats_answers.get(_DEBUG, True) and stats_log.isEnabledFor(_DEBUG):
                     stats_log.debug("[DEBUG] Recorded: %s", token.id)
         elif self._maybe_retry(token, run_id, exc):
             if self._after_attempt:
@@ -917,7 +921,7 @@ class OperationsCoordinator(ObservabilityMixin):
                 return
             if self._after_attempt:
                 self._notify_after_attempt(token, "failed", exc)
-            if worker_log.isEnabledFor(_DEBUG):
+            if _worker_answers.get(_DEBUG, True) and worker_log.isEnabledFor(_DEBUG):
                 worker_log.debug(
                     "[%s] ✗ Failed %s: %s: %s",
                     (token.worker or "?").upper(),
@@ -925,7 +929,7 @@ class OperationsCoordinator(ObservabilityMixin):
                     type(exc).__name__,
                     exc,
                 )
-            if stats_log.isEnabledFor(_DEBUG):
+            if _stats_answers.get(_DEBUG, True) and stats_log.isEnabledFor(_DEBUG):
                 stats_log.debug("[DEBUG] Recorded: %s", token.id)
         if self._draining:
             self._notify_drain()
