@@ -14,7 +14,10 @@ import _thread
 import contextlib
 import threading
 from collections import deque
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .._admission import AdmissionGate
 
 __all__ = ["Lane", "LaneHost", "MailboxWorker", "Worker"]
 
@@ -90,6 +93,12 @@ class Lane(Protocol):
 
 class LaneHost(Protocol):
     """What the coordinator offers the lanes (implemented by ``OperationsCoordinator``)."""
+
+    @property
+    def gate(self) -> AdmissionGate:
+        """Where producers wait for room; a worker may skip ``after_token`` while its
+        ``unwoken`` count is 0 (nobody to wake), saving a call per token."""
+        ...
 
     def claim(self, token: Any) -> bool:
         """Take a token out of a mailbox for running; False if discarded or taken elsewhere."""

@@ -111,6 +111,7 @@ class ThreadWorker(MailboxWorker):
         claim = host.claim
         execute = host.execute
         after = host.after_token
+        gate = host.gate  # after_token only matters while a producer waits for room
         steal = lane.steal
         try:
             while True:
@@ -140,7 +141,8 @@ class ThreadWorker(MailboxWorker):
                 except BaseException as exc:  # a bug of ours, not the task's: keep the worker
                     lane.internal_error(token, self, exc)
                 self.completed += 1
-                after(self)
+                if gate.unwoken:
+                    after(self)
                 if self.retiring:
                     break
         finally:
