@@ -9,9 +9,9 @@ The flow of one token::
         └─> _route: least-loaded mailbox among the weight's allowed cores, preferred core first;
                 every allowed mailbox full -> AdmissionGate (block) or Overloaded (reject)
                   │
-            a lane's worker: mailbox.popleft -> claim -> execute / begin (the task body)
+            a lane's worker: mailbox.popleft -> run (thread lanes: claim + body) or claim, begin
                   │
-            _complete  (the one completion path every lane calls)
+            complete  (the one completion path every lane calls)
                 ├─ resolve   -> Token._finish: stats recorded under the token's lock, waiters woken
                 ├─ retry     -> Token._reopen, backoff timer, then to the back of the queue (FIFO)
                 └─ fail      -> Token._finish with the original exception and traceback
@@ -25,7 +25,7 @@ counted token to ``Backend.submit``, and the backend ends it through the same ``
 ``Token._discard``, ``_record_terminal`` and middleware, so stats and logs read the same.
 
 Lanes (``lanes/``) own workers and mailboxes and talk back only through the ``LaneHost`` methods
-``claim``, ``begin``, ``execute``, ``complete`` and ``after_token``. Which lane runs a spec is
+``claim``, ``begin``, ``run``, ``complete`` and ``after_token``. Which lane runs a spec is
 decided once per spec by ``_lane_for``: ``async def`` tasks run on the coordinator's event loop
 (``AsyncLane``), storage-tier tasks on the per-tier thread pools of the ``IOLane``, the rest on
 the core-pinned ``ThreadLane``. The ``ConvergenceEngine`` (``_convergence.py``) resizes the
@@ -824,9 +824,16 @@ class OperationsCoordinator(ObservabilityMixin):
                 token._timer = self._timers.call_later(timeout, self._on_timeout, token, run_id)
         return run_id
 
-    def execute(self, token: Token[Any], worker: Worker) -> None:
-        """Run a claimed token's body on this thread and complete it."""
-        # ``begin``, inline: this is the hot path of every thread-run token.
+    def run(self, token: Token[Any], worker: Worker) -> bool:
+        """Claim ``token`` and run its body on this thread, then complete it; False if it was
+        not runnable (discarded, past its deadline, or claimed elsewhere)."""
+        # ``claim`` and ``begin``, inline: this is the hot path of every thread-run token.
+        deadline = token._deadline_at
+        if deadline is not None and _perf() > deadline:
+            token._discard("deadline")
+            return False
+        if not token._try_claim():
+            return False
         token.attempts += 1
         token.core = worker.core
         token.worker = worker.name
@@ -847,6 +854,7 @@ class OperationsCoordinator(ObservabilityMixin):
         else:
             worker.current = previous
             self.complete(token, run_id, value, None)
+        return True
 
     def _on_timeout(self, token: Token[Any], run_id: int) -> None:
         if token._run_id != run_id or token.done():
@@ -1074,8 +1082,7 @@ class OperationsCoordinator(ObservabilityMixin):
                 if deadline is not None and _perf() > deadline:
                     token._discard("deadline")
                     return
-                if self._can_run_inline(token, worker) and token._try_claim():
-                    self.execute(token, worker)
+                if self._can_run_inline(token, worker) and self.run(token, worker):
                     continue  # a run that ended in a retry leaves the token still pending
             elif parked == "deps":
                 pending = self._deps.unfinished(token)
@@ -1106,8 +1113,7 @@ class OperationsCoordinator(ObservabilityMixin):
             else:
                 wake.acquire(True, max(0.0, end - time.monotonic()))
             return
-        if self.claim(other):
-            self.execute(other, worker)
+        self.run(other, worker)
 
     def _can_run_inline(self, token: Token[Any], worker: Worker) -> bool:
         """Whether ``worker`` may run ``token`` itself: same lane, or both plain threads

@@ -121,8 +121,9 @@ class LaneHost(Protocol):
         running (a thread past its timeout): the storage permit stays held until it returns."""
         ...
 
-    def execute(self, token: Any, worker: Any) -> None:
-        """Run a claimed token's body on the calling thread and complete it."""
+    def run(self, token: Any, worker: Any) -> bool:
+        """``claim`` a token and run its body on the calling thread, then complete it; False
+        if it was not runnable."""
         ...
 
     def after_token(self, worker: Any) -> None:

@@ -10,7 +10,7 @@ of the busiest sibling in its pool (``ThreadLane.steal``).
 
 Mailbox bounds are enforced by the router (``load() < mailbox_max``), not here, so internal
 re-admissions (retries, released dependents) can never block a worker. The body of a token runs
-through ``LaneHost.execute``, the same code a waiting worker uses to run a token inline.
+through ``LaneHost.run``, the same code a waiting worker uses to run a token inline.
 
 Resizing (the convergence engine): workers are grouped in *pools* (here one per core; the I/O
 lane keys them by storage tier). ``add_worker`` starts one more; ``retire_worker`` removes one
@@ -108,8 +108,7 @@ class ThreadWorker(MailboxWorker):
         mailbox = self.mailbox
         pop = mailbox.popleft
         host = lane.host
-        claim = host.claim
-        execute = host.execute
+        run = host.run
         after = host.after_token
         gate = host.gate  # after_token only matters while a producer waits for room
         steal = lane.steal
@@ -136,8 +135,7 @@ class ThreadWorker(MailboxWorker):
                         self._wake.acquire()
                         continue
                 try:
-                    if claim(token):
-                        execute(token, self)
+                    run(token, self)
                 except BaseException as exc:  # a bug of ours, not the task's: keep the worker
                     lane.internal_error(token, self, exc)
                 self.completed += 1
