@@ -812,9 +812,7 @@ class OperationsCoordinator(ObservabilityMixin):
     def begin(self, token: Token[Any], worker: Worker, *, arm_timeout: bool = True) -> int:
         """Record the start of a run on ``worker``; arms the thread-style timeout if asked."""
         token.attempts += 1
-        token.core = worker.core
-        token.worker = worker.name
-        token.lane = worker.kind
+        token._ran_on = worker
         token.started_at = _perf()
         run_id = token._run_id
         if arm_timeout:
@@ -835,9 +833,7 @@ class OperationsCoordinator(ObservabilityMixin):
         if not token._try_claim():
             return False
         token.attempts += 1
-        token.core = worker.core
-        token.worker = worker.name
-        token.lane = worker.kind
+        token._ran_on = worker
         run_id = token._run_id
         timeout = token.spec.timeout
         if timeout is not None:

@@ -31,7 +31,7 @@ from concurrent.futures._base import (
     PENDING,
     RUNNING,
 )
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from ._errors import TokenDiscarded, TokenGateError
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from ._spec import TaskSpec
 
-__all__ = ["NO_KWARGS", "PENDING", "Token", "check_timeout", "next_seq"]
+__all__ = ["NO_KWARGS", "PENDING", "Place", "Token", "check_timeout", "next_seq"]
 
 T = TypeVar("T")
 _TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
@@ -57,6 +57,18 @@ _monotonic = time.monotonic
 _TIMEOUT_MAX = threading.TIMEOUT_MAX
 NO_KWARGS: dict[str, Any] = {}
 """The ``kwargs`` of every token called without keyword arguments: shared, never mutated."""
+
+
+class Place(NamedTuple):
+    """Where a run happened when no local worker ran it (a Dask worker, a call made inside a
+    process-lane worker): what :attr:`Token.core`, ``worker`` and ``lane`` read. Local workers
+    have the same three attributes and are recorded themselves."""
+
+    core: int | None
+    name: str | None
+    kind: str
+
+
 callback_log = logging.getLogger("tokengate.callbacks")
 
 
@@ -105,26 +117,28 @@ class Token(Future[T], Generic[T]):
     _retry_count: int = 0
     _timer: Any = None
     _payload: Any = None  # process lane: the call, pickled at submit (lanes/_wire.py)
+    # Also class-level, to keep the token small (every slot is visited by each garbage
+    # collection, and B1 keeps 100,000 tokens alive): the stdlib-facing lock (made only if a
+    # helper asks), the error (only failed tokens have one) and keyword arguments (most calls
+    # have none; the shared empty dict is never mutated).
+    _cond: Any = None
+    _exception: BaseException | None = None
+    kwargs: dict[str, Any] = NO_KWARGS
 
     __slots__ = (
-        "_cond",
         "_coordinator",
-        "_exception",
+        "_ran_on",
         "_result",
         "_run_id",
         "_state",
         "args",
         "attempts",
-        "core",
         "finished_at",
         "fn",
-        "kwargs",
-        "lane",
         "seq",
         "spec",
         "started_at",
         "submitted_at",
-        "worker",
     )
 
     def __init__(
@@ -138,23 +152,20 @@ class Token(Future[T], Generic[T]):
         coordinator: Any,
     ) -> None:
         # Future.__init__ is deliberately not called: see the class docstring.
-        self._cond: Any = None  # the stdlib-facing RLock, made only if asked for
         self._state = PENDING
         self._result = None
-        self._exception: BaseException | None = None
         self.spec = spec
         self.fn = fn
         self.args = args
-        self.kwargs = kwargs
+        if kwargs:
+            self.kwargs = kwargs
         self.seq = seq
         self.submitted_at = submitted_at
         self._coordinator = coordinator
         self.attempts = 0
         self.started_at: float | None = None
         self.finished_at: float | None = None
-        self.core: int | None = None
-        self.worker: str | None = None
-        self.lane: str | None = None
+        self._ran_on: Any = None  # the worker (or Place) of the latest run: core, worker, lane
         self._run_id = 0
 
     # -- locking --------------------------------------------------------------------------
@@ -201,6 +212,25 @@ class Token(Future[T], Generic[T]):
         if cb is None:
             cb = self._cb = []
         return cb
+
+    # -- where it ran -----------------------------------------------------------------------
+    @property
+    def core(self) -> int | None:
+        """The core of the latest run (None before it ran, or where cores do not apply)."""
+        where = self._ran_on
+        return None if where is None else where.core
+
+    @property
+    def worker(self) -> str | None:
+        """The name of the worker of the latest run, e.g. ``worker_4_core_2``."""
+        where = self._ran_on
+        return None if where is None else where.name
+
+    @property
+    def lane(self) -> str | None:
+        """The lane of the latest run: ``thread``, ``process``, ``io``, ``async``, ``dask``…"""
+        where = self._ran_on
+        return None if where is None else where.kind
 
     # -- identity ---------------------------------------------------------------------------
     @property

@@ -42,7 +42,7 @@ from .._errors import (
     TokenGateError,
     WorkerCrashed,
 )
-from .._token import Token
+from .._token import Place, Token
 from ._dask_task import (
     DEADLINE,
     DEP_FAILED,
@@ -455,7 +455,7 @@ class Runner:
             f"{timeout}s on Dask worker {worker}; a thread cannot be killed, so its late "
             f"result will be dropped"
         )
-        token.worker, token.lane = worker, "dask"
+        token._ran_on = Place(None, worker, "dask")
         token.started_at = max(token.submitted_at, _perf() - timeout)
         errors = self._errors.pop(entry.future.key, [])
         self._last_run.pop(entry.future.key, None)
@@ -493,8 +493,7 @@ class Runner:
         exc: BaseException | None = None
         nested = None
         if type(outcome) is Outcome:
-            token.worker = outcome.worker
-            token.lane = "dask"
+            token._ran_on = Place(None, outcome.worker, "dask")
             token.started_at = max(token.submitted_at, _perf() - (time.time() - outcome.started))
             nested = outcome.nested
             kind = outcome.kind
@@ -517,7 +516,7 @@ class Runner:
             exc = self._remote_error(entry, future)
             # It ran (Dask re-ran it for each retry); the last retry event says where and when.
             worker, started = self._last_run.get(key, (None, 0.0))
-            token.worker, token.lane = worker, "dask"
+            token._ran_on = Place(None, worker, "dask")
             token.started_at = max(token.submitted_at, _perf() - (time.time() - started))
         self._last_run.pop(key, None)
         if entry.deps:

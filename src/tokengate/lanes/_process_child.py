@@ -33,7 +33,7 @@ from typing import Any
 from .. import _runtime
 from .._decorator import TaskFunction
 from .._dependencies import _dependency_error, find_dependencies, substitute
-from .._token import Token, next_seq
+from .._token import Place, Token, next_seq
 from . import _wire
 
 __all__ = ["main", "run_inline"]
@@ -72,8 +72,7 @@ def run_inline(
     )
     token._try_claim()
     token.attempts = 1
-    token.lane = "inline"
-    token.worker = f"pid_{os.getpid()}"
+    token._ran_on = Place(None, f"pid_{os.getpid()}", "inline")
     token.started_at = time.perf_counter()
     value: Any = None
     error: BaseException | None = None
