@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from conftest import eventually
 from tokengate import (
     DependencyFailed,
     GuardHouse,
@@ -43,7 +44,7 @@ class FakeToken:
         worker: str = "worker_0_core_1",
         start: float = 1000.0,
     ) -> None:
-        self.spec = types.SimpleNamespace(operation_type=op)
+        self.spec = types.SimpleNamespace(operation_type=op, weight="light")
         self.started_at = None if duration is None else start
         self.finished_at = None if duration is None else start + duration
         self.attempts = attempts
@@ -61,7 +62,8 @@ def run(
     token = FakeToken(op, duration)
     if outcome is None:
         outcome = "resolved" if exc is None else "failed"
-    for middleware in house.middleware():
+    house.observe(token, outcome, exc)  # type: ignore[arg-type]
+    for middleware in house.middleware():  # the breaker watches every outcome
         middleware.after_attempt(token, outcome, exc)  # type: ignore[arg-type]
     return token
 
@@ -99,12 +101,24 @@ def after(x: int) -> int:
 # -- passive monitoring --------------------------------------------------------------------------
 
 
+def errors_heard(coordinator: OperationsCoordinator, operation_type: str, errors: int) -> None:
+    """Wait until the Guard House has heard of ``errors`` errors of ``operation_type``:
+    middleware hears of a failure just after the token's waiters are woken."""
+
+    def heard() -> bool:
+        health = coordinator.guard_house.report().operations.get(operation_type)
+        return health is not None and health.errors + health.dependency_failures >= errors
+
+    eventually(heard, what=f"{errors} errors of {operation_type} in the Guard House")
+
+
 def test_report_counts_failure_rate_and_durations(coordinator: OperationsCoordinator) -> None:
     for i in range(8):
         assert ok(i).get(timeout=10) == i
     for i in range(2):
         with pytest.raises(KeyError):
             bad(i).get(timeout=10)
+    errors_heard(coordinator, "gh_bad", 2)
     report = coordinator.guard_house.report()
     assert report.enabled and not report.auto_blocking
     good, failing = report.operations["gh_ok"], report.operations["gh_bad"]
@@ -139,6 +153,7 @@ def test_dependency_failures_are_kept_apart(coordinator: OperationsCoordinator) 
     token = after(bad(1))
     with pytest.raises(DependencyFailed):
         token.get(timeout=10)
+    errors_heard(coordinator, "gh_after", 1)
     health = coordinator.guard_house.report().operations["gh_after"]
     assert (health.runs, health.errors, health.dependency_failures) == (0, 0, 1)
     assert health.recent_failures[0].outcome == "dependency"
@@ -163,6 +178,29 @@ def test_slow_outliers_after_warm_up() -> None:
     assert (record.token_id, record.duration) == (slow.id, 0.5)
     assert record.threshold == threshold
     assert "Recent slow runs" in house.render()
+
+
+@task_token_guard(operation_type="gh_pause", tags={"weight": "light"})
+def pause(seconds: float) -> float:
+    threading.Event().wait(seconds)  # the run's own duration, not a wait for another thread
+    return seconds
+
+
+def test_a_slow_run_on_a_coordinator_is_flagged_after_warm_up(make_coordinator: Make) -> None:
+    # Through the coordinator's own path: run times recorded with the token's stats, the runs
+    # that cross the operation's watch handed to the Guard House (no per-token middleware).
+    coordinator = make_coordinator(workers_per_core=1, cores=1)  # one worker: one thread's p95
+    for _ in range(20):  # slow_warmup: the 20th run sets the threshold (about 50 ms here)
+        pause(0).get(timeout=10)
+    slow = pause(0.3)
+    assert slow.get(timeout=10) == 0.3
+    house = coordinator.guard_house
+    eventually(lambda: house.report().operations["gh_pause"].slow_runs == 1, what="a slow run")
+    health = house.report().operations["gh_pause"]
+    assert health.runs == 21 and health.slow_threshold is not None
+    assert health.slow_threshold < 0.3 <= health.duration_max
+    (record,) = health.recent_slow
+    assert record.token_id == slow.id and record.duration >= 0.3
 
 
 def test_slow_rule_uses_three_times_p95_for_long_operations() -> None:
@@ -254,8 +292,9 @@ def test_report_while_workers_record(make_coordinator: Make) -> None:
 
 def test_passive_monitor_off_installs_nothing(make_coordinator: Make) -> None:
     coordinator = make_coordinator(guard_house=False, overflow_guard=False)
-    assert coordinator._after_attempt == []
+    assert coordinator._after_attempt == [] and coordinator._after_failure == []
     assert coordinator._before_submit == []
+    assert not coordinator._watch_runs and coordinator._run_watcher is None
     assert ok(1).get(timeout=10) == 1
     report = coordinator.guard_house.report()
     assert not report.enabled and not report.operations
@@ -265,7 +304,9 @@ def test_passive_monitor_off_installs_nothing(make_coordinator: Make) -> None:
 def test_default_installs_no_submit_hook(coordinator: OperationsCoordinator) -> None:
     # observation only: nothing runs before a call becomes a token
     assert coordinator._before_submit == []
-    assert len(coordinator._after_attempt) == 1
+    # nor after a successful run: run times go to the stats, errors to after_failure
+    assert coordinator._after_attempt == []
+    assert len(coordinator._after_failure) == 1 and coordinator._watch_runs
 
 
 # -- circuit breaker ---------------------------------------------------------------------------
@@ -381,6 +422,7 @@ def test_auto_blocking_is_off_by_default(coordinator: OperationsCoordinator) -> 
     for i in range(12):
         with pytest.raises(KeyError):
             bad(i).get(timeout=10)
+    errors_heard(coordinator, "gh_bad", 12)
     assert coordinator.guard_house.report().operations["gh_bad"].errors == 12
     assert coordinator.guard_house.breaker_state("gh_bad") == "off"
 
@@ -398,6 +440,7 @@ def test_blocked_nested_call_fails_the_calling_task(make_coordinator: Make) -> N
 
     with pytest.raises(OperationBlocked):
         caller().get(timeout=10)
+    errors_heard(coordinator, "gh_caller", 1)
     assert coordinator.guard_house.report().operations["gh_caller"].errors == 1
 
 

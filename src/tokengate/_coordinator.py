@@ -60,7 +60,7 @@ from ._executor import TokenGateExecutor, make_executor
 from ._logging import attach_verbose_handlers, detach_verbose_handlers, level_answers
 from ._middleware import HOOKS, Middleware, overridden
 from ._spec import STORAGE_TIERS, TaskSpec
-from ._stats import StatsRecorder, StatsSnapshot
+from ._stats import OperationCounters, StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
 from ._token import NO_KWARGS, PENDING, Token, check_timeout, next_seq
@@ -178,6 +178,11 @@ class OperationsCoordinator(ObservabilityMixin):
         self._hooks: dict[str, list[Callable[..., Any]]] = {hook: [] for hook in HOOKS}
         self._before_submit: list[Callable[[TaskSpec], None]] = []
         self._after_attempt: list[Callable[[Token[Any], str, BaseException | None], None]] = []
+        self._after_failure: list[Callable[[Token[Any], str, BaseException | None], None]] = []
+        # The Guard House watches run times through the stats (StatsRecorder.watch_runs): the
+        # runs it must see come to it here, without a middleware call per token.
+        self._watch_runs = False
+        self._run_watcher: Callable[[Token[Any], OperationCounters, float], None] | None = None
         self._verbose_handlers: list[Any] = []
         self._record = self._record_terminal  # bound once: Token._finish calls it per token
         self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
@@ -381,6 +386,7 @@ class OperationsCoordinator(ObservabilityMixin):
                 self._hooks[hook].append(getattr(middleware, hook))
         self._before_submit = self._hooks["before_submit"]
         self._after_attempt = self._hooks["after_attempt"]
+        self._after_failure = self._hooks["after_failure"]
         if self._status == "running" and overridden(middleware, "on_start"):
             middleware.on_start(self)
 
@@ -391,11 +397,40 @@ class OperationsCoordinator(ObservabilityMixin):
     def _notify_after_attempt(
         self, token: Token[Any], outcome: str, exc: BaseException | None
     ) -> None:
+        """An attempt ended: show its run to the run watcher if it must, then tell middleware
+        (``after_attempt`` always, ``after_failure`` for errors). ``complete`` inlines the
+        resolved case."""
+        if outcome == "retried" and self._watch_runs and token.started_at is not None:
+            spec = token.spec  # a retried attempt is not terminal: its run is recorded here
+            counters = self._stats.counters(spec.operation_type, spec.weight)
+            run = _perf() - token.started_at
+            if counters.record_run(run):
+                token._watched = (counters, run)
+        if token._watched is not None:
+            self._show_run(token)
         for hook in self._after_attempt:
             try:
                 hook(token, outcome, exc)
             except Exception:
                 log.exception("middleware hook %r raised; the token is not affected", hook)
+        if outcome != "resolved":
+            for hook in self._after_failure:
+                try:
+                    hook(token, outcome, exc)
+                except Exception:
+                    log.exception("middleware hook %r raised; the token is not affected", hook)
+
+    def _show_run(self, token: Token[Any]) -> None:
+        """Hand a run that crossed its operation's RunWatch to the run watcher (the Guard
+        House), outside the token's lock."""
+        counters, run = token._watched
+        token._watched = None
+        watcher = self._run_watcher
+        if watcher is not None:
+            try:
+                watcher(token, counters, run)
+            except Exception:
+                log.exception("run watcher %r raised; the token is not affected", watcher)
 
     def stop(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop accepting work, finish it, and stop every worker.
@@ -907,7 +942,10 @@ class OperationsCoordinator(ObservabilityMixin):
             if not token._finish(value, None, self._record, racy):
                 self._late(token, "result")
             else:
-                for hook in self._after_attempt:  # _notify_after_attempt, inline (hot path)
+                # _notify_after_attempt, inline (hot path)
+                if token._watched is not None:
+                    self._show_run(token)
+                for hook in self._after_attempt:
                     try:
                         hook(token, "resolved", None)
                     except Exception:
@@ -917,14 +955,12 @@ class OperationsCoordinator(ObservabilityMixin):
                 if _stats_answers.get(_DEBUG, True) and stats_log.isEnabledFor(_DEBUG):
                     stats_log.debug("[DEBUG] Recorded: %s", token.id)
         elif self._maybe_retry(token, run_id, exc):
-            if self._after_attempt:
-                self._notify_after_attempt(token, "retried", exc)
+            self._notify_after_attempt(token, "retried", exc)
         else:
             if not token._finish(None, exc, self._record, racy):
                 self._late(token, "error")
                 return
-            if self._after_attempt:
-                self._notify_after_attempt(token, "failed", exc)
+            self._notify_after_attempt(token, "failed", exc)
             if _worker_answers.get(_DEBUG, True) and worker_log.isEnabledFor(_DEBUG):
                 worker_log.debug(
                     "[%s] ✗ Failed %s: %s: %s",
@@ -952,12 +988,20 @@ class OperationsCoordinator(ObservabilityMixin):
         now = _perf()
         token.finished_at = now
         spec = token.spec
-        counters = self._stats._counters(spec.operation_type, spec.weight)
+        counters = self._stats.counters(spec.operation_type, spec.weight)
         if exc is None:
             counters.resolved += 1
         else:
             counters.failed += 1
         counters.latency.record(now - token.submitted_at)
+        if self._watch_runs:  # OperationCounters.record_run, inline: once per token
+            started = token.started_at
+            if started is not None:
+                run = now - started
+                runs = counters.runs
+                runs.record(run)
+                if run > counters.watch.slow_after or runs.count >= counters.next_check:
+                    token._watched = (counters, run)  # shown outside the lock (_show_run)
 
     def _maybe_retry(self, token: Token[Any], run_id: int, exc: BaseException) -> bool:
         if self._discarding:  # stop() is not waiting for new attempts: fail with the error
@@ -1014,7 +1058,7 @@ class OperationsCoordinator(ObservabilityMixin):
             self._notify_drain()
 
     def _fail_unrun(self, token: Token[Any], exc: BaseException) -> None:
-        if token._finish(None, exc, self._record_terminal) and self._after_attempt:
+        if token._finish(None, exc, self._record_terminal):
             self._notify_after_attempt(token, "failed", exc)
         if self._draining:
             self._notify_drain()

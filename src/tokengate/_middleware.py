@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HOOKS", "Middleware"]
 
-HOOKS = ("on_start", "on_stop", "before_submit", "after_attempt", "after_discard")
+HOOKS = ("on_start", "on_stop", "before_submit", "after_attempt", "after_failure", "after_discard")
 
 
 class Middleware:
@@ -37,6 +37,14 @@ class Middleware:
 
         ``token.started_at``/``finished_at``, ``worker``, ``core`` and ``lane`` describe the run.
         Dependency failures (which never ran) arrive with ``token.started_at is None``.
+        """
+
+    def after_failure(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        """An attempt ended in an error (``outcome`` ``failed`` or ``retried``), or a token failed
+        without running (a dependency failed: ``token.started_at is None``).
+
+        Called after ``after_attempt``, and never for a success: a middleware that only
+        watches errors costs a successful token nothing.
         """
 
     def after_discard(self, token: Token[Any]) -> None:

@@ -9,11 +9,20 @@ and adds up all shards into a frozen :class:`StatsSnapshot`, whose ``str()`` is 
 The recorder's lock is taken only on rare, structural events: a thread's first record (the
 shard is registered), the first record of an operation type on a thread (a counter is added
 to the shard's dict), :meth:`StatsRecorder.count_event` and :meth:`StatsRecorder.snapshot`.
+
+Run times (``OperationCounters.runs``: started to end of each attempt, queueing excluded) are
+what the Guard House watches. They live here, beside the latency, so the coordinator records
+both with the one counters lookup it makes per token, and the Guard House costs a completion a
+record and two compares rather than a middleware call of its own (B1). The Guard House reads
+the merged histograms (:meth:`StatsRecorder.run_times`) and sets each operation's
+:class:`RunWatch`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 import threading
 import time
 import types
@@ -26,10 +35,23 @@ from tokengate._histogram import LatencyHistogram
 __all__ = [
     "OperationCounters",
     "OperationStats",
+    "RunWatch",
     "StatsRecorder",
     "StatsShard",
     "StatsSnapshot",
 ]
+
+
+class RunWatch:
+    """What a run watcher (the Guard House) asks of one operation type's run times, shared by
+    every thread's counters of it: a run longer than ``slow_after`` seconds is reported (never,
+    until the watcher sets it), and so is the run that brings a thread's ``runs.count`` to its
+    ``next_check`` (the watcher re-estimates ``slow_after`` then)."""
+
+    __slots__ = ("slow_after",)
+
+    def __init__(self) -> None:
+        self.slow_after = math.inf
 
 
 class OperationCounters:
@@ -40,9 +62,22 @@ class OperationCounters:
     in_flight`` holds per token.
     """
 
-    __slots__ = ("discarded", "failed", "latency", "resolved", "retried", "submitted", "weight")
+    __slots__ = (
+        "discarded",
+        "failed",
+        "latency",
+        "next_check",
+        "resolved",
+        "retried",
+        "runs",
+        "submitted",
+        "watch",
+        "weight",
+    )
 
-    def __init__(self, weight: str) -> None:
+    def __init__(
+        self, weight: str, watch: RunWatch | None = None, next_check: int = sys.maxsize
+    ) -> None:
         self.weight = weight
         self.submitted = 0
         self.resolved = 0
@@ -50,6 +85,15 @@ class OperationCounters:
         self.discarded = 0
         self.retried = 0
         self.latency = LatencyHistogram()
+        self.runs = LatencyHistogram()
+        self.watch = RunWatch() if watch is None else watch
+        self.next_check = next_check
+
+    def record_run(self, seconds: float) -> bool:
+        """Add one run time; True if the run watcher must see it (see :class:`RunWatch`)."""
+        runs = self.runs
+        runs.record(seconds)
+        return seconds > self.watch.slow_after or runs.count >= self.next_check
 
     def __repr__(self) -> str:
         return (
@@ -66,11 +110,14 @@ class StatsShard:
     lock, so a snapshot can copy the dict from another thread without it changing size mid-copy.
     """
 
-    __slots__ = ("_lock", "ops")
+    __slots__ = ("_lock", "_recorder", "ops")
 
-    def __init__(self, lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self, lock: threading.Lock | None = None, recorder: StatsRecorder | None = None
+    ) -> None:
         self.ops: dict[str, OperationCounters] = {}
         self._lock = lock if lock is not None else threading.Lock()
+        self._recorder = recorder
 
     def op(self, operation_type: str, weight: str) -> OperationCounters:
         """The counters for ``operation_type``, created on first use (the first weight sticks)."""
@@ -78,7 +125,14 @@ class StatsShard:
             return self.ops[operation_type]
         except KeyError:
             with self._lock:
-                counters = self.ops[operation_type] = OperationCounters(weight)
+                recorder = self._recorder
+                if recorder is None:
+                    counters = OperationCounters(weight)
+                else:
+                    counters = OperationCounters(
+                        weight, recorder._watch_locked(operation_type), recorder.first_check
+                    )
+                self.ops[operation_type] = counters
             return counters
 
 
@@ -202,7 +256,18 @@ class StatsRecorder:
     restarts) does not grow memory.
     """
 
-    __slots__ = ("_clock", "_events", "_local", "_lock", "_retired", "_shards", "_start")
+    __slots__ = (
+        "_clock",
+        "_events",
+        "_local",
+        "_lock",
+        "_retired",
+        "_shards",
+        "_start",
+        "_watches",
+        "first_check",
+        "watching",
+    )
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -212,6 +277,11 @@ class StatsRecorder:
         self._shards: list[tuple[threading.Thread, StatsShard]] = []
         self._retired = StatsShard(self._lock)
         self._events: dict[str, int] = {}
+        self._watches: dict[str, RunWatch] = {}
+        # Whether run times are recorded at all (a run watcher is installed), and the run count
+        # at which a thread's counters of an operation are first shown to it.
+        self.watching = False
+        self.first_check = sys.maxsize
 
     # -- shards -----------------------------------------------------------------------------
 
@@ -220,13 +290,15 @@ class StatsRecorder:
         try:
             return self._local.shard
         except AttributeError:
-            shard = StatsShard(self._lock)
+            shard = StatsShard(self._lock, self)
             with self._lock:
                 self._shards.append((threading.current_thread(), shard))
             self._local.shard = shard
             return shard
 
-    def _counters(self, operation_type: str, weight: str) -> OperationCounters:
+    def counters(self, operation_type: str, weight: str) -> OperationCounters:
+        """The calling thread's counters of ``operation_type`` (for the coordinator's own
+        records that need more than a count: latency, run times)."""
         try:
             return self._local.shard.ops[operation_type]
         except (AttributeError, KeyError):
@@ -244,23 +316,54 @@ class StatsRecorder:
 
     def record_resolved(self, operation_type: str, weight: str, latency_s: float) -> None:
         """Count a token resolved after ``latency_s`` seconds."""
-        c = self._counters(operation_type, weight)
+        c = self.counters(operation_type, weight)
         c.resolved += 1
         c.latency.record(latency_s)
 
     def record_failed(self, operation_type: str, weight: str, latency_s: float) -> None:
         """Count a token failed after ``latency_s`` seconds (its latency is recorded too)."""
-        c = self._counters(operation_type, weight)
+        c = self.counters(operation_type, weight)
         c.failed += 1
         c.latency.record(latency_s)
 
     def record_discarded(self, operation_type: str, weight: str) -> None:
         """Count a token discarded (cancelled, past its deadline, dropped on stop)."""
-        self._counters(operation_type, weight).discarded += 1
+        self.counters(operation_type, weight).discarded += 1
 
     def record_retried(self, operation_type: str, weight: str) -> None:
         """Count one retry; the token stays in flight and is not counted as submitted again."""
-        self._counters(operation_type, weight).retried += 1
+        self.counters(operation_type, weight).retried += 1
+
+    # -- run times (the Guard House) ----------------------------------------------------------
+
+    def watch_runs(self, first_check: int) -> None:
+        """Record run times from now on, and show a thread's counters of an operation to the
+        watcher once they hold ``first_check`` runs (then whenever it says)."""
+        with self._lock:
+            self.watching = True
+            self.first_check = first_check
+
+    def run_watch(self, operation_type: str) -> RunWatch:
+        """The :class:`RunWatch` every thread's counters of ``operation_type`` share."""
+        with self._lock:
+            return self._watch_locked(operation_type)
+
+    def _watch_locked(self, operation_type: str) -> RunWatch:
+        watch = self._watches.get(operation_type)
+        if watch is None:
+            watch = self._watches[operation_type] = RunWatch()
+        return watch
+
+    def run_times(self) -> dict[str, LatencyHistogram]:
+        """Every operation type's run times so far, merged across threads (copies)."""
+        with self._lock:
+            self._fold_finished_threads()
+            shards = [self._retired, *(s for _, s in self._shards)]
+            parts: dict[str, list[LatencyHistogram]] = {}
+            for shard in shards:
+                for op_type, c in list(shard.ops.items()):
+                    parts.setdefault(op_type, []).append(c.runs)
+        return {op_type: LatencyHistogram.merged(hists) for op_type, hists in parts.items()}
 
     # -- rare events ------------------------------------------------------------------------
 
@@ -289,13 +392,14 @@ class StatsRecorder:
             for op_type, c in shard.ops.items():
                 r = self._retired.ops.get(op_type)
                 if r is None:
-                    r = self._retired.ops[op_type] = OperationCounters(c.weight)
+                    r = self._retired.ops[op_type] = OperationCounters(c.weight, c.watch)
                 r.submitted += c.submitted
                 r.resolved += c.resolved
                 r.failed += c.failed
                 r.discarded += c.discarded
                 r.retried += c.retried
                 r.latency.merge(c.latency)
+                r.runs.merge(c.runs)
         self._shards = alive
 
     def snapshot(self, label: str = "STATS") -> StatsSnapshot:

@@ -123,6 +123,7 @@ class Token(Future[T], Generic[T]):
     # have none; the shared empty dict is never mutated).
     _cond: Any = None
     _exception: BaseException | None = None
+    _watched: Any = None  # (counters, run time) of a run the Guard House must see
     kwargs: dict[str, Any] = NO_KWARGS
 
     __slots__ = (

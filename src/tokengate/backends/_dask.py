@@ -340,7 +340,7 @@ class DaskBackend(Backend):
 
     def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
         coordinator = self._coordinator
-        if coordinator is not None and coordinator._after_attempt:
+        if coordinator is not None:
             coordinator._notify_after_attempt(token, outcome, exc)
 
     def record_retried(self, token: Token[Any]) -> None:

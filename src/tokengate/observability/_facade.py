@@ -8,7 +8,7 @@ part that is off costs nothing at all:
 ===================  ==========================  =========================================
 part                 config                      hooks
 ===================  ==========================  =========================================
-Guard House monitor  ``guard_house=True``        ``after_attempt``
+Guard House monitor  ``guard_house=True``        ``after_failure`` (+ run times in the stats)
 circuit breaker      ``auto_block=True``         ``before_submit``, ``after_attempt``,
                                                  ``after_discard``
 Overflow Guard       ``overflow_guard=True``     ``on_start``/``on_stop`` (a sampler thread)
@@ -75,7 +75,11 @@ class ObservabilityMixin:
             block_after=cfg.block_after,
             block_cooldown=cfg.block_cooldown,
             count_event=c._stats.count_event,
+            stats=c._stats,
         )
+        if cfg.guard_house:  # run times reach it without a middleware call per token
+            c._watch_runs = True
+            c._run_watcher = self._guard_house.watch_run
         budget = cfg.memory_budget
         stats = c._stats  # not the coordinator: the sampler thread must not keep it alive
         self._overflow_guard = OverflowGuard(

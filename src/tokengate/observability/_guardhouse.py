@@ -1,16 +1,22 @@
 """GuardHouse: a passive monitor per operation type, with an optional circuit breaker.
 
-Passive part (on by default, the seed's "observation only"): after every run of a token it
-records the run's duration (``started_at`` to the end of the attempt, queueing excluded) in a
-per-operation :class:`LatencyHistogram`, counts errors, keeps the most recent failures with their
-exception types, and flags *slow outliers*:
+Passive part (on by default, the seed's "observation only"): every run's duration
+(``started_at`` to the end of the attempt, queueing excluded) is recorded per operation, errors
+are counted, the most recent failures kept with their exception types, and *slow outliers*
+flagged:
 
     a run is slow when its duration exceeds ``max(slow_factor * p95, p95 + slow_margin)``, p95
     being the operation's 95th percentile run duration. Durations are recorded per worker
-    thread (no lock on the hot path, as in ``_stats.py``), so p95 is estimated from one worker's
-    runs of the operation: each worker refreshes the operation's threshold after its first
-    ``slow_warmup`` runs of it, then every ``max(32, runs // 16)`` runs. Until the first refresh
-    nothing is slow; afterwards the check costs one compare.
+    thread (no lock on the hot path), so p95 is estimated from one worker's runs of the
+    operation: each worker refreshes the operation's threshold after its first ``slow_warmup``
+    runs of it, then every ``max(32, runs // 16)`` runs. Until the first refresh nothing is
+    slow; afterwards the check costs one compare.
+
+Where the durations live: in the coordinator's stats (``OperationCounters.runs``), recorded with
+the same counters lookup as the token's latency, and the threshold is the operation's shared
+``RunWatch.slow_after``. The coordinator hands the Guard House only the runs that cross it
+(:meth:`GuardHouse.watch_run`), and errors through the ``after_failure`` hook, so a successful,
+ordinary run costs a histogram record and two compares, not a middleware call (B1).
 
 With the defaults (20 runs, 3x, +50 ms) an operation that usually takes 2 ms is slow past 52 ms,
 one that takes 1 s past 3 s. ``report()`` returns a frozen :class:`GuardHouseReport`; its
@@ -41,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import DependencyFailed, OperationBlocked
 from .._histogram import LatencyHistogram
 from .._middleware import Middleware
+from .._stats import OperationCounters, RunWatch, StatsRecorder
 
 if TYPE_CHECKING:
     from .._spec import TaskSpec
@@ -214,7 +221,8 @@ def _message(exc: BaseException, limit: int = 200) -> str:
 
 class _Operation:
     """What is shared about one operation type. Counters of errors, slow runs and blocked
-    calls change under ``lock`` (rare paths); ``threshold`` is read without it."""
+    calls change under ``lock`` (rare paths); ``watch.slow_after`` (the slow threshold, shared
+    with the stats' counters) is read without it."""
 
     __slots__ = (
         "blocked",
@@ -226,41 +234,22 @@ class _Operation:
         "recent_failures",
         "recent_slow",
         "retried",
-        "shards",
         "slow",
-        "threshold",
+        "watch",
     )
 
-    def __init__(self, name: str, recent: int) -> None:
+    def __init__(self, name: str, recent: int, watch: RunWatch) -> None:
         self.name = name
         self.lock = threading.Lock()
-        self.shards: list[_Shard] = []  # appended under GuardHouse._lock
         self.errors = 0
         self.retried = 0
         self.failed = 0
         self.dependency_failures = 0
         self.slow = 0
         self.blocked = 0
-        self.threshold = float("inf")  # nothing is slow until warmed up
+        self.watch = watch  # slow_after is infinite (nothing is slow) until warmed up
         self.recent_failures: deque[FailureRecord] = deque(maxlen=recent)
         self.recent_slow: deque[SlowRun] = deque(maxlen=recent)
-
-
-class _Shard:
-    """One thread's run durations of one operation type: written by that thread only, so the
-    hot path takes no lock (as in ``_stats.py``); merged when a report is made."""
-
-    __slots__ = ("hist", "next_refresh", "op")
-
-    def __init__(self, op: _Operation, warmup: int) -> None:
-        self.op = op
-        self.hist = LatencyHistogram()
-        self.next_refresh = warmup
-
-
-class _Local(threading.local):
-    def __init__(self) -> None:
-        self.shards: dict[str, _Shard] = {}
 
 
 class _Circuit:
@@ -294,6 +283,7 @@ class GuardHouse:
         recent: int = 20,
         clock: Callable[[], float] = time.monotonic,
         count_event: Callable[[str, int], None] | None = None,
+        stats: StatsRecorder | None = None,
     ) -> None:
         self.enabled = enabled
         self.auto_block = auto_block
@@ -307,7 +297,10 @@ class GuardHouse:
         self._count_event = count_event
         self._lock = threading.Lock()  # creating operations and circuits
         self._ops: dict[str, _Operation] = {}
-        self._local = _Local()
+        # Run times: the coordinator's stats (its own recorder when used alone, in tests).
+        self._stats = StatsRecorder() if stats is None else stats
+        if enabled:
+            self._stats.watch_runs(first_check=slow_warmup)
         self._circuits: dict[str, _Circuit] = {}
         self._circuit_lock = threading.Lock()
 
@@ -339,53 +332,52 @@ class GuardHouse:
             ]
         )
 
-    # -- recording (called from the middleware, on worker threads) ---------------------------
+    # -- recording (called from the coordinator, on worker threads) ---------------------------
     def _operation(self, name: str) -> _Operation:
         op = self._ops.get(name)
         if op is None:
             with self._lock:
                 op = self._ops.get(name)
                 if op is None:
-                    op = self._ops[name] = _Operation(name, self.recent)
+                    watch = self._stats.run_watch(name)
+                    op = self._ops[name] = _Operation(name, self.recent, watch)
         return op
 
-    def _shard(self, name: str) -> _Shard:
-        """The calling thread's shard for ``name``, created on first use."""
-        op = self._operation(name)
-        shard = _Shard(op, self.slow_warmup)
-        with self._lock:
-            op.shards.append(shard)
-        self._local.shards[name] = shard
-        return shard
+    def watch_run(self, token: Token[Any], counters: OperationCounters, run: float) -> None:
+        """A run that crossed its operation's ``RunWatch`` (the coordinator's run watcher):
+        re-estimate the threshold from this thread's runs when they are due, then flag the run
+        if it is slow."""
+        runs = counters.runs
+        watch = counters.watch
+        if runs.count >= counters.next_check:
+            p95 = runs.percentile(95)
+            watch.slow_after = max(self.slow_factor * p95, p95 + self.slow_margin)
+            counters.next_check = runs.count + max(32, runs.count // 16)
+        if run > watch.slow_after:
+            self._record_slow(self._operation(token.spec.operation_type), token, run)
 
-    def _record_run(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
-        """``after_attempt``: the hot path is a shard lookup, one record and two compares."""
+    def observe(self, token: Token[Any], outcome: str, exc: BaseException | None = None) -> None:
+        """Record one attempt as the coordinator does: its run time (crossing the watch goes to
+        :meth:`watch_run`), then its error. For a Guard House used without a coordinator."""
         started = token.started_at
-        if started is None:  # failed before running: a dependency failed
+        if started is not None:
+            end = token.finished_at  # None for a retried attempt (the token is not terminal)
+            run = (_perf() if end is None else end) - started
+            spec = token.spec
+            counters = self._stats.counters(spec.operation_type, spec.weight)
+            if counters.record_run(run):
+                self.watch_run(token, counters, run)
+        if exc is not None or outcome != "resolved":
+            self._record_failure(token, outcome, exc)
+
+    def _record_failure(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        """``after_failure``: count the error and keep it among the recent failures."""
+        if token.started_at is None:  # failed before running: a dependency failed
             if exc is not None:
                 self._record_error(token, "dependency", exc)
             return
-        end = token.finished_at  # None for a retried attempt (the token is not terminal)
-        duration = (_perf() if end is None else end) - started
-        name = token.spec.operation_type
-        shard = self._local.shards.get(name)
-        if shard is None:
-            shard = self._shard(name)
-        hist = shard.hist
-        hist.record(duration)
-        if hist.count >= shard.next_refresh:
-            self._refresh(shard)
         if exc is not None:
             self._record_error(token, outcome, exc)
-        if duration > shard.op.threshold:
-            self._record_slow(shard.op, token, duration)
-
-    def _refresh(self, shard: _Shard) -> None:
-        """Re-estimate the operation's slow threshold from this thread's runs of it."""
-        hist = shard.hist
-        p95 = hist.percentile(95)
-        shard.op.threshold = max(self.slow_factor * p95, p95 + self.slow_margin)
-        shard.next_refresh = hist.count + max(32, hist.count // 16)
 
     def _record_error(self, token: Token[Any], outcome: str, exc: BaseException) -> None:
         op = self._operation(token.spec.operation_type)
@@ -402,7 +394,8 @@ class GuardHouse:
             op.recent_failures.append(record)
 
     def _record_slow(self, op: _Operation, token: Token[Any], duration: float) -> None:
-        slow = SlowRun(op.name, token.id, duration, op.threshold, token.worker, time.time())
+        threshold = op.watch.slow_after
+        slow = SlowRun(op.name, token.id, duration, threshold, token.worker, time.time())
         with op.lock:
             op.slow += 1
             op.recent_slow.append(slow)
@@ -547,15 +540,15 @@ class GuardHouse:
             names = set(self._ops)
         with self._circuit_lock:
             names |= set(self._circuits)
+        run_times = self._stats.run_times() if self.enabled else {}
+        names |= {name for name, hist in run_times.items() if hist.count}
         for name in sorted(names):
             op = self._operation(name)
-            with self._lock:
-                shards = list(op.shards)
-            hist = LatencyHistogram.merged(s.hist for s in shards)
+            hist = run_times.get(name) or LatencyHistogram()
             with op.lock:
                 errors, retried, failed = op.errors, op.retried, op.failed
                 dep, slow, blocked = op.dependency_failures, op.slow, op.blocked
-                threshold = op.threshold
+                threshold = op.watch.slow_after
                 failures, slows = tuple(op.recent_failures), tuple(op.recent_slow)
             retry_in = None
             circuit = self._circuits.get(name)
@@ -593,16 +586,17 @@ class GuardHouse:
 
 
 class _Monitor(Middleware):
-    """The passive part: one ``after_attempt`` hook."""
+    """The passive part's hook: errors (``after_failure``). Run times and slow runs come
+    through the stats (``StatsRecorder.watch_runs``) and :meth:`GuardHouse.watch_run`."""
 
     def __init__(self, house: GuardHouse) -> None:
-        # The coordinator calls ``getattr(middleware, "after_attempt")``: hand it the house's
-        # bound recorder directly, one Python call less per run.
-        self.after_attempt = house._record_run  # type: ignore[method-assign]
+        # The coordinator calls ``getattr(middleware, "after_failure")``: hand it the house's
+        # bound recorder directly, one Python call less per error.
+        self.after_failure = house._record_failure  # type: ignore[method-assign]
 
-    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+    def after_failure(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
         """Replaced per instance in ``__init__`` (declared here so the hook counts as used)."""
-        self.after_attempt(token, outcome, exc)  # pragma: no cover
+        self.after_failure(token, outcome, exc)  # pragma: no cover
 
 
 class _Breaker(Middleware):
