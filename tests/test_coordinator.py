@@ -370,6 +370,23 @@ def test_stop_with_cancel_pending_empties_a_busy_workers_mailbox() -> None:
     assert_counts_add_up(coordinator)
 
 
+def test_a_retry_that_misses_the_cancel_sweep_is_discarded_when_its_back_off_ends() -> None:
+    """stop(cancel_pending=True) sweeps the tokens waiting out a retry back-off; a retry decided
+    in the same instant can be parked just after the sweep. It must still not run again."""
+    FLAKY_STATE.clear()
+    coordinator = OperationsCoordinator(
+        workers_per_core=1, cores=1, retry_policy=RetryPolicy(max_retries=3, backoff_base=0.3)
+    ).start()
+    token = flaky("late", 1)
+    eventually(lambda: token._parked == "backoff", what="the retry to wait out its back-off")
+    with coordinator._lock:  # as if it was parked just after stop()'s sweep
+        coordinator._backoff.discard(token)
+    coordinator.stop(cancel_pending=True, timeout=30)
+    assert token.discard_reason == "stopped"
+    assert RUNS == ["late"]  # the one failed attempt; the retry never ran
+    assert_counts_add_up(coordinator)
+
+
 def test_leaving_the_context_on_an_exception_discards_pending() -> None:
     with pytest.raises(KeyboardInterrupt), OperationsCoordinator(workers_per_core=1, cores=1) as c:
         started = threading.Event()

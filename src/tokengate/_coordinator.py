@@ -1043,6 +1043,11 @@ class OperationsCoordinator(ObservabilityMixin):
             self._backoff.discard(token)
         if token.done():
             return
+        if self._discarding:
+            # stop() gave up on what has not started while this token waited out its back-off;
+            # a retry decided in the same instant can miss stop()'s sweep of the back-off set.
+            token._discard("stopped")
+            return
         token._parked = None
         self._admit(token, True)
 
