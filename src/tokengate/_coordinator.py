@@ -673,7 +673,10 @@ class OperationsCoordinator(ObservabilityMixin):
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
         if payload is not None:
             token._payload = payload
-        self._stats.record_submitted(spec.operation_type, spec.weight)
+        try:  # StatsRecorder.record_submitted, inline (see StatsRecorder.per_thread)
+            self._stats.per_thread.shard.ops[spec.operation_type].submitted += 1
+        except (AttributeError, KeyError):
+            self._stats.record_submitted(spec.operation_type, spec.weight)
         try:
             if spec.deadline is not None:
                 token._deadline_at = token.submitted_at + spec.deadline
@@ -988,7 +991,10 @@ class OperationsCoordinator(ObservabilityMixin):
         now = _perf()
         token.finished_at = now
         spec = token.spec
-        counters = self._stats.counters(spec.operation_type, spec.weight)
+        try:  # StatsRecorder.counters, inline: once per token
+            counters = self._stats.per_thread.shard.ops[spec.operation_type]
+        except (AttributeError, KeyError):
+            counters = self._stats.counters(spec.operation_type, spec.weight)
         if exc is None:
             counters.resolved += 1
         else:

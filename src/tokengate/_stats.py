@@ -259,13 +259,13 @@ class StatsRecorder:
     __slots__ = (
         "_clock",
         "_events",
-        "_local",
         "_lock",
         "_retired",
         "_shards",
         "_start",
         "_watches",
         "first_check",
+        "per_thread",
         "watching",
     )
 
@@ -273,7 +273,10 @@ class StatsRecorder:
         self._clock = clock
         self._start = clock()
         self._lock = threading.Lock()
-        self._local = _ShardLocal()
+        # ``per_thread.shard.ops[operation_type]`` is the calling thread's counters once it has
+        # recorded that operation: the coordinator's per-token paths read it inline (a method
+        # call costs as much as the lookup) and fall back to :meth:`counters`.
+        self.per_thread = _ShardLocal()
         self._shards: list[tuple[threading.Thread, StatsShard]] = []
         self._retired = StatsShard(self._lock)
         self._events: dict[str, int] = {}
@@ -288,19 +291,19 @@ class StatsRecorder:
     def shard(self) -> StatsShard:
         """The calling thread's shard, created and registered on the thread's first use."""
         try:
-            return self._local.shard
+            return self.per_thread.shard
         except AttributeError:
             shard = StatsShard(self._lock, self)
             with self._lock:
                 self._shards.append((threading.current_thread(), shard))
-            self._local.shard = shard
+            self.per_thread.shard = shard
             return shard
 
     def counters(self, operation_type: str, weight: str) -> OperationCounters:
         """The calling thread's counters of ``operation_type`` (for the coordinator's own
         records that need more than a count: latency, run times)."""
         try:
-            return self._local.shard.ops[operation_type]
+            return self.per_thread.shard.ops[operation_type]
         except (AttributeError, KeyError):
             return self.shard().op(operation_type, weight)
 
@@ -309,7 +312,7 @@ class StatsRecorder:
     def record_submitted(self, operation_type: str, weight: str) -> None:
         """Count a token as submitted. Call it before the token can possibly complete."""
         try:  # _counters, inline: once per submitted token
-            counters = self._local.shard.ops[operation_type]
+            counters = self.per_thread.shard.ops[operation_type]
         except (AttributeError, KeyError):
             counters = self.shard().op(operation_type, weight)
         counters.submitted += 1
