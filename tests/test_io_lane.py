@@ -9,6 +9,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -21,6 +22,7 @@ from tokengate.demos.seed_io import (
     write_blob_moderate,
     write_json_fast,
 )
+from tokengate.lanes._thread import ThreadLane
 
 Make = Callable[..., OperationsCoordinator]
 LOCK = threading.Lock()
@@ -155,6 +157,23 @@ def test_an_added_worker_steals_from_a_backed_up_sibling(make_coordinator: Make)
     assert {t.worker for t in queued} == {lane.pools[1][1].name}
     GATE.set()
     blocker.get(timeout=10)
+
+
+def test_a_thief_takes_the_older_half_of_the_busiest_queue_in_order() -> None:
+    # One steal per token cost more than a short token under the GIL (B1): an idle worker
+    # takes the older half of the busiest sibling's queue, ahead of anything routed to it since.
+    lane = ThreadLane({1: None}, 3, host=cast(Any, None))  # workers built, never started
+    victim, thief, other = lane.pools[1]
+    victim.mailbox.extend(range(10))
+    other.mailbox.extend(range(100, 103))
+    thief.mailbox.append("routed meanwhile")
+    assert lane.steal(thief) == 0  # the oldest token of the busiest sibling, to run now
+    assert list(thief.mailbox) == [1, 2, 3, 4, "routed meanwhile"]
+    assert list(victim.mailbox) == [5, 6, 7, 8, 9]
+    assert list(other.mailbox) == [100, 101, 102]
+    thief.mailbox.clear()  # it ran those: idle again
+    assert lane.steal(thief) == 5  # a queue of 5: the first, and (5 - 1) // 2 more
+    assert (list(thief.mailbox), list(victim.mailbox)) == ([6, 7], [8, 9])
 
 
 def test_retiring_a_busy_worker_hands_back_its_queue_then_it_exits(
