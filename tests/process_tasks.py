@@ -228,3 +228,32 @@ def hangs_once(marker: str) -> int:
         path.write_text("")
         time.sleep(60)
     return os.getpid()
+
+
+@task_token_guard(operation_type="hold_until_open", tags=HEAVY)
+def hold_until_open(marker: str, gate: str) -> str:
+    """Announce the run (``marker``), then hold the worker until the file ``gate`` exists
+    (a gate between processes; the test opens it whenever it likes, before or after)."""
+    Path(marker).touch()
+    give_up = time.monotonic() + 60.0  # a test that forgot to open the gate still ends
+    while not os.path.exists(gate) and time.monotonic() < give_up:
+        time.sleep(0.005)
+    return "released"
+
+
+@task_token_guard(operation_type="fails_with", tags=HEAVY)
+def fails_with(message: str) -> None:
+    raise ValueError(message[:20])
+
+
+@task_token_guard(operation_type="submits_lengths", tags={"weight": "light", "executor": "thread"})
+def submits_lengths(value: bytes, n: int) -> list[Token[int]]:
+    """A thread task that submits ``n`` process calls (a call from a task never waits)."""
+    return [length(value) for _ in range(n)]
+
+
+@task_token_guard(operation_type="crash_once_sized", tags=HEAVY)
+def crash_once_sized(marker: str, value: bytes) -> int:
+    """crash_once with an argument of some size: dies on the first attempt, then its length."""
+    crash_once.__wrapped__(marker)
+    return len(value)

@@ -15,11 +15,13 @@ from typing import Any
 from ._errors import ConfigError
 from ._retry import RetryPolicy, default_retry_policies
 from ._spec import STORAGE_TIERS, WEIGHTS
-from .observability._options import validate_observability
+from .observability._options import parse_byte_size, validate_observability
 
-__all__ = ["DEFAULT_STORAGE_LIMITS", "MAILBOX_MAX", "CoordinatorConfig"]
+__all__ = ["DEFAULT_STORAGE_LIMITS", "MAILBOX_MAX", "PROCESS_QUEUE_BYTES", "CoordinatorConfig"]
 
 MAILBOX_MAX = 425
+PROCESS_QUEUE_BYTES = 64 << 20
+"""The default byte budget of queued process-lane calls (64 MiB): see ``_byte_budget.py``."""
 DEFAULT_STORAGE_LIMITS: Mapping[str, int] = MappingProxyType(
     {"SLOW": 10, "MODERATE": 25, "FAST": 50, "INSANE": 70}
 )
@@ -61,6 +63,13 @@ class CoordinatorConfig:
     tasks running at once on the coordinator's event loop.
     ``process_lane`` runs CPU-heavy tasks in worker processes, one per core (``None``: wherever
     the platform supports it; ``False``: never, every task runs on threads).
+    ``process_queue_bytes`` bounds the bytes of pickled arguments held by process-lane calls
+    waiting for a worker process (bytes, ``"64MB"``, ``"5%"``; ``None``: no byte bound): a call
+    that does not fit waits like a full mailbox (or is refused with ``admission='reject'``), and
+    one larger than the whole budget is let in alone. The default, 64 MiB, is a fixed size on
+    purpose: it keeps dozens of megabyte-sized calls queued per worker (a worker needs one to
+    stay busy) while a flood of large arguments costs the caller at most that much beyond its
+    own data, the same on a laptop as on a 1 TB server (a share of RAM would not be).
     """
 
     workers_per_core: int = 4
@@ -90,6 +99,7 @@ class CoordinatorConfig:
     convergence: bool = True
     convergence_interval: float = 0.1
     process_lane: bool | None = None  # issue 3: see lanes/_process.py
+    process_queue_bytes: int | str | None = PROCESS_QUEUE_BYTES  # see _byte_budget.py
 
     def __post_init__(self) -> None:
         _positive_int("workers_per_core", self.workers_per_core, upper=_MAX_WORKERS_PER_CORE)
@@ -147,6 +157,11 @@ class CoordinatorConfig:
             raise ConfigError(
                 f"process_lane must be True, False or None (automatic), got {self.process_lane!r}"
             )
+        object.__setattr__(
+            self,
+            "process_queue_bytes",
+            parse_byte_size("process_queue_bytes", self.process_queue_bytes, "no byte bound"),
+        )
 
     def _check_io_lane(self) -> None:
         """io-lane knobs (kept apart so other lanes' knobs merge cleanly)."""

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from . import _runtime
 from ._admission import AdmissionGate
 from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
+from ._byte_budget import ByteBudget
 from ._config import CoordinatorConfig
 from ._convergence import ConvergenceEngine, ConvergencePolicy
 from ._dependencies import DependencyTracker, find_dependencies
@@ -75,7 +76,7 @@ from .lanes._process import (
     runs_in_process,
 )
 from .lanes._thread import ThreadLane
-from .lanes._wire import prepare_call
+from .lanes._wire import ProcessCall, prepare_call
 from .observability._facade import ObservabilityMixin
 
 if TYPE_CHECKING:
@@ -146,6 +147,10 @@ class OperationsCoordinator(ObservabilityMixin):
         self.throttle = StorageThrottle(config.storage_limits)
         self._stats = StatsRecorder()
         self._gate = AdmissionGate()
+        # The bytes of pickled arguments that queued process-lane calls hold (_byte_budget.py).
+        byte_limit = config.process_queue_bytes
+        assert not isinstance(byte_limit, str)  # CoordinatorConfig parsed it
+        self._queued_bytes = ByteBudget(byte_limit, self._gate)
         self._deps = DependencyTracker(self._admit_internal, self._fail_unrun)
         self._mailbox_max = config.mailbox_max
         self._low_water = max(1, config.mailbox_max // 2)
@@ -296,7 +301,11 @@ class OperationsCoordinator(ObservabilityMixin):
         lanes.update(self._build_io_lanes())  # io-lane
         if self._process_on:  # issue 3: one worker process per core, started here, kept warm
             lanes["process"] = ProcessLane(
-                cores, host=self, policies=self._policies, allowed=self.affinity.allowed
+                cores,
+                host=self,
+                policies=self._policies,
+                allowed=self.affinity.allowed,
+                budget=self._queued_bytes,
             )
         return lanes
 
@@ -605,14 +614,49 @@ class OperationsCoordinator(ObservabilityMixin):
         spec = task.spec
         has_deps = bool((args or kwargs) and find_dependencies(args, kwargs))
         mailboxes = not self._reject
-        if self._room_for(spec, has_deps, mailboxes) is None:
-            await self._gate.wait_for_async(lambda: self._room_for(spec, has_deps, mailboxes))
-        if self._reject or not self._accepting:
-            return self._submit(task, args, kwargs, False)  # raises Overloaded / NotRunning
-        # There is room now and nothing ran on this thread since the check: admitting as an
-        # "internal" call skips the blocking waits (a racing thread can overflow the soft bound
-        # by a token, exactly as calls from inside tasks may).
-        return self._submit(task, args, kwargs, True)
+        # A process-lane call is pickled first (an unpicklable argument raises here), so that
+        # the wait below can include room for its bytes; it is charged when it finds room.
+        call = self._process_call(task, args, kwargs, has_deps)
+        budget = self._queued_bytes
+
+        def room() -> bool | None:
+            if self._room_for(spec, has_deps, mailboxes) is None:
+                return None
+            if call is None or self._reject or self._discarding or not self._accepting:
+                return True  # _submit charges (or refuses) it
+            return True if budget.try_charge(call) else None
+
+        if room() is None:
+            await self._gate.wait_for_async(room)
+        try:
+            if self._reject or not self._accepting:
+                return self._submit(task, args, kwargs, False, call)  # Overloaded/NotRunning
+            # There is room now and nothing ran on this thread since the check: admitting as an
+            # "internal" call skips the blocking waits (a racing thread can overflow the soft
+            # bound by a token, exactly as calls from inside tasks may).
+            return self._submit(task, args, kwargs, True, call)
+        except BaseException:
+            if call is not None:  # charged, but never queued (its token's discard may have)
+                budget.release(call)
+            raise
+
+    def _process_call(
+        self,
+        task: TaskFunction[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        has_deps: bool,
+    ) -> ProcessCall | None:
+        """The pickled call if ``task`` runs in the process lane, else None."""
+        if self._backend is not None:
+            return None
+        spec = task.spec
+        route = self._routes.get(id(spec))
+        if route is None or route[0] is not spec:
+            route = self._route_of(spec)
+        if route[1] != "process":
+            return None
+        return prepare_call(task, args, kwargs, has_dependencies=has_deps)
 
     def _room_for(self, spec: TaskSpec, has_deps: bool, mailboxes: bool) -> bool | None:
         """True if a call of ``spec`` would be admitted now without waiting, else None."""
@@ -637,7 +681,10 @@ class OperationsCoordinator(ObservabilityMixin):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         internal: bool,
+        payload: ProcessCall | None = None,
     ) -> Token[Any]:
+        """Make, count and queue one call's token (``payload``: its process call, pickled and
+        perhaps charged already by ``_submit_async``)."""
         # Overflow Guard (issue 5): while admission is paused for memory, external producers
         # wait here (or are refused with admission='reject'); calls from tasks never wait.
         if self._gate._paused and not internal and self._accepting:
@@ -653,16 +700,15 @@ class OperationsCoordinator(ObservabilityMixin):
                 hook(spec)
         backend = self._backend
         route = None
-        payload = None
         if backend is None:  # issue 7: a backend has no local lanes
             route = self._routes.get(id(spec))
             if route is None or route[0] is not spec:
                 route = self._route_of(spec)
-            if route[1] == "process":
+            if route[1] == "process" and payload is None:
                 # Process lane (issue 3): the call is pickled here, on the caller's thread,
                 # before the token exists, so an unpicklable argument raises SerializationError
                 # from the call and nothing is counted. Arguments holding tokens are pickled
-                # once resolved.
+                # once resolved. Its bytes are charged to the byte budget below.
                 deps = find_dependencies(args, kwargs) if args or kwargs else None
                 payload = prepare_call(task, args, kwargs, has_dependencies=bool(deps))
         # A call without keyword arguments shares one empty dict: the call's own (always made
@@ -683,6 +729,8 @@ class OperationsCoordinator(ObservabilityMixin):
             if backend is not None:  # issue 7: the backend takes it from here
                 backend.submit(token, task, internal)
                 return token
+            if payload is not None and not self._hold_bytes(token, payload, internal):
+                return token  # discarded: stop() gave up on pending work while it waited
             # Only a container or a Token can hold a dependency: most calls skip the search.
             maybe_deps = bool(kwargs)
             if not maybe_deps:
@@ -705,6 +753,25 @@ class OperationsCoordinator(ObservabilityMixin):
             token._discard("interrupted")
             raise
         return token
+
+    def _hold_bytes(self, token: Token[Any], call: ProcessCall, internal: bool) -> bool:
+        """Charge a process call's pickled bytes to the byte budget before it is queued: an
+        external producer waits for room (or is refused with admission='reject'); a call
+        from a task never waits. False if the token was discarded instead."""
+        budget = self._queued_bytes
+        if budget.try_charge(call):
+            return True
+        if internal:
+            budget.force(call)
+            return True
+        if self._reject:
+            token._discard("overloaded")
+            raise Overloaded(budget.refusal(token.operation_type, call.size()))
+        self._gate.wait_for(lambda: True if self._discarding or budget.try_charge(call) else None)
+        if self._discarding:
+            token._discard("stopped")
+            return False
+        return True
 
     def _park_dependent(self, token: Token[Any], deps: list[Token[Any]], internal: bool) -> None:
         """Hold ``token`` until ``deps`` end (an external producer waits while the backlog of
@@ -1021,6 +1088,9 @@ class OperationsCoordinator(ObservabilityMixin):
             return False
         if not token._reopen(run_id):
             return False
+        call = token._payload
+        if call is not None:  # a process call waits in a queue again, holding its bytes
+            self._queued_bytes.force(call)
         self._stats.record_retried(spec.operation_type, spec.weight)
         delay = policy.backoff(used + 1)
         if retry_log.isEnabledFor(_INFO):
@@ -1081,6 +1151,10 @@ class OperationsCoordinator(ObservabilityMixin):
         self._stats.record_discarded(spec.operation_type, spec.weight)
 
     def _after_discard(self, token: Token[Any]) -> None:
+        call = token._payload
+        if call is not None:  # a process call that will never be sent: let its bytes go
+            token._payload = None
+            self._queued_bytes.release(call)
         if self._backend is not None:  # issue 7: stop the cluster from running it
             self._backend.discarded(token)
         for hook in self._hooks["after_discard"]:
@@ -1184,7 +1258,7 @@ class OperationsCoordinator(ObservabilityMixin):
     # -- observation ------------------------------------------------------------------------------
     def stats(self, label: str = "STATS") -> StatsSnapshot:
         """A frozen snapshot of the counts and latencies; ``str()`` of it is the seed's block."""
-        return self._stats.snapshot(label)
+        return self._stats.snapshot(label, queued_bytes=self._queued_bytes.reading())
 
     def tier_stats(self) -> Mapping[str, TierStats]:
         """Per storage tier: limit, running, waiting and the high-water mark of running."""

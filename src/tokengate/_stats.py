@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengate._histogram import LatencyHistogram
+from tokengate.observability._options import format_bytes
 
 __all__ = [
     "OperationCounters",
@@ -174,6 +175,9 @@ class StatsSnapshot:
 
     ``latency`` is the merged histogram behind the percentiles, kept for exporters (Prometheus
     buckets); it is a private copy, left out of ``==`` and ``repr``. Treat it as read-only.
+    ``process_queue_bytes`` is what queued process-lane calls hold now of pickled arguments
+    (bounded by ``CoordinatorConfig.process_queue_bytes``), and
+    ``process_queue_bytes_high_water`` the most they ever held at once.
     """
 
     label: str
@@ -192,6 +196,8 @@ class StatsSnapshot:
     operations: Mapping[str, OperationStats] = field(default_factory=_empty_mapping)
     events: Mapping[str, int] = field(default_factory=_empty_mapping)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram, compare=False, repr=False)
+    process_queue_bytes: int = 0
+    process_queue_bytes_high_water: int = 0
 
     def with_label(self, label: str) -> StatsSnapshot:
         """The same numbers under another label (``[FINAL]``, a phase name, ...)."""
@@ -215,6 +221,11 @@ class StatsSnapshot:
             f"     Latency   : p50={self.latency_p50:.3f}s  p95={self.latency_p95:.3f}s"
             f"  max={self.latency_max:.3f}s"
         )
+        if self.process_queue_bytes_high_water:  # only once the process lane queued bytes
+            lines.append(
+                f"     Queued    : {format_bytes(self.process_queue_bytes)} of process-lane "
+                f"arguments  (peak {format_bytes(self.process_queue_bytes_high_water)})"
+            )
         return "\n".join(lines)
 
     def render_dispatched(self, width: int = 36) -> str:
@@ -405,8 +416,11 @@ class StatsRecorder:
                 r.runs.merge(c.runs)
         self._shards = alive
 
-    def snapshot(self, label: str = "STATS") -> StatsSnapshot:
-        """Add up every shard into a frozen :class:`StatsSnapshot`.
+    def snapshot(
+        self, label: str = "STATS", *, queued_bytes: tuple[int, int] = (0, 0)
+    ) -> StatsSnapshot:
+        """Add up every shard into a frozen :class:`StatsSnapshot` (``queued_bytes``: the
+        process lane's queued bytes now and at most, read by the caller).
 
         ``in_flight >= 0`` without stopping the writers: a token's ``submitted`` increment
         happens before its terminal one (resolved/failed/discarded), so reading the terminal
@@ -487,4 +501,6 @@ class StatsRecorder:
             latency_max=lmax,
             latency_mean=lmean,
             latency=overall,
+            process_queue_bytes=queued_bytes[0],
+            process_queue_bytes_high_water=queued_bytes[1],
         )

@@ -14,8 +14,10 @@ core-worker mapping and routing logs are the same for both lanes. ::
   parent, never the ``fork`` start method) and waits for its ready message before taking
   tokens. The worker never imports the user's ``__main__`` (see ``_process_child.py``).
 * **One call at a time.** The proxy claims a token, sends its call (pickled at submit time,
-  ``_wire.ProcessCall``) and blocks in ``poll`` on the result pipe *and* the process's pidfd
-  together, with the task's ``timeout`` as the limit: no polling loop, no GIL held while waiting.
+  ``_wire.ProcessCall``; once sent, the call no longer counts against the coordinator's
+  ``ByteBudget`` of queued bytes) and blocks in ``poll`` on the result pipe *and* the process's
+  pidfd together, with the task's ``timeout`` as the limit: no polling loop, no GIL held while
+  waiting.
 * **Crash.** If the process exits mid-task (segfault, ``os._exit``, SIGKILL, the OOM killer),
   the proxy reaps it, starts a replacement at once and completes the token with
   :class:`WorkerCrashed` naming token, operation, worker, core, pid, exit code or signal and the
@@ -55,6 +57,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .._byte_budget import ByteBudget
 from .._errors import ConfigError, SerializationError, TaskTimeout, WorkerCrashed
 from . import _wire
 from ._base import LaneHost, MailboxWorker
@@ -593,8 +596,11 @@ class ProcessWorker(MailboxWorker):
             value, exc = None, error
         self.current = None
         host.complete(token, run_id, value, exc)
-        if token.done():
-            token._payload = None  # no more runs: let the pickled call go
+        if token.done():  # no more runs: let the pickled call go (and its charge, if unsent)
+            call = token._payload
+            if call is not None:
+                token._payload = None
+                self.lane.budget.release(call)
 
     def _call(self, token: Any) -> tuple[Any, BaseException | None]:
         call: _wire.ProcessCall | None = token._payload
@@ -630,6 +636,7 @@ class ProcessWorker(MailboxWorker):
                         setup=False,
                     )
                 continue
+            self.lane.budget.release(call)  # handed to the worker: no longer queued
             if self.failed_starts:
                 self.failed_starts = 0  # it took a task: the slot is healthy again
             if waited:  # its run (and its timeout) starts now, not before the restart
@@ -748,9 +755,12 @@ class ProcessLane:
         host: LaneHost,
         policies: Mapping[str, RetryPolicy],
         allowed: Callable[[str], Iterable[int]] | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.host = host
         self.policies = policies
+        # The bytes of queued calls: released here once a call is sent (see _byte_budget.py).
+        self.budget = budget if budget is not None else ByteBudget(None, host.gate)
         # Cores each weight may run on, for stealing (None: any worker may take any token).
         self.allowed: dict[str, frozenset[int]] | None = (
             None if allowed is None else {w: frozenset(allowed(w)) for w in policies}

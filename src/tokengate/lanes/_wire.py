@@ -241,14 +241,22 @@ def function_payload(task: TaskFunction[..., Any]) -> bytes:
 
 class ProcessCall:
     """A process token's call, pickled: the function and (once dependencies are resolved) the
-    arguments. Pickled once at submit time; retries send the same bytes."""
+    arguments. Pickled once at submit time; retries send the same bytes. ``held`` is what the
+    call holds of the coordinator's byte budget while it is queued (``_byte_budget.py``)."""
 
-    __slots__ = ("args", "fn", "task")
+    __slots__ = ("args", "fn", "held", "task")
 
     def __init__(self, task: TaskFunction[..., Any] | None, fn: bytes, args: bytes | None) -> None:
         self.task = task
         self.fn = fn
         self.args = args
+        self.held = 0
+
+    def size(self) -> int:
+        """The bytes this call holds of its own: its pickled arguments (the function's bytes
+        are made once per task and shared by every call)."""
+        args = self.args
+        return 0 if args is None else len(args)
 
     def message(self) -> list[bytes]:
         """The buffers of the task message (function length, function, arguments)."""

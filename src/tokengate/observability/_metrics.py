@@ -59,6 +59,12 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "Most tasks of a storage tier ever running at once."),
     ("tokengate_convergence_swaps", "counter", (), "Worker-count hot swaps by convergence."),
     ("tokengate_process_restarts", "counter", (), "Worker processes restarted after a loss."),
+    ("tokengate_process_queue_bytes", "gauge", (),
+     "Bytes of pickled arguments held by process-lane calls waiting for a worker process."),
+    ("tokengate_process_queue_high_water_bytes", "gauge", (),
+     "Most bytes of pickled arguments queued process-lane calls ever held at once."),
+    ("tokengate_process_queue_limit_bytes", "gauge", (),
+     "The byte budget of queued process-lane calls (process_queue_bytes; absent if None)."),
     ("tokengate_events", "counter", ("event",), "Every rare event the coordinator counted."),
     ("tokengate_admission_paused", "gauge", ("reason",),
      "1 while admission is paused for that reason (overflow_guard: memory)."),
@@ -173,6 +179,13 @@ class TokenGateCollector:
         for event, n in sorted(events.items()):
             f["tokengate_events"].add_metric([event], n)
         f["tokengate_uptime_seconds"].add_metric([], snap.elapsed if coordinator.running else 0)
+        f["tokengate_process_queue_bytes"].add_metric([], snap.process_queue_bytes)
+        f["tokengate_process_queue_high_water_bytes"].add_metric(
+            [], snap.process_queue_bytes_high_water
+        )
+        limit = coordinator.config.process_queue_bytes
+        if isinstance(limit, int):
+            f["tokengate_process_queue_limit_bytes"].add_metric([], limit)
         f["tokengate_coordinator_running"].add_metric([], 1 if coordinator.running else 0)
 
     @staticmethod

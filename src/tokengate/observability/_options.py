@@ -18,6 +18,7 @@ __all__ = [
     "default_memory_budget",
     "format_bytes",
     "machine_memory",
+    "parse_byte_size",
     "parse_memory_budget",
     "validate_observability",
 ]
@@ -56,11 +57,19 @@ def default_memory_budget() -> int:
 
 def parse_memory_budget(value: object) -> int | None:
     """``None``, a number of bytes, ``"512MB"``/``"2 GiB"`` (powers of 1024) or ``"25%"``."""
+    return parse_byte_size("memory_budget", value)
+
+
+def parse_byte_size(name: str, value: object, none_means: str = "") -> int | None:
+    """A byte-size knob ``name``: ``None``, a number of bytes >= 1, a size such as ``"512MB"``
+    or ``"2 GiB"`` (powers of 1024), or a share of the machine's memory such as ``"25%"``.
+    ``none_means`` (e.g. ``"no byte bound"``) is added to the error message when given."""
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
-            raise ConfigError(f"memory_budget must be >= 1 byte, got {value!r}")
+            also = f" (or None: {none_means})" if none_means else ""
+            raise ConfigError(f"{name} must be >= 1 byte{also}, got {value!r}")
         return value
     if isinstance(value, str):
         match = _SIZE.match(value)
@@ -72,8 +81,10 @@ def parse_memory_budget(value: object) -> int | None:
         if match and 0 < float(match.group(1)) <= 100:
             return max(1, int(machine_memory() * float(match.group(1)) / 100))
     raise ConfigError(
-        f"memory_budget must be a number of bytes, a size such as '512MB' or '2GiB', or a share "
-        f"of the machine's memory such as '25%'; got {value!r}"
+        f"{name} must be a number of bytes, a size such as '512MB' or '2GiB', or a share "
+        f"of the machine's memory such as '25%'"
+        + (f", or None ({none_means})" if none_means else "")
+        + f"; got {value!r}"
     )
 
 
