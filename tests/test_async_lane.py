@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import subprocess
+import sys
+import textwrap
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, assert_type
 
 import pytest
 
 from conftest import GATE, HEAVY_ON_THREADS, assert_counts_add_up, eventually
 from tokengate import (
+    ConfigError,
     CoordinatorNotRunning,
     DependencyFailed,
     OperationsCoordinator,
@@ -389,3 +395,159 @@ def test_the_event_loop_thread_ends_with_the_coordinator() -> None:
         lambda: "tokengate-event-loop" not in {t.name for t in threading.enumerate()},
         what="the event loop thread to end",
     )
+
+
+# -- tasks that do not await ----------------------------------------------------------------------
+#: Lets a task that holds the event loop go; every test that starts one sets it in a finally, so
+#: no thread is left spinning.
+LET_GO = threading.Event()
+WATCHDOG = "tokengate-loop-watchdog"
+
+
+@pytest.fixture
+def let_go() -> Iterator[threading.Event]:
+    LET_GO.clear()
+    try:
+        yield LET_GO
+    finally:
+        LET_GO.set()
+
+
+@task_token_guard(operation_type="blocks_past_timeout", tags={"weight": "light", "timeout": 0.05})
+async def blocks_past_timeout(fail: bool) -> str:
+    time.sleep(0.3)  # blocking code: the loop cannot fire the timeout until this awaits
+    await asyncio.sleep(0)
+    if fail:
+        raise ValueError("late error")
+    return "late"
+
+
+@task_token_guard(operation_type="spins", tags={"weight": "light", "timeout": 0.05})
+async def spins(started: threading.Event) -> str:
+    started.set()
+    while not LET_GO.is_set():  # never awaits: holds the event loop
+        pass
+    return "late"
+
+
+@task_token_guard(operation_type="spins_untimed", tags={"weight": "light"})
+async def spins_untimed(started: threading.Event) -> str:
+    started.set()
+    while not LET_GO.is_set():
+        pass
+    return "late"
+
+
+def _thread_names() -> set[str]:
+    return {t.name for t in threading.enumerate()}
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["returns", "raises"])
+def test_an_async_task_that_blocks_past_its_timeout_fails_with_task_timeout(
+    make_coordinator: Make, caplog: pytest.LogCaptureFixture, fail: bool
+) -> None:
+    coordinator = make_coordinator(
+        workers_per_core=1, retry_policy=RetryPolicy(retry_on=(ConnectionError,))
+    )
+    with caplog.at_level(logging.WARNING, logger="tokengate"):
+        token = blocks_past_timeout(fail)
+        with pytest.raises(TaskTimeout, match=r"timeout of 0\.05s: it held the event loop") as info:
+            token.get(timeout=10)
+    if fail:
+        assert isinstance(info.value.__cause__, ValueError)
+    # the late outcome is dropped, and the log says so
+    assert f"'blocks_past_timeout' (token {token.id}) ended after its timeout" in caplog.text
+    assert ("error (ValueError) is dropped" if fail else "result is dropped") in caplog.text
+    assert token.attempts == 1
+    assert coordinator.stats().failed == 1
+
+
+def test_the_watchdog_names_a_task_holding_the_loop_and_fails_it_at_its_timeout(
+    make_coordinator: Make, caplog: pytest.LogCaptureFixture, let_go: threading.Event
+) -> None:
+    coordinator = make_coordinator(
+        workers_per_core=1,
+        async_stall_after=0.05,
+        retry_policy=RetryPolicy(retry_on=(ConnectionError,)),
+    )
+    started = threading.Event()
+    with caplog.at_level(logging.WARNING, logger="tokengate"):
+        token = spins(started)
+        assert started.wait(10)
+        behind = double_async(2)  # cannot run while the loop is held
+        with pytest.raises(TaskTimeout, match="still holds the event loop without awaiting"):
+            token.get(timeout=10)  # failed while its body still runs
+        assert f"'spins' (token {token.id}) has held the event loop" in caplog.text
+        assert not behind.done()
+        let_go.set()
+        assert behind.get(timeout=10) == 4  # the loop runs again once the task lets it go
+    assert f"late result of spins (token {token.id}) dropped" in caplog.text
+    assert token.attempts == 1  # the body was still running: never retried
+    assert coordinator.stats().failed == 1
+
+
+def test_stop_gives_up_on_an_event_loop_held_by_a_task_that_never_awaits(
+    let_go: threading.Event,
+) -> None:
+    coordinator = OperationsCoordinator(
+        process_lane=False, workers_per_core=1, async_stall_after=0.05
+    ).start()
+    started = threading.Event()
+    token = spins_untimed(started)
+    assert started.wait(10)
+    queued = [double_async(i) for i in range(3)]
+    coordinator.stop(timeout=0.1)
+    assert not coordinator.running
+    with pytest.raises(TokenGateError, match="still running when the coordinator stopped"):
+        token.get(timeout=0)  # ended by stop(), though its body still runs
+    assert "event loop held by 'spins_untimed'" in str(token.exception(timeout=0))
+    assert [t.discard_reason for t in queued] == ["stopped"] * 3
+    assert_counts_add_up(coordinator)
+    let_go.set()
+    eventually(
+        lambda: not {"tokengate-event-loop", WATCHDOG} & _thread_names(),
+        what="the event loop and its watchdog to end once let go",
+    )
+
+
+def test_a_program_whose_event_loop_is_held_still_exits_after_stop() -> None:
+    script = textwrap.dedent(
+        """
+        import threading
+        from tokengate import OperationsCoordinator, task_token_guard
+
+        @task_token_guard(operation_type="spin", tags={"weight": "light"})
+        async def spin(started):
+            started.set()
+            while True:  # never awaits, never ends
+                pass
+
+        coordinator = OperationsCoordinator(
+            process_lane=False, workers_per_core=1, async_stall_after=0.05
+        ).start()
+        started = threading.Event()
+        token = spin(started)
+        assert started.wait(30)
+        coordinator.stop(timeout=0.1)
+        print(type(token.exception(timeout=0)).__name__, coordinator.stats().in_flight)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["TokenGateError", "0"]
+
+
+def test_the_watchdog_ends_with_the_coordinator() -> None:
+    with OperationsCoordinator(process_lane=False, workers_per_core=1):
+        assert double_async(1).get(timeout=10) == 2
+        assert WATCHDOG in _thread_names()
+    eventually(lambda: WATCHDOG not in _thread_names(), what="the watchdog to end")
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "1", float("nan"), float("inf"), 1e300])
+def test_async_stall_after_is_validated(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"async_stall_after must be a positive number") as info:
+        OperationsCoordinator(async_stall_after=bad)
+    assert repr(bad) in str(info.value)

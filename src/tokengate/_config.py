@@ -7,6 +7,7 @@ value fails when the coordinator is made, not when the first token meets it.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -60,7 +61,9 @@ class CoordinatorConfig:
     ``convergence`` turns the engine on, sampling every ``convergence_interval`` seconds and
     growing a backed-up core up to ``max_workers_per_core`` workers (a storage tier up to its
     limit) while the queued work waits on I/O. ``async_concurrency`` caps the ``async def``
-    tasks running at once on the coordinator's event loop.
+    tasks running at once on the coordinator's event loop; ``async_stall_after`` is how long
+    that loop may go without running before its watchdog logs the task holding it (one that
+    does not await) and enforces that task's ``timeout``.
     ``process_lane`` runs CPU-heavy tasks in worker processes, one per core (``None``: wherever
     the platform supports it; ``False``: never, every task runs on threads).
     ``process_queue_bytes`` bounds the bytes of pickled arguments held by process-lane calls
@@ -96,6 +99,7 @@ class CoordinatorConfig:
     io_workers: int = 4
     max_workers_per_core: int = 32
     async_concurrency: int = 512
+    async_stall_after: float = 1.0
     convergence: bool = True
     convergence_interval: float = 0.1
     process_lane: bool | None = None  # issue 3: see lanes/_process.py
@@ -170,6 +174,17 @@ class CoordinatorConfig:
             "max_workers_per_core", self.max_workers_per_core, upper=_MAX_WORKERS_PER_CORE
         )
         _positive_int("async_concurrency", self.async_concurrency)
+        stall = self.async_stall_after
+        if (
+            isinstance(stall, bool)
+            or not isinstance(stall, int | float)
+            or not math.isfinite(stall)
+            or not 0 < stall <= threading.TIMEOUT_MAX
+        ):
+            raise ConfigError(
+                f"async_stall_after must be a positive number of seconds (e.g. 1.0), up to "
+                f"{threading.TIMEOUT_MAX:g}, got {stall!r}"
+            )
         if not isinstance(self.convergence, bool):
             raise ConfigError(f"convergence must be True or False, got {self.convergence!r}")
         interval = self.convergence_interval

@@ -349,7 +349,9 @@ class OperationsCoordinator(ObservabilityMixin):
         cfg = self.config
         return {
             "io": IOLane(STORAGE_TIERS, cfg.io_workers, host=self, limit=self.throttle.limit),
-            "async": AsyncLane(self, concurrency=cfg.async_concurrency),
+            "async": AsyncLane(
+                self, concurrency=cfg.async_concurrency, stall_after=cfg.async_stall_after
+            ),
         }
 
     def _io_lane_for(self, spec: TaskSpec) -> str | None:
