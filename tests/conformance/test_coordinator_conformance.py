@@ -453,8 +453,12 @@ def test_submit_async_awaits_room_instead_of_blocking(harness: Harness) -> None:
 
 
 # -- observability from the client's side ---------------------------------------------------------
-def _observed_load(harness: Harness, coordinator: Any) -> None:
-    """10 resolved squares, 3 ValueErrors, one token retried once then resolved."""
+def _observed_load(harness: Harness, coordinator: Any, *, then_stop: bool = False) -> None:
+    """10 resolved squares, 3 ValueErrors, one token retried once then resolved.
+
+    Middleware hooks (the trace, the Guard House's failure record) run on the worker after the
+    token's waiters are woken, so a test reading what they recorded passes ``then_stop``:
+    stop() joins the workers, after which every attempt's hooks have run."""
     journal = harness.journal()
     ok = [square(i) for i in range(10)]
     bad = [raises_value_error(str(i)) for i in range(3)]
@@ -463,11 +467,13 @@ def _observed_load(harness: Harness, coordinator: Any) -> None:
     for token in bad:
         assert isinstance(token.exception(timeout=30), ValueError)
     assert retried.get(timeout=30) == "o"
+    if then_stop:
+        coordinator.stop()
 
 
 def test_the_guard_house_sees_every_run(harness: Harness) -> None:
     coordinator = harness.coordinator(guard_house=True, **NO_BACKOFF)
-    _observed_load(harness, coordinator)
+    _observed_load(harness, coordinator, then_stop=True)
     report = coordinator.guard_house.report()
     square_health = report.operations["square"]
     assert (square_health.runs, square_health.errors, square_health.failed) == (10, 0, 0)
@@ -512,7 +518,7 @@ def test_prometheus_metrics_read_the_same_counts(harness: Harness) -> None:
 
 def test_the_trace_has_a_span_per_attempt(harness: Harness, tmp_path: Any) -> None:
     coordinator = harness.coordinator(trace=True, **NO_BACKOFF)
-    _observed_load(harness, coordinator)
+    _observed_load(harness, coordinator, then_stop=True)
     spans = coordinator.trace_spans()
     outcomes: dict[str, list[str]] = {}
     for span in spans:
