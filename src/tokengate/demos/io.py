@@ -70,7 +70,7 @@ class IoProof:
                     write_json_fast(
                         os.path.join(base, "jsons", f"json_fast_{i:04d}.json"),
                         # A token as an argument: the write waits for it, holding no worker.
-                        generate_medium_json(r * 10 + i),  # type: ignore[arg-type]
+                        generate_medium_json(r * 10 + i),
                     )
                     for i in range(10)
                 ],
