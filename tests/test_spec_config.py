@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -81,6 +82,53 @@ def test_bad_operation_type(operation_type: object) -> None:
 def test_tags_must_be_a_mapping() -> None:
     with pytest.raises(ConfigError, match="tags must be a dict"):
         task_token_guard("op", tags=["weight", "heavy"])(lambda: None)  # type: ignore[arg-type]
+
+
+def test_tags_as_keywords_give_the_same_spec_as_the_dict() -> None:
+    def body() -> None:
+        pass
+
+    by_keywords = task_token_guard(
+        "op", weight="heavy", storage_speed="FAST", retries=2, retry_on=(OSError,), timeout=2
+    )(body)
+    by_dict = task_token_guard(
+        "op",
+        {"weight": "heavy", "storage_speed": "FAST", "retries": 2, "retry_on": (OSError,)},
+    )(body)
+    assert by_dict.spec.timeout is None
+    assert by_keywords.spec == TaskSpec.from_tags(
+        "op",
+        {
+            "weight": "heavy",
+            "storage_speed": "FAST",
+            "retries": 2,
+            "retry_on": (OSError,),
+            "timeout": 2,
+        },
+    )
+    both = task_token_guard("op", {"weight": "heavy"}, weight="heavy", retries=1)(body)
+    assert (both.spec.weight, both.spec.retries) == ("heavy", 1)  # same value twice: no conflict
+
+
+def test_a_tag_given_twice_with_different_values_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        task_token_guard("op", {"weight": "light"}, weight="heavy")
+    message = str(info.value)
+    for fragment in ("'weight'", "'op'", "tags={'weight': 'light'}", "weight='heavy'", "once"):
+        assert fragment in message, message
+
+
+def test_keyword_tags_are_validated_like_the_dict() -> None:
+    with pytest.raises(ConfigError, match=r"unknown tag 'wieght' \(did you mean 'weight'\?\)"):
+        task_token_guard("op", wieght="heavy")(lambda: None)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match=r"'haevy'.*did you mean 'heavy'"):
+        task_token_guard("op", weight="haevy")(lambda: None)  # type: ignore[arg-type]
+
+
+def test_typed_tags_name_every_tag() -> None:
+    tags = {field.name for field in dataclasses.fields(TaskSpec)} - {"operation_type", "is_async"}
+    assert set(tokengate.Tags.__annotations__) == tags
+    assert tokengate.Tags.__optional_keys__ == frozenset(tags)  # total=False: each is optional
 
 
 def test_bare_decorator_and_double_decoration_are_refused() -> None:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     )
     from ._executor import TokenGateExecutor
     from ._retry import DEFAULT_RETRY_ON, RetryPolicy
-    from ._spec import TaskSpec
+    from ._spec import Tags, TaskSpec
     from ._stats import OperationStats, StatsSnapshot
     from ._throttle import TierStats
     from ._token import Token
@@ -69,6 +69,7 @@ __all__ = [
     "SlowRun",
     "Span",
     "StatsSnapshot",
+    "Tags",
     "TaskFunction",
     "TaskSpec",
     "TaskTimeout",
@@ -108,6 +109,7 @@ _HOMES: dict[str, str] = {
     "DEFAULT_RETRY_ON": "._retry",
     "RetryPolicy": "._retry",
     "TaskSpec": "._spec",
+    "Tags": "._spec",
     "OperationStats": "._stats",
     "StatsSnapshot": "._stats",
     "TierStats": "._throttle",

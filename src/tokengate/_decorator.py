@@ -18,11 +18,11 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast, overload
 
 from . import _runtime
 from ._errors import ConfigError, CoordinatorNotRunning
-from ._spec import TaskSpec
+from ._spec import Tags, TaskSpec, merge_tags
 from ._token import Token, check_timeout
 
 __all__ = ["TaskFunction", "adhoc_task", "task_token_guard"]
@@ -172,15 +172,21 @@ class _Decorator(Protocol):
     def __call__(self, fn: Callable[P, R], /) -> TaskFunction[P, R]: ...
 
 
-def task_token_guard(operation_type: str, tags: Mapping[str, Any] | None = None) -> _Decorator:
+def task_token_guard(
+    operation_type: str,
+    tags: Tags | Mapping[str, Any] | None = None,
+    **tag_keywords: Unpack[Tags],
+) -> _Decorator:
     """Decorate a function so that calling it returns a Token (the seed's decorator).
 
     ``tags``: ``weight`` (light / medium / heavy), ``storage_speed`` (SLOW / MODERATE / FAST /
     INSANE), ``executor`` (auto / thread / process), ``retries``, ``retry_on``,
-    ``dont_retry_on``, ``deadline`` and ``timeout`` (seconds). Bad tags raise ``ConfigError``
-    here, at decoration time.
+    ``dont_retry_on``, ``deadline`` and ``timeout`` (seconds). The same tags may be given as
+    keywords (``@task_token_guard("op", weight="heavy", retries=2)``), which an editor completes
+    and a type checker checks (see :class:`Tags`); a tag given both ways with two different
+    values is an error. Bad tags raise ``ConfigError`` here, at decoration time.
     """
-    if callable(operation_type) and tags is None:
+    if callable(operation_type) and tags is None and not tag_keywords:
         raise ConfigError(
             "task_token_guard needs arguments: use @task_token_guard(operation_type='name', "
             "tags={'weight': 'light'}), not bare @task_token_guard"
@@ -197,9 +203,10 @@ def task_token_guard(operation_type: str, tags: Mapping[str, Any] | None = None)
                 f"task_token_guard decorates functions, got {type(fn).__name__} {fn!r}"
             )
         is_async = inspect.iscoroutinefunction(fn)
-        spec = TaskSpec.from_tags(operation_type, tags, is_async=is_async)
+        spec = TaskSpec.from_tags(operation_type, merged, is_async=is_async)
         return TaskFunction(fn, spec)
 
+    merged = merge_tags(operation_type, tags, tag_keywords)
     return cast(_Decorator, decorate)
 
 

@@ -10,15 +10,51 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypedDict, get_args
 
 from ._errors import ConfigError
 
-__all__ = ["EXECUTORS", "STORAGE_TIERS", "TAG_NAMES", "WEIGHTS", "TaskSpec"]
+__all__ = [
+    "EXECUTORS",
+    "STORAGE_TIERS",
+    "TAG_NAMES",
+    "WEIGHTS",
+    "ExecutorName",
+    "StorageSpeed",
+    "Tags",
+    "TaskSpec",
+    "Weight",
+    "merge_tags",
+]
 
-WEIGHTS: tuple[str, ...] = ("light", "medium", "heavy")
-STORAGE_TIERS: tuple[str, ...] = ("SLOW", "MODERATE", "FAST", "INSANE")
-EXECUTORS: tuple[str, ...] = ("auto", "thread", "process")
+Weight = Literal["light", "medium", "heavy"]
+StorageSpeed = Literal["SLOW", "MODERATE", "FAST", "INSANE"]
+ExecutorName = Literal["auto", "thread", "process"]
+_Exceptions = type[BaseException] | tuple[type[BaseException], ...] | list[type[BaseException]]
+
+
+class Tags(TypedDict, total=False):
+    """The tags as a type: an editor completes the names and a type checker checks the values.
+
+    ``@task_token_guard("op", weight="heavy", retries=2)`` takes them as keywords, and a
+    ``tags: Tags = {...}`` mapping passes as ``tags=``. At run time the values are checked
+    either way (and case is forgiven: ``"Heavy"``, ``"fast"``); the types name the canonical
+    spelling.
+    """
+
+    weight: Weight
+    storage_speed: StorageSpeed
+    executor: ExecutorName
+    retries: int
+    retry_on: _Exceptions
+    dont_retry_on: _Exceptions
+    deadline: float
+    timeout: float
+
+
+WEIGHTS: tuple[str, ...] = get_args(Weight)
+STORAGE_TIERS: tuple[str, ...] = get_args(StorageSpeed)
+EXECUTORS: tuple[str, ...] = get_args(ExecutorName)
 TAG_NAMES: tuple[str, ...] = (
     "weight",
     "storage_speed",
@@ -29,6 +65,24 @@ TAG_NAMES: tuple[str, ...] = (
     "deadline",
     "timeout",
 )
+
+
+def merge_tags(operation_type: Any, tags: Any, keywords: Mapping[str, Any]) -> Any:
+    """``tags`` with the tags given as keywords added; the same tag given both ways with two
+    different values is an error rather than a silent choice of one."""
+    if not keywords:
+        return tags
+    if tags is None:
+        return keywords
+    if not isinstance(tags, Mapping):
+        return tags  # from_tags names the bad value
+    for name, value in keywords.items():
+        if name in tags and tags[name] != value:
+            raise ConfigError(
+                f"tag {name!r} of operation {operation_type!r} is given twice with different "
+                f"values: tags={{{name!r}: {tags[name]!r}}} and {name}={value!r}; give it once"
+            )
+    return {**tags, **keywords}
 
 
 def _suggest(value: str, choices: tuple[str, ...]) -> str:
