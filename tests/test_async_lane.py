@@ -551,3 +551,61 @@ def test_async_stall_after_is_validated(bad: object) -> None:
     with pytest.raises(ConfigError, match=r"async_stall_after must be a positive number") as info:
         OperationsCoordinator(async_stall_after=bad)
     assert repr(bad) in str(info.value)
+
+
+# -- async with ---------------------------------------------------------------------------------
+def test_async_with_exit_leaves_the_event_loop_running_while_it_drains() -> None:
+    """Leaving ``async with`` drains on a thread: a coroutine of the caller's loop runs while
+    stop() still waits on a held task, and it is what releases that task."""
+    started = threading.Event()
+
+    async def main() -> tuple[OperationsCoordinator, Token[str], bool]:
+        held_done_meanwhile = True
+        async with OperationsCoordinator(process_lane=False, workers_per_core=1) as coordinator:
+            assert coordinator.running
+            held = gated("held", started)
+            assert await asyncio.to_thread(started.wait, 30)
+            ran = asyncio.Event()
+
+            async def meanwhile() -> None:
+                nonlocal held_done_meanwhile
+                held_done_meanwhile = held.done()
+                ran.set()
+                GATE.set()  # the only release of the held task
+
+            asyncio.get_running_loop().create_task(meanwhile())
+        assert ran.is_set()
+        return coordinator, held, held_done_meanwhile
+
+    coordinator, held, held_done_meanwhile = asyncio.run(main())
+    assert held_done_meanwhile is False  # it ran while the exit was waiting
+    assert held.result(timeout=0) == "held"  # released by the coroutine, not timed out
+    assert not coordinator.running
+    assert_counts_add_up(coordinator)
+
+
+def test_async_with_leaving_on_an_exception_discards_what_has_not_started() -> None:
+    started = threading.Event()
+
+    async def main() -> tuple[OperationsCoordinator, Token[str], Token[str]]:
+        options: dict[str, Any] = {"process_lane": False, "workers_per_core": 1, "cores": 1}
+        with pytest.raises(KeyError):
+            async with OperationsCoordinator(**options) as coordinator:
+                running = gated("running", started)
+                assert await asyncio.to_thread(started.wait, 30)
+                queued = gated("queued")  # behind the running one: there is one worker
+
+                async def release_once_discarded() -> None:
+                    with pytest.raises(TokenDiscarded):
+                        await queued
+                    GATE.set()
+
+                asyncio.get_running_loop().create_task(release_once_discarded())
+                raise KeyError("boom")
+        return coordinator, running, queued
+
+    coordinator, running, queued = asyncio.run(main())
+    assert running.result(timeout=0) == "running"
+    assert queued.state == "discarded"
+    assert not coordinator.running
+    assert_counts_add_up(coordinator)

@@ -540,6 +540,25 @@ class OperationsCoordinator(ObservabilityMixin):
         # Leaving on an exception (Ctrl-C included): drop what has not started, finish the rest.
         self.stop(cancel_pending=exc_type is not None)
 
+    async def __aenter__(self) -> OperationsCoordinator:
+        """``async with OperationsCoordinator():`` starts it on a thread (starting a backend
+        may connect to a cluster), so the event loop runs on meanwhile."""
+        import asyncio
+
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Stops it as ``__exit__`` does, but the drain waits on a thread: the event loop keeps
+        running its other coroutines, including those that feed or wait on the draining tokens."""
+        import asyncio
+
+        if _runtime.local.coordinator is self:  # (stop() on another thread could not tell)
+            raise TokenGateError(
+                "`async with` this coordinator was left from inside one of its own tasks; "
+                "stopping would wait for itself. Use it from the code that started it."
+            )
+        await asyncio.to_thread(self.stop, cancel_pending=exc_type is not None)
+
     @property
     def running(self) -> bool:
         return self._status == "running"
