@@ -2,7 +2,8 @@
 
 Decorate a function with :func:`task_token_guard`; with an :class:`OperationsCoordinator`
 running, calling it returns a :class:`Token` at once, and ``token.get(timeout=...)`` returns its
-value. The coordinator routes tokens by weight to core-pinned workers with bounded mailboxes,
+value (or, in a script or notebook, call :func:`use_default` once and skip the ``with``). The
+coordinator routes tokens by weight to core-pinned workers with bounded mailboxes,
 throttles storage tiers, retries transient failures, resolves chains of tokens and keeps stats.
 """
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from ._config import MAILBOX_MAX, CoordinatorConfig
     from ._coordinator import OperationsCoordinator
     from ._decorator import TaskFunction, task_token_guard
+    from ._default import default_coordinator, use_default
     from ._errors import (
         ConfigError,
         CoordinatorNotRunning,
@@ -82,8 +84,10 @@ __all__ = [
     "Topology",
     "WorkerCrashed",
     "__version__",
+    "default_coordinator",
     "detect_topology",
     "task_token_guard",
+    "use_default",
 ]
 
 # Where each public name lives. The package imports a module only when one of its names is first
@@ -95,6 +99,8 @@ _HOMES: dict[str, str] = {
     "OperationsCoordinator": "._coordinator",
     "TaskFunction": "._decorator",
     "task_token_guard": "._decorator",
+    "default_coordinator": "._default",
+    "use_default": "._default",
     "ConfigError": "._errors",
     "CoordinatorNotRunning": "._errors",
     "DependencyFailed": "._errors",

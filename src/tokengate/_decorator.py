@@ -37,7 +37,9 @@ R = TypeVar("R")
 def _not_running(spec: TaskSpec) -> CoordinatorNotRunning:
     return CoordinatorNotRunning(
         f"{spec.operation_type!r} was called with no running OperationsCoordinator. Start one "
-        f"first: `with OperationsCoordinator(): ...` or `OperationsCoordinator().start()`"
+        f"first: `with OperationsCoordinator(): ...` or `OperationsCoordinator().start()`; or, "
+        f"in a script or notebook, call `tokengate.use_default()` once to have a default "
+        f"coordinator started on first use"
     )
 
 
@@ -62,7 +64,10 @@ class TaskFunction(Generic[P, R]):
             # returns a finished Token (see lanes/_process_child.py).
             if _runtime.inline_runner is not None:
                 return _runtime.inline_runner(self, args, kwargs)  # type: ignore[no-any-return]
-            raise _not_running(self.spec)
+            coordinator = _runtime.default_for_call()
+            if coordinator is None:
+                raise _not_running(self.spec)
+            return coordinator._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
         return _stack[-1]._submit(self, args, kwargs, False)  # type: ignore[no-any-return]
 
     async def submit_async(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
@@ -70,6 +75,8 @@ class TaskFunction(Generic[P, R]):
         blocking the event loop when the coordinator is saturated (see
         ``OperationsCoordinator.submit_async``); ``await token`` gives the result."""
         coordinator = _runtime.current_coordinator()
+        if coordinator is None:
+            coordinator = _runtime.default_for_call()
         if coordinator is None:
             raise _not_running(self.spec)
         return await coordinator._submit_async(self, args, kwargs)  # type: ignore[no-any-return]
@@ -92,6 +99,8 @@ class TaskFunction(Generic[P, R]):
         ):
             raise ConfigError(f"window must be a whole number >= 1, got {window!r}")
         coordinator = _runtime.current_coordinator()
+        if coordinator is None:
+            coordinator = _runtime.default_for_call()
         if coordinator is None and _runtime.inline_runner is None:
             raise _not_running(self.spec)
         if window is None:  # (1 inside a process-lane worker, where each call runs inline)

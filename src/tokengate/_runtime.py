@@ -2,7 +2,9 @@
 
 Worker threads (and the timer thread) of a coordinator record it in a thread-local, so nested
 calls from inside a task go to the coordinator running that task and never wait at admission.
-Every other thread uses the most recently started coordinator that is still running.
+Every other thread uses the most recently started coordinator that is still running. The
+default coordinator (``_default.py``, opted into with ``tokengate.use_default()``) sits at the
+bottom of that stack, so any explicitly started one wins over it whenever it was started.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["current_coordinator", "inline_runner", "local", "pop_coordinator", "push_coordinator"]
+__all__ = [
+    "current_coordinator",
+    "default_for_call",
+    "inline_runner",
+    "local",
+    "pop_coordinator",
+    "push_coordinator",
+]
 
 
 class _Local(threading.local):
@@ -23,6 +32,10 @@ local = _Local()
 # Set in a process-lane worker process only: runs a decorated call inline, returns a finished
 # Token (lanes/_process_child.py). None everywhere else.
 inline_runner: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any] | None = None
+# Set by ``tokengate.use_default()``: starts the default coordinator if needed and returns the
+# coordinator a call goes to now. ``default`` is that coordinator once made.
+default_starter: Callable[[], Any] | None = None
+default: Any = None
 _stack: list[Any] = []
 running_stack = _stack  # read-only outside this module: the decorator's fast path
 _lock = threading.Lock()
@@ -37,9 +50,21 @@ def current_coordinator() -> Any:
     return stack[-1] if stack else None
 
 
+def default_for_call() -> Any:
+    """For a call made with no coordinator running: the default coordinator, started on first
+    use, if the program opted in; otherwise (and in a process-lane worker) None."""
+    starter = default_starter
+    if starter is None or inline_runner is not None:
+        return None
+    return starter()
+
+
 def push_coordinator(coordinator: Any) -> None:
     with _lock:
-        _stack.append(coordinator)
+        if coordinator is default:
+            _stack.insert(0, coordinator)  # below every explicitly started coordinator
+        else:
+            _stack.append(coordinator)
 
 
 def pop_coordinator(coordinator: Any) -> None:
