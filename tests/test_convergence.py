@@ -484,6 +484,8 @@ def test_policy_thresholds_are_validated() -> None:
         ({"convergence": "yes"}, "convergence must be True or False"),
         ({"convergence_interval": 0}, "convergence_interval must be a positive number"),
         ({"convergence_interval": float("nan")}, "convergence_interval"),
+        ({"convergence_interval": 1e12}, "at most 2000000 seconds"),  # killed its thread
+        ({"convergence_interval": 2**1100}, "an int of 1101 bits"),
     ],
 )
 def test_io_lane_options_are_validated(options: dict[str, Any], fragment: str) -> None:

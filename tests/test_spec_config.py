@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import types
 
 import pytest
@@ -17,6 +18,7 @@ from tokengate import (
     TokenGateError,
     task_token_guard,
 )
+from tokengate._limits import MAX_WAIT_SECONDS
 
 
 def test_public_surface_matches_all() -> None:
@@ -72,6 +74,55 @@ def test_bad_tags_fail_at_decoration_time(tags: dict[str, object], fragments: li
     for fragment in fragments:
         assert fragment in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("tag", ["timeout", "deadline"])
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (3e6, "3000000.0"),  # past poll()'s 2**31 - 1 ms: the process lane's wait overflowed
+        (1e12, "1000000000000.0"),  # past time_t: it killed the timer thread
+        (2**1100, "an int of 1101 bits"),  # raised OverflowError, not ConfigError
+        (10**5000, "an int of 16610 bits"),  # too long for str(): no ValueError either
+        (float("inf"), "inf"),
+        (float("nan"), "nan"),
+        (-1, "-1"),
+        (-(2**1100), "minus an int of 1101 bits"),
+        (0, "0"),
+        (True, "True"),
+        ("5", "'5'"),
+    ],
+    ids=["3e6", "1e12", "2**1100", "10**5000", "inf", "nan", "-1", "-2**1100", "0", "True", "str"],
+)
+def test_timeout_and_deadline_must_be_waits_every_lane_can_honour(
+    tag: str, value: object, shown: str
+) -> None:
+    """Checked at decoration, naming the tag, the value, the maximum and the fix."""
+    with pytest.raises(ConfigError) as info:
+        task_token_guard(operation_type="op", tags={tag: value})(print)
+    message = str(info.value)
+    assert f"tag {tag!r} of operation 'op'" in message
+    assert shown in message
+    assert f"at most {MAX_WAIT_SECONDS:.0f} seconds, or leave the tag out" in message
+
+
+def test_the_longest_wait_is_below_every_platform_limit() -> None:
+    assert MAX_WAIT_SECONDS * 1000 < 2**31 - 1  # poll() takes milliseconds in a C int
+    assert MAX_WAIT_SECONDS < threading.TIMEOUT_MAX
+    spec = TaskSpec.from_tags("op", {"timeout": int(MAX_WAIT_SECONDS), "deadline": 0.001})
+    assert (spec.timeout, spec.deadline) == (MAX_WAIT_SECONDS, 0.001)
+    assert type(spec.timeout) is float
+
+
+def test_a_spec_made_without_from_tags_is_checked_too() -> None:
+    """``TaskSpec`` is public: built directly or through ``dataclasses.replace`` it cannot carry
+    a wait no lane can honour either."""
+    with pytest.raises(ConfigError, match="'timeout' of operation 'x'"):
+        TaskSpec(operation_type="x", timeout=3e6)
+    spec = TaskSpec.from_tags("op", {"timeout": 1})
+    with pytest.raises(ConfigError, match="'deadline'"):
+        dataclasses.replace(spec, deadline=2**1100)
+    assert dataclasses.replace(spec, timeout=2).timeout == 2.0
 
 
 @pytest.mark.parametrize("operation_type", ["", "   ", None, 42])

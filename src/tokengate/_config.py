@@ -6,7 +6,6 @@ value fails when the coordinator is made, not when the first token meets it.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._errors import ConfigError
+from ._limits import MAX_WAIT_SECONDS, check_seconds, show_number
 from ._retry import RetryPolicy, default_retry_policies
 from ._spec import STORAGE_TIERS, WEIGHTS
 from .observability._options import parse_byte_size, validate_observability
@@ -178,26 +178,19 @@ class CoordinatorConfig:
         if (
             isinstance(stall, bool)
             or not isinstance(stall, int | float)
-            or not math.isfinite(stall)
-            or not 0 < stall <= threading.TIMEOUT_MAX
+            or not 0 < stall <= threading.TIMEOUT_MAX  # NaN fails too; ints compare exactly
         ):
             raise ConfigError(
                 f"async_stall_after must be a positive number of seconds (e.g. 1.0), up to "
-                f"{threading.TIMEOUT_MAX:g}, got {stall!r}"
+                f"{threading.TIMEOUT_MAX:g}, got {show_number(stall)}"
             )
         if not isinstance(self.convergence, bool):
             raise ConfigError(f"convergence must be True or False, got {self.convergence!r}")
-        interval = self.convergence_interval
-        if (
-            isinstance(interval, bool)
-            or not isinstance(interval, int | float)
-            or not math.isfinite(interval)
-            or interval <= 0
-        ):
-            raise ConfigError(
-                f"convergence_interval must be a positive number of seconds (e.g. 0.1), "
-                f"got {interval!r}"
-            )
+        check_seconds(
+            "convergence_interval",
+            self.convergence_interval,
+            fix=f"give at most {MAX_WAIT_SECONDS:.0f} seconds (e.g. 0.1)",
+        )
 
     def policy_for(self, weight: str) -> RetryPolicy:
         """The retry policy of one weight class."""

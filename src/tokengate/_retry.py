@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ._errors import ConfigError, TaskTimeout, WorkerCrashed
+from ._limits import MAX_WAIT_SECONDS, check_seconds
 
 __all__ = ["DEFAULT_RETRY_ON", "RetryPolicy", "default_retry_policies"]
 
@@ -54,10 +55,14 @@ class RetryPolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"RetryPolicy.{name} must be an int >= 0, got {value!r}")
-        for name in ("backoff_base", "backoff_cap"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"RetryPolicy.{name} must be a number >= 0, got {value!r}")
+        for name in ("backoff_base", "backoff_cap"):  # each back-off is a wait on the timer
+            check_seconds(
+                f"RetryPolicy.{name}",
+                getattr(self, name),
+                allow_zero=True,
+                fix=f"give at most {MAX_WAIT_SECONDS:.0f} seconds (backoff_cap bounds every "
+                f"back-off)",
+            )
         if not isinstance(self.backoff_factor, int | float) or self.backoff_factor < 1:
             raise ConfigError(
                 f"RetryPolicy.backoff_factor must be >= 1, got {self.backoff_factor!r}"
@@ -95,7 +100,11 @@ class RetryPolicy:
         """Seconds to wait before retry ``retry_number`` (1 for the first retry)."""
         if retry_number < 1:
             raise ValueError(f"retry_number starts at 1, got {retry_number}")
-        raw = min(self.backoff_cap, self.backoff_base * self.backoff_factor ** (retry_number - 1))
+        try:
+            grown = self.backoff_base * self.backoff_factor ** (retry_number - 1)
+        except OverflowError:  # a huge retry budget: the growth passed what a float holds
+            grown = self.backoff_cap
+        raw = min(self.backoff_cap, grown)
         return raw * (1.0 - self.jitter * self.rng())
 
 

@@ -7,12 +7,12 @@ deep inside a worker minutes later. Every message names the bad value and the al
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, get_args
 
 from ._errors import ConfigError
+from ._limits import MAX_WAIT_SECONDS, check_seconds
 
 __all__ = [
     "EXECUTORS",
@@ -103,16 +103,10 @@ def _choice(tag: str, value: Any, choices: tuple[str, ...], *, fold_case: bool =
     )
 
 
-def _seconds(tag: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"tag {tag!r} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(
-            f"tag {tag!r} must be a positive, finite number of seconds, got {value!r}"
-        )
-    return float(value)
+def _seconds(tag: str, value: Any, operation_type: str) -> float:
+    what = "a timeout" if tag == "timeout" else "a deadline"
+    fix = f"give {what} of at most {MAX_WAIT_SECONDS:.0f} seconds, or leave the tag out for none"
+    return check_seconds(f"tag {tag!r} of operation {operation_type!r}", value, fix=fix)
 
 
 def _exception_types(tag: str, value: Any) -> tuple[type[BaseException], ...] | None:
@@ -133,7 +127,10 @@ class TaskSpec:
     """What a decorated function is: its operation type and validated tags.
 
     ``retries`` of ``None`` means "use the coordinator's retry policy for this weight";
-    ``retry_on`` / ``dont_retry_on`` of ``None`` likewise defer to the policy.
+    ``retry_on`` / ``dont_retry_on`` of ``None`` likewise defer to the policy. ``deadline`` and
+    ``timeout`` are checked on construction however the spec is made (``from_tags``, directly,
+    ``dataclasses.replace``): every lane waits on them, so none may exceed
+    :data:`~tokengate._limits.MAX_WAIT_SECONDS`.
     """
 
     operation_type: str
@@ -146,6 +143,14 @@ class TaskSpec:
     deadline: float | None = None
     timeout: float | None = None
     is_async: bool = False
+
+    def __post_init__(self) -> None:
+        for tag in ("deadline", "timeout"):
+            value = getattr(self, tag)
+            if value is not None:
+                checked = _seconds(tag, value, self.operation_type)
+                if checked is not value:
+                    object.__setattr__(self, tag, checked)  # an int becomes a float
 
     @classmethod
     def from_tags(
@@ -200,7 +205,7 @@ class TaskSpec:
             retries=retries,
             retry_on=_exception_types("retry_on", tags.get("retry_on")),
             dont_retry_on=_exception_types("dont_retry_on", tags.get("dont_retry_on")),
-            deadline=_seconds("deadline", tags.get("deadline")),
-            timeout=_seconds("timeout", tags.get("timeout")),
+            deadline=tags.get("deadline"),  # checked by __post_init__
+            timeout=tags.get("timeout"),
             is_async=is_async,
         )

@@ -6,12 +6,12 @@ the bad value and what is allowed, like the rest of the configuration.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from .._errors import ConfigError
+from .._limits import MAX_WAIT_SECONDS, check_seconds
 
 __all__ = [
     "DEFAULT_BUDGET_FRACTION",
@@ -103,13 +103,7 @@ def _flag(name: str, value: Any) -> None:
 
 
 def _seconds(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    check_seconds(name, value, fix=f"give at most {MAX_WAIT_SECONDS:.0f} seconds")
 
 
 def _count(name: str, value: Any) -> None:
