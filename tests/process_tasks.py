@@ -144,6 +144,15 @@ def thread_heavy() -> int:
     return os.getpid()
 
 
+#: The longest timeout and deadline allowed (``tokengate._limits.MAX_WAIT_SECONDS``).
+LONGEST = {"timeout": 2_000_000, "deadline": 2_000_000}
+
+
+@task_token_guard(operation_type="longest_waits", tags={**HEAVY, "executor": "process", **LONGEST})
+def longest_waits(x: int) -> int:
+    return x + 1
+
+
 # -- ways to die -----------------------------------------------------------------------------------
 def _no_core_dumps() -> None:
     with contextlib.suppress(ValueError, OSError):

@@ -40,6 +40,7 @@ from tokengate import (
     WorkerCrashed,
     task_token_guard,
 )
+from tokengate._limits import MAX_WAIT_SECONDS
 from tokengate.demos.cpu import heavy_operation
 from tokengate.lanes import _process
 from tokengate.lanes._process import describe_exit, runs_in_process
@@ -478,6 +479,104 @@ def test_a_worker_killed_while_idle_is_replaced_without_charging_the_next_token(
     assert token.get(timeout=30)["pid"] != pid
     assert token.attempts == 1
     assert coordinator.stats().events["process_idle_deaths"] == 1
+
+
+def test_the_longest_timeout_and_deadline_allowed_work_on_every_lane(procs: Make) -> None:
+    """``MAX_WAIT_SECONDS`` is one limit every lane can wait for: the process lane's ``poll()``,
+    the timer thread (thread lane), ``asyncio.timeout`` (async lane)."""
+    assert pt.LONGEST == {"timeout": MAX_WAIT_SECONDS, "deadline": MAX_WAIT_SECONDS}
+
+    @task_token_guard(operation_type="longest_thread", tags={"executor": "thread", **pt.LONGEST})
+    def on_a_thread(x: int) -> int:
+        return x + 2
+
+    @task_token_guard(operation_type="longest_async", tags=pt.LONGEST)
+    async def on_the_loop(x: int) -> int:
+        return x + 3
+
+    coordinator = procs(workers_per_core=1)
+    tokens = [pt.longest_waits(1), on_a_thread(1), on_the_loop(1)]
+    assert [t.get(timeout=30) for t in tokens] == [2, 3, 4]
+    assert [t.lane for t in tokens] == ["process", "thread", "async"]
+    assert_counts_add_up(coordinator)
+
+
+class ReplyFault:
+    """Makes the proxy thread raise once, between sending the next call and reading its whole
+    reply, at one of three points: ``send`` (half the call written), ``wait`` (the wait for the
+    reply) or ``read`` (part of the reply read). ``arm()`` sets it for the next call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+        self.where = where
+        self.armed = False
+        fault = self
+        real_send = _process._wire.send
+
+        def send(fd: int, buffers: list[bytes]) -> None:
+            if fault.fire("send"):
+                data = b"".join(buffers)
+                os.write(fd, len(data).to_bytes(8, "big") + data[: len(data) // 2])
+                raise RuntimeError("injected: the send stopped half-way")
+            real_send(fd, buffers)
+
+        class Child(_process._Child):  # type: ignore[name-defined,misc]
+            def wait(self, timeout: float | None) -> str:
+                if self.ready and fault.fire("wait"):  # not the start-up handshake
+                    raise OverflowError("injected: timeout is too large")
+                event: str = super().wait(timeout)
+                if event == "reply" and self.ready and fault.fire("read"):
+                    os.read(self.results, 3)
+                    raise RuntimeError("injected: the read stopped part-way")
+                return event
+
+        monkeypatch.setattr(_process._wire, "send", send)
+        monkeypatch.setattr(_process, "_Child", Child)
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def fire(self, where: str) -> bool:
+        if self.armed and where == self.where:
+            self.armed = False
+            return True
+        return False
+
+
+@pytest.mark.parametrize("where", ["send", "wait", "read"])
+def test_an_error_between_sending_a_call_and_reading_its_reply_retires_the_worker(
+    procs: Make, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The proxy raises after a call went out (an OverflowError from the wait, a read cut
+    short, a send stopped half-way): the pipe is out of step, and the reply still in it used to
+    be read as the next task's result. The worker is now retired like a crashed one, only that
+    token fails (or is retried), and the next task on the lane gets its own result."""
+    fault = ReplyFault(monkeypatch, where)
+    coordinator = procs(workers_per_core=1, cores=1, retry_policy=NO_CRASH_RETRY)
+    (pid,) = lane_of(coordinator).pids()
+    fault.arm()
+    victim = pt.square(3)
+    error = victim.exception(timeout=20)
+    after = [pt.square(4), pt.square(5)]
+    assert [t.get(timeout=20) for t in after] == [16, 25]  # not 9: the victim's reply
+    assert isinstance(error, WorkerCrashed), repr(error)
+    assert f"token {victim.id}" in str(error) and "injected" in str(error)
+    assert "killed and replaced" in str(error)
+    assert isinstance(error.__cause__, OverflowError if where == "wait" else RuntimeError)
+    assert lane_of(coordinator).pids() != [pid]
+    assert coordinator.stats().events["process_retired"] == 1
+    eventually(lambda: gone(pid), what="the retired worker to be reaped")
+
+
+def test_a_retired_worker_s_token_is_retried_against_crash_retries(
+    procs: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fault = ReplyFault(monkeypatch, "wait")
+    procs(workers_per_core=1, cores=1, retry_policy=RetryPolicy(crash_retries=1, backoff_base=0))
+    fault.arm()
+    victim = pt.square(3)
+    assert victim.get(timeout=20) == 9
+    assert victim.attempts == 2
+    assert pt.square(4).get(timeout=20) == 16
 
 
 def test_describe_exit_names_signals_and_codes() -> None:

@@ -36,6 +36,10 @@ core-worker mapping and routing logs are the same for both lanes. ::
   start that succeeds clears ``broken``.
 * **Timeout.** A process can be killed: at the limit the proxy kills and replaces the worker and
   completes the token with a (retryable) :class:`TaskTimeout`.
+* **Out of step.** An error in the proxy between sending a call and reading its whole reply (in
+  the wait or the read) leaves that reply in the pipe, where it would be taken for the next
+  call's. The worker is retired (killed and replaced, as after a crash) and only that token
+  pays: retried against ``crash_retries``, or failed with :class:`WorkerCrashed`.
 * **Stop.** Closing the task pipe ends a worker; one still running a task when ``stop()`` gives
   up is killed. Workers also die with the parent (``PR_SET_PDEATHSIG`` / a lifeline pipe), so
   no process outlives it.
@@ -623,8 +627,9 @@ class ProcessWorker(MailboxWorker):
                     return None, self._broken_error(token)
                 waited = True
                 continue
+            message = call.message()
             try:
-                _wire.send(child.tasks, call.message())
+                _wire.send(child.tasks, message)
             except OSError:
                 pid = child.pid
                 what_happened, cause = describe_exit(
@@ -636,6 +641,8 @@ class ProcessWorker(MailboxWorker):
                         setup=False,
                     )
                 continue
+            except BaseException as error:  # part of the call may be in the pipe: out of step
+                return None, self._retire(token, child, error, "sending its call")
             self.lane.budget.release(call)  # handed to the worker: no longer queued
             if self.failed_starts:
                 self.failed_starts = 0  # it took a task: the slot is healthy again
@@ -645,12 +652,16 @@ class ProcessWorker(MailboxWorker):
         # Wait for the reply, the process's end or the task's timeout, whichever comes first.
         timeout = token.spec.timeout
         left = None if timeout is None else token.started_at + timeout - _perf()
-        event = child.wait(left) if left is None or left > 0 else "timeout"
-        if event == "reply":
-            try:
-                data = child.reader.recv()
-            except EOFError:  # the pipe closed: the process died (mid-reply, perhaps)
-                return None, self._crashed(token, child)
+        # Anything raised from here until the whole reply is read leaves the reply (or the rest
+        # of it) in the pipe, where it would be read as the answer to the next call.
+        try:
+            event = child.wait(left) if left is None or left > 0 else "timeout"
+            data = child.reader.recv() if event == "reply" else None
+        except EOFError:  # the pipe closed: the process died (mid-reply, perhaps)
+            return None, self._crashed(token, child)
+        except BaseException as error:
+            return None, self._retire(token, child, error, "waiting for its reply")
+        if data is not None:
             return self._decode(data, what)
         if event == "timeout":
             child.kill()
@@ -686,6 +697,36 @@ class ProcessWorker(MailboxWorker):
         logger.warning("[%s] %s", self.name, message)
         exc = WorkerCrashed(message)
         exc.exitcode = code  # type: ignore[attr-defined]
+        exc.pid = pid  # type: ignore[attr-defined]
+        exc.worker = self.name  # type: ignore[attr-defined]
+        exc.core = self.core  # type: ignore[attr-defined]
+        return exc
+
+    def _retire(
+        self, token: Any, child: _Child, error: BaseException, during: str
+    ) -> BaseException:
+        """The proxy failed between sending ``token``'s call and reading its whole reply (an
+        error in the wait or the read, say). The worker's pipe can no longer be trusted: its
+        reply may still come and be taken for the next call's. So the worker is killed and
+        replaced, as after a crash, and only this token pays: it is retried against
+        ``crash_retries`` or fails with :class:`WorkerCrashed`, ``error`` as its cause.
+        Call it from the ``except`` block that caught ``error`` (the log shows its traceback).
+        """
+        pid = child.pid
+        child.kill()
+        self._replace(child, "process_retired")
+        if self._aborting:
+            return self._aborted(token, pid)
+        message = (
+            f"lost track of worker process {self.name} (pid {pid}, core {self.core}) while "
+            f"running token {token.id} ({token.operation_type!r}): {during} raised "
+            f"{type(error).__name__}: {error}. Its pipe could no longer be trusted, so the worker "
+            f"was killed and replaced; {self.lane.retry_note(token)}"
+        )
+        logger.exception("[%s] %s", self.name, message)
+        exc = WorkerCrashed(message)
+        exc.__cause__ = error
+        exc.exitcode = None  # type: ignore[attr-defined]
         exc.pid = pid  # type: ignore[attr-defined]
         exc.worker = self.name  # type: ignore[attr-defined]
         exc.core = self.core  # type: ignore[attr-defined]
