@@ -3,8 +3,15 @@
 Retry backoff and task timeouts both need "do this in N seconds" without parking a worker.
 One heap and one thread serve every timer of a coordinator; the thread sleeps on a condition
 until the earliest deadline (block, don't poll) and starts only when the first timer is set.
-Callbacks must be quick (they re-admit or fail a token); one that raises is logged, never
-allowed to stop the queue.
+Callbacks must be quick (they re-admit or fail a token); one that raises (``SystemExit`` and
+``KeyboardInterrupt`` included) is logged, never allowed to stop the queue: a dead timer thread
+would strand every retry back-off and timeout after it, and ``stop()`` with them.
+
+Any delay is accepted: the thread sleeps at most :data:`MAX_WAIT_SECONDS` at a time (past it,
+``Condition.wait`` overflows ``time_t`` on some platforms), so a timer too far away to be
+waited for in one go is simply not due until then, and one too far to represent (an int past
+a float's range) is never due: ``close()`` hands it back to its owner, like any other timer
+that did not run. A NaN or negative delay is due at once.
 """
 
 from __future__ import annotations
@@ -12,10 +19,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from ._limits import MAX_WAIT_SECONDS
 
 __all__ = ["TimerHandle", "TimerQueue"]
 
@@ -54,7 +64,12 @@ class TimerQueue:
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
         """Run ``callback(*args)`` on the timer thread after ``delay`` seconds."""
-        handle = TimerHandle(self._clock() + max(0.0, delay), callback, args)
+        now = self._clock()
+        try:
+            when = now + delay if delay > 0 else now  # NaN and negative delays: due at once
+        except OverflowError:  # an int past a float's range: never due (close() returns it)
+            when = math.inf
+        handle = TimerHandle(when, callback, args)
         with self._cond:
             if self._closed:
                 raise RuntimeError("timer queue is closed")
@@ -74,8 +89,7 @@ class TimerQueue:
     def run_due(self, now: float | None = None) -> int:
         """Run every timer due at ``now`` on the calling thread (tests drive time this way)."""
         due = self._pop_due(self._clock() if now is None else now)
-        for handle in due:
-            self._run(handle)
+        self._run(due)
         return len(due)
 
     def _pop_due(self, now: float) -> list[TimerHandle]:
@@ -88,11 +102,25 @@ class TimerQueue:
         return due
 
     @staticmethod
-    def _run(handle: TimerHandle) -> None:
-        try:
-            handle.callback(*handle.args)
-        except Exception:
-            logger.exception("timer callback %r raised", handle.callback)
+    def _run(due: list[TimerHandle]) -> None:
+        """Run ``due`` in order; one that raises is logged and the others still run.
+
+        ``SystemExit`` / ``KeyboardInterrupt`` from a callback are caught too (on the timer
+        thread they would end it silently); on the main thread (``run_due``), where a real
+        Ctrl-C lands, the first is raised again once every callback has run.
+        """
+        escaped: BaseException | None = None
+        for handle in due:
+            try:
+                handle.callback(*handle.args)
+            except Exception:
+                logger.exception("timer callback %r raised", handle.callback)
+            except BaseException as exc:
+                logger.exception("timer callback %r raised", handle.callback)
+                if escaped is None:
+                    escaped = exc
+        if escaped is not None and threading.current_thread() is threading.main_thread():
+            raise escaped
 
     def _loop(self) -> None:
         if self.on_thread_start is not None:
@@ -104,13 +132,12 @@ class TimerQueue:
                         wait = self._heap[0][0] - self._clock()
                         if wait <= 0:
                             break
-                        self._cond.wait(wait)
+                        self._cond.wait(min(wait, MAX_WAIT_SECONDS))
                     else:
                         self._cond.wait()
                 if self._closed:
                     return
-            for handle in self._pop_due(self._clock()):
-                self._run(handle)
+            self._run(self._pop_due(self._clock()))
 
     def close(self, timeout: float | None = 5.0) -> list[TimerHandle]:
         """Stop the thread; returns the timers that never ran (the caller settles them)."""
