@@ -106,6 +106,19 @@ def test_timeout_and_deadline_must_be_waits_every_lane_can_honour(
     assert f"at most {MAX_WAIT_SECONDS:.0f} seconds, or leave the tag out" in message
 
 
+@pytest.mark.parametrize(
+    "option",
+    ["async_stall_after", "convergence_interval", "memory_check_interval", "block_cooldown"],
+)
+@pytest.mark.parametrize("value", [2**1100, 10**5000], ids=["2**1100", "10**5000"])
+def test_wait_options_refuse_huge_ints_with_a_config_error(option: str, value: int) -> None:
+    """``math.isfinite`` of such an int raised ``OverflowError`` (and ``repr`` of the second
+    raises ``ValueError``): the message shows its size instead."""
+    with pytest.raises(ConfigError, match=option) as info:
+        OperationsCoordinator(**{option: value})  # type: ignore[arg-type]
+    assert "an int of" in str(info.value)
+
+
 def test_the_longest_wait_is_below_every_platform_limit() -> None:
     assert MAX_WAIT_SECONDS * 1000 < 2**31 - 1  # poll() takes milliseconds in a C int
     assert MAX_WAIT_SECONDS < threading.TIMEOUT_MAX
