@@ -266,3 +266,30 @@ def crash_once_sized(marker: str, value: bytes) -> int:
     """crash_once with an argument of some size: dies on the first attempt, then its length."""
     crash_once.__wrapped__(marker)
     return len(value)
+
+
+# -- plain functions for the process flavour of coordinator.executor() (tests/test_executor.py) --
+_initializations = 0
+
+
+def count_initialization(step: int) -> None:
+    """An executor initializer: counts how often it ran in this process."""
+    global _initializations
+    _initializations += step
+
+
+def pid_and_initializations(_: int) -> tuple[int, int]:
+    return os.getpid(), _initializations
+
+
+def plain_length(value: Any) -> int:
+    return len(value)
+
+
+def exit_first_time(marker: str) -> str:
+    """Kills its worker process on the first run (no marker file yet); fine on a second."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        os._exit(9)
+    return "ran again"

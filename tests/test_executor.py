@@ -1,18 +1,38 @@
-"""``coordinator.executor()`` behaves like the standard library's executors (issue 6)."""
+"""``coordinator.executor()`` behaves like the standard library's executors."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
+import subprocess
+import sys
 import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import BrokenExecutor, Executor, Future, wait
 from concurrent.futures import TimeoutError as FuturesTimeout
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import GATE
-from tokengate import ConfigError, OperationsCoordinator, Token, TokenGateExecutor
+import process_tasks as pt
+from conftest import GATE, eventually
+from tokengate import (
+    ConfigError,
+    InitializerFailed,
+    OperationsCoordinator,
+    SerializationError,
+    Token,
+    TokenGateExecutor,
+    WorkerCrashed,
+)
+from tokengate.lanes._process import process_lane_supported
+
+needs_processes = pytest.mark.skipif(
+    not process_lane_supported(), reason="worker processes need POSIX"
+)
 
 STARTED = threading.Event()
 
@@ -148,3 +168,281 @@ def test_run_in_executor(coordinator: OperationsCoordinator) -> None:
 
     assert asyncio.run(main()) == [x * x for x in range(10)]
     assert coordinator.tier_stats()["FAST"].high_water >= 1
+
+
+# -- concurrent.futures semantics: what an Executor does that the decorator path does not --------
+COUNT_LOCK = threading.Lock()
+CALLS: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls() -> None:
+    CALLS.clear()
+
+
+def flaky(x: int) -> int:
+    with COUNT_LOCK:
+        CALLS.append(x)
+    raise ConnectionError(f"transient {x}")  # retried by every weight's default policy
+
+
+def identity(*args: Any, **kwargs: Any) -> Any:
+    return (args, kwargs) if kwargs or len(args) != 1 else args[0]
+
+
+def is_done(future: Future[Any]) -> bool:
+    return future.done()
+
+
+def test_submit_runs_the_call_once(coordinator: OperationsCoordinator) -> None:
+    fut = coordinator.executor().submit(flaky, 1)
+    with pytest.raises(ConnectionError, match="transient 1"):
+        fut.result(timeout=10)
+    assert CALLS == [1] and fut.attempts == 1  # type: ignore[attr-defined]
+
+
+@needs_processes
+def test_a_call_whose_worker_process_died_is_not_run_again(
+    make_coordinator: Callable[..., OperationsCoordinator], tmp_path: Path
+) -> None:
+    ex = make_coordinator(workers_per_core=1).executor(executor="process")
+    fut = ex.submit(pt.exit_first_time, str(tmp_path / "crashed"))
+    assert isinstance(fut.exception(timeout=30), WorkerCrashed)
+    assert fut.attempts == 1  # type: ignore[attr-defined]
+
+
+def test_explicit_retries_on_the_executor_still_apply(coordinator: OperationsCoordinator) -> None:
+    fut = coordinator.executor(retries=1).submit(flaky, 2)
+    with pytest.raises(ConnectionError):
+        fut.result(timeout=10)
+    assert CALLS == [2, 2]
+
+
+def test_futures_among_the_arguments_are_passed_untouched(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    ex = make_coordinator(workers_per_core=4).executor()
+    ok = ex.submit(square, 3)
+    failed = ex.submit(fail_on, 3)
+    wait([ok, failed], timeout=10)
+    assert ex.submit(identity, ok).result(timeout=10) is ok
+    assert ex.submit(identity, failed).result(timeout=10) is failed  # and the call still runs
+    args, kwargs = ex.submit(identity, [ok], key={"f": failed}).result(timeout=10)
+    assert args[0][0] is ok and kwargs["key"]["f"] is failed
+    assert all(a is b for a, b in zip(ex.map(identity, [ok, failed]), [ok, failed], strict=True))
+    running = ex.submit(blocked, 1)
+    assert STARTED.wait(10)
+    assert ex.submit(is_done, running).result(timeout=10) is False  # not waited for
+    GATE.set()
+
+
+def test_distinct_callables_are_not_kept_alive(coordinator: OperationsCoordinator) -> None:
+    ex = coordinator.executor()
+    partials = [functools.partial(square, i) for i in range(1000)]
+    refs = [weakref.ref(p) for p in partials]
+    assert [f.result(timeout=10) for f in [ex.submit(p) for p in partials]][-1] == 999 * 999
+    del partials
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) == 0
+
+
+class Owner:
+    def method(self, x: int) -> int:
+        return x + 1
+
+
+def test_a_bound_method_does_not_keep_its_owner_alive(coordinator: OperationsCoordinator) -> None:
+    ex = coordinator.executor()
+    owner = Owner()
+    ref = weakref.ref(owner)
+    fut = ex.submit(owner.method, 1)
+    assert fut.result(timeout=10) == 2
+    del fut, owner
+    gc.collect()
+    assert ref() is None
+    assert ex.submit(square, 2).result(timeout=10) == 4  # the executor itself is still in use
+
+
+class Box:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_keeps_no_result_the_caller_dropped(
+    coordinator: OperationsCoordinator, chunksize: int
+) -> None:
+    refs: list[weakref.ref[Box]] = []
+    alive: list[int] = []
+    for box in coordinator.executor().map(Box, range(10), chunksize=chunksize):
+        refs.append(weakref.ref(box))
+        del box
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in refs))
+    assert alive == [0] * 10  # what the standard library keeps
+
+
+ATEXIT_SCRIPT = """
+import atexit
+from tokengate import OperationsCoordinator
+
+coordinator = OperationsCoordinator(process_lane=False, convergence=False).start()
+ex = coordinator.executor()
+
+def late():
+    try:
+        ex.submit(print, "ran")
+    except RuntimeError as exc:
+        print("refused:", exc)
+    coordinator.stop()
+
+atexit.register(late)
+print("ready", ex.submit(abs, -1).result(timeout=10))
+"""
+
+
+def test_submit_during_interpreter_shutdown_raises_runtime_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", ATEXIT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "ready 1",
+        "refused: cannot schedule new futures after interpreter shutdown",
+    ]
+
+
+@needs_processes
+def test_unpicklable_calls_fail_their_future_in_the_process_flavour(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    ex = make_coordinator(workers_per_core=1).executor(executor="process")
+    lock = threading.Lock()
+    fut = ex.submit(pt.plain_length, [1, lock])  # does not raise: the Future says why
+    error = fut.exception(timeout=10)
+    assert isinstance(error, SerializationError) and isinstance(error, TypeError)
+    assert "argument 1[1]" in str(error) and "_thread.lock" in str(error)
+
+    def closure() -> Any:
+        return lock
+
+    error = ex.submit(closure).exception(timeout=10)
+    assert isinstance(error, SerializationError) and "the function" in str(error)
+    assert "closure" in str(error)
+    assert ex.submit(pt.plain_length, [1, 2]).result(timeout=30) == 2
+
+
+# -- max_workers ---------------------------------------------------------------------------------
+HIGH = {"running": 0, "high_water": 0}
+
+
+def tracked(x: int) -> int:
+    with COUNT_LOCK:
+        HIGH["running"] += 1
+        HIGH["high_water"] = max(HIGH["high_water"], HIGH["running"])
+        CALLS.append(x)
+    STARTED.set()
+    try:
+        assert GATE.wait(30)
+    finally:
+        with COUNT_LOCK:
+            HIGH["running"] -= 1
+    return x
+
+
+def test_max_workers_caps_the_calls_running_at_once(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    HIGH.update(running=0, high_water=0)
+    coordinator = make_coordinator(workers_per_core=4, convergence=False)
+    ex = coordinator.executor(max_workers=2)
+    futures = [ex.submit(tracked, i) for i in range(8)]
+    eventually(lambda: len(CALLS) == 2, what="two calls running")
+    held = futures[2:]
+    assert not any(f.running() or f.done() for f in held)  # held by the coordinator, not run
+    # The held calls hold no worker: another executor's call runs meanwhile.
+    assert coordinator.executor().submit(square, 7).result(timeout=10) == 49
+    GATE.set()
+    assert [f.result(timeout=10) for f in futures] == list(range(8))
+    assert HIGH["high_water"] == 2
+
+
+def test_held_calls_are_cancelled_by_shutdown_cancel_futures(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    ex = make_coordinator(workers_per_core=2).executor(max_workers=1)
+    first = ex.submit(blocked, 1)
+    assert STARTED.wait(10)
+    held = [ex.submit(square, i) for i in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in held)
+    GATE.set()
+    assert first.result(timeout=10) == 1
+
+
+def test_max_workers_and_initializer_are_validated(coordinator: OperationsCoordinator) -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="max_workers"):
+            coordinator.executor(max_workers=bad)
+    with pytest.raises(ConfigError, match="initializer"):
+        coordinator.executor(initializer=42)  # type: ignore[arg-type]
+
+
+# -- initializer -----------------------------------------------------------------------------------
+INITIALIZED: list[tuple[int, str]] = []
+
+
+def record_thread(tag: str) -> None:
+    with COUNT_LOCK:
+        INITIALIZED.append((threading.get_ident(), tag))
+
+
+def thread_id(_: int) -> int:
+    return threading.get_ident()
+
+
+def test_initializer_runs_once_per_worker_thread(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    INITIALIZED.clear()
+    ex = make_coordinator(workers_per_core=2).executor(
+        executor="thread", initializer=record_thread, initargs=("x",)
+    )
+    threads = set(ex.map(thread_id, range(50)))
+    assert sorted(INITIALIZED) == sorted((ident, "x") for ident in threads)
+
+
+@needs_processes
+def test_initializer_runs_once_per_worker_process(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    ex = make_coordinator(workers_per_core=1).executor(
+        executor="process", initializer=pt.count_initialization, initargs=(1,)
+    )
+    seen = list(ex.map(pt.pid_and_initializations, range(20)))
+    assert {count for _, count in seen} == {1}  # once in each worker process, before its calls
+
+
+def broken_initializer() -> None:
+    raise OSError("no database")
+
+
+def test_a_failing_initializer_breaks_the_executor(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    ex = make_coordinator(workers_per_core=2).executor(
+        executor="thread", initializer=broken_initializer, max_workers=1
+    )
+    futures = [ex.submit(flaky, i) for i in range(4)]
+    for fut in futures:
+        error = fut.exception(timeout=10)
+        assert isinstance(error, InitializerFailed) and isinstance(error, BrokenExecutor)
+        assert "broken_initializer" in str(error) and "no database" in str(error)
+    assert isinstance(futures[0].exception().__cause__, OSError)  # type: ignore[union-attr]
+    assert CALLS == []  # no call ran
+    with pytest.raises(BrokenExecutor, match="no database"):
+        ex.submit(square, 2)

@@ -175,6 +175,9 @@ class OperationsCoordinator(ObservabilityMixin):
         self._closed = False
         self._drain_cond = threading.Condition(threading.Lock())
         self._backoff: set[Token[Any]] = set()
+        # Tokens counted but held back by their submitter (an executor's max_workers), with the
+        # task each runs: they wait here, on no worker, until _release_held admits them.
+        self._held: dict[Token[Any], TaskFunction[..., Any]] = {}
         self._lanes: dict[str, Lane] = {}
         self._timers: TimerQueue | None = None
         # id(spec) -> (spec, candidate workers): the route of a spec is worked out once.
@@ -588,6 +591,7 @@ class OperationsCoordinator(ObservabilityMixin):
         sources += self.throttle.drain_waiting()
         with self._lock:
             sources += list(self._backoff)
+            sources += list(self._held)
         for lane in self._lanes.values():
             sources += lane.queued()
         if self._backend is not None:  # issue 7: what the cluster has not started
@@ -703,9 +707,11 @@ class OperationsCoordinator(ObservabilityMixin):
         kwargs: dict[str, Any],
         internal: bool,
         payload: ProcessCall | None = None,
+        hold: bool = False,
     ) -> Token[Any]:
         """Make, count and queue one call's token (``payload``: its process call, pickled and
-        perhaps charged already by ``_submit_async``)."""
+        perhaps charged already by ``_submit_async``; ``hold``: count the token but keep it out
+        of every queue until ``_release_held``)."""
         # Overflow Guard (issue 5): while admission is paused for memory, external producers
         # wait here (or are refused with admission='reject'); calls from tasks never wait.
         if self._gate._paused and not internal and self._accepting:
@@ -747,6 +753,9 @@ class OperationsCoordinator(ObservabilityMixin):
         try:
             if spec.deadline is not None:
                 token._deadline_at = token.submitted_at + spec.deadline
+            if hold:
+                self._hold(token, task, internal)
+                return token
             if backend is not None:  # issue 7: the backend takes it from here
                 backend.submit(token, task, internal)
                 return token
@@ -807,6 +816,65 @@ class OperationsCoordinator(ObservabilityMixin):
         self._deps.park(token, deps)
         if self._closed:
             token._discard("stopped")
+
+    def _hold(self, token: Token[Any], task: TaskFunction[..., Any], internal: bool) -> None:
+        """Keep ``token`` counted but unqueued (an external producer waits while as many tokens
+        are held as the mailboxes hold, as for dependencies)."""
+        if not internal and len(self._held) >= self._backlog_bound():
+            self._gate.wait_for(
+                lambda: self._discarding or len(self._held) < self._backlog_bound() or None
+            )
+            if self._discarding:
+                token._discard("stopped")
+                return
+        token._parked = "held"
+        with self._lock:
+            self._held[token] = task
+        if self._closed:
+            token._discard("stopped")
+
+    def _release_held(self, token: Token[Any], error: BaseException | None = None) -> bool:
+        """Admit a token held by ``_submit(hold=True)``, or fail it with ``error`` without
+        running it; False if it had ended meanwhile."""
+        with self._lock:
+            task = self._held.pop(token, None)
+        if task is None or token.done():
+            return False
+        if self._gate.unwoken:
+            self._gate.notify()  # a producer may be waiting for the held backlog to shrink
+        token._parked = None
+        if error is not None:
+            token._payload = None
+            self._fail_unrun(token, error)
+            return True
+        if self._backend is not None:
+            self._backend.submit(token, task, True)
+            return True
+        call = token._payload
+        if call is not None:
+            # Charged from now on, as a retry is: a held call holds no share of the byte
+            # budget, so held calls can never take the room a running call's successor needs.
+            self._queued_bytes.force(call)
+        self._admit(token, True)
+        return True
+
+    def _failed_token(
+        self,
+        task: TaskFunction[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        exc: BaseException,
+    ) -> Token[Any]:
+        """A token counted as submitted and failed with ``exc`` at once: for a submitter that
+        reports a call it could not send (an unpicklable argument) on the Future, as
+        ``ProcessPoolExecutor`` does, rather than raising."""
+        spec = task.spec
+        token: Token[Any] = Token(
+            spec, task.__wrapped__, args, kwargs or NO_KWARGS, next_seq(), _perf(), self
+        )
+        self._stats.record_submitted(spec.operation_type, spec.weight)
+        self._fail_unrun(token, exc)
+        return token
 
     def _backlog_bound(self) -> int:
         """How many tokens may wait outside the mailboxes (for dependencies or a tier permit)
@@ -1178,6 +1246,9 @@ class OperationsCoordinator(ObservabilityMixin):
             self._queued_bytes.release(call)
         if self._backend is not None:  # issue 7: stop the cluster from running it
             self._backend.discarded(token)
+        if token._parked == "held":
+            with self._lock:
+                self._held.pop(token, None)
         for hook in self._hooks["after_discard"]:
             try:
                 hook(token)
@@ -1320,12 +1391,19 @@ class OperationsCoordinator(ObservabilityMixin):
         storage_speed: str | None = None,
         executor: str = "auto",
         operation_type: str | None = None,
+        max_workers: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
         **tags: Any,
     ) -> TokenGateExecutor:
         """A ``concurrent.futures.Executor`` whose work runs as tokens with these tags.
 
         Plug tokengate into anything that takes an executor, e.g.
         ``await loop.run_in_executor(coordinator.executor(storage_speed="FAST"), fn, arg)``.
+        Each call runs once (no retries unless ``retries`` or ``retry_on`` is given) with its
+        arguments untouched; ``max_workers`` caps how many of its calls run at once and
+        ``initializer(*initargs)`` runs before the first call on each worker thread (each worker
+        process for process work). See :class:`TokenGateExecutor`.
         """
         return make_executor(
             self,
@@ -1333,6 +1411,9 @@ class OperationsCoordinator(ObservabilityMixin):
             storage_speed=storage_speed,
             executor=executor,
             operation_type=operation_type,
+            max_workers=max_workers,
+            initializer=initializer,
+            initargs=initargs,
             **tags,
         )
 

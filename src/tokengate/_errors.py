@@ -83,6 +83,15 @@ class WorkerCrashed(TokenGateError, BrokenExecutor):
     """The worker running the token died (a process killed, a segfault, an ``os._exit``)."""
 
 
+class InitializerFailed(TokenGateError, BrokenExecutor):
+    """The ``initializer`` of a :class:`TokenGateExecutor` raised, so the executor is broken.
+
+    Like the standard library's ``BrokenThreadPool`` / ``BrokenProcessPool``: the call that hit
+    it and every call of that executor not yet run fail with it, and ``submit`` raises it. The
+    initializer's own error is the ``__cause__`` (its traceback, for process work).
+    """
+
+
 class SerializationError(TokenGateError, TypeError):
     """An argument or a result could not be pickled to cross into or out of a worker process."""
 
@@ -111,6 +120,7 @@ for _cls in (
     TokenDiscarded,
     TaskTimeout,
     WorkerCrashed,
+    InitializerFailed,
     SerializationError,
     OperationBlocked,
 ):
