@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import process_tasks as pt
-from conftest import GATE, eventually
+from conftest import GATE, assert_counts_add_up, eventually
 from tokengate import (
     ConfigError,
     InitializerFailed,
@@ -384,6 +384,27 @@ def test_held_calls_are_cancelled_by_shutdown_cancel_futures(
     assert first.result(timeout=10) == 1
 
 
+@pytest.mark.parametrize("cancel_pending", [False, True])
+def test_stop_drains_or_discards_held_calls(
+    make_coordinator: Callable[..., OperationsCoordinator], cancel_pending: bool
+) -> None:
+    coordinator = make_coordinator(workers_per_core=2)
+    ex = coordinator.executor(max_workers=1)
+    first = ex.submit(blocked, 1)
+    assert STARTED.wait(10)
+    held = [ex.submit(square, i) for i in range(3)]
+    stopper = threading.Thread(target=coordinator.stop, kwargs={"cancel_pending": cancel_pending})
+    stopper.start()
+    if cancel_pending:
+        eventually(lambda: all(f.cancelled() for f in held), what="held calls discarded")
+    GATE.set()
+    stopper.join(10)
+    assert not stopper.is_alive() and first.result(timeout=1) == 1
+    if not cancel_pending:
+        assert [f.result(timeout=1) for f in held] == [0, 1, 4]  # drained, each in its turn
+    assert_counts_add_up(coordinator)
+
+
 def test_max_workers_and_initializer_are_validated(coordinator: OperationsCoordinator) -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="max_workers"):
@@ -409,7 +430,8 @@ def test_initializer_runs_once_per_worker_thread(
     make_coordinator: Callable[..., OperationsCoordinator],
 ) -> None:
     INITIALIZED.clear()
-    ex = make_coordinator(workers_per_core=2).executor(
+    # No convergence: a retired thread's ident could be reused by a new one.
+    ex = make_coordinator(workers_per_core=2, convergence=False).executor(
         executor="thread", initializer=record_thread, initargs=("x",)
     )
     threads = set(ex.map(thread_id, range(50)))
