@@ -384,6 +384,17 @@ def test_held_calls_are_cancelled_by_shutdown_cancel_futures(
     assert first.result(timeout=10) == 1
 
 
+@needs_processes
+def test_max_workers_in_the_process_flavour(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1)
+    ex = coordinator.executor(executor="process", max_workers=1)
+    values = [b"x" * 1000 * i for i in range(1, 9)]
+    assert list(ex.map(pt.plain_length, values)) == [len(v) for v in values]
+    assert coordinator.stats().process_queue_bytes == 0  # every held call's bytes came back
+
+
 @pytest.mark.parametrize("cancel_pending", [False, True])
 def test_stop_drains_or_discards_held_calls(
     make_coordinator: Callable[..., OperationsCoordinator], cancel_pending: bool
