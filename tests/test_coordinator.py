@@ -409,6 +409,34 @@ def test_stop_from_inside_a_task_is_refused(coordinator: OperationsCoordinator) 
         stop_from_inside(coordinator).get(timeout=10)
 
 
+def test_stop_from_a_done_callback_is_refused_naming_the_callback(
+    coordinator: OperationsCoordinator,
+) -> None:
+    refused: list[BaseException] = []
+    called = threading.Event()
+
+    def stop_in_callback(_token: object) -> None:
+        try:
+            coordinator.stop()
+        except TokenGateError as exc:
+            refused.append(exc)
+        finally:
+            called.set()
+
+    started = threading.Event()
+    token = blocker(started)
+    assert started.wait(10)
+    token.add_done_callback(stop_in_callback)  # still running: the worker will call it
+    GATE.set()
+    assert token.get(timeout=10) == "released"
+    assert called.wait(10)
+    assert len(refused) == 1
+    message = str(refused[0])
+    assert "from a done-callback" in message and "own tasks" not in message, message
+    assert coordinator.running
+    assert echo(1).get(timeout=10) == ((1,), {})
+
+
 # -- stats and logs -----------------------------------------------------------------------------
 def test_stats_block_and_per_operation_breakdown(coordinator: OperationsCoordinator) -> None:
     for n in range(10):

@@ -64,7 +64,7 @@ from ._spec import STORAGE_TIERS, TaskSpec
 from ._stats import OperationCounters, StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
-from ._token import NO_KWARGS, PENDING, Token, check_timeout, next_seq
+from ._token import NO_KWARGS, PENDING, Token, check_timeout, in_done_callback, next_seq
 from ._topology import Topology, detect_topology, gil_enabled
 from .backends import Backend, resolve_backend
 from .lanes._async import AsyncLane
@@ -461,9 +461,16 @@ class OperationsCoordinator(ObservabilityMixin):
         """
         timeout = check_timeout(timeout)
         if _runtime.local.coordinator is self:
+            if in_done_callback():
+                where = (
+                    "from a done-callback, which runs on the coordinator's own thread that "
+                    "finished the token"
+                )
+            else:
+                where = "from inside one of this coordinator's own tasks"
             raise TokenGateError(
-                "stop() was called from inside one of this coordinator's own tasks; it would "
-                "wait for itself. Call stop() from the thread that started the coordinator."
+                f"stop() was called {where}; it would wait for itself. Call stop() from the "
+                f"thread that started the coordinator (a callback can set an Event it waits on)."
             )
         with self._lock:
             if self._status != "running":

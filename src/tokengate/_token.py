@@ -20,8 +20,10 @@ import contextlib
 import itertools
 import logging
 import math
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from concurrent.futures._base import (
@@ -40,7 +42,15 @@ if TYPE_CHECKING:
 
     from ._spec import TaskSpec
 
-__all__ = ["NO_KWARGS", "PENDING", "Place", "Token", "check_timeout", "next_seq"]
+__all__ = [
+    "NO_KWARGS",
+    "PENDING",
+    "Place",
+    "Token",
+    "check_timeout",
+    "in_done_callback",
+    "next_seq",
+]
 
 T = TypeVar("T")
 _TERMINAL = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
@@ -519,6 +529,23 @@ class Token(Future[T], Generic[T]):
 
 
 # -- io-lane: awaiting a token from any event loop ------------------------------------------------
+_CALLBACK_CODES = frozenset((Token._invoke_callbacks.__code__, Token.add_done_callback.__code__))
+
+
+def in_done_callback() -> bool:
+    """Whether this thread is inside a token's done-callback.
+
+    Read from the call stack, and only to word an error (``stop()`` refused on a coordinator's
+    own thread): running the callbacks costs nothing extra for it.
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _CALLBACK_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
