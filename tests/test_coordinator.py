@@ -437,6 +437,58 @@ def test_stop_from_a_done_callback_is_refused_naming_the_callback(
     assert echo(1).get(timeout=10) == ((1,), {})
 
 
+# -- dependencies in arguments ------------------------------------------------------------------
+def _nested(depth: int, leaf: object) -> list[Any]:
+    """``[[[...[leaf]...]]]``, ``depth`` lists deep, built without recursion."""
+    root: list[Any] = [leaf]
+    for _ in range(depth - 1):
+        root = [root]
+    return root
+
+
+def _leaf(value: Any) -> tuple[int, Any]:
+    depth = 0
+    while type(value) is list:
+        (value,) = value
+        depth += 1
+    return depth, value
+
+
+def test_a_deeply_nested_argument_without_tokens_is_passed_as_it_is(
+    coordinator: OperationsCoordinator,
+) -> None:
+    deep = _nested(2_000, "leaf")
+    args, kwargs = echo(deep, key=_nested(2_000, 7)).get(timeout=10)
+    assert args[0] is deep  # not rebuilt: no token in it
+    assert _leaf(args[0]) == (2_000, "leaf") and _leaf(kwargs["key"]) == (2_000, 7)
+
+
+def test_a_token_deep_inside_an_argument_is_found_and_replaced(
+    coordinator: OperationsCoordinator,
+) -> None:
+    first = echo("first")
+    args, _ = echo(_nested(2_000, first), {"k": (first, [3])}).get(timeout=10)
+    assert _leaf(args[0]) == (2_000, (("first",), {}))
+    assert args[1] == {"k": ((("first",), {}), [3])}
+
+
+def test_an_argument_that_holds_itself_is_passed_or_rebuilt_as_a_cycle(
+    coordinator: OperationsCoordinator,
+) -> None:
+    plain: list[Any] = [1]
+    plain.append(plain)
+    args, _ = echo(plain).get(timeout=10)
+    assert args[0] is plain
+    token = echo("v")
+    looped: list[Any] = [token]
+    looped.append((looped, token))
+    args, _ = echo(looped).get(timeout=10)
+    rebuilt = args[0]
+    assert rebuilt is not looped and rebuilt[0] == (("v",), {})
+    inner, value = rebuilt[1]
+    assert inner is rebuilt and value == (("v",), {})  # the cycle is kept, on the new list
+
+
 # -- stats and logs -----------------------------------------------------------------------------
 def test_stats_block_and_per_operation_breakdown(coordinator: OperationsCoordinator) -> None:
     for n in range(10):

@@ -6,7 +6,8 @@ resolved values and it is admitted like any other token. If a dependency fails o
 the dependent fails with ``DependencyFailed`` chained to the cause, without running; its own
 dependents follow through the same path.
 
-The scan is the only cost on the hot path: one ``type()`` check per argument.
+The scan is the only cost on the hot path: one ``type()`` check per argument. It and the
+substitution walk containers with a loop, not recursion, so no nesting depth breaks them.
 
 Releases never recurse. Failing a dependent runs its done-callbacks, which release *its*
 dependents, and so on down the chain; done naively that is a few stack frames per link, and a
@@ -20,64 +21,168 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
 from ._errors import DependencyFailed
 from ._token import Token
 
-__all__ = ["DependencyTracker", "find_dependencies", "substitute"]
+__all__ = ["DependencyTracker", "find_dependencies", "replace_tokens", "substitute"]
 
 _CONTAINERS = (list, tuple, dict)
+_TRACK_DEPTH = 32  # from this nesting depth on, the scan remembers containers (cycles)
 log = logging.getLogger("tokengate.dependencies")
 
 
-def _collect(value: Any, out: list[Token[Any]]) -> None:
-    kind = type(value)
-    if isinstance(value, Token):
-        out.append(value)
-    elif kind is list or kind is tuple:
-        for item in value:
-            _collect(item, out)
-    elif kind is dict:
-        for item in value.values():
-            _collect(item, out)
+def _collect(root: Any, out: list[Token[Any]]) -> None:
+    """Append the Tokens inside the container ``root`` to ``out``, depth first, in order.
+
+    A loop over a stack of iterators, not recursion: an argument nested thousands deep (a
+    linked list made of pairs, say) is an ordinary value, and must not end the call with a
+    bare ``RecursionError``. Below ``_TRACK_DEPTH`` levels the containers met are remembered and
+    each is looked into once, so one that holds itself ends the walk too (shallow ones, the
+    usual case, cost no bookkeeping).
+    """
+    stack = [iter(root.values() if type(root) is dict else root)]
+    seen: set[int] | None = None
+    while stack:
+        for item in stack[-1]:
+            kind = type(item)
+            if kind is list or kind is tuple or kind is dict:
+                if len(stack) >= _TRACK_DEPTH:
+                    if seen is None:
+                        seen = set()
+                    elif id(item) in seen:
+                        continue
+                    seen.add(id(item))
+                stack.append(iter(item.values() if kind is dict else item))
+                break  # go down into it; this level's iterator resumes afterwards
+            if isinstance(item, Token):
+                out.append(item)
+        else:
+            stack.pop()
 
 
 def find_dependencies(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Token[Any]]:
     """Every Token in ``args``/``kwargs``, in order, without duplicates; [] on the fast path."""
     found: list[Token[Any]] = []
     for value in args:
-        if isinstance(value, Token) or type(value) in _CONTAINERS:
+        if isinstance(value, Token):
+            found.append(value)
+        elif type(value) in _CONTAINERS:
             _collect(value, found)
     if kwargs:
         for value in kwargs.values():
-            if isinstance(value, Token) or type(value) in _CONTAINERS:
+            if isinstance(value, Token):
+                found.append(value)
+            elif type(value) in _CONTAINERS:
                 _collect(value, found)
     if len(found) > 1:
         found = list(dict.fromkeys(found))
     return found
 
 
-def _replace(value: Any) -> Any:
+def replace_tokens(value: Any, replace: Callable[[Token[Any]], Any]) -> Any:
+    """``value`` with every Token in it (through lists, tuples and dicts) replaced by
+    ``replace(token)``; those containers are rebuilt, anything else is passed as it is.
+
+    Iterative, for the reason given in :func:`_collect`. Rebuilt as ``copy.deepcopy`` rebuilds
+    them: a container shared by two places is rebuilt once and still shared, and one that holds
+    itself holds its rebuilt self.
+    """
     if isinstance(value, Token):
-        return value.result(0)
+        return replace(value)
     kind = type(value)
-    if kind is list:
-        return [_replace(item) for item in value]
-    if kind is tuple:
-        return tuple(_replace(item) for item in value)
-    if kind is dict:
-        return {key: _replace(item) for key, item in value.items()}
-    return value
+    if kind is list or kind is tuple:  # the usual case first: a flat list of tokens (fan-in)
+        flat = []
+        for item in value:
+            if isinstance(item, Token):
+                flat.append(replace(item))
+            elif type(item) in _CONTAINERS:
+                break  # nested: rebuilt below (``replace`` is idempotent)
+            else:
+                flat.append(item)
+        else:
+            return flat if kind is list else tuple(flat)
+    elif kind is not dict:
+        return value
+    memo: dict[int, Any] = {}
+    stack = [_Frame(value, memo)]
+    while True:
+        frame = stack[-1]
+        built, is_dict = frame.built, frame.is_dict
+        key = None
+        for entry in frame.items:
+            if is_dict:
+                key, item = entry
+            else:
+                item = entry
+            if isinstance(item, Token):
+                item = replace(item)
+            else:
+                kind = type(item)
+                if kind is list or kind is tuple or kind is dict:
+                    done = memo.get(id(item))
+                    if done is None:
+                        frame.key = key
+                        stack.append(_Frame(item, memo))
+                        break  # rebuild it first; it is added to this one when complete
+                    item = done
+            if is_dict:
+                built[key] = item
+            else:
+                built.append(item)
+        else:
+            stack.pop()
+            result = frame.finish(memo)
+            if not stack:
+                return result
+            parent = stack[-1]
+            if parent.is_dict:
+                parent.built[parent.key] = result
+            else:
+                parent.built.append(result)
+
+
+class _Frame:
+    """A container being rebuilt by :func:`replace_tokens`."""
+
+    __slots__ = ("built", "is_dict", "items", "key", "original")
+
+    def __init__(self, original: Any, memo: dict[int, Any]) -> None:
+        self.original = original
+        self.key: Any = None  # the dict key of the item being rebuilt below this frame
+        kind = type(original)
+        self.is_dict = kind is dict
+        self.items: Iterator[Any] = iter(original.items() if self.is_dict else original)
+        self.built: Any = {} if self.is_dict else []
+        if kind is not tuple:  # registered before its items: one that holds it gets the new one
+            memo[id(original)] = self.built
+
+    def finish(self, memo: dict[int, Any]) -> Any:
+        if type(self.original) is not tuple:
+            return self.built
+        # A tuple inside a cycle (through a list or dict of its own) was rebuilt already on the
+        # way back round to it: that one is the result, as in deepcopy.
+        done = memo.get(id(self.original))
+        if done is None:
+            done = memo[id(self.original)] = tuple(self.built)
+        return done
 
 
 def substitute(
     args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``args``/``kwargs`` with every (finished) Token replaced by its value."""
-    return tuple(_replace(a) for a in args), {k: _replace(v) for k, v in kwargs.items()}
+    return (
+        tuple(replace_tokens(a, _value) for a in args),
+        {k: replace_tokens(v, _value) for k, v in kwargs.items()},
+    )
+
+
+def _value(token: Token[Any]) -> Any:
+    return token.result(0)
 
 
 class _Releasing(threading.local):

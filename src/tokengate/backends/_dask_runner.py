@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._dependencies import _dependency_error, _failed, find_dependencies
+from .._dependencies import _dependency_error, _failed, find_dependencies, replace_tokens
 from .._errors import (
     DependencyFailed,
     SerializationError,
@@ -134,16 +134,11 @@ def sendable(task: TaskFunction[..., Any], *, main_by_value: bool = False) -> An
     callables given to ``coordinator.submit``). A script's own functions (``__main__``) import on
     a LocalCluster's workers, which re-import the script; elsewhere (``main_by_value``) they go
     by value."""
-    from .._decorator import _load_task
+    from .._decorator import resolves_by_name
 
     if main_by_value and task.__module__ == "__main__":
         return task.__wrapped__
-    try:
-        if _load_task(task.__module__, task.__qualname__) is task:
-            return task
-    except Exception:
-        pass
-    return task.__wrapped__
+    return task if resolves_by_name(task) else task.__wrapped__
 
 
 class _Entry:
@@ -672,30 +667,22 @@ def unsendable(token: Token[Any], target: Any, exc: BaseException) -> BaseExcept
 
 def _without_tokens(value: Any) -> Any:
     """``value`` with Token arguments blanked (Dask sends their results, not them)."""
-    if isinstance(value, Token):
-        return None
-    kind = type(value)
-    if kind is list or kind is tuple:
-        return kind(_without_tokens(v) for v in value)
-    if kind is dict:
-        return {k: _without_tokens(v) for k, v in value.items()}
-    return value
+    return replace_tokens(value, _blank)
+
+
+def _blank(_token: Token[Any]) -> None:
+    return None
 
 
 def _remote(value: Any, remote: dict[int, Any]) -> Any:
     """A Token becomes its Dask future (Dask hands its outcome to the task on the cluster), or its
-    value if it had already ended; containers are rebuilt only where tokens were found."""
-    if isinstance(value, Token):
-        future = remote[id(value)]
-        return value.result(0) if future is None else future
-    kind = type(value)
-    if kind is list:
-        return [_remote(v, remote) for v in value]
-    if kind is tuple:
-        return tuple(_remote(v, remote) for v in value)
-    if kind is dict:
-        return {k: _remote(v, remote) for k, v in value.items()}
-    return value
+    value if it had already ended; lists, tuples and dicts are rebuilt around them."""
+
+    def replace(token: Token[Any]) -> Any:
+        future = remote[id(token)]
+        return token.result(0) if future is None else future
+
+    return replace_tokens(value, replace)
 
 
 # -- nested calls: one runner per worker process and coordinator, created on first use -------------
