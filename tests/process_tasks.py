@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import signal
@@ -293,3 +294,50 @@ def exit_first_time(marker: str) -> str:
         path.write_text(str(os.getpid()))
         os._exit(9)
     return "ran again"
+
+
+# -- tasks that are methods, a partial and a callable object (worker processes import them) ------
+class Methods:
+    """Each kind of method as a task; an importable class, so they travel by name."""
+
+    factor = 10
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    @task_token_guard(operation_type="pm_static", tags=HEAVY)
+    @staticmethod
+    def static(x: int) -> tuple[int, int]:
+        return x * 2, os.getpid()
+
+    @staticmethod
+    @task_token_guard(operation_type="pm_static_outside", tags=HEAVY)
+    def static_outside(x: int) -> tuple[int, int]:
+        return x * 3, os.getpid()
+
+    @task_token_guard(operation_type="pm_class", tags=HEAVY)
+    @classmethod
+    def klass(cls, x: int) -> tuple[int, int]:
+        return x * cls.factor, os.getpid()
+
+    @task_token_guard(operation_type="pm_method", tags=HEAVY)
+    def method(self, x: int) -> tuple[int, int]:
+        return x + self.offset, os.getpid()
+
+
+def _scale(factor: int, x: int) -> tuple[int, int]:
+    return factor * x, os.getpid()
+
+
+class Multiply:
+    """A callable object: no ``__name__`` or ``__qualname__`` of its own."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def __call__(self, x: int) -> tuple[int, int]:
+        return self.factor * x, os.getpid()
+
+
+scale_by_3 = task_token_guard(operation_type="pm_partial", tags=HEAVY)(functools.partial(_scale, 3))
+multiply_by_4 = task_token_guard(operation_type="pm_callable", tags=HEAVY)(Multiply(4))

@@ -5,6 +5,11 @@ wrapper is generic over the function's parameters, so an editor knows that ``fib
 int and returns ``Token[int]``. It keeps ``__wrapped__``, ``__name__``, ``__doc__``, and pickles
 by reference (module + qualified name), so a worker process can import it and run the body
 without ever re-submitting it.
+
+In a class it binds as what it wraps would: a function becomes a method of the instance, a
+``staticmethod`` is not bound, a ``classmethod`` binds to the class. A callable that is not a
+function (a ``functools.partial``, an object with ``__call__``) is not bound, as in a class
+body, and gets a name made from its type, since it has none of its own.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import importlib
 import inspect
 import sys
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from itertools import repeat
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast, overload
 
 from . import _runtime
@@ -32,6 +39,32 @@ _stack = _runtime.running_stack
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# How a task found on a class binds (see TaskFunction.__get__).
+_BIND_INSTANCE = "instance"  # a function: a method of the instance it is read from
+_BIND_CLASS = "class"  # a classmethod: bound to the class
+_BIND_NONE = "none"  # a staticmethod, or a callable that is not a function
+
+
+def _unwrap_method(fn: Any) -> tuple[Any, str]:
+    """The callable to run and how it binds: a ``staticmethod`` or ``classmethod`` runs its
+    function (it is the function's signature and code that count, e.g. for ``async def``)."""
+    if isinstance(fn, staticmethod):
+        return fn.__func__, _BIND_NONE
+    if isinstance(fn, classmethod):
+        return fn.__func__, _BIND_CLASS
+    return fn, _BIND_INSTANCE if isinstance(fn, types.FunctionType) else _BIND_NONE
+
+
+def _name_of(fn: Any) -> str:
+    """A name for a callable without ``__qualname__`` (for reprs and messages only: it never
+    resolves by name, so such a task travels to a worker process by value)."""
+    name = getattr(fn, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    if isinstance(fn, functools.partial):
+        return f"partial({_name_of(fn.func)})"
+    return type(fn).__qualname__
 
 
 def _not_running(spec: TaskSpec) -> CoordinatorNotRunning:
@@ -50,10 +83,17 @@ class TaskFunction(Generic[P, R]):
     __qualname__: str
     __name__: str
 
-    def __init__(self, fn: Callable[P, R], spec: TaskSpec) -> None:
+    def __init__(self, fn: Callable[P, R], spec: TaskSpec, binding: str | None = None) -> None:
+        fn, found = _unwrap_method(fn)
+        if isinstance(fn, types.FunctionType):
+            functools.update_wrapper(self, fn)
+        else:  # an object's own attributes are its state, not a function's metadata
+            functools.update_wrapper(self, fn, updated=())
+            if "__qualname__" not in self.__dict__:
+                self.__qualname__ = self.__name__ = _name_of(fn)
         self.__wrapped__ = fn
         self.spec = spec
-        functools.update_wrapper(self, fn)
+        self._binding = binding or found
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Token[R]:
         coordinator = _local.coordinator
@@ -122,22 +162,76 @@ class TaskFunction(Generic[P, R]):
                 token.cancel()
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        return functools.partial(self, instance)
+        # As a function, staticmethod or classmethod would bind, so that ``obj.method(x)``,
+        # ``obj.static(x)``, ``Class.klass(x)`` and ``Class.method(obj, x)`` all call the body
+        # with the arguments it declares.
+        binding = self._binding
+        if binding == _BIND_INSTANCE:
+            return self if instance is None else BoundTask(self, instance)
+        if binding == _BIND_CLASS:
+            return BoundTask(self, type(instance) if owner is None else owner)
+        return self
 
     def __reduce__(self) -> tuple[Any, ...]:
         # By name when its module holds it under its qualified name (a worker imports it and
-        # runs ``__wrapped__``); otherwise as (raw function, spec), which cloudpickle can send
-        # by value (a task defined in a function, or rebound under another name).
+        # runs ``__wrapped__``); otherwise as (raw function, spec, binding), which cloudpickle
+        # can send by value (a task defined in a function, or rebound under another name).
         if resolves_by_name(self):
             return (_load_task, (self.__module__, self.__qualname__))
-        return (_rebuild_task, (self.__wrapped__, self.spec))
+        return (_rebuild_task, (self.__wrapped__, self.spec, self._binding))
 
     def __repr__(self) -> str:
         return (
             f"<TaskFunction {self.__qualname__} {self.spec.operation_type!r} ({self.spec.weight})>"
         )
+
+
+class BoundTask:
+    """A task read from an instance (a method) or from a class (a classmethod): calling it, its
+    ``map`` and its ``submit_async`` pass what it is bound to as the first argument."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, task: TaskFunction[..., Any], bound_to: Any) -> None:
+        self.__func__ = task
+        self.__self__ = bound_to
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Token[Any]:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    async def submit_async(self, *args: Any, **kwargs: Any) -> Token[Any]:
+        """``TaskFunction.submit_async`` with the bound first argument."""
+        return await self.__func__.submit_async(self.__self__, *args, **kwargs)
+
+    def map(
+        self,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> Iterator[Any]:
+        """``TaskFunction.map`` with the bound first argument in every call."""
+        if not iterables:  # nothing to call it with (repeat() alone would never end)
+            return self.__func__.map(timeout=timeout, window=window)
+        return self.__func__.map(repeat(self.__self__), *iterables, timeout=timeout, window=window)
+
+    def __getattr__(self, name: str) -> Any:  # spec, __wrapped__, __name__... of the task
+        return getattr(self.__func__, name)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, BoundTask)
+            and other.__func__ is self.__func__
+            and other.__self__ is self.__self__
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.__func__), id(self.__self__)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BoundTask, (self.__func__, self.__self__))
+
+    def __repr__(self) -> str:
+        return f"<bound {self.__func__!r} of {self.__self__!r}>"
 
 
 def _wait(token: Token[R], end: float | None) -> R:
@@ -147,27 +241,42 @@ def _wait(token: Token[R], end: float | None) -> R:
         token.cancel()  # a no-op once it ended; after a timeout it must not run on regardless
 
 
-def _load_task(module: str, qualname: str) -> Any:
-    obj: Any = importlib.import_module(module)
+_MISSING = object()
+
+
+def _lookup(obj: Any, qualname: str) -> Any:
+    """What ``obj`` holds under the dotted ``qualname``, as stored: a class's attribute is read
+    from its ``__dict__`` (not through ``__get__``, which would bind a method) and unwrapped
+    from ``staticmethod``/``classmethod``. ``_MISSING`` if there is none."""
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        if isinstance(obj, type):
+            obj = obj.__dict__.get(part, _MISSING)
+            if isinstance(obj, staticmethod | classmethod):
+                obj = obj.__func__
+        else:
+            obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            return _MISSING
     return obj
 
 
-def _rebuild_task(fn: Callable[..., Any], spec: TaskSpec) -> TaskFunction[..., Any]:
-    return TaskFunction(fn, spec)
+def _load_task(module: str, qualname: str) -> Any:
+    obj = _lookup(importlib.import_module(module), qualname)
+    if obj is _MISSING:
+        raise AttributeError(f"module {module!r} has no task {qualname!r}")
+    return obj
+
+
+def _rebuild_task(
+    fn: Callable[..., Any], spec: TaskSpec, binding: str | None = None
+) -> TaskFunction[..., Any]:
+    return TaskFunction(fn, spec, binding)
 
 
 def resolves_by_name(task: TaskFunction[..., Any]) -> bool:
     """Whether ``task`` is what its module (already imported) holds under its qualified name."""
-    obj: Any = sys.modules.get(task.__module__)
-    if obj is None:
-        return False
-    for part in task.__qualname__.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return False
-    return obj is task
+    module = sys.modules.get(task.__module__)
+    return module is not None and _lookup(module, task.__qualname__) is task
 
 
 class _Decorator(Protocol):
@@ -202,18 +311,19 @@ def task_token_guard(
         )
 
     def decorate(fn: Callable[P, R]) -> TaskFunction[P, R]:
-        if isinstance(fn, TaskFunction):
+        raw, binding = _unwrap_method(fn)
+        if isinstance(raw, TaskFunction):
             raise ConfigError(
-                f"{fn.__qualname__} is already decorated with task_token_guard "
-                f"(operation {fn.spec.operation_type!r}); decorate it once"
+                f"{raw.__qualname__} is already decorated with task_token_guard "
+                f"(operation {raw.spec.operation_type!r}); decorate it once"
             )
-        if not callable(fn):
+        if not callable(raw):
             raise ConfigError(
                 f"task_token_guard decorates functions, got {type(fn).__name__} {fn!r}"
             )
-        is_async = inspect.iscoroutinefunction(fn)
+        is_async = inspect.iscoroutinefunction(raw)
         spec = TaskSpec.from_tags(operation_type, merged, is_async=is_async)
-        return TaskFunction(fn, spec)
+        return TaskFunction(raw, spec, binding)
 
     merged = merge_tags(operation_type, tags, tag_keywords)
     return cast(_Decorator, decorate)

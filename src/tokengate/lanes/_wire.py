@@ -105,7 +105,7 @@ def _make_by_value_pickler() -> Any:
 
         def reducer_override(self, obj: Any) -> Any:
             if isinstance(obj, TaskFunction) and (_from_main(obj) or not resolves_by_name(obj)):
-                return _rebuild_task, (obj.__wrapped__, obj.spec)
+                return _rebuild_task, (obj.__wrapped__, obj.spec, obj._binding)
             return super().reducer_override(obj)
 
     code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
