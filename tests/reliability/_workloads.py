@@ -8,9 +8,12 @@ blocks before it). ``tests/reliability/test_load.py`` runs them and checks the f
 
 The flood submits N tokens of six kinds (light / medium / heavy, half of them with a storage
 tier) from one producer as fast as it can, keeping none: a done-callback tallies each result.
-The heavy kind is slower than the producer, so its mailboxes fill and the producer waits.
-Everything alive at once is bounded by the mailboxes (workers x ``mailbox_max``) and the tier
-queues, so peak RSS must not depend on N.
+It opens with the heavy workers held (``HOLD``) and only heavy tokens submitted, until the
+producer is made to wait with every mailbox they may use full; then they are released and the
+six kinds follow. So the mailboxes' bound is reached whatever the machine's speed (the heavy
+kind, 0.2 ms, is slower than the producer too, so they keep filling after that). Everything
+alive at once is bounded by the mailboxes (workers x ``mailbox_max``) and the tier queues, so
+peak RSS must not depend on N.
 
 The soak follows the seed's endurance run: cycles of idle (a trickle), normal (a steady, closed
 loop of mixed work) and surge (four producers flooding mixed weights and tiers through bounded
@@ -34,6 +37,9 @@ from tokengate import OperationsCoordinator, Token, task_token_guard
 from tokengate.bench._rss import peak_rss_kib
 
 HEAVY = {"weight": "heavy", "executor": "thread"}  # the flood measures mailboxes, not processes
+#: Heavy tasks wait on it: cleared at the start of the flood, set once its mailboxes are full.
+HOLD = threading.Event()
+HOLD.set()
 
 
 @task_token_guard(operation_type="flood_light", tags={"weight": "light"})
@@ -48,8 +54,9 @@ def medium(i: int) -> int:
 
 @task_token_guard(operation_type="flood_heavy", tags=HEAVY)
 def heavy(i: int) -> int:
-    """Slower than the producer (0.2 ms without the GIL, as I/O or a C extension would be), so
-    its mailboxes fill and the producer is made to wait: the bound is reached, not just kept."""
+    """Held at the start of the flood until its mailboxes are full (see :class:`FillWatch`), then
+    slower than the producer (0.2 ms without the GIL, as I/O or a C extension would be)."""
+    HOLD.wait(60)
     time.sleep(0.0002)
     return i
 
@@ -114,6 +121,50 @@ def peak_rss_mb() -> float:
     return peak_rss_kib() / 1024
 
 
+class FillWatch:
+    """Opens ``HOLD`` once the producer waits for room with a mailbox at ``mailbox_max``.
+
+    While the heavy workers are held nothing leaves their mailboxes, so the producer, submitting
+    only heavy tokens, fills every one it may use and then must wait at the admission gate (a
+    mailbox with no bound would never make it wait: then ``blocked`` stays False and the hold
+    ends after ``patience`` seconds). The loads at that moment are recorded: the fullest reached
+    ``mailbox_max``, and all together are within the bound.
+    """
+
+    def __init__(self, coordinator: OperationsCoordinator, patience: float = 30.0) -> None:
+        self.coordinator = coordinator
+        self.patience = patience
+        self.finished = threading.Event()  # the flood is over: stop watching
+        self.blocked = False
+        self.fullest = self.total = self.workers = 0
+        self.thread = threading.Thread(target=self.watch, name="fill-watch", daemon=True)
+
+    def start(self) -> FillWatch:
+        HOLD.clear()
+        self.thread.start()
+        return self
+
+    def watch(self) -> None:
+        coordinator, limit = self.coordinator, self.coordinator.config.mailbox_max
+        deadline = time.monotonic() + self.patience
+        pause = threading.Event()
+        try:
+            while not self.finished.is_set() and time.monotonic() < deadline:
+                if coordinator.gate.waiters:  # the producer found no room (a condition wait)
+                    loads = [w.load() for w in coordinator.iter_workers()]
+                    if max(loads) >= limit:
+                        self.blocked = True
+                        self.fullest, self.total, self.workers = max(loads), sum(loads), len(loads)
+                        return
+                pause.wait(0.001)
+        finally:
+            HOLD.set()
+
+    def stop(self) -> None:
+        self.finished.set()
+        self.thread.join(60)
+
+
 def flood(tokens: int) -> dict[str, Any]:
     coordinator = OperationsCoordinator().start()
     tally = Tally()
@@ -129,8 +180,13 @@ def flood(tokens: int) -> dict[str, Any]:
     high_water = mailbox_high = queued_high = workers = 0
     sampled_rss = 0.0
     started = time.perf_counter()
-    for i in range(tokens):
-        KINDS[i % 6](i).add_done_callback(tally)
+    watch = FillWatch(coordinator).start()
+    i = 0
+    # Past ``tokens`` while still held: the convergence engine may grow the held pools (their
+    # threads look idle) up to their limit, and filling those may take more.
+    while i < tokens or not HOLD.is_set():
+        (KINDS[i % 6] if HOLD.is_set() else heavy)(i).add_done_callback(tally)
+        i += 1
         if not i & 255:
             high_water = max(high_water, coordinator.stats().in_flight)
             sampled_rss = max(sampled_rss, rss_mb())
@@ -138,6 +194,11 @@ def flood(tokens: int) -> dict[str, Any]:
             mailbox_high = max(mailbox_high, *loads)
             queued_high = max(queued_high, sum(loads))
             workers = max(workers, len(loads))
+    tokens = i
+    watch.stop()
+    mailbox_high = max(mailbox_high, watch.fullest)
+    queued_high = max(queued_high, watch.total)
+    workers = max(workers, watch.workers)
     coordinator.stop()
     seconds = time.perf_counter() - started
     snap = coordinator.stats()
@@ -150,6 +211,7 @@ def flood(tokens: int) -> dict[str, Any]:
         "tokens_per_second": round(tokens / seconds),
         "workers": coordinator.core_count * coordinator.config.workers_per_core,
         "mailbox_max": coordinator.config.mailbox_max,
+        "producer_waited_with_mailboxes_full": watch.blocked,
         "in_flight_high_water": high_water,
         "mailbox_high_water": mailbox_high,
         "mailboxes_high_water": queued_high,
