@@ -231,7 +231,21 @@ def test_a_blocked_producer_is_notified_once_per_wait_not_once_per_completion(
 
     monkeypatch.setattr(gate, "notify", counting_notify)
     monkeypatch.setattr(gate, "wait_for", counting_wait_for)
+
+    def release_once_the_producer_waits() -> None:
+        try:
+            eventually(lambda: gate.waiters >= 1, what="the producer to wait for room")
+        finally:
+            GATE.set()
+
+    # The only worker is held until the producer waits, so it must wait at least once however
+    # fast the worker is against it; after that the worker drains a full mailbox at once.
+    held = blocker()
+    releaser = threading.Thread(target=release_once_the_producer_waits)
+    releaser.start()
     tokens = [echo(i) for i in range(5_000)]
+    releaser.join(30)
+    assert held.get(timeout=30) == "released"
     assert [t.get(timeout=30) for t in tokens] == [((i,), {}) for i in range(5_000)]
     assert counts["registrations"] > 0, "the producer never waited: the test shows nothing"
     assert counts["notify"] <= counts["registrations"], counts
