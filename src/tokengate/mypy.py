@@ -4,7 +4,8 @@ At run time a Token passed to a decorated function (directly, or inside a list, 
 is a dependency: the task runs with its value. Typed with ``ParamSpec`` alone, that call is an
 error (``Token[str]`` is not a ``str``), and no overload can say "each parameter, or a token of
 it" for an arbitrary signature. This plugin rewrites the parameters of a call of a decorated
-function (``TaskFunction.__call__`` and ``submit_async``) before mypy checks it:
+function (``TaskFunction.__call__`` and ``submit_async``, and ``OperationsCoordinator.submit`` and
+``submit_async`` given one) before mypy checks it:
 
 - ``T`` becomes ``T | Token[T]``;
 - ``list[T]`` also accepts ``list[Token[T]]`` and a list mixing values and tokens, likewise the
@@ -26,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mypy.nodes import (
+    ARG_POS,
     DictExpr,
     DictionaryComprehension,
     ListComprehension,
@@ -38,6 +40,7 @@ from mypy.types import (
     CallableType,
     FunctionLike,
     Instance,
+    Parameters,
     ParamSpecType,
     ProperType,
     TupleType,
@@ -53,6 +56,8 @@ __all__ = ["TokenGatePlugin", "plugin"]
 TOKEN = "tokengate._token.Token"
 TASK_FUNCTION = "tokengate._decorator.TaskFunction"
 _DECORATOR = "tokengate._decorator.task_token_guard"
+_COORDINATOR = "tokengate._coordinator.OperationsCoordinator"
+_SUBMITS = frozenset((f"{_COORDINATOR}.submit", f"{_COORDINATOR}.submit_async"))
 _HOOKED = frozenset((f"{TASK_FUNCTION}.__call__", f"{TASK_FUNCTION}.submit_async"))
 _SEQUENCES = frozenset(
     (
@@ -178,6 +183,50 @@ def _accept_tokens(ctx: MethodSigContext) -> FunctionLike:
     return signature.copy_modified(arg_types=lifted)
 
 
+def _submit_task(ctx: MethodSigContext) -> FunctionLike:
+    """``coordinator.submit(fn, ...)`` and ``submit_async`` with a decorated ``fn``: checked
+    against ``fn``'s own parameters, lifted as for a direct call, returning ``Token[R]``.
+
+    Without this, a call whose arguments do not fit ``fn`` falls through to the overload for
+    plain callables and is accepted as a ``Token[Token[R]]``.
+    """
+    signature = ctx.default_signature
+    if not ctx.args or len(ctx.args[0]) != 1:
+        return signature
+    task = get_proper_type(ctx.api.get_expression_type(ctx.args[0][0]))
+    if not (
+        isinstance(task, Instance) and task.type.fullname == TASK_FUNCTION and len(task.args) == 2
+    ):
+        return signature
+    params = get_proper_type(task.args[0])
+    token = _token_info(signature.ret_type)
+    if not isinstance(params, Parameters) or token is None:
+        return signature
+
+    def named(name: str, args: list[Type]) -> Instance:
+        if name == TOKEN:
+            return Instance(token, args)
+        return ctx.api.named_generic_type(name, args)
+
+    return signature.copy_modified(
+        arg_types=[task, *(_lift(t, named) for t in params.arg_types)],
+        arg_kinds=[ARG_POS, *params.arg_kinds],
+        arg_names=[None, *params.arg_names],
+        ret_type=_with_result(signature.ret_type, Instance(token, [task.args[1]])),
+        variables=[],
+    )
+
+
+def _with_result(ret: Type, result: Instance) -> Type:
+    """``ret`` with its ``Token[...]`` (itself, or a coroutine's result) replaced by ``result``."""
+    p = get_proper_type(ret)
+    if isinstance(p, Instance) and p.type.fullname == TOKEN:
+        return result
+    if isinstance(p, Instance) and p.args:
+        return p.copy_modified(args=[*p.args[:-1], result])
+    return ret
+
+
 def _typed_tags(ctx: FunctionSigContext) -> FunctionLike:
     """``tags={...}`` written as a dict display is checked as :class:`tokengate.Tags`.
 
@@ -209,7 +258,9 @@ class TokenGatePlugin(Plugin):
     def get_method_signature_hook(
         self, fullname: str
     ) -> Callable[[MethodSigContext], FunctionLike] | None:
-        return _accept_tokens if fullname in _HOOKED else None
+        if fullname in _HOOKED:
+            return _accept_tokens
+        return _submit_task if fullname in _SUBMITS else None
 
     def get_function_signature_hook(
         self, fullname: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from tokengate import task_token_guard
+from tokengate import OperationsCoordinator, task_token_guard
 
 
 @task_token_guard(operation_type="parse")
@@ -42,3 +42,9 @@ def wrong() -> None:
 
 async def wrong_async() -> None:
     await crunch.submit_async(parse(b"x"))  # E: incompatible type "Token[str]"
+
+
+async def wrong_through_the_coordinator(coordinator: OperationsCoordinator) -> None:
+    text = parse(b"x")
+    coordinator.submit(crunch, text)  # E: "Token[str]"; expected "int | Token[int]"
+    await coordinator.submit_async(crunch, text)  # E: incompatible type "Token[str]"

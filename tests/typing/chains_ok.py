@@ -82,6 +82,14 @@ async def from_asyncio() -> float:
     return await maybe(token)
 
 
+async def through_the_coordinator(coordinator: OperationsCoordinator) -> None:
+    text = parse(download("p"))
+    assert_type(coordinator.submit(crunch, text), Token[int])
+    assert_type(coordinator.submit(store, crunch(text), label=text), Token[None])
+    assert_type(await coordinator.submit_async(crunch, text), Token[int])
+    assert_type(coordinator.submit(len, "plain callables keep their own type"), Token[int])
+
+
 def main() -> None:
     with OperationsCoordinator():
         print(pipeline("p").get(timeout=10))
