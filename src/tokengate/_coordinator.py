@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from . import _runtime
+from . import _lifecycle, _runtime  # noqa: F401 (_lifecycle registers the exit hook)
 from ._admission import AdmissionGate
 from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
 from ._byte_budget import ByteBudget
@@ -114,6 +114,9 @@ class OperationsCoordinator(ObservabilityMixin):
     comes from :class:`ObservabilityMixin` (``observability/_facade.py``).
     ``backend="dask"`` (with ``address=`` for a running scheduler) or a ``Backend`` object runs
     the tokens elsewhere than the local lanes (see ``tokengate.backends``).
+
+    One still running when the main thread ends is stopped then, waiting for its tokens as
+    ``concurrent.futures`` does (``_lifecycle.py``).
     """
 
     def __init__(
@@ -477,12 +480,13 @@ class OperationsCoordinator(ObservabilityMixin):
                 return
             self._status = "stopping"
             self._accepting = False
-        if log.isEnabledFor(_INFO):
-            log.info("Stopping Operations Coordinator...")
-        engine, self._convergence = self._convergence, None  # io-lane: no resizing while stopping
         try:
-            # Inside the try: a Ctrl-C landing while the engine's thread is joined must still
-            # shut the workers down, or the coordinator stays "stopping" for good.
+            # Inside the try: a Ctrl-C landing from here on (while the engine's thread is
+            # joined, say) must still shut the workers down, or the coordinator stays
+            # "stopping" for good.
+            if log.isEnabledFor(_INFO):
+                log.info("Stopping Operations Coordinator...")
+            engine, self._convergence = self._convergence, None  # io-lane: no resizing now
             if engine is not None:
                 engine.stop()
             if cancel_pending:
@@ -499,6 +503,38 @@ class OperationsCoordinator(ObservabilityMixin):
                 )
         finally:
             self._shutdown_workers()
+
+    def _stop_at_exit(self, *, wait: bool) -> None:
+        """The interpreter is exiting and this coordinator still runs (``_lifecycle.py``):
+        stop it as ``stop()`` does, waiting for what was submitted, unless ``wait`` is False
+        (Ctrl-C already ended the wait for another coordinator). A Ctrl-C during the wait
+        discards what has not started and is raised again for the caller."""
+        if self._status != "running":
+            return
+        if not wait:
+            self.stop(cancel_pending=True, timeout=0)
+            return
+        discarded = self._stats.snapshot().discarded
+        try:
+            pending = self._stats.snapshot().in_flight
+            if pending:
+                log.warning(
+                    "the interpreter is exiting but this coordinator was not stopped: waiting "
+                    "for its %d pending tokens to finish, as concurrent.futures does (Ctrl-C "
+                    "stops waiting and discards what has not started). Call stop() yourself "
+                    "to decide: stop(cancel_pending=True) does not wait for what has not started",
+                    pending,
+                )
+            self.stop()
+        except KeyboardInterrupt:
+            if self._status == "running":  # it landed before stop() began
+                self.stop(cancel_pending=True, timeout=0)
+            log.warning(
+                "Ctrl-C while waiting at interpreter exit: %d tokens that had not started were "
+                "discarded; tasks still running were left behind",
+                self._stats.snapshot().discarded - discarded,
+            )
+            raise
 
     def _give_up_pending(self) -> None:
         self._discarding = True
@@ -724,10 +760,7 @@ class OperationsCoordinator(ObservabilityMixin):
         if self._gate._paused and not internal and self._accepting:
             self._wait_admission_paused(task.spec)
         if not self._accepting and not (internal and self._status == "stopping"):
-            raise CoordinatorNotRunning(
-                f"cannot run {task.spec.operation_type!r}: the coordinator is {self._status}; "
-                f"start one first (with OperationsCoordinator(): ... or coordinator.start())"
-            )
+            raise self._not_running(task.spec.operation_type)
         spec = task.spec
         if self._before_submit:
             for hook in self._before_submit:
@@ -809,6 +842,19 @@ class OperationsCoordinator(ObservabilityMixin):
             token._discard("stopped")
             return False
         return True
+
+    def _not_running(self, operation_type: str) -> CoordinatorNotRunning:
+        what = f"cannot run {operation_type!r}"
+        if _runtime.exiting:
+            return CoordinatorNotRunning(
+                f"{what}: the coordinator is {self._status} and the interpreter is exiting "
+                f"(running coordinators are stopped when the main thread ends); submit work "
+                f"before then"
+            )
+        return CoordinatorNotRunning(
+            f"{what}: the coordinator is {self._status}; start one first "
+            f"(with OperationsCoordinator(): ... or coordinator.start())"
+        )
 
     def _park_dependent(self, token: Token[Any], deps: list[Token[Any]], internal: bool) -> None:
         """Hold ``token`` until ``deps`` end (an external producer waits while the backlog of

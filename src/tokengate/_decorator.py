@@ -68,6 +68,12 @@ def _name_of(fn: Any) -> str:
 
 
 def _not_running(spec: TaskSpec) -> CoordinatorNotRunning:
+    if _runtime.exiting:
+        return CoordinatorNotRunning(
+            f"{spec.operation_type!r} was called while the interpreter is exiting, after the "
+            f"running coordinators were stopped (that happens when the main thread ends); "
+            f"submit work before then"
+        )
     return CoordinatorNotRunning(
         f"{spec.operation_type!r} was called with no running OperationsCoordinator. Start one "
         f"first: `with OperationsCoordinator(): ...` or `OperationsCoordinator().start()`; or, "

@@ -5,6 +5,11 @@ calls from inside a task go to the coordinator running that task and never wait 
 Every other thread uses the most recently started coordinator that is still running. The
 default coordinator (``_default.py``, opted into with ``tokengate.use_default()``) sits at the
 bottom of that stack, so any explicitly started one wins over it whenever it was started.
+
+The stack of running coordinators holds them strongly on purpose: a running coordinator is
+reachable by any decorated call in the process, so it is never garbage while it runs, however
+many references the caller dropped (like a started ``threading.Thread``). It leaves the stack
+when it stops, at the latest when the interpreter exits (``_lifecycle.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ __all__ = [
     "local",
     "pop_coordinator",
     "push_coordinator",
+    "running_coordinators",
 ]
 
 
@@ -39,6 +45,9 @@ default: Any = None
 _stack: list[Any] = []
 running_stack = _stack  # read-only outside this module: the decorator's fast path
 _lock = threading.Lock()
+# True once the interpreter began to exit and stopped the running coordinators (see
+# _lifecycle.py): the "not running" messages say so.
+exiting = False
 
 
 def current_coordinator() -> Any:
@@ -71,3 +80,9 @@ def pop_coordinator(coordinator: Any) -> None:
     with _lock:
         if coordinator in _stack:
             _stack.remove(coordinator)
+
+
+def running_coordinators() -> list[Any]:
+    """The running coordinators, the most recently started first."""
+    with _lock:
+        return _stack[::-1]

@@ -1,0 +1,169 @@
+"""What becomes of running coordinators when the interpreter exits.
+
+Interpreter exit is tested in a child interpreter (``sys.executable``) whose tasks cannot end
+before the test has seen the drain begin: they wait for a file the test creates once the child
+logged its WARNING.
+"""
+
+from __future__ import annotations
+
+import gc
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+
+from tokengate import OperationsCoordinator, task_token_guard
+
+LIMIT = 30.0  # seconds: only a broken build ever waits this long
+
+
+@task_token_guard(operation_type="lifecycle_square", tags={"weight": "light"})
+def square(x: int) -> int:
+    return x * x
+
+
+# -- interpreter exit --------------------------------------------------------------------------
+# A thread task and a process task that each leave a marker file (holding the pid that ran it)
+# once the test has created ``release``: they end during the drain at exit, never before.
+EXIT_SCRIPT = """
+import gc, logging, os, sys, time
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+from tokengate import OperationsCoordinator, task_token_guard
+
+def finish(folder, name):
+    sys.stderr.write(f"started {name}\\n")
+    sys.stderr.flush()
+    while not os.path.exists(os.path.join(folder, "release")):
+        time.sleep(0.005)
+    with open(os.path.join(folder, name), "w") as marker:
+        marker.write(str(os.getpid()))
+
+@task_token_guard(operation_type="exit_thread_task", tags={"weight": "light"})
+def thread_task(folder):
+    finish(folder, "thread.done")
+
+@task_token_guard(operation_type="exit_process_task",
+                  tags={"weight": "heavy", "executor": "process"})
+def process_task(folder):
+    finish(folder, "process.done")
+
+folder, mode = sys.argv[1], sys.argv[2]
+options = {"cores": 1, "workers_per_core": 1, "convergence": False}
+if mode == "hang":  # one thread worker: the first token runs (and never ends), the rest queue
+    coordinator = OperationsCoordinator(process_lane=False, **options).start()
+    for _ in range(4):
+        thread_task(folder)
+else:
+    coordinator = OperationsCoordinator(**options).start()
+    thread_task(folder)
+    process_task(folder)
+if mode == "drop":  # the last reference goes, and the garbage is collected
+    del coordinator
+    gc.collect()
+# The script ends here, with no stop().
+"""
+
+
+class Child:
+    """A child interpreter running ``EXIT_SCRIPT``, its stderr read line by line meanwhile."""
+
+    def __init__(self, folder: Path, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", EXIT_SCRIPT, str(folder), mode],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, fragment: str) -> str:
+        """The first line holding ``fragment``, read as the child writes it."""
+        deadline = time.monotonic() + LIMIT
+        while True:
+            found = next((line for line in self.lines if fragment in line), None)
+            if found is not None:
+                return found
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {fragment!r} in {LIMIT}s: {self.stderr}") from None
+            if line is None:
+                raise AssertionError(f"the child ended without {fragment!r}: {self.stderr}")
+            self.lines.append(line)
+
+    def wait(self) -> int:
+        code = self.proc.wait(LIMIT)
+        while (line := self._queue.get(timeout=LIMIT)) is not None:
+            self.lines.append(line)
+        return code
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop"])
+def test_interpreter_exit_drains_running_work_and_warns(tmp_path: Path, mode: str) -> None:
+    # keep: the script still holds the coordinator when it ends; drop: it dropped its last
+    # reference and collected garbage first. Either way nothing is lost.
+    child = Child(tmp_path, mode)
+    try:
+        warning = child.wait_for("pending tokens")
+        (tmp_path / "release").touch()  # only now can the tasks end
+        code = child.wait()
+    finally:
+        child.kill()
+    assert code == 0, child.stderr
+    assert warning.startswith("WARNING tokengate.coordinator: "), child.stderr
+    assert "2 pending tokens" in warning, warning
+    assert "stop(cancel_pending=True)" in warning, warning
+    assert int((tmp_path / "thread.done").read_text()) == child.proc.pid
+    ran_in = int((tmp_path / "process.done").read_text())
+    assert ran_in != child.proc.pid  # a worker process, kept alive until its task ended
+    assert "Traceback" not in child.stderr, child.stderr
+
+
+def test_ctrl_c_ends_the_wait_at_exit_and_discards_what_has_not_started(tmp_path: Path) -> None:
+    child = Child(tmp_path, "hang")  # no release ever: the running task never ends
+    try:
+        child.wait_for("started thread.done")  # the first token runs, the other three queue
+        assert "4 pending tokens" in child.wait_for("pending tokens")
+        child.proc.send_signal(signal.SIGINT)
+        code = child.wait()
+    finally:
+        child.kill()
+    assert code == 0, child.stderr
+    line = child.wait_for("Ctrl-C while waiting at interpreter exit")
+    assert line.startswith("WARNING tokengate.coordinator: "), child.stderr
+    assert "3 tokens that had not started were discarded" in line, line
+    assert not (tmp_path / "thread.done").exists()
+
+
+def test_a_stopped_coordinator_is_not_kept_alive() -> None:
+    coordinator = OperationsCoordinator(cores=1, workers_per_core=1).start()
+    assert square(3).get(timeout=LIMIT) == 9
+    coordinator.stop()
+    ref = weakref.ref(coordinator)
+    del coordinator
+    gc.collect()
+    assert ref() is None
