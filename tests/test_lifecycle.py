@@ -1,14 +1,20 @@
-"""What becomes of running coordinators when the interpreter exits.
+"""What becomes of running coordinators when the interpreter exits or the process forks.
 
 Interpreter exit is tested in a child interpreter (``sys.executable``) whose tasks cannot end
 before the test has seen the drain begin: they wait for a file the test creates once the child
-logged its WARNING.
+logged its WARNING. Fork is tested with ``os.fork`` (the child reports through a pipe and leaves
+with ``os._exit``; every read of the parent has a deadline) and a ``multiprocessing`` pool with
+the ``fork`` start method.
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import multiprocessing
+import os
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -16,11 +22,18 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tokengate import OperationsCoordinator, task_token_guard
+from tokengate import CoordinatorNotRunning, OperationsCoordinator, task_token_guard
 
+# Python 3.12+ warns when a process with threads forks (ours has the coordinator's workers):
+# that is the very situation these tests put the library in.
+FORK_WARNING = (
+    r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to "
+    r"deadlocks in the child:DeprecationWarning"
+)
 LIMIT = 30.0  # seconds: only a broken build ever waits this long
 
 
@@ -167,3 +180,120 @@ def test_a_stopped_coordinator_is_not_kept_alive() -> None:
     del coordinator
     gc.collect()
     assert ref() is None
+
+
+# -- fork ----------------------------------------------------------------------------------------
+def report_from_child(inherited: OperationsCoordinator) -> dict[str, Any]:
+    """What a forked child sees: a decorated call and a call on the inherited coordinator
+    (both must fail at once), its stop() (must return at once), and a fresh coordinator."""
+    report: dict[str, Any] = {}
+    for what, call in (
+        ("call", lambda: square(3)),
+        ("submit", lambda: inherited.submit(square, 3)),
+    ):
+        try:
+            call()
+        except CoordinatorNotRunning as exc:
+            report[what] = str(exc)
+        else:
+            report[what] = "returned a Token"
+    inherited.stop()
+    with OperationsCoordinator(cores=1, workers_per_core=1, process_lane=False):
+        report["fresh"] = square(4).get(timeout=LIMIT)
+    return report
+
+
+def in_forked_child(inherited: OperationsCoordinator) -> tuple[int, int]:
+    """Fork; the child writes its report to a pipe and leaves with ``os._exit``. Returns the
+    child's pid and the pipe's read end."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the test run
+        code = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(report_from_child(inherited)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    return pid, read_end
+
+
+@task_token_guard(operation_type="lifecycle_fork_in_task", tags={"weight": "light"})
+def fork_in_task(inherited: OperationsCoordinator) -> tuple[int, int]:
+    return in_forked_child(inherited)
+
+
+def read_report(pid: int, read_end: int) -> dict[str, Any]:
+    """The child's report, read with a deadline; the child is killed if it hangs."""
+    deadline = time.monotonic() + LIMIT
+    chunks: list[bytes] = []
+    try:
+        while True:
+            ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"the forked child reported nothing in {LIMIT}s (hung)")
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, b"".join(chunks)
+    report: dict[str, Any] = json.loads(b"".join(chunks))
+    return report
+
+
+def assert_refused_for_fork(message: str) -> None:
+    assert "forked from process" in message, message
+    assert "Start a new coordinator in this process" in message, message
+    assert "'spawn' or 'forkserver'" in message, message
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+@pytest.mark.parametrize("where", ["main thread", "inside a task"])
+def test_a_forked_child_refuses_calls_at_once_and_runs_its_own_coordinator(
+    make_coordinator: Any, where: str
+) -> None:
+    coordinator = make_coordinator(cores=1, workers_per_core=1)
+    assert square(2).get(timeout=LIMIT) == 4
+    if where == "main thread":
+        pid, read_end = in_forked_child(coordinator)
+    else:  # the child's only thread was a worker of the inherited coordinator
+        pid, read_end = fork_in_task(coordinator).get(timeout=LIMIT)
+    report = read_report(pid, read_end)
+    assert_refused_for_fork(report["call"])
+    assert "'lifecycle_square' was called" in report["call"]
+    assert f"forked from process {os.getpid()}" in report["call"]
+    assert_refused_for_fork(report["submit"])
+    assert report["fresh"] == 16
+    assert square(5).get(timeout=LIMIT) == 25  # the parent's coordinator is untouched
+
+
+def report_from_pool_worker() -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    try:
+        square(3)
+    except CoordinatorNotRunning as exc:
+        report["call"] = str(exc)
+    else:
+        report["call"] = "returned a Token"
+    with OperationsCoordinator(cores=1, workers_per_core=1, process_lane=False):
+        report["fresh"] = square(4).get(timeout=LIMIT)
+    return report
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_a_fork_pool_worker_refuses_calls_at_once_and_runs_its_own_coordinator(
+    make_coordinator: Any,
+) -> None:
+    make_coordinator(cores=1, workers_per_core=1)
+    assert square(2).get(timeout=LIMIT) == 4
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        report = pool.apply_async(report_from_pool_worker).get(timeout=LIMIT)
+    assert_refused_for_fork(report["call"])
+    assert report["fresh"] == 16
+    assert square(5).get(timeout=LIMIT) == 25

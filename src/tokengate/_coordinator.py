@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from . import _lifecycle, _runtime  # noqa: F401 (_lifecycle registers the exit hook)
+from . import _lifecycle, _runtime
 from ._admission import AdmissionGate
 from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
 from ._byte_budget import ByteBudget
@@ -116,7 +117,8 @@ class OperationsCoordinator(ObservabilityMixin):
     the tokens elsewhere than the local lanes (see ``tokengate.backends``).
 
     One still running when the main thread ends is stopped then, waiting for its tokens as
-    ``concurrent.futures`` does (``_lifecycle.py``).
+    ``concurrent.futures`` does; in a child forked from its process it refuses every call
+    (``_lifecycle.py``).
     """
 
     def __init__(
@@ -167,7 +169,10 @@ class OperationsCoordinator(ObservabilityMixin):
         self._gil = gil_enabled()
         self._warned_no_process: set[str] = set()
         self._lock = threading.Lock()
-        self._status = "new"  # new -> running -> stopping -> stopped
+        # new -> running -> stopping -> stopped; running or stopping -> forked, in a child
+        # forked from the process running it (_lifecycle.py), for good.
+        self._status = "new"
+        self._pid = os.getpid()  # the process that started it (the fork message names it)
         self._accepting = False
         self._draining = False
         # Set when stop() gives up on what has not started (cancel_pending, or the drain timed
@@ -202,6 +207,8 @@ class OperationsCoordinator(ObservabilityMixin):
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> OperationsCoordinator:
         """Start the workers; calls made from now on go to this coordinator."""
+        if self._status == "forked":  # before the lock: a parent thread may have held it
+            raise _lifecycle.fork_refusal("this coordinator cannot be started again", self._pid)
         with self._lock:
             if self._status in ("running", "stopping"):
                 raise TokenGateError(
@@ -209,6 +216,7 @@ class OperationsCoordinator(ObservabilityMixin):
                     "it again, or create a second coordinator"
                 )
             self._status = "running"
+        self._pid = os.getpid()
         cfg = self.config
         if cfg.verbose or cfg.convergence_verbose:
             self._verbose_handlers = attach_verbose_handlers(
@@ -463,6 +471,8 @@ class OperationsCoordinator(ObservabilityMixin):
         ``stop()`` on a coordinator that is not running does nothing.
         """
         timeout = check_timeout(timeout)
+        if self._status == "forked":  # the parent's workers: not ours to stop, none to wait for
+            return
         if _runtime.local.coordinator is self:
             if in_done_callback():
                 where = (
@@ -535,6 +545,13 @@ class OperationsCoordinator(ObservabilityMixin):
                 self._stats.snapshot().discarded - discarded,
             )
             raise
+
+    def _forked(self) -> None:
+        """In a forked child (``_lifecycle.py``): this coordinator's workers exist only in the
+        parent, so it refuses every call from now on. Only the forking thread exists here and
+        a lock may be held for ever: set plain attributes, take nothing."""
+        self._status = "forked"
+        self._accepting = False
 
     def _give_up_pending(self) -> None:
         self._discarding = True
@@ -845,6 +862,8 @@ class OperationsCoordinator(ObservabilityMixin):
 
     def _not_running(self, operation_type: str) -> CoordinatorNotRunning:
         what = f"cannot run {operation_type!r}"
+        if self._status == "forked":
+            return _lifecycle.fork_refusal(what, self._pid)
         if _runtime.exiting:
             return CoordinatorNotRunning(
                 f"{what}: the coordinator is {self._status} and the interpreter is exiting "

@@ -29,6 +29,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast, ove
 
 from . import _runtime
 from ._errors import ConfigError, CoordinatorNotRunning
+from ._lifecycle import fork_refusal
 from ._spec import Tags, TaskSpec, merge_tags
 from ._token import Token, check_timeout
 
@@ -68,6 +69,9 @@ def _name_of(fn: Any) -> str:
 
 
 def _not_running(spec: TaskSpec) -> CoordinatorNotRunning:
+    parent = _runtime.forked_from
+    if parent is not None:
+        return fork_refusal(f"{spec.operation_type!r} was called", parent)
     if _runtime.exiting:
         return CoordinatorNotRunning(
             f"{spec.operation_type!r} was called while the interpreter is exiting, after the "

@@ -1,4 +1,4 @@
-"""What becomes of running coordinators when the interpreter exits.
+"""What becomes of running coordinators when the interpreter exits or the process forks.
 
 **Interpreter exit.** Workers are daemon threads (a task stuck in user code must not keep the
 process alive once ``stop()`` gave up on it), so a script that ends without ``stop()`` would see
@@ -18,7 +18,17 @@ point as theirs, with the workers and the logging handlers (``logging.shutdown``
 ``atexit`` handler) alive whatever the import order; and a non-daemon thread still submitting
 is refused once the drain has begun, so it cannot hold the exit up with new work.
 
-The hook is registered once, when this module is first imported.
+**Fork.** A forked child gets a copy of the parent's memory but only the thread that forked: the
+coordinators are there, their workers, timer and event loop are not, and a lock another parent
+thread held stays held for ever. :func:`_after_fork_in_child` (``os.register_at_fork``) runs in
+the child before ``fork()`` returns there: it empties the stack of running coordinators, marks
+each as forked, so a call fails at once with ``CoordinatorNotRunning`` explaining the fork and
+the fix, and replaces the module locks a new coordinator in the child needs. It takes no lock
+and costs some tens of microseconds (nothing beside the fork itself), a single check in a process
+that never started a coordinator. A coordinator started in the child is a new one and works.
+
+Both hooks are registered once, when this module is first imported; a forked child inherits
+them along with the rest of the interpreter's state.
 """
 
 from __future__ import annotations
@@ -26,11 +36,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import threading
 
-from . import _runtime
+from . import _runtime, _token
+from ._errors import CoordinatorNotRunning
 
-__all__: list[str] = []
+__all__ = ["fork_refusal"]
 
 log = logging.getLogger("tokengate.coordinator")
 
@@ -48,6 +60,27 @@ def _stop_at_exit() -> None:
             log.exception("stopping %r at interpreter exit failed", coordinator)
 
 
+def _after_fork_in_child() -> None:
+    """In a forked child: forget the parent's running coordinators (see the module doc)."""
+    if not _runtime.started:  # no tokengate thread ever ran: nothing to forget, no lock held
+        return
+    for coordinator in _runtime.forget_after_fork():
+        coordinator._forked()
+    _token.renew_stripes()
+
+
+def fork_refusal(what: str, parent: int) -> CoordinatorNotRunning:
+    """The error for a call made in a child forked from a process with a running coordinator."""
+    return CoordinatorNotRunning(
+        f"{what}: this process ({os.getpid()}) was forked from process {parent} while an "
+        f"OperationsCoordinator was running there, and a coordinator's workers do not survive "
+        f"fork(): here it can run nothing. Start a new coordinator in this "
+        f"process (`with OperationsCoordinator(): ...`), or start child processes with the "
+        f"'spawn' or 'forkserver' method (multiprocessing.get_context('spawn')) instead of "
+        f"'fork'"
+    )
+
+
 def _register() -> None:
     register = getattr(threading, "_register_atexit", None)
     # RuntimeError: the interpreter is already exiting (first imported from an atexit handler).
@@ -56,6 +89,8 @@ def _register() -> None:
             register(_stop_at_exit)
         else:  # not CPython: atexit still runs before daemon threads are killed
             atexit.register(_stop_at_exit)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _register()

@@ -14,6 +14,7 @@ when it stops, at the latest when the interpreter exits (``_lifecycle.py``).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 __all__ = [
     "current_coordinator",
     "default_for_call",
+    "forget_after_fork",
     "inline_runner",
     "local",
     "pop_coordinator",
@@ -45,9 +47,12 @@ default: Any = None
 _stack: list[Any] = []
 running_stack = _stack  # read-only outside this module: the decorator's fast path
 _lock = threading.Lock()
-# True once the interpreter began to exit and stopped the running coordinators (see
-# _lifecycle.py): the "not running" messages say so.
+# Process-wide facts the "not running" messages explain (see _lifecycle.py): True once the
+# interpreter began to exit and stopped the running coordinators; the pid of the process whose
+# running coordinators this one inherited through fork(), until a coordinator starts here.
 exiting = False
+forked_from: int | None = None
+started = False  # a coordinator was started in this process (or the one it was forked from)
 
 
 def current_coordinator() -> Any:
@@ -69,11 +74,14 @@ def default_for_call() -> Any:
 
 
 def push_coordinator(coordinator: Any) -> None:
+    global forked_from, started
     with _lock:
         if coordinator is default:
             _stack.insert(0, coordinator)  # below every explicitly started coordinator
         else:
             _stack.append(coordinator)
+        forked_from = None  # a coordinator runs here now: calls go to it
+        started = True
 
 
 def pop_coordinator(coordinator: Any) -> None:
@@ -86,3 +94,17 @@ def running_coordinators() -> list[Any]:
     """The running coordinators, the most recently started first."""
     with _lock:
         return _stack[::-1]
+
+
+def forget_after_fork() -> list[Any]:
+    """In a forked child (only the forking thread exists): empty the stack and return what it
+    held. Takes no lock: a parent thread may have held ``_lock`` at the fork, so it is replaced."""
+    global _lock, forked_from
+    _lock = threading.Lock()
+    inherited = _stack[:]
+    _stack.clear()  # in place: the decorator holds this very list
+    local.coordinator = None  # forked from inside a task: that worker does not exist here
+    local.worker = None
+    if inherited:
+        forked_from = os.getppid()
+    return inherited

@@ -62,6 +62,15 @@ _RLock = threading.RLock
 # State changes of token k take stripe k % 64 (see Token): no lock object per token.
 _STRIPE_MASK = 63
 _STRIPES = tuple(_thread.allocate_lock() for _ in range(_STRIPE_MASK + 1))
+
+
+def renew_stripes() -> None:
+    """In a forked child: a parent thread may have held a stripe at the fork, and it would stay
+    held for ever; tokens made in the child get fresh ones (see _lifecycle.py)."""
+    global _STRIPES
+    _STRIPES = tuple(_thread.allocate_lock() for _ in range(_STRIPE_MASK + 1))
+
+
 _allocate_lock = _thread.allocate_lock
 _monotonic = time.monotonic
 _TIMEOUT_MAX = threading.TIMEOUT_MAX
