@@ -73,6 +73,12 @@ if mode == "hang":  # one thread worker: the first token runs (and never ends), 
     coordinator = OperationsCoordinator(process_lane=False, **options).start()
     for _ in range(4):
         thread_task(folder)
+elif mode == "default":  # tokengate.use_default(): draining at exit is what it is for
+    import tokengate
+    logging.getLogger("tokengate.coordinator").setLevel(logging.DEBUG)
+    tokengate.use_default(**options)
+    thread_task(folder)
+    process_task(folder)
 else:
     coordinator = OperationsCoordinator(**options).start()
     thread_task(folder)
@@ -154,6 +160,19 @@ def test_interpreter_exit_drains_running_work_and_warns(tmp_path: Path, mode: st
     ran_in = int((tmp_path / "process.done").read_text())
     assert ran_in != child.proc.pid  # a worker process, kept alive until its task ended
     assert "Traceback" not in child.stderr, child.stderr
+
+
+def test_the_default_coordinator_drains_at_exit_without_a_warning(tmp_path: Path) -> None:
+    child = Child(tmp_path, "default")
+    try:
+        child.wait_for("draining the default coordinator's 2 pending tokens at exit")
+        (tmp_path / "release").touch()
+        code = child.wait()
+    finally:
+        child.kill()
+    assert code == 0, child.stderr
+    assert (tmp_path / "thread.done").exists() and (tmp_path / "process.done").exists()
+    assert "WARNING" not in child.stderr, child.stderr
 
 
 def test_ctrl_c_ends_the_wait_at_exit_and_discards_what_has_not_started(tmp_path: Path) -> None:
@@ -297,3 +316,47 @@ def test_a_fork_pool_worker_refuses_calls_at_once_and_runs_its_own_coordinator(
     assert_refused_for_fork(report["call"])
     assert report["fresh"] == 16
     assert square(5).get(timeout=LIMIT) == 25
+
+
+# The default coordinator is process-wide state: this runs in a child interpreter, which forks.
+FORK_DEFAULT_SCRIPT = """
+import os, signal
+import tokengate
+from tokengate import CoordinatorNotRunning, OperationsCoordinator, task_token_guard
+
+@task_token_guard(operation_type="lifecycle_square", tags={"weight": "light"})
+def square(x):
+    return x * x
+
+tokengate.use_default(cores=1, workers_per_core=1, process_lane=False)
+assert square(2).get(timeout=30) == 4  # starts the default coordinator
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)  # a hung child must not outlive the test
+    try:
+        square(3)
+        print("child: returned a Token", flush=True)
+    except CoordinatorNotRunning as error:
+        print("child:", error, flush=True)
+    with OperationsCoordinator(cores=1, workers_per_core=1, process_lane=False):
+        print("child fresh:", square(4).get(timeout=30), flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("parent:", square(5).get(timeout=30), os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_a_forked_child_refuses_calls_to_the_inherited_default_coordinator() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_DEFAULT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    call, fresh, parent = done.stdout.splitlines()
+    assert call.startswith("child: 'lifecycle_square' was called: "), call
+    assert_refused_for_fork(call)
+    assert fresh == "child fresh: 16"
+    assert parent == "parent: 25 0"

@@ -527,7 +527,9 @@ class OperationsCoordinator(ObservabilityMixin):
         discarded = self._stats.snapshot().discarded
         try:
             pending = self._stats.snapshot().in_flight
-            if pending:
+            if pending and self is _runtime.default:  # what the default coordinator is for
+                log.debug("draining the default coordinator's %d pending tokens at exit", pending)
+            elif pending:
                 log.warning(
                     "the interpreter is exiting but this coordinator was not stopped: waiting "
                     "for its %d pending tokens to finish, as concurrent.futures does (Ctrl-C "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from typing import Any
 
@@ -89,6 +90,15 @@ def _start() -> Any:
                 _exit_registered = True
     # An explicit coordinator started meanwhile on another thread still wins.
     return _runtime.current_coordinator()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()  # a parent thread may have held it at the fork: held for ever
+
+
+if hasattr(os, "register_at_fork"):  # once per process, at import
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _drain_at_exit() -> None:

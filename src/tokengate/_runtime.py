@@ -70,6 +70,8 @@ def default_for_call() -> Any:
     starter = default_starter
     if starter is None or inline_runner is not None:
         return None
+    if default is not None and default._status == "forked":
+        return None  # inherited running through fork(): the caller explains (_lifecycle.py)
     return starter()
 
 
