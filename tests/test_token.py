@@ -637,4 +637,6 @@ def test_stdlib_waits_race_completion_and_cancellation_without_deadlock_or_loss(
         thread.join(60)
     assert not any(t.is_alive() for t in threads), "a waiter hung"
     assert errors == []
-    assert all(t.done() for t in tokens)
+    # The waiters covered random subsets: the tokens none of them waited on end in their own time.
+    _, not_done = cf.wait(tokens, timeout=30)
+    assert not not_done
