@@ -318,6 +318,53 @@ def test_a_fork_pool_worker_refuses_calls_at_once_and_runs_its_own_coordinator(
     assert square(5).get(timeout=LIMIT) == 25
 
 
+def pipes_held(pid: int | str) -> set[str]:
+    """The pipes (``pipe:[inode]``) process ``pid`` holds a descriptor of."""
+    found: set[str] = set()
+    folder = f"/proc/{pid}/fd"
+    for name in os.listdir(folder):
+        try:
+            target = os.readlink(f"{folder}/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_a_forked_child_holds_no_pipe_to_the_parent_s_worker_processes(
+    make_coordinator: Any,
+) -> None:
+    """A child's copy of a worker's task pipe would keep it open after the parent's stop()
+    closes its end: the worker would never see the EOF that ends it, and be killed late."""
+    coordinator = make_coordinator(cores=1, workers_per_core=1)
+    lane = coordinator.lanes["process"]
+    assert lane.wait_ready(LIMIT)
+    stdio = {
+        os.readlink(f"/proc/self/fd/{fd}")
+        for fd in (0, 1, 2)
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
+    ours = pipes_held("self")
+    shared = set().union(*(pipes_held(pid) & ours for pid in lane.pids())) - stdio
+    assert shared, "the parent holds its end of each worker process's pipes"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the test run
+        code = 1
+        try:
+            os.close(read_end)
+            held = sorted(pipes_held("self") & shared)
+            os.write(write_end, json.dumps({"held": held}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    assert read_report(pid, read_end) == {"held": []}
+
+
 # The default coordinator is process-wide state: this runs in a child interpreter, which forks.
 FORK_DEFAULT_SCRIPT = """
 import os, signal

@@ -554,6 +554,9 @@ class OperationsCoordinator(ObservabilityMixin):
         a lock may be held for ever: set plain attributes, take nothing."""
         self._status = "forked"
         self._accepting = False
+        process = self._lanes.get("process")
+        if isinstance(process, ProcessLane):
+            process.forget_after_fork()
 
     def _give_up_pending(self) -> None:
         self._discarding = True

@@ -813,6 +813,17 @@ class ProcessLane:
             self.workers.append(worker)
             self.by_core[core] = [worker]
 
+    def forget_after_fork(self) -> None:
+        """In a child forked from the process running this lane: close the child's copies of
+        the worker processes' pipes. Held there, they would keep a worker's task pipe open
+        after the parent closes its end (the worker never sees the EOF that ends it at stop(),
+        so the parent's stop() waits and kills it) and its lifeline open after the parent
+        dies. Takes no lock: only the forking thread exists in the child."""
+        for worker in self.workers:
+            child = worker._child
+            if child is not None:
+                child.close()
+
     def start(self) -> None:
         """Start every proxy thread; each starts its worker process (not waited for here)."""
         if lane_log.isEnabledFor(logging.INFO):
