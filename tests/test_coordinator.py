@@ -8,6 +8,7 @@ shared with that suite are imported from ``conformance.tasks``, its one home."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import re
@@ -24,6 +25,7 @@ from tokengate import (
     OperationsCoordinator,
     Overloaded,
     RetryPolicy,
+    TaskSpec,
     TaskTimeout,
     TokenGateError,
     Topology,
@@ -612,3 +614,21 @@ def test_get_timeout_holds_inside_a_task_too(make_coordinator: Make) -> None:
     assert waits_briefly(Box(child)).get(timeout=10) == "timed out"
     GATE.set()
     assert holder.get(timeout=10) == child.get(timeout=10) == "io"
+
+
+def _identity(x: int) -> int:
+    return x
+
+
+def test_submitting_many_partials_keeps_no_description_per_call(make_coordinator: Make) -> None:
+    """A partial is a new callable at each call: submitting a thousand must not leave a task
+    description (and its cached route) behind per call."""
+    coordinator = make_coordinator(workers_per_core=1)
+    assert coordinator.submit(functools.partial(_identity, -1)).get(timeout=30) == -1
+    gc.collect()
+    before = sum(isinstance(o, TaskSpec) for o in gc.get_objects())
+    tokens = [coordinator.submit(functools.partial(_identity, i)) for i in range(1000)]
+    assert [t.get(timeout=30) for t in tokens] == list(range(1000))
+    del tokens
+    gc.collect()
+    assert sum(isinstance(o, TaskSpec) for o in gc.get_objects()) - before < 10

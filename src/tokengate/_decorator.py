@@ -353,7 +353,22 @@ def adhoc_task(fn: Callable[..., Any]) -> TaskFunction[..., Any]:
     except (KeyError, TypeError):
         pass
     name = getattr(fn, "__name__", None) or type(fn).__name__
-    task = TaskFunction(fn, TaskSpec.from_tags(name, {}, is_async=inspect.iscoroutinefunction(fn)))
+    task = TaskFunction(fn, _adhoc_spec(name, inspect.iscoroutinefunction(fn)))
     with contextlib.suppress(TypeError):  # not weak-referenceable: just don't cache
         _adhoc[fn] = task
     return task
+
+
+# One spec per (name, async) for plain callables: a bound method or a partial is a new object
+# at every call, and the coordinator works a spec's route out once and keeps it, so a spec per
+# callable would grow that cache by one entry per call. Names are few; callables are not.
+_adhoc_specs: dict[tuple[str, bool], TaskSpec] = {}
+
+
+def _adhoc_spec(name: str, is_async: bool) -> TaskSpec:
+    spec = _adhoc_specs.get((name, is_async))
+    if spec is None:
+        spec = _adhoc_specs.setdefault(
+            (name, is_async), TaskSpec.from_tags(name, {}, is_async=is_async)
+        )
+    return spec
