@@ -5,6 +5,7 @@ The flow of one token::
     fib(30) ──> TaskFunction.__call__ ──> OperationsCoordinator._submit
         │  Token created, counted as submitted (before it can possibly finish)
         ├─> DependencyTracker.park        (tokens among the arguments: wait, holding no worker)
+        ├─> RateLimiter.hold              (its operation's rate used up: wait in its FIFO)
         ├─> StorageThrottle.try_acquire   (storage tier full: wait in the tier's FIFO)
         └─> _route: least-loaded mailbox among the weight's allowed cores, preferred core first;
                 every allowed mailbox full -> AdmissionGate (block) or Overloaded (reject)
@@ -61,6 +62,7 @@ from ._errors import (
 from ._executor import TokenGateExecutor, make_executor
 from ._logging import attach_verbose_handlers, detach_verbose_handlers, level_answers
 from ._middleware import HOOKS, Middleware, overridden
+from ._rate import RateLimiter
 from ._spec import STORAGE_TIERS, TaskSpec
 from ._stats import OperationCounters, StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
@@ -203,6 +205,8 @@ class OperationsCoordinator(ObservabilityMixin):
         self._record = self._record_terminal  # bound once: Token._finish calls it per token
         self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
         self._convergence: ConvergenceEngine | None = None  # io-lane: built at start
+        # Rate limits (``rate`` tag): buckets and FIFOs per operation, re-admitted by a timer.
+        self._rate = RateLimiter(self._call_later, on_error=self.fail_internal)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> OperationsCoordinator:
@@ -654,6 +658,7 @@ class OperationsCoordinator(ObservabilityMixin):
         count = 0
         sources: list[Any] = list(self._deps.drain())
         sources += self.throttle.drain_waiting()
+        sources += self._rate.drain_waiting()
         with self._lock:
             sources += list(self._backoff)
             sources += list(self._held)
@@ -750,6 +755,10 @@ class OperationsCoordinator(ObservabilityMixin):
 
     def _room_for(self, spec: TaskSpec, has_deps: bool, mailboxes: bool) -> bool | None:
         """True if a call of ``spec`` would be admitted now without waiting, else None."""
+        if spec.rate is not None and self._rate.waiting(spec.operation_type) >= (
+            self._backlog_bound()
+        ):
+            return None
         if self._backend is not None:  # issue 7: the backend bounds what it has in flight
             return True if self._backend.has_room(spec) else None
         bound = self._backlog_bound()
@@ -835,7 +844,7 @@ class OperationsCoordinator(ObservabilityMixin):
                 if deps:
                     self._park_dependent(token, deps, internal)
                     return token
-            if spec.storage_speed is None:  # nothing for _admit to do: route it now
+            if spec.storage_speed is None and spec.rate is None:  # nothing for _admit to do
                 self._route(token, internal, route)
             else:
                 self._admit(token, internal)
@@ -963,6 +972,10 @@ class OperationsCoordinator(ObservabilityMixin):
         self._admit(token, True)
 
     def _admit(self, token: Token[Any], internal: bool) -> None:
+        if token.spec.rate is not None and self._hold_for_rate(
+            token, internal, self._admit_internal
+        ):
+            return  # waits for its operation's rate; the RateLimiter re-admits it
         tier = token.spec.storage_speed
         if tier is not None:
             if not internal:
@@ -980,6 +993,41 @@ class OperationsCoordinator(ObservabilityMixin):
                     token._discard("stopped")
                 return  # routed by whoever releases the next permit
         self._route(token, internal)
+
+    def _hold_for_rate(
+        self, token: Token[Any], internal: bool, proceed: Callable[[Token[Any]], None]
+    ) -> bool:
+        """True if ``token`` waits for its operation's rate (``proceed(token)`` is called when
+        the bucket lets it go; a backend passes its own). An external producer first waits
+        while that operation's FIFO is as long as the mailboxes (as for a storage tier)."""
+        if not internal and not token._rate_passed:
+            name = token.spec.operation_type
+            bound = self._backlog_bound()
+            if self._rate.waiting(name) >= bound:
+                self._gate.wait_for(
+                    lambda: self._discarding or self._rate.waiting(name) < bound or None
+                )
+                if self._discarding:
+                    token._discard("stopped")
+                    return True
+        if not self._rate.hold(token, proceed):
+            return False
+        if self._closed:  # no timer will release it any more
+            token._discard("stopped")
+        return True
+
+    def _call_later(self, delay: float, callback: Callable[[], None]) -> Any:
+        timers = self._timers
+        if timers is None:
+            raise RuntimeError("timer queue is closed")
+        return timers.call_later(delay, callback)
+
+    @property
+    def rate_limiter(self) -> RateLimiter:
+        """The rate limits of ``rate``-tagged operations (their figures are in :meth:`stats`):
+        ``rate_limiter.poll(now)`` releases what is due at ``now``, a ``time.monotonic()``
+        instant; tests step time with it instead of waiting for the timer."""
+        return self._rate
 
     def _route(
         self,
@@ -1317,6 +1365,8 @@ class OperationsCoordinator(ObservabilityMixin):
         self._stats.record_discarded(spec.operation_type, spec.weight)
 
     def _after_discard(self, token: Token[Any]) -> None:
+        if token._parked == "rate":  # out of its operation's FIFO now, not when its turn comes
+            self._rate.forget(token)
         call = token._payload
         if call is not None:  # a process call that will never be sent: let its bytes go
             token._payload = None
@@ -1427,7 +1477,9 @@ class OperationsCoordinator(ObservabilityMixin):
     # -- observation ------------------------------------------------------------------------------
     def stats(self, label: str = "STATS") -> StatsSnapshot:
         """A frozen snapshot of the counts and latencies; ``str()`` of it is the seed's block."""
-        return self._stats.snapshot(label, queued_bytes=self._queued_bytes.reading())
+        return self._stats.snapshot(
+            label, queued_bytes=self._queued_bytes.reading(), rate=self._rate.stats()
+        )
 
     def tier_stats(self) -> Mapping[str, TierStats]:
         """Per storage tier: limit, running, waiting and the high-water mark of running."""

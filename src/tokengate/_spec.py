@@ -13,6 +13,7 @@ from typing import Any, Literal, TypedDict, get_args
 
 from ._errors import ConfigError
 from ._limits import MAX_WAIT_SECONDS, check_seconds
+from ._rate import Rate, parse_rate
 
 __all__ = [
     "EXECUTORS",
@@ -50,6 +51,7 @@ class Tags(TypedDict, total=False):
     dont_retry_on: _Exceptions
     deadline: float
     timeout: float
+    rate: str
 
 
 WEIGHTS: tuple[str, ...] = get_args(Weight)
@@ -64,6 +66,7 @@ TAG_NAMES: tuple[str, ...] = (
     "dont_retry_on",
     "deadline",
     "timeout",
+    "rate",
 )
 
 
@@ -130,7 +133,8 @@ class TaskSpec:
     ``retry_on`` / ``dont_retry_on`` of ``None`` likewise defer to the policy. ``deadline`` and
     ``timeout`` are checked on construction however the spec is made (``from_tags``, directly,
     ``dataclasses.replace``): every lane waits on them, so none may exceed
-    :data:`~tokengate._limits.MAX_WAIT_SECONDS`.
+    :data:`~tokengate._limits.MAX_WAIT_SECONDS`. ``rate`` is the parsed rate limit
+    (``_rate.py``), ``None`` for none.
     """
 
     operation_type: str
@@ -143,6 +147,7 @@ class TaskSpec:
     deadline: float | None = None
     timeout: float | None = None
     is_async: bool = False
+    rate: Rate | None = None
 
     def __post_init__(self) -> None:
         for tag in ("deadline", "timeout"):
@@ -199,6 +204,7 @@ class TaskSpec:
             )
         return cls(
             operation_type=operation_type,
+            rate=parse_rate(tags.get("rate"), operation_type),
             weight=weight,
             storage_speed=storage_speed,
             executor=executor,

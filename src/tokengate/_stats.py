@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokengate._histogram import LatencyHistogram
+from tokengate._rate import RateStats
 from tokengate.observability._options import format_bytes
 
 __all__ = [
@@ -41,6 +42,9 @@ __all__ = [
     "StatsShard",
     "StatsSnapshot",
 ]
+
+
+_NO_RATE = RateStats()
 
 
 class RunWatch:
@@ -151,6 +155,8 @@ class OperationStats:
 
     ``latency`` is the operation's merged histogram (for exporters: Prometheus buckets per
     operation type); a private copy, left out of ``==`` and ``repr``. Treat it as read-only.
+    For an operation with a ``rate`` tag: ``rate_waiting`` tokens wait for the rate now,
+    ``rate_delayed`` ever had to wait for it, and ``rate_wait_seconds`` is their wait in all.
     """
 
     operation_type: str
@@ -167,6 +173,9 @@ class OperationStats:
     latency_max: float
     latency_mean: float
     latency: LatencyHistogram = field(default_factory=LatencyHistogram, compare=False, repr=False)
+    rate_waiting: int = 0
+    rate_delayed: int = 0
+    rate_wait_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +186,9 @@ class StatsSnapshot:
     buckets); it is a private copy, left out of ``==`` and ``repr``. Treat it as read-only.
     ``process_queue_bytes`` is what queued process-lane calls hold now of pickled arguments
     (bounded by ``CoordinatorConfig.process_queue_bytes``), and
-    ``process_queue_bytes_high_water`` the most they ever held at once.
+    ``process_queue_bytes_high_water`` the most they ever held at once. ``rate_waiting``,
+    ``rate_delayed`` and ``rate_wait_seconds`` add up the operations' (see
+    :class:`OperationStats`): the wait for ``rate`` limits.
     """
 
     label: str
@@ -198,6 +209,9 @@ class StatsSnapshot:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram, compare=False, repr=False)
     process_queue_bytes: int = 0
     process_queue_bytes_high_water: int = 0
+    rate_waiting: int = 0
+    rate_delayed: int = 0
+    rate_wait_seconds: float = 0.0
 
     def with_label(self, label: str) -> StatsSnapshot:
         """The same numbers under another label (``[FINAL]``, a phase name, ...)."""
@@ -225,6 +239,11 @@ class StatsSnapshot:
             lines.append(
                 f"     Queued    : {format_bytes(self.process_queue_bytes)} of process-lane "
                 f"arguments  (peak {format_bytes(self.process_queue_bytes_high_water)})"
+            )
+        if self.rate_delayed:  # only once a rate limit made a token wait
+            lines.append(
+                f"     Rate wait : {self.rate_waiting} waiting now, {self.rate_delayed} waited "
+                f"({self.rate_wait_seconds:.1f}s in all)"
             )
         return "\n".join(lines)
 
@@ -417,10 +436,15 @@ class StatsRecorder:
         self._shards = alive
 
     def snapshot(
-        self, label: str = "STATS", *, queued_bytes: tuple[int, int] = (0, 0)
+        self,
+        label: str = "STATS",
+        *,
+        queued_bytes: tuple[int, int] = (0, 0),
+        rate: Mapping[str, RateStats] | None = None,
     ) -> StatsSnapshot:
         """Add up every shard into a frozen :class:`StatsSnapshot` (``queued_bytes``: the
-        process lane's queued bytes now and at most, read by the caller).
+        process lane's queued bytes now and at most; ``rate``: the rate limiter's figures per
+        operation type; both read by the caller).
 
         ``in_flight >= 0`` without stopping the writers: a token's ``submitted`` increment
         happens before its terminal one (resolved/failed/discarded), so reading the terminal
@@ -462,6 +486,7 @@ class StatsRecorder:
             h = LatencyHistogram.merged(hists[op_type])
             merged_ops.append(h)
             p50, p95, p99, lmax, lmean = _latency_summary(h)
+            waits = _NO_RATE if rate is None else rate.get(op_type, _NO_RATE)
             operations[op_type] = OperationStats(
                 operation_type=op_type,
                 weight=weights[op_type],
@@ -477,6 +502,9 @@ class StatsRecorder:
                 latency_max=lmax,
                 latency_mean=lmean,
                 latency=h,
+                rate_waiting=waits.waiting,
+                rate_delayed=waits.delayed,
+                rate_wait_seconds=waits.wait_seconds,
             )
         overall = LatencyHistogram.merged(merged_ops)
         sub = sum(o.submitted for o in operations.values())
@@ -503,4 +531,7 @@ class StatsRecorder:
             latency=overall,
             process_queue_bytes=queued_bytes[0],
             process_queue_bytes_high_water=queued_bytes[1],
+            rate_waiting=sum(o.rate_waiting for o in operations.values()),
+            rate_delayed=sum(o.rate_delayed for o in operations.values()),
+            rate_wait_seconds=sum(o.rate_wait_seconds for o in operations.values()),
         )

@@ -129,13 +129,14 @@ class Token(Future[T], Generic[T]):
     _w: list[Any] | None = None  # stdlib waiters (wait / as_completed)
     _cb: list[Callable[[Future[Any]], object]] | None = None  # done-callbacks
     _sleepers: list[Any] | None = None  # locks released when the token ends
-    _parked: str | None = None  # "deps" | "tier" | "backoff" while not runnable
+    _parked: str | None = None  # "deps" | "rate" | "tier" | "backoff" while not runnable
     _holds_permit: bool = False
     _discard_reason: str | None = None
     _deadline_at: float | None = None
     _retry_count: int = 0
     _timer: Any = None
     _payload: Any = None  # process lane: the call, pickled at submit (lanes/_wire.py)
+    _rate_passed: bool = False  # released by the RateLimiter: admitted once without a permit
     # Also class-level, to keep the token small (every slot is visited by each garbage
     # collection, and B1 keeps 100,000 tokens alive): the stdlib-facing lock (made only if a
     # helper asks), the error (only failed tokens have one) and keyword arguments (most calls

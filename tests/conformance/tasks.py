@@ -139,3 +139,10 @@ def create_json_file(directory: str, index: int) -> dict[str, Any]:
     with open(filename, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
     return {"index": index, "size_bytes": os.path.getsize(filename)}
+
+
+@task_token_guard(operation_type="rated", tags={"weight": "light", "rate": "1/h burst 2"})
+def rated(journal: Journal, label: str) -> str:
+    """At most two calls at once, then one an hour: tests step the limiter's clock instead."""
+    journal.record(label)
+    return label

@@ -9,6 +9,8 @@ as on the local backend. How each tag maps onto Dask is in the README ("Beyond o
 
 ============== =============================================================================
 weight         Dask ``priority`` (heavy 2, medium 1, light 0); FIFO within a weight
+rate           client-side: the coordinator's own RateLimiter, before a token is sent (Dask's
+               own retries of a sent task are not rate limited)
 storage_speed  a client-side permit (the coordinator's own StorageThrottle: waiting tokens are
                not sent, so they hold no worker thread) *and* a cluster-wide
                ``distributed.Semaphore`` per tier held while the body runs, so the limit holds
@@ -287,12 +289,17 @@ class DaskBackend(Backend):
 
     # -- Host: what the runner asks of the coordinator's side ----------------------------------
     def acquire(self, token: Token[Any], internal: bool) -> bool:
-        """The client-side tier permit (the coordinator's own StorageThrottle)."""
+        """The client-side rate limit and tier permit (the coordinator's own RateLimiter and
+        StorageThrottle): a token waiting for either is not sent, so it holds no worker."""
+        coordinator = self._coordinator
+        assert coordinator is not None
+        if token.spec.rate is not None and coordinator._hold_for_rate(
+            token, internal, self._rate_released
+        ):
+            return False  # sent once its operation's bucket lets it go
         tier = token.spec.storage_speed
         if tier is None or token._holds_permit:
             return True
-        coordinator = self._coordinator
-        assert coordinator is not None
         throttle = coordinator.throttle
         if not internal and throttle.waiting(tier) >= self._bound:
             bound = self._bound
@@ -331,6 +338,9 @@ class DaskBackend(Backend):
                 token._discard("stopped")
                 continue
             runner.admit(token, self, route, True)
+
+    def _rate_released(self, token: Token[Any]) -> None:
+        self.granted([token])  # admitted again: passes the rate once, then the tier permit
 
     def resized(self, tokens: list[Token[Any]]) -> None:
         """A storage limit changed: new semaphores for new tokens, then send those granted."""

@@ -48,6 +48,12 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("tokengate_tokens_in_flight", "gauge", _OP, "Tokens submitted and not yet ended."),
     ("tokengate_token_latency_seconds", "histogram", _OP,
      "Time from call to end (queueing included) of resolved and failed tokens."),
+    ("tokengate_rate_waiting", "gauge", _OP,
+     "Tokens waiting for their operation's rate limit now (holding no worker)."),
+    ("tokengate_rate_delayed", "counter", _OP,
+     "Tokens that had to wait for their operation's rate limit."),
+    ("tokengate_rate_wait_seconds", "counter", _OP,
+     "Seconds tokens waited for their operation's rate limit, in all."),
     ("tokengate_queue_depth", "gauge", ("lane", "core"),
      "Tokens waiting in the worker mailboxes of a core."),
     ("tokengate_workers", "gauge", ("lane", "core"), "Workers on a core."),
@@ -168,6 +174,10 @@ class TokenGateCollector:
             f["tokengate_tokens_discarded"].add_metric(labels, o.discarded)
             f["tokengate_tokens_retried"].add_metric(labels, o.retried)
             f["tokengate_tokens_in_flight"].add_metric(labels, o.in_flight)
+            if o.rate_delayed:  # only operations a rate limit ever held back
+                f["tokengate_rate_waiting"].add_metric(labels, o.rate_waiting)
+                f["tokengate_rate_delayed"].add_metric(labels, o.rate_delayed)
+                f["tokengate_rate_wait_seconds"].add_metric(labels, o.rate_wait_seconds)
             h = o.latency
             counts = h.cumulative_buckets(self.buckets)
             buckets = [(_le(b), n) for b, n in zip(self.buckets, counts, strict=True)]
