@@ -8,7 +8,9 @@ The flow of one token::
         ├─> RateLimiter.hold              (its operation's rate used up: wait in its FIFO)
         ├─> StorageThrottle.try_acquire   (storage tier full: wait in the tier's FIFO)
         └─> _route: least-loaded mailbox among the weight's allowed cores, preferred core first;
-                every allowed mailbox full -> AdmissionGate (block) or Overloaded (reject)
+                every allowed mailbox full -> AdmissionGate (block) or Overloaded (reject);
+                once a token of non-zero priority was routed, push_by_priority keeps mailboxes
+                sorted (higher first), else a plain append
                   │
             a lane's worker: mailbox.popleft -> run (thread lanes: claim + body) or claim, begin
                   │
@@ -62,6 +64,7 @@ from ._errors import (
 from ._executor import TokenGateExecutor, make_executor
 from ._logging import attach_verbose_handlers, detach_verbose_handlers, level_answers
 from ._middleware import HOOKS, Middleware, overridden
+from ._priority import push_by_priority
 from ._rate import RateLimiter
 from ._spec import STORAGE_TIERS, TaskSpec
 from ._stats import OperationCounters, StatsRecorder, StatsSnapshot
@@ -207,6 +210,8 @@ class OperationsCoordinator(ObservabilityMixin):
         self._convergence: ConvergenceEngine | None = None  # io-lane: built at start
         # Rate limits (``rate`` tag): buckets and FIFOs per operation, re-admitted by a timer.
         self._rate = RateLimiter(self._call_later, on_error=self.fail_internal)
+        # Set once a token of non-zero priority is routed: from then on pushes keep order.
+        self._prioritized = False
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> OperationsCoordinator:
@@ -360,6 +365,8 @@ class OperationsCoordinator(ObservabilityMixin):
             candidates = list(lane.workers)
         route = (spec, lane_name, candidates)
         routes[id(spec)] = route
+        if spec.priority:
+            self._prioritized = True
         return route
 
     # -- io-lane: the async and I/O lanes, the convergence engine ---------------------------------
@@ -817,6 +824,11 @@ class OperationsCoordinator(ObservabilityMixin):
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
         if payload is not None:
             token._payload = payload
+        priority = task._call_priority
+        if priority is not None:  # fn.options(priority=...)
+            token._priority = priority
+            if priority:
+                self._prioritized = True
         try:  # StatsRecorder.record_submitted, inline (see StatsRecorder.per_thread)
             self._stats.per_thread.shard.ops[spec.operation_type].submitted += 1
         except (AttributeError, KeyError):
@@ -1059,7 +1071,13 @@ class OperationsCoordinator(ObservabilityMixin):
                 return
         if token._parked is not None:  # only tier tokens were parked; don't touch the rest
             token._parked = None
-        best.push(token)
+        if self._prioritized:
+            moved = push_by_priority(best, token)
+            if self._closed:  # pushed after the workers were told to stop: none will run them
+                for other in moved:
+                    other._discard("stopped")
+        else:
+            best.push(token)
         if self._closed:  # pushed after the workers were told to stop: none will run it
             token._discard("stopped")
         if _routing_answers.get(_DEBUG, True) and routing_log.isEnabledFor(_DEBUG):

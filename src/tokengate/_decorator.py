@@ -30,7 +30,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast, ove
 from . import _runtime
 from ._errors import ConfigError, CoordinatorNotRunning
 from ._lifecycle import fork_refusal
-from ._spec import Tags, TaskSpec, merge_tags
+from ._spec import Tags, TaskSpec, check_priority, merge_tags
 from ._token import Token, check_timeout
 
 __all__ = ["TaskFunction", "adhoc_task", "task_token_guard"]
@@ -92,6 +92,7 @@ class TaskFunction(Generic[P, R]):
     __wrapped__: Callable[P, R]
     __qualname__: str
     __name__: str
+    _call_priority: int | None = None  # set on the variants options() returns (_submit reads it)
 
     def __init__(self, fn: Callable[P, R], spec: TaskSpec, binding: str | None = None) -> None:
         fn, found = _unwrap_method(fn)
@@ -130,6 +131,13 @@ class TaskFunction(Generic[P, R]):
         if coordinator is None:
             raise _not_running(self.spec)
         return await coordinator._submit_async(self, args, kwargs)  # type: ignore[no-any-return]
+
+    def options(self, *, priority: int) -> TaskFunction[P, R]:
+        """This task with per-call options: ``fn.options(priority=5)(x)`` submits ``fn(x)``
+        with priority 5 instead of the operation's (its ``priority`` tag, default 0). Among
+        the tokens queued for a worker, higher priority runs first, FIFO within a priority.
+        Call it, ``submit_async`` or ``map`` it like ``fn``; keep it to reuse it."""
+        return _WithOptions(self, check_priority(priority, "options(priority=...)"))
 
     def map(
         self,
@@ -224,6 +232,10 @@ class BoundTask:
             return self.__func__.map(timeout=timeout, window=window)
         return self.__func__.map(repeat(self.__self__), *iterables, timeout=timeout, window=window)
 
+    def options(self, *, priority: int) -> BoundTask:
+        """``TaskFunction.options``, still bound: ``obj.method.options(priority=5)(x)``."""
+        return BoundTask(self.__func__.options(priority=priority), self.__self__)
+
     def __getattr__(self, name: str) -> Any:  # spec, __wrapped__, __name__... of the task
         return getattr(self.__func__, name)
 
@@ -242,6 +254,24 @@ class BoundTask:
 
     def __repr__(self) -> str:
         return f"<bound {self.__func__!r} of {self.__self__!r}>"
+
+
+class _WithOptions(TaskFunction[P, R]):
+    """A task with per-call options (see :meth:`TaskFunction.options`): the same function and
+    spec, so its calls share the operation's route, statistics and rate limit. TaskFunction's
+    own code calls it (and ``submit_async``, ``map``); the coordinator reads ``_call_priority``
+    off the task it is given."""
+
+    def __init__(self, base: TaskFunction[P, R], priority: int) -> None:
+        super().__init__(base.__wrapped__, base.spec, base._binding)
+        self._base = base
+        self._call_priority = priority
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self._base.__reduce__()  # a worker process runs the body: the options stay here
+
+    def __repr__(self) -> str:
+        return f"{self._base!r}.options(priority={self._call_priority})"
 
 
 def _wait(token: Token[R], end: float | None) -> R:
@@ -309,10 +339,12 @@ def task_token_guard(
 
     ``tags``: ``weight`` (light / medium / heavy), ``storage_speed`` (SLOW / MODERATE / FAST /
     INSANE), ``executor`` (auto / thread / process), ``retries``, ``retry_on``,
-    ``dont_retry_on``, ``deadline`` and ``timeout`` (seconds). The same tags may be given as
-    keywords (``@task_token_guard("op", weight="heavy", retries=2)``), which an editor completes
-    and a type checker checks (see :class:`Tags`); a tag given both ways with two different
-    values is an error. Bad tags raise ``ConfigError`` here, at decoration time.
+    ``dont_retry_on``, ``deadline`` and ``timeout`` (seconds), ``priority`` (an int, higher
+    runs first among queued tokens) and ``rate`` (``"100/s"``, ``"5/m"``, ``"10/h burst 3"``).
+    The same tags may be given as keywords (``@task_token_guard("op", weight="heavy",
+    retries=2)``), which an editor completes and a type checker checks (see :class:`Tags`); a
+    tag given both ways with two different values is an error. Bad tags raise ``ConfigError``
+    here, at decoration time.
     """
     if callable(operation_type) and tags is None and not tag_keywords:
         raise ConfigError(

@@ -25,6 +25,7 @@ __all__ = [
     "Tags",
     "TaskSpec",
     "Weight",
+    "check_priority",
     "merge_tags",
 ]
 
@@ -51,6 +52,7 @@ class Tags(TypedDict, total=False):
     dont_retry_on: _Exceptions
     deadline: float
     timeout: float
+    priority: int
     rate: str
 
 
@@ -66,6 +68,7 @@ TAG_NAMES: tuple[str, ...] = (
     "dont_retry_on",
     "deadline",
     "timeout",
+    "priority",
     "rate",
 )
 
@@ -112,6 +115,15 @@ def _seconds(tag: str, value: Any, operation_type: str) -> float:
     return check_seconds(f"tag {tag!r} of operation {operation_type!r}", value, fix=fix)
 
 
+def check_priority(value: Any, what: str) -> int:
+    """A priority is a whole number (higher runs first among queued tokens; default 0)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"{what} must be a whole number (higher runs first, default 0), got {value!r}"
+        )
+    return value
+
+
 def _exception_types(tag: str, value: Any) -> tuple[type[BaseException], ...] | None:
     if value is None:
         return None
@@ -133,8 +145,9 @@ class TaskSpec:
     ``retry_on`` / ``dont_retry_on`` of ``None`` likewise defer to the policy. ``deadline`` and
     ``timeout`` are checked on construction however the spec is made (``from_tags``, directly,
     ``dataclasses.replace``): every lane waits on them, so none may exceed
-    :data:`~tokengate._limits.MAX_WAIT_SECONDS`. ``rate`` is the parsed rate limit
-    (``_rate.py``), ``None`` for none.
+    :data:`~tokengate._limits.MAX_WAIT_SECONDS`. ``priority`` orders queued tokens (higher
+    first, see ``_priority.py``); ``rate`` is the parsed rate limit (``_rate.py``), ``None``
+    for none.
     """
 
     operation_type: str
@@ -147,6 +160,7 @@ class TaskSpec:
     deadline: float | None = None
     timeout: float | None = None
     is_async: bool = False
+    priority: int = 0
     rate: Rate | None = None
 
     def __post_init__(self) -> None:
@@ -204,6 +218,9 @@ class TaskSpec:
             )
         return cls(
             operation_type=operation_type,
+            priority=check_priority(
+                tags.get("priority", 0), f"tag 'priority' of {operation_type!r}"
+            ),
             rate=parse_rate(tags.get("rate"), operation_type),
             weight=weight,
             storage_speed=storage_speed,

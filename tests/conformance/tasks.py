@@ -146,3 +146,8 @@ def rated(journal: Journal, label: str) -> str:
     """At most two calls at once, then one an hour: tests step the limiter's clock instead."""
     journal.record(label)
     return label
+
+
+@task_token_guard(operation_type="knob_probe", tags={"weight": "light"})
+def knob_probe() -> str:
+    return "light"

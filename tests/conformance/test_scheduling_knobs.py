@@ -1,12 +1,20 @@
-"""Rate limits on every backend: the ``rate`` tag's FIFO (stepped with ``rate_limiter.poll``)
-holds tokens before they are sent."""
+"""Rate limits and priorities on every backend: the ``rate`` tag's FIFO (stepped with
+``rate_limiter.poll``) holds tokens before they are sent, and a priority orders within a weight
+(on Dask: inside the weight's Dask ``priority``)."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
-from .conftest import Harness
-from .tasks import rated
+import pytest
+
+from conftest import eventually
+
+from .conftest import Harness, assert_counts_add_up
+from .tasks import blocker, knob_probe, rated
 
 HOUR = 3600.0
 
@@ -27,3 +35,38 @@ def test_rate_limited_tokens_wait_then_go_in_order(harness: Harness) -> None:
     assert journal.labels() == ["r0", "r1", "r2"]
     op = coordinator.stats().operations["rated"]
     assert (op.resolved, op.discarded, op.rate_delayed, op.rate_waiting) == (3, 2, 3, 0)
+
+
+@pytest.fixture
+def dask_harness(dask_cluster: Any) -> Iterator[Harness]:
+    with tempfile.TemporaryDirectory(prefix="tokengate-dask-") as tmp:
+        harness = Harness("dask", dask_cluster, tmp)
+        yield harness
+        for coordinator in harness.made:
+            coordinator.stop(cancel_pending=True, timeout=10)
+            assert_counts_add_up(coordinator)
+
+
+def test_a_priority_orders_within_its_weight_on_dask(dask_harness: Harness) -> None:
+    coordinator = dask_harness.coordinator()
+    gate = dask_harness.gate()
+    heavy = blocker(gate)
+    first, soon, later = (
+        knob_probe(),
+        knob_probe.options(priority=7)(),
+        knob_probe.options(priority=-3)(),
+    )
+    backend: Any = coordinator.backend
+    keys = [backend._runner.key_of(t) for t in (heavy, first, soon, later)]
+
+    def priorities(dask_scheduler: Any) -> dict[str, float]:
+        return {k: -dask_scheduler.tasks[k].priority[0] for k in keys if k in dask_scheduler.tasks}
+
+    probe = dask_harness.cluster.probe_client
+    eventually(lambda: len(probe.run_on_scheduler(priorities)) == 4)
+    sent = probe.run_on_scheduler(priorities)
+    assert sent[keys[0]] == 2 and sent[keys[1]] == 0
+    assert 0 < sent[keys[2]] < 0.5 and -0.5 < sent[keys[3]] < 0
+    gate.set()
+    assert [t.get(timeout=30) for t in (first, soon, later)] == ["light"] * 3
+    assert heavy.get(timeout=30) == "released"

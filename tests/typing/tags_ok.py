@@ -27,3 +27,12 @@ def c() -> None: ...
 
 @task_token_guard("d", UNTYPED)
 def d() -> None: ...
+
+
+@task_token_guard("e", rate="5/m burst 2", priority=3)
+def e(x: int) -> int:
+    return x
+
+
+URGENT = e.options(priority=9)
+later = URGENT(1)

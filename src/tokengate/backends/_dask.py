@@ -9,6 +9,8 @@ as on the local backend. How each tag maps onto Dask is in the README ("Beyond o
 
 ============== =============================================================================
 weight         Dask ``priority`` (heavy 2, medium 1, light 0); FIFO within a weight
+priority       orders within a weight (the tag, or ``fn.options(priority=...)``), sent as part
+               of Dask's ``priority`` (below the weight's level)
 rate           client-side: the coordinator's own RateLimiter, before a token is sent (Dask's
                own retries of a sent task are not rate limited)
 storage_speed  a client-side permit (the coordinator's own StorageThrottle: waiting tokens are

@@ -81,6 +81,19 @@ _STOP = object()
 PRIORITIES = {"heavy": 2, "medium": 1, "light": 0}
 
 
+def dask_priority(level: int, token: Token[Any]) -> float:
+    """The Dask ``priority`` of ``token``: its weight's level (heavy 2, medium 1, light 0), and
+    within it the token's own priority (``fn.options(priority=...)``, else its ``priority``
+    tag), squeezed into the open interval (-0.5, 0.5) so it never crosses a weight; the order
+    stays exact for priorities up to about ten million either way."""
+    own = token._priority
+    if own is None:
+        own = token.spec.priority
+    if not own:
+        return level
+    return level + own / (2 * (abs(own) + 1))
+
+
 class Host(Protocol):
     """Who owns the tokens a runner settles: the coordinator's backend, or a worker TaskScope."""
 
@@ -270,7 +283,7 @@ class Runner:
                 *parts,
                 key=key,
                 retries=route.retries,
-                priority=route.priority,
+                priority=dask_priority(route.priority, token),
                 pure=False,
             )
         except Exception as exc:  # Dask pickles here: never leave the token without an end
@@ -283,11 +296,11 @@ class Runner:
         if routing_log.isEnabledFor(_DEBUG):
             tier = route.tier
             routing_log.debug(
-                "[ROUTING] Token %s (%s) → Pos %d (Dask, priority %d%s)",
+                "[ROUTING] Token %s (%s) → Pos %d (Dask, priority %g%s)",
                 token.id,
                 route.spec.weight,
                 token.seq,
-                route.priority,
+                dask_priority(route.priority, token),
                 f", {tier[0]}" if tier else "",
             )
 
