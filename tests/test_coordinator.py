@@ -13,6 +13,7 @@ import gc
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -632,3 +633,50 @@ def test_submitting_many_partials_keeps_no_description_per_call(make_coordinator
     del tokens
     gc.collect()
     assert sum(isinstance(o, TaskSpec) for o in gc.get_objects()) - before < 10
+
+
+class _Owner:
+    def value(self, x: int) -> int:
+        return x
+
+
+def test_callables_given_to_submit_are_not_kept_alive(make_coordinator: Make) -> None:
+    """coordinator.submit keeps no reference to a plain callable once its token is done and
+    dropped: not to a lambda, not to a bound method's instance."""
+    coordinator = make_coordinator(workers_per_core=1)
+    owners = [_Owner() for _ in range(5)]
+    refs = [weakref.ref(owner) for owner in owners]
+    assert [coordinator.submit(o.value, i).get(timeout=30) for i, o in enumerate(owners)] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    fn = lambda x: x + 1  # noqa: E731
+    fn_ref = weakref.ref(fn)
+    assert coordinator.submit(fn, 1).get(timeout=30) == 2
+    del owners, fn
+    gc.collect()
+    assert [r() for r in refs] == [None] * 5
+    assert fn_ref() is None
+
+
+@task_token_guard(operation_type="first_leaf", tags={"weight": "light"})
+def first_leaf(value: Any) -> Any:
+    while type(value) is list:
+        value = value[0]
+    return value
+
+
+def test_an_argument_sharing_its_parts_is_scanned_once_per_part(make_coordinator: Make) -> None:
+    """``x = [x, x]`` forty times is 41 lists but 2**40 paths: the dependency scan must walk
+    each list once (as the substitution does), or the call never returns."""
+    make_coordinator(workers_per_core=1)
+    plain: Any = [7]
+    with_token: Any = [first_leaf(8)]
+    for _ in range(40):
+        plain = [plain, plain]
+        with_token = [with_token, with_token]
+    assert first_leaf(plain).get(timeout=30) == 7
+    assert first_leaf(with_token).get(timeout=30) == 8

@@ -191,6 +191,55 @@ def test_ctrl_c_ends_the_wait_at_exit_and_discards_what_has_not_started(tmp_path
     assert not (tmp_path / "thread.done").exists()
 
 
+# A non-daemon thread still running after the exit drain (the interpreter joins such threads
+# after it): main_thread().join() returns once the main thread has finished, drain included.
+LATE_START_SCRIPT = """
+import threading
+import tokengate
+from tokengate import CoordinatorNotRunning, OperationsCoordinator, task_token_guard
+
+@task_token_guard(operation_type="late_square", tags={"weight": "light"})
+def square(x):
+    return x * x
+
+def late():
+    threading.main_thread().join()
+    for what, attempt in (
+        ("start", lambda: OperationsCoordinator(process_lane=False).start()),
+        ("default", lambda: square(3)),
+    ):
+        try:
+            attempt()
+        except CoordinatorNotRunning as exc:
+            print(what, "refused:", exc, flush=True)
+        else:
+            print(what, "ACCEPTED", flush=True)
+
+tokengate.use_default(cores=1, workers_per_core=1, process_lane=False)
+assert square(2).get(timeout=30) == 4
+threading.Thread(target=late).start()
+"""
+
+
+def test_nothing_starts_after_the_exit_drain() -> None:
+    """Work accepted once running coordinators were drained at exit would be lost unrun: a
+    coordinator (the default one included) refuses to start then."""
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_START_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(" ")[:2] for line in lines] == [
+        ["start", "refused:"],
+        ["default", "refused:"],
+    ]
+    assert "interpreter is exiting" in lines[0] and "at interpreter exit" in lines[1]
+
+
 def test_a_stopped_coordinator_is_not_kept_alive() -> None:
     coordinator = OperationsCoordinator(cores=1, workers_per_core=1).start()
     assert square(3).get(timeout=LIMIT) == 9

@@ -242,6 +242,44 @@ def test_a_partial_of_an_async_function_runs_on_the_event_loop(make_coordinator:
     assert ran_on(partial(1), "async") == 11
 
 
+class AsyncAdder:
+    def __init__(self, by: int) -> None:
+        self.by = by
+
+    async def __call__(self, x: int) -> int:
+        await asyncio.sleep(0)
+        return x + self.by
+
+
+def test_a_callable_object_with_an_async_call_runs_on_the_event_loop(
+    make_coordinator: Make,
+) -> None:
+    coordinator = started(make_coordinator, "async")
+    adder = task_token_guard("async_callable", {})(AsyncAdder(100))
+    assert adder.spec.is_async
+    assert ran_on(adder(1), "async") == 101
+    assert ran_on(coordinator.submit(AsyncAdder(10), 1), "async") == 11  # undecorated too
+
+
+@lanes("thread", "process")
+def test_decorated_methods_given_to_submit_and_executors_run_bound(
+    make_coordinator: Make, lane: str
+) -> None:
+    """A decorated method read from an instance or a class is submitted as the task it is
+    (its tags, what it is bound to), not wrapped as a plain callable whose run returns a
+    Token of a nested call."""
+    coordinator = started(make_coordinator, lane)
+    methods = methods_class(lane)
+    obj = methods(5)
+    assert ran_on(coordinator.submit(obj.method, 2), lane) == 7
+    assert ran_on(coordinator.submit(methods.klass, 2), lane) == 20
+    assert ran_on(asyncio.run(coordinator.submit_async(obj.method, 3)), lane) == 8
+    executor = coordinator.executor(executor="thread")
+    assert executor.submit(obj.method, 2).result(timeout=30) == 7
+    assert list(executor.map(obj.method, [1, 2, 3], chunksize=2)) == [6, 7, 8]
+    assert list(executor.map(obj.klass, [1, 2])) == [10, 20]
+
+
 def test_a_method_task_is_still_refused_when_decorated_twice() -> None:
     with pytest.raises(TokenGateError, match="already decorated"):
         task_token_guard("twice", {})(staticmethod(pt.square))  # type: ignore[arg-type]

@@ -218,6 +218,13 @@ class OperationsCoordinator(ObservabilityMixin):
         """Start the workers; calls made from now on go to this coordinator."""
         if self._status == "forked":  # before the lock: a parent thread may have held it
             raise _lifecycle.fork_refusal("this coordinator cannot be started again", self._pid)
+        if _runtime.exiting:  # the exit drain ran already: nothing would wait for this one
+            raise CoordinatorNotRunning(
+                "cannot start a coordinator while the interpreter is exiting: running "
+                "coordinators were drained already and nothing would wait for this one's work "
+                "(as concurrent.futures refuses new work after interpreter shutdown). Start it "
+                "before the main thread ends, and stop() it (or use `with`) before then"
+            )
         with self._lock:
             if self._status in ("running", "stopping"):
                 raise TokenGateError(
@@ -688,9 +695,9 @@ class OperationsCoordinator(ObservabilityMixin):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Token[Any]:
         """Submit ``fn(*args, **kwargs)``; a decorated function keeps its tags, any other
         callable runs as a light task named after the function."""
-        from ._decorator import TaskFunction, adhoc_task
+        from ._decorator import adhoc_task
 
-        task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
+        task, args = adhoc_task(fn, args)
         return self._submit(task, args, kwargs, _runtime.local.coordinator is self)
 
     # -- io-lane: submission from asyncio code ------------------------------------------------
@@ -703,9 +710,9 @@ class OperationsCoordinator(ObservabilityMixin):
         for the result. Calls made on the coordinator's own threads and loop never wait. With
         ``admission='reject'`` a full mailbox raises ``Overloaded`` at once, as ``submit`` does.
         """
-        from ._decorator import TaskFunction, adhoc_task
+        from ._decorator import adhoc_task
 
-        task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
+        task, args = adhoc_task(fn, args)
         return await self._submit_async(task, args, kwargs)
 
     async def _submit_async(

@@ -14,14 +14,12 @@ body, and gets a name made from its type, since it has none of its own.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import inspect
 import sys
 import time
 import types
-import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from itertools import repeat
@@ -363,7 +361,7 @@ def task_token_guard(
             raise ConfigError(
                 f"task_token_guard decorates functions, got {type(fn).__name__} {fn!r}"
             )
-        is_async = inspect.iscoroutinefunction(raw)
+        is_async = is_async_callable(raw)
         spec = TaskSpec.from_tags(operation_type, merged, is_async=is_async)
         return TaskFunction(raw, spec, binding)
 
@@ -371,36 +369,49 @@ def task_token_guard(
     return cast(_Decorator, decorate)
 
 
-_adhoc: weakref.WeakKeyDictionary[Callable[..., Any], TaskFunction[..., Any]] = (
-    weakref.WeakKeyDictionary()
-)
+def is_async_callable(fn: Callable[..., Any]) -> bool:
+    """True if calling ``fn`` returns a coroutine to await: an ``async def`` (or a partial of
+    one), or an object whose ``__call__`` is an ``async def``."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if inspect.isroutine(fn):
+        return False
+    return inspect.iscoroutinefunction(type(fn).__call__)  # an object with async __call__
 
 
-def adhoc_task(fn: Callable[..., Any]) -> TaskFunction[..., Any]:
-    """A light task for a plain callable given to ``coordinator.submit`` (cached per callable)."""
+def adhoc_task(
+    fn: Callable[..., Any], args: tuple[Any, ...]
+) -> tuple[TaskFunction[..., Any], tuple[Any, ...]]:
+    """The task and arguments that run ``fn(*args)`` given to ``coordinator.submit``.
+
+    A decorated function keeps its tags, and a decorated method read from an instance or a
+    class passes what it is bound to first. Any other callable runs as a light task named after
+    it: one task per name, which takes the callable as its first argument. Partials and bound
+    methods are new objects at every call, so a task per callable would keep each one (and
+    what it is bound to) alive in a cache, and grow the coordinator's route cache per call.
+    """
+    if isinstance(fn, TaskFunction):
+        return fn, args
+    if isinstance(fn, BoundTask):
+        return fn.__func__, (fn.__self__, *args)
     if not callable(fn):
         raise ConfigError(f"submit() needs a callable, got {type(fn).__name__} {fn!r}")
-    try:
-        return _adhoc[fn]
-    except (KeyError, TypeError):
-        pass
     name = getattr(fn, "__name__", None) or type(fn).__name__
-    task = TaskFunction(fn, _adhoc_spec(name, inspect.iscoroutinefunction(fn)))
-    with contextlib.suppress(TypeError):  # not weak-referenceable: just don't cache
-        _adhoc[fn] = task
-    return task
+    is_async = is_async_callable(fn)
+    task = _adhoc.get((name, is_async))
+    if task is None:
+        body = _await_plain if is_async else _call_plain
+        spec = TaskSpec.from_tags(name, {}, is_async=is_async)
+        task = _adhoc.setdefault((name, is_async), TaskFunction(body, spec))
+    return task, (fn, *args)
 
 
-# One spec per (name, async) for plain callables: a bound method or a partial is a new object
-# at every call, and the coordinator works a spec's route out once and keeps it, so a spec per
-# callable would grow that cache by one entry per call. Names are few; callables are not.
-_adhoc_specs: dict[tuple[str, bool], TaskSpec] = {}
+_adhoc: dict[tuple[str, bool], TaskFunction[..., Any]] = {}
 
 
-def _adhoc_spec(name: str, is_async: bool) -> TaskSpec:
-    spec = _adhoc_specs.get((name, is_async))
-    if spec is None:
-        spec = _adhoc_specs.setdefault(
-            (name, is_async), TaskSpec.from_tags(name, {}, is_async=is_async)
-        )
-    return spec
+def _call_plain(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+async def _await_plain(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    return await fn(*args, **kwargs)

@@ -79,7 +79,7 @@ def _start() -> Any:
         if coordinator is None:  # (the starter is set only once it exists)
             return _runtime.current_coordinator()
         if not coordinator.running:
-            if _exiting:
+            if _exiting or _runtime.exiting:
                 raise CoordinatorNotRunning(
                     "the default coordinator was stopped at interpreter exit; a call made now "
                     "(from an atexit handler or a thread still running) cannot start it again"

@@ -32,6 +32,7 @@ __all__ = ["DependencyTracker", "find_dependencies", "replace_tokens", "substitu
 
 _CONTAINERS = (list, tuple, dict)
 _TRACK_DEPTH = 32  # from this nesting depth on, the scan remembers containers (cycles)
+_TRACK_AFTER = 256  # after this many containers too (shared ones: ``x = [x, x]`` over and over)
 log = logging.getLogger("tokengate.dependencies")
 
 
@@ -40,17 +41,20 @@ def _collect(root: Any, out: list[Token[Any]]) -> None:
 
     A loop over a stack of iterators, not recursion: an argument nested thousands deep (a
     linked list made of pairs, say) is an ordinary value, and must not end the call with a
-    bare ``RecursionError``. Below ``_TRACK_DEPTH`` levels the containers met are remembered and
-    each is looked into once, so one that holds itself ends the walk too (shallow ones, the
-    usual case, cost no bookkeeping).
+    bare ``RecursionError``. Below ``_TRACK_DEPTH`` levels, or past ``_TRACK_AFTER`` containers,
+    the containers met are remembered and each is looked into once, so one that holds itself
+    ends the walk, and one shared by many places (a value built as ``x = [x, x]`` twenty times
+    has a million paths) is walked once. Small values, the usual case, cost no bookkeeping.
     """
     stack = [iter(root.values() if type(root) is dict else root)]
     seen: set[int] | None = None
+    walked = 0
     while stack:
         for item in stack[-1]:
             kind = type(item)
             if kind is list or kind is tuple or kind is dict:
-                if len(stack) >= _TRACK_DEPTH:
+                walked += 1
+                if len(stack) >= _TRACK_DEPTH or walked > _TRACK_AFTER:
                     if seen is None:
                         seen = set()
                     elif id(item) in seen:

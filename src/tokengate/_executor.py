@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -42,7 +43,7 @@ from concurrent.futures import Executor, Future, wait
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _runtime
-from ._decorator import TaskFunction
+from ._decorator import BoundTask, TaskFunction
 from ._errors import ConfigError, InitializerFailed, SerializationError
 from ._spec import TaskSpec
 from ._token import Token, check_timeout
@@ -263,6 +264,10 @@ class TokenGateExecutor(Executor):
     # -- submission -----------------------------------------------------------------------------
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)`` to run once; returns its Token (a ``Future``)."""
+        if isinstance(fn, BoundTask):  # a decorated method read from an instance or a class
+            task = fn.__func__
+            call = _Call(task.__wrapped__, (fn.__self__, *args), kwargs, self._init)
+            return self._submit(self._task_for(task), call)
         if isinstance(fn, TaskFunction):
             return self._submit(self._task_for(fn), _Call(fn.__wrapped__, args, kwargs, self._init))
         return self._submit(self._task_for(fn), _Call(fn, args, kwargs, self._init))
@@ -374,8 +379,12 @@ class TokenGateExecutor(Executor):
         if chunksize == 1:
             futures = [self.submit(fn, *args) for args in items]
             return self._results(futures, end, chunked=False)
-        raw = fn.__wrapped__ if isinstance(fn, TaskFunction) else fn
-        task = self._task_for(fn, "[chunk]")
+        if isinstance(fn, BoundTask):  # a decorated method: its task, with what it is bound to
+            raw: Callable[..., Any] = functools.partial(fn.__func__.__wrapped__, fn.__self__)
+            task = self._task_for(fn.__func__, "[chunk]")
+        else:
+            raw = fn.__wrapped__ if isinstance(fn, TaskFunction) else fn
+            task = self._task_for(fn, "[chunk]")
         chunks = iter(lambda: list(itertools.islice(items, chunksize)), [])
         futures = [
             self._submit(task, _Call(_run_chunk, (raw, chunk), {}, self._init)) for chunk in chunks

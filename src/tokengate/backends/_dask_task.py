@@ -307,7 +307,7 @@ class TaskScope:
         return _default_config
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Token[Any]:
-        task = fn if isinstance(fn, TaskFunction) else adhoc_task(fn)
+        task, args = adhoc_task(fn, args)
         return self._submit(task, args, kwargs, True)
 
     def _submit(

@@ -301,10 +301,14 @@ class _Child:
             return self.proc.wait()
 
     def close(self) -> None:
+        """Close this process's descriptors, once: a number closed twice may by then belong
+        to another file (a fork can run ``close`` again in the child, see ``ProcessLane``)."""
         self.close_tasks()
         pidfd, self.pidfd = self.pidfd, None
-        for fd in (self.results, pidfd, self.lifeline):
-            if fd is not None:
+        results, self.results = self.results, -1
+        lifeline, self.lifeline = self.lifeline, None
+        for fd in (results, pidfd, lifeline):
+            if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
