@@ -171,14 +171,16 @@ def test_timeout_raises_and_cancels_what_has_not_started(one_worker: OperationsC
     results = gated.map(source, itertools.repeat(run), timeout=0.05, window=4)
     with pytest.raises(TimeoutError):
         next(results)
-    assert run.started.is_set() or run.ran == []
     assert source.pulled == 4  # the window, not the whole input
-    # Items 1..3 never started: leaving on the timeout discarded them.
-    assert op_counts(one_worker, "gated")[3] == 3
+    # Leaving on the timeout discarded every item that had not started: 1..3, and item 0 too
+    # if the worker had not begun it within the timeout (a slow machine may not have).
+    discarded = op_counts(one_worker, "gated")[3]
+    assert discarded in (3, 4)
+    started = 4 - discarded
     run.gate.set()
     eventually(lambda: one_worker.stats().in_flight == 0, what="the blocked item to finish")
-    assert op_counts(one_worker, "gated") == (4, 1, 0, 3)
-    assert run.ran == [0]
+    assert op_counts(one_worker, "gated") == (4, started, 0, 4 - started)
+    assert run.ran == [0] * started
 
 
 def test_timeout_on_a_queued_token_cancels_it_too(one_worker: OperationsCoordinator) -> None:
