@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # one mypy run, a few seconds
+# One cold mypy run (seconds on an idle machine; it may take a minute on a loaded one).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 api = pytest.importorskip("mypy.api")
 
 HERE = Path(__file__).parent / "typing"
