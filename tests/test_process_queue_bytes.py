@@ -270,3 +270,24 @@ def test_the_queued_bytes_are_exported_to_prometheus(one_worker: Make, held: Hel
     assert queued.get(timeout=30) == SIZE
     assert read("tokengate_process_queue_bytes") == 0
     assert read("tokengate_process_queue_high_water_bytes") > SIZE
+
+
+def test_a_done_callback_of_a_cancelled_call_finds_the_room_that_call_held(
+    one_worker: Make, held: Held
+) -> None:
+    coordinator = one_worker(process_queue_bytes=int(SIZE * 1.5))  # one call fits, not two
+    held.hold(coordinator)
+    queued = pt.length(DATA)
+    made: list[Token[int]] = []
+    queued.add_done_callback(lambda _: made.append(pt.length(DATA)))  # resubmit on cancel
+    thread, out = in_thread(queued.cancel)
+    eventually(
+        lambda: not thread.is_alive() or coordinator.gate.waiters > 0,
+        what="cancel() to return or its callback to wait for room",
+    )
+    assert coordinator.gate.waiters == 0, "the callback waits for room its own token holds"
+    thread.join(30)
+    assert not thread.is_alive() and out == [True] and len(made) == 1
+    held.open()
+    assert made[0].get(timeout=30) == SIZE
+    assert queued_bytes(coordinator) == 0

@@ -458,8 +458,10 @@ class Token(Future[T], Generic[T]):
             self._wake_all("add_cancelled")
         finally:
             self._unlock(cond)
-        self._invoke_callbacks()
+        # What the token held (queued bytes, a storage permit, a held slot) goes back before
+        # any user callback runs: a callback that submits may need exactly that room.
         self._coordinator._after_discard(self)
+        self._invoke_callbacks()
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
