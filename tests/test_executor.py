@@ -395,6 +395,67 @@ def test_max_workers_in_the_process_flavour(
     assert coordinator.stats().process_queue_bytes == 0  # every held call's bytes came back
 
 
+class Pickled:
+    """An argument that counts its picklings (it arrives in the worker as ``data``) and can
+    cancel a Future while it is being pickled, the moment a held call is let go."""
+
+    count = 0
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.cancel: Future[Any] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        Pickled.count += 1
+        if self.cancel is not None:
+            self.cancel.cancel()
+        return (bytes, (self.data,))
+
+
+@needs_processes
+def test_calls_held_by_max_workers_hold_no_pickled_copy_of_their_arguments(
+    make_coordinator: Callable[..., OperationsCoordinator], tmp_path: Path
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1, process_queue_bytes=10_000)
+    ex = coordinator.executor(executor="process", max_workers=1)
+    marker, gate = tmp_path / "holding", tmp_path / "gate"
+    first = ex.submit(pt.hold_until_open, str(marker), str(gate))
+    eventually(marker.exists, timeout=30, what="the worker process to be held")
+    Pickled.count = 0
+    args = [Pickled(b"x" * 5_000) for _ in range(20)]  # 100 KB, ten times the byte budget
+    held = [ex.submit(pt.plain_length, arg) for arg in args]
+    unpicklable = ex.submit(pt.plain_length, [1, threading.Lock()])
+    assert Pickled.count == 0  # held: references only, nothing pickled yet
+    gate.touch()
+    assert first.result(timeout=30) == "released"
+    assert [f.result(timeout=30) for f in held] == [5_000] * 20
+    assert Pickled.count == 20  # each pickled once, when let go
+    error = unpicklable.exception(timeout=30)  # pickled when let go: the Future says why
+    assert isinstance(error, SerializationError) and "argument 1[1]" in str(error)
+    assert coordinator.stats().process_queue_bytes == 0
+    assert_counts_add_up(coordinator)
+
+
+@needs_processes
+def test_a_held_call_cancelled_as_it_is_let_go_gives_its_bytes_back(
+    make_coordinator: Callable[..., OperationsCoordinator], tmp_path: Path
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1)
+    ex = coordinator.executor(executor="process", max_workers=1)
+    marker, gate = tmp_path / "holding", tmp_path / "gate"
+    first = ex.submit(pt.hold_until_open, str(marker), str(gate))
+    eventually(marker.exists, timeout=30, what="the worker process to be held")
+    arg = Pickled(b"x" * 100_000)
+    held = ex.submit(pt.plain_length, arg)
+    arg.cancel = held  # cancelled between its pickling and its charge to the byte budget
+    after = ex.submit(pt.plain_length, b"y")
+    gate.touch()
+    assert first.result(timeout=30) == "released" and after.result(timeout=30) == 1
+    assert held.cancelled()
+    assert coordinator.stats().process_queue_bytes == 0  # the charge did not outlive the call
+    assert_counts_add_up(coordinator)
+
+
 @pytest.mark.parametrize("cancel_pending", [False, True])
 def test_stop_drains_or_discards_held_calls(
     make_coordinator: Callable[..., OperationsCoordinator], cancel_pending: bool

@@ -24,6 +24,8 @@ time) stayed near 20 MB. This budget bounds the bytes as well::
   (``ProcessCall.held``), so the releases of racing paths never count twice, and the total
   returns to 0 whenever no call waits. A retried call is charged again while it waits.
 * Only the arguments are counted: the pickled function is made once per task and shared.
+* A call held back by its submitter (an executor's ``max_workers``) is not pickled until it is
+  let go, and is charged from then on: held calls keep references, not pickled copies.
 
 Pickling later (at hand-off, as ``ProcessPoolExecutor`` does) was the alternative; it would
 have to pickle every call twice to keep the promise that an unpicklable argument raises from the
@@ -90,6 +92,8 @@ class ByteBudget:
     def release(self, call: ProcessCall) -> None:
         """Give back what ``call`` holds (nothing if it holds nothing) and wake the producers
         waiting for room (the gate's register-then-re-check order loses no wake-up)."""
+        if not call.held:  # the common case, unlocked: only the thread that charged sets it
+            return
         with self._lock:
             size = call.held
             if not size:

@@ -44,7 +44,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from . import _lifecycle, _runtime
@@ -58,6 +58,7 @@ from ._errors import (
     ConfigError,
     CoordinatorNotRunning,
     Overloaded,
+    SerializationError,
     TaskTimeout,
     TokenGateError,
 )
@@ -725,7 +726,10 @@ class OperationsCoordinator(ObservabilityMixin):
         mailboxes = not self._reject
         # A process-lane call is pickled first (an unpicklable argument raises here), so that
         # the wait below can include room for its bytes; it is charged when it finds room.
-        call = self._process_call(task, args, kwargs, has_deps)
+        # With admission='reject' nothing waits for bytes: _submit pickles and charges it.
+        call = None
+        if not self._reject and self._backend is None:
+            call = self._process_call(task, args, kwargs, self._route_for(spec), has_deps)
         budget = self._queued_bytes
 
         def room() -> bool | None:
@@ -749,22 +753,27 @@ class OperationsCoordinator(ObservabilityMixin):
                 budget.release(call)
             raise
 
+    def _route_for(self, spec: TaskSpec) -> tuple[TaskSpec, str, list[Worker]]:
+        """The cached route of ``spec`` (worked out on first use, or after workers changed)."""
+        route = self._routes.get(id(spec))
+        if route is None or route[0] is not spec:
+            route = self._route_of(spec)
+        return route
+
     def _process_call(
         self,
         task: TaskFunction[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        has_deps: bool,
+        route: tuple[TaskSpec, str, list[Worker]],
+        has_deps: bool | None = None,
     ) -> ProcessCall | None:
-        """The pickled call if ``task`` runs in the process lane, else None."""
-        if self._backend is not None:
-            return None
-        spec = task.spec
-        route = self._routes.get(id(spec))
-        if route is None or route[0] is not spec:
-            route = self._route_of(spec)
+        """The pickled call if ``route`` is the process lane, else None (raises
+        ``SerializationError``). Arguments holding tokens are pickled once resolved."""
         if route[1] != "process":
             return None
+        if has_deps is None:
+            has_deps = bool((args or kwargs) and find_dependencies(args, kwargs))
         return prepare_call(task, args, kwargs, has_dependencies=has_deps)
 
     def _room_for(self, spec: TaskSpec, has_deps: bool, mailboxes: bool) -> bool | None:
@@ -783,10 +792,7 @@ class OperationsCoordinator(ObservabilityMixin):
             return True if self.throttle.waiting(tier) < bound else None
         if not mailboxes:
             return True
-        route = self._routes.get(id(spec))
-        if route is None or route[0] is not spec:
-            route = self._route_of(spec)
-        return True if self._pick(route[2]) is not None else None
+        return True if self._pick(self._route_for(spec)[2]) is not None else None
 
     def _submit(
         self,
@@ -813,22 +819,16 @@ class OperationsCoordinator(ObservabilityMixin):
         backend = self._backend
         route = None
         if backend is None:  # issue 7: a backend has no local lanes
-            route = self._routes.get(id(spec))
-            if route is None or route[0] is not spec:
-                route = self._route_of(spec)
-            if route[1] == "process" and payload is None:
+            route = self._route_for(spec)
+            if payload is None and not hold:
                 # Process lane (issue 3): the call is pickled here, on the caller's thread,
                 # before the token exists, so an unpicklable argument raises SerializationError
-                # from the call and nothing is counted. Arguments holding tokens are pickled
-                # once resolved. Its bytes are charged to the byte budget below.
-                deps = find_dependencies(args, kwargs) if args or kwargs else None
-                payload = prepare_call(task, args, kwargs, has_dependencies=bool(deps))
-        # A call without keyword arguments shares one empty dict: the call's own (always made
-        # for ``**kwargs``) is freed at once, so a token costs the garbage collector two
-        # objects, not three, and collections come a third less often (B1).
-        if not kwargs:
-            kwargs = NO_KWARGS
-        token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
+                # from the call and nothing is counted. Its bytes are charged to the byte budget
+                # below. A held call is pickled when it is released (_release_held), so that
+                # held calls hold no pickled copies, only references, as a stdlib pool's do.
+                payload = self._process_call(task, args, kwargs, route)
+        token = self._new_token(task, args, kwargs)
+        kwargs = token.kwargs
         if payload is not None:
             token._payload = payload
         priority = task._call_priority
@@ -836,10 +836,6 @@ class OperationsCoordinator(ObservabilityMixin):
             token._priority = priority
             if priority:
                 self._prioritized = True
-        try:  # StatsRecorder.record_submitted, inline (see StatsRecorder.per_thread)
-            self._stats.per_thread.shard.ops[spec.operation_type].submitted += 1
-        except (AttributeError, KeyError):
-            self._stats.record_submitted(spec.operation_type, spec.weight)
         try:
             if spec.deadline is not None:
                 token._deadline_at = token.submitted_at + spec.deadline
@@ -911,36 +907,50 @@ class OperationsCoordinator(ObservabilityMixin):
     def _park_dependent(self, token: Token[Any], deps: list[Token[Any]], internal: bool) -> None:
         """Hold ``token`` until ``deps`` end (an external producer waits while the backlog of
         such tokens is as large as the mailboxes)."""
-        if not internal and len(self._deps) >= self._backlog_bound():
-            self._gate.wait_for(
-                lambda: self._discarding or len(self._deps) < self._backlog_bound() or None
-            )
-            if self._discarding:
-                token._discard("stopped")
-                return
-        self._deps.park(token, deps)
-        if self._closed:
-            token._discard("stopped")
+        self._wait_outside(token, self._deps, internal, lambda: self._deps.park(token, deps))
 
     def _hold(self, token: Token[Any], task: TaskFunction[..., Any], internal: bool) -> None:
         """Keep ``token`` counted but unqueued (an external producer waits while as many tokens
         are held as the mailboxes hold, as for dependencies)."""
-        if not internal and len(self._held) >= self._backlog_bound():
+
+        def hold() -> None:
+            token._parked = "held"
+            with self._lock:
+                self._held[token] = task
+
+        self._wait_outside(token, self._held, internal, hold)
+
+    def _wait_outside(
+        self, token: Token[Any], backlog: Sized, internal: bool, put: Callable[[], None]
+    ) -> None:
+        """``put`` ``token`` into ``backlog`` (tokens waiting outside the mailboxes), once it
+        is shorter than the mailboxes hold if an external producer calls; the token is discarded
+        if stop() gives up on pending work meanwhile or closed the workers."""
+        if not internal and len(backlog) >= self._backlog_bound():
             self._gate.wait_for(
-                lambda: self._discarding or len(self._held) < self._backlog_bound() or None
+                lambda: self._discarding or len(backlog) < self._backlog_bound() or None
             )
             if self._discarding:
                 token._discard("stopped")
                 return
-        token._parked = "held"
-        with self._lock:
-            self._held[token] = task
+        put()
         if self._closed:
             token._discard("stopped")
 
-    def _release_held(self, token: Token[Any], error: BaseException | None = None) -> bool:
+    def _release_held(
+        self,
+        token: Token[Any],
+        error: BaseException | None = None,
+        explain: Callable[[SerializationError], BaseException] | None = None,
+    ) -> bool:
         """Admit a token held by ``_submit(hold=True)``, or fail it with ``error`` without
-        running it; False if it had ended meanwhile."""
+        running it; False if it had ended meanwhile.
+
+        A process call is pickled here, not when it was held: held calls keep references,
+        not pickled copies, so however many are held they hold none of ``process_queue_bytes``.
+        A call that cannot be pickled fails its token with the ``SerializationError``
+        (``explain`` may reword it), as ``ProcessPoolExecutor`` sets it on the Future.
+        """
         with self._lock:
             task = self._held.pop(token, None)
         if task is None or token.done():
@@ -948,20 +958,40 @@ class OperationsCoordinator(ObservabilityMixin):
         if self._gate.unwoken:
             self._gate.notify()  # a producer may be waiting for the held backlog to shrink
         token._parked = None
+        if error is None and self._backend is None:
+            try:
+                token._payload = self._process_call(
+                    task, token.args, token.kwargs, self._route_for(token.spec)
+                )
+            except SerializationError as exc:
+                error = exc if explain is None else explain(exc)
         if error is not None:
-            token._payload = None
             self._fail_unrun(token, error)
             return True
         if self._backend is not None:
             self._backend.submit(token, task, True)
             return True
+        # Charged from now on, as a retry is (never waiting: a worker or the timer releases it).
+        if self._charge_queued(token):
+            self._admit(token, True)
+        return True
+
+    def _charge_queued(self, token: Token[Any]) -> bool:
+        """Charge ``token``'s process call (if any) to the byte budget, over the limit if need
+        be, as it waits in a queue again; False if the token has ended.
+
+        A discard racing with this may have run ``_after_discard`` before the charge, releasing
+        nothing: so the token is checked after charging, and the charge given back if it ended
+        (a call holds its charge at most once, so a release by both sides counts once).
+        """
         call = token._payload
         if call is not None:
-            # Charged from now on, as a retry is: a held call holds no share of the byte
-            # budget, so held calls can never take the room a running call's successor needs.
             self._queued_bytes.force(call)
-        self._admit(token, True)
-        return True
+        if not token.done():
+            return True
+        if call is not None:
+            self._queued_bytes.release(call)
+        return False
 
     def _failed_token(
         self,
@@ -973,12 +1003,25 @@ class OperationsCoordinator(ObservabilityMixin):
         """A token counted as submitted and failed with ``exc`` at once: for a submitter that
         reports a call it could not send (an unpicklable argument) on the Future, as
         ``ProcessPoolExecutor`` does, rather than raising."""
+        token = self._new_token(task, args, kwargs)
+        self._fail_unrun(token, exc)
+        return token
+
+    def _new_token(
+        self, task: TaskFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Token[Any]:
+        """A token for one call, counted as submitted (before it can possibly finish)."""
         spec = task.spec
+        # A call without keyword arguments shares one empty dict: the call's own (always made
+        # for ``**kwargs``) is freed at once, so a token costs the garbage collector two
+        # objects, not three, and collections come a third less often (B1).
         token: Token[Any] = Token(
             spec, task.__wrapped__, args, kwargs or NO_KWARGS, next_seq(), _perf(), self
         )
-        self._stats.record_submitted(spec.operation_type, spec.weight)
-        self._fail_unrun(token, exc)
+        try:  # StatsRecorder.record_submitted, inline (see StatsRecorder.per_thread)
+            self._stats.per_thread.shard.ops[spec.operation_type].submitted += 1
+        except (AttributeError, KeyError):
+            self._stats.record_submitted(spec.operation_type, spec.weight)
         return token
 
     def _backlog_bound(self) -> int:
@@ -1327,9 +1370,7 @@ class OperationsCoordinator(ObservabilityMixin):
             return False
         if not token._reopen(run_id):
             return False
-        call = token._payload
-        if call is not None:  # a process call waits in a queue again, holding its bytes
-            self._queued_bytes.force(call)
+        self._charge_queued(token)  # a process call waits in a queue again, holding its bytes
         self._stats.record_retried(spec.operation_type, spec.weight)
         delay = policy.backoff(used + 1)
         if retry_log.isEnabledFor(_INFO):

@@ -19,7 +19,8 @@ follows the standard library's documented semantics rather than the decorator's:
   each worker process for work that runs in the process lane); if it raises, the executor is
   broken (:class:`InitializerFailed`, a ``concurrent.futures.BrokenExecutor``);
 * ``submit`` raises ``RuntimeError`` after ``shutdown()`` and once interpreter shutdown has begun;
-  a call that cannot be pickled for a worker process fails its Future instead of raising.
+  a call that cannot be pickled for a worker process fails its Future instead of raising (a call
+  held by ``max_workers`` is pickled when it is let go, so it holds no pickled copy meanwhile).
 
 Shutting an executor down does not stop the coordinator; it only closes this door into it. The
 executor keeps one task per operation name (not per callable), so submitting many distinct
@@ -356,7 +357,8 @@ class TokenGateExecutor(Executor):
                 token = self._queue.popleft()
                 self._running += 1
             token.add_done_callback(self._slot_freed)
-            self._coordinator._release_held(token)
+            call = token.args[0]  # pickled only now: a failure is told in the user's terms
+            self._coordinator._release_held(token, explain=lambda exc: _explain(call, exc))
 
     # -- map ------------------------------------------------------------------------------------
     def map(
