@@ -539,8 +539,55 @@ def test_a_program_whose_event_loop_is_held_still_exits_after_stop() -> None:
     assert done.stdout.split() == ["TokenGateError", "0"]
 
 
-def test_the_watchdog_ends_with_the_coordinator() -> None:
+@task_token_guard(operation_type="spins_until", tags={"weight": "light", "timeout": 0.05})
+async def spins_until(go: threading.Event) -> str:
+    while not go.is_set():  # never awaits: holds the event loop until let go
+        pass
+    return "late"
+
+
+@task_token_guard(operation_type="waits_at_gate", tags={"weight": "light"})
+def waits_at_gate() -> bool:
+    return GATE.wait(30)
+
+
+def test_the_watchdog_runs_no_callback_so_a_blocked_callback_cannot_stop_it(
+    make_coordinator: Make,
+) -> None:
+    coordinator = make_coordinator(
+        cores=1, workers_per_core=1, mailbox_max=2, async_stall_after=0.05, convergence=False
+    )
+    go_first, go_second = threading.Event(), threading.Event()
+    ran_on: list[str] = []
+    made: list[Token[bool]] = []
+
+    def resubmit(_: Any) -> None:
+        ran_on.append(threading.current_thread().name)
+        made.append(waits_at_gate())  # an outside producer would wait here: the mailbox is full
+
+    try:
+        full = [waits_at_gate() for _ in range(2)]  # the only light worker's mailbox is full
+        first = spins_until(go_first)
+        first.add_done_callback(resubmit)
+        second = spins_until(go_second)  # runs once the first's body lets the loop go
+        with pytest.raises(TaskTimeout, match="still holds the event loop"):
+            first.get(timeout=10)  # failed by the watchdog while its body still spins
+        eventually(lambda: len(made) == 1, what="the callback to submit")
+        assert ran_on != [WATCHDOG]
+        go_first.set()  # the second task now holds the loop: the watchdog must fail it too
+        with pytest.raises(TaskTimeout, match="still holds the event loop"):
+            second.get(timeout=10)
+    finally:
+        go_first.set()
+        go_second.set()
+        GATE.set()
+    assert [t.get(timeout=10) for t in (*full, *made)] == [True] * 3
+    eventually(lambda: coordinator.stats().in_flight == 0, what="the late results")
+
+
+def test_the_watchdog_starts_with_the_first_async_task_and_ends_with_the_coordinator() -> None:
     with OperationsCoordinator(process_lane=False, workers_per_core=1):
+        assert WATCHDOG not in _thread_names()  # a coordinator running no async task has none
         assert double_async(1).get(timeout=10) == 2
         assert WATCHDOG in _thread_names()
     eventually(lambda: WATCHDOG not in _thread_names(), what="the watchdog to end")

@@ -383,7 +383,10 @@ class OperationsCoordinator(ObservabilityMixin):
         return {
             "io": IOLane(STORAGE_TIERS, cfg.io_workers, host=self, limit=self.throttle.limit),
             "async": AsyncLane(
-                self, concurrency=cfg.async_concurrency, stall_after=cfg.async_stall_after
+                self,
+                concurrency=cfg.async_concurrency,
+                stall_after=cfg.async_stall_after,
+                defer=self._defer,
             ),
         }
 
@@ -411,6 +414,22 @@ class OperationsCoordinator(ObservabilityMixin):
         )
         engine.start()
         self._convergence = engine
+
+    def _defer(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback(*args)`` soon on the timer thread: for a thread that must never run
+        user code (the loop watchdog). A call the timers never ran (they closed first) runs
+        on the thread that stops the coordinator (``_shutdown_workers``), or here if closed."""
+        timers = self._timers
+        if timers is not None:
+            try:
+                timers.call_later(0, self._run_deferred, callback, args)
+                return
+            except RuntimeError:  # the timer queue closed (stop): nothing else will run it
+                pass
+        callback(*args)
+
+    def _run_deferred(self, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
+        callback(*args)
 
     def _workers_changed(self) -> None:
         """A lane added or retired workers: routes are rebuilt on their next use."""
@@ -602,6 +621,9 @@ class OperationsCoordinator(ObservabilityMixin):
             )
         if timers is not None:
             for handle in timers.close():
+                if handle.callback == self._run_deferred:  # a completion that must happen
+                    self._run_deferred(*handle.args)
+                    continue
                 for arg in handle.args:
                     if isinstance(arg, Token):
                         arg._discard("stopped")

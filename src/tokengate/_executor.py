@@ -357,8 +357,9 @@ class TokenGateExecutor(Executor):
                 token = self._queue.popleft()
                 self._running += 1
             token.add_done_callback(self._slot_freed)
-            call = token.args[0]  # pickled only now: a failure is told in the user's terms
-            self._coordinator._release_held(token, explain=lambda exc: _explain(call, exc))
+            # Pickled only now: a failure is told in the user's terms, on the Future.
+            explain = functools.partial(_explain, token.args[0])
+            self._coordinator._release_held(token, explain=explain)
 
     # -- map ------------------------------------------------------------------------------------
     def map(

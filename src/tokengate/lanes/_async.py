@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .._errors import TaskTimeout, TokenGateError
@@ -41,6 +42,10 @@ __all__ = ["AsyncLane", "AsyncWorker"]
 logger = logging.getLogger("tokengate.async")
 
 _perf = time.perf_counter
+
+
+def _call_now(callback: Callable[..., None], *args: Any) -> None:
+    callback(*args)
 
 
 class _Run:
@@ -200,8 +205,18 @@ class AsyncLane:
     name = "async"
     kind = "async"
 
-    def __init__(self, host: LaneHost, *, concurrency: int, stall_after: float = 1.0) -> None:
+    def __init__(
+        self,
+        host: LaneHost,
+        *,
+        concurrency: int,
+        stall_after: float = 1.0,
+        defer: Callable[..., None] | None = None,
+    ) -> None:
         self.host = host
+        # Runs a callback and its arguments soon on a thread that may run user code (the
+        # coordinator's timer thread); by default, at once on the calling thread.
+        self._defer: Callable[..., None] = defer if defer is not None else _call_now
         self.worker = AsyncWorker(self, concurrency)
         self.workers: list[AsyncWorker] = [self.worker]
         self.by_core: dict[int, list[AsyncWorker]] = {}
@@ -265,7 +280,11 @@ class AsyncLane:
             )
 
     def time_out(self, run: _Run) -> None:
-        """Fail ``run``'s token with TaskTimeout while its body still holds the loop."""
+        """Fail ``run``'s token with TaskTimeout while its body still holds the loop.
+
+        Called on the watchdog's thread: the completion, which runs user code (done-callbacks,
+        middleware), is handed to the host's timer thread, so the watchdog never waits on it.
+        """
         if not self.take(run):
             return
         token = run.token
@@ -276,7 +295,7 @@ class AsyncLane:
             f"dropped",
             retryable=False,  # the body still runs: a retry would run it twice at once
         )
-        self._end(run, error)
+        self._defer(self._end, run, error)
 
     def _end(self, run: _Run, error: BaseException) -> None:
         try:
@@ -307,7 +326,6 @@ class AsyncLane:
     def start(self) -> None:
         self._thread.start()
         self._ready.wait()
-        self.watchdog.start()
 
     def _main(self) -> None:
         loop = self.loop

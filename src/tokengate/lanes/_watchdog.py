@@ -10,10 +10,13 @@ every ``stall_after`` seconds and waits that long for it to run. A heartbeat tha
 in time means the loop is held: the watchdog asks the lane which run holds it
 (``AsyncLane.holder``: the loop's current asyncio task), logs a WARNING naming it, and once that
 run's ``timeout`` has passed fails its token with ``TaskTimeout`` (``AsyncLane.time_out``). The
-body cannot be stopped: it runs on, and its late result is dropped when it returns.
+body cannot be stopped: it runs on, and its late result is dropped when it returns. The token's
+completion (done-callbacks, middleware: user code that may submit or wait) is handed to the
+coordinator's timer thread, so nothing can block the watchdog and stop it enforcing timeouts.
 
-Cost: the thread sleeps on an event while no async task runs (nothing at all for a coordinator
-that runs none), and otherwise costs one heartbeat per ``stall_after`` seconds.
+Cost: the thread starts with the first async task (a coordinator that runs none has none),
+sleeps on an event while no async task runs, and otherwise costs one heartbeat per
+``stall_after`` seconds.
 """
 
 from __future__ import annotations
@@ -51,13 +54,18 @@ class LoopWatchdog:
             target=self._watch, name="tokengate-loop-watchdog", daemon=True
         )
 
-    def start(self) -> None:
-        self._thread.start()
+    @property
+    def started(self) -> bool:
+        """Whether the watchdog's thread was started (by the first async task)."""
+        return self._thread.ident is not None
 
     def wake(self) -> None:
-        """The first async task started (called on the loop thread): watch the loop."""
+        """The first async task started (called on the loop thread only): watch the loop,
+        starting the watchdog's thread the first time."""
         if not self._busy.is_set():
             self._busy.set()
+        if self._thread.ident is None and not self._closed.is_set():
+            self._thread.start()
 
     def close(self) -> None:
         """Stop watching (from any thread): the thread wakes up and ends."""
