@@ -265,6 +265,12 @@ def test_bad_retry_policy(kwargs: dict[str, float]) -> None:
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), True, "2"], ids=["nan", "bool", "str"])
+def test_a_backoff_factor_that_is_not_a_number_at_least_1_is_refused(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"RetryPolicy\.backoff_factor must be a number >= 1"):
+        RetryPolicy(backoff_factor=bad)  # type: ignore[arg-type]
+
+
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     fixed = RetryPolicy(
         backoff_base=0.1, backoff_factor=2, backoff_cap=0.5, jitter=0.5, rng=lambda: 0.0

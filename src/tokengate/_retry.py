@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ._errors import ConfigError, TaskTimeout, WorkerCrashed
-from ._limits import MAX_WAIT_SECONDS, check_seconds
+from ._limits import MAX_WAIT_SECONDS, check_seconds, show_number
 
 __all__ = ["DEFAULT_RETRY_ON", "RetryPolicy", "default_retry_policies"]
 
@@ -63,9 +63,15 @@ class RetryPolicy:
                 fix=f"give at most {MAX_WAIT_SECONDS:.0f} seconds (backoff_cap bounds every "
                 f"back-off)",
             )
-        if not isinstance(self.backoff_factor, int | float) or self.backoff_factor < 1:
+        factor = self.backoff_factor
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, int | float)
+            or not factor >= 1  # NaN compares False: refused too
+        ):
             raise ConfigError(
-                f"RetryPolicy.backoff_factor must be >= 1, got {self.backoff_factor!r}"
+                f"RetryPolicy.backoff_factor must be a number >= 1 (e.g. 2.0), got "
+                f"{show_number(factor)}"
             )
         if not isinstance(self.jitter, int | float) or not 0 <= self.jitter <= 1:
             raise ConfigError(f"RetryPolicy.jitter must be in [0, 1], got {self.jitter!r}")
