@@ -28,10 +28,12 @@ from tokengate import (
     RetryPolicy,
     TaskSpec,
     TaskTimeout,
+    Token,
     TokenGateError,
     Topology,
     task_token_guard,
 )
+from tokengate._middleware import Middleware
 from tokengate.demos.cpu import fibonacci_operation  # the seed's Proof 1 task, unchanged
 
 Make = Callable[..., OperationsCoordinator]
@@ -680,3 +682,37 @@ def test_an_argument_sharing_its_parts_is_scanned_once_per_part(make_coordinator
         with_token = [with_token, with_token]
     assert first_leaf(plain).get(timeout=30) == 7
     assert first_leaf(with_token).get(timeout=30) == 8
+
+
+# -- middleware hooks that raise ---------------------------------------------------------------
+class ExitsInHooks(Middleware):
+    """Every hook that sees the end of an attempt raises ``SystemExit``."""
+
+    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        raise SystemExit("after_attempt exits")
+
+    def after_failure(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        raise SystemExit("after_failure exits")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["resolves", "fails"])
+def test_a_middleware_hook_raising_system_exit_is_logged_and_its_thread_goes_on(
+    make_coordinator: Make, caplog: pytest.LogCaptureFixture, fails: bool
+) -> None:
+    coordinator = make_coordinator(cores=1, workers_per_core=1, convergence=False)
+    coordinator.add_middleware(ExitsInHooks())
+    with caplog.at_level(logging.WARNING, logger="tokengate"):
+        tokens = [raises_value_error("no") if fails else echo(i) for i in range(3)]
+        for token in tokens:
+            token.exception(timeout=10)
+        expected = (2 if fails else 1) * sum(t.attempts for t in tokens)
+
+        def hooks() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.getMessage().startswith("middleware hook")]
+
+        # The hooks run just after the token ends: every hook of every attempt, each logged.
+        eventually(lambda: len(hooks()) >= expected, what="every hook to be logged")
+    assert len(hooks()) == expected
+    assert all(r.exc_info and r.exc_info[0] is SystemExit for r in hooks())
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert_counts_add_up(coordinator)

@@ -112,6 +112,20 @@ _perf = time.perf_counter
 _MAYBE_DEPENDENCY = frozenset((Token, list, tuple, dict))
 
 
+def _run_hooks(hooks: list[Callable[..., Any]], *args: Any) -> None:
+    """Call each middleware hook; one that raises is logged and the others still run.
+
+    ``SystemExit``/``KeyboardInterrupt`` are caught too, as for done-callbacks: the hooks run on
+    worker, proxy and timer threads, mid-way through ending a token, where anything escaping
+    would end the thread (and strand its mailbox) or leave the token's resources unreleased.
+    """
+    for hook in hooks:
+        try:
+            hook(*args)
+        except BaseException:
+            log.exception("middleware hook %r raised; the token is not affected", hook)
+
+
 class OperationsCoordinator(ObservabilityMixin):
     """Runs decorated functions as tokens on core-pinned workers with bounded mailboxes.
 
@@ -471,17 +485,10 @@ class OperationsCoordinator(ObservabilityMixin):
                 token._watched = (counters, run)
         if token._watched is not None:
             self._show_run(token)
-        for hook in self._after_attempt:
-            try:
-                hook(token, outcome, exc)
-            except Exception:
-                log.exception("middleware hook %r raised; the token is not affected", hook)
-        if outcome != "resolved":
-            for hook in self._after_failure:
-                try:
-                    hook(token, outcome, exc)
-                except Exception:
-                    log.exception("middleware hook %r raised; the token is not affected", hook)
+        if self._after_attempt:
+            _run_hooks(self._after_attempt, token, outcome, exc)
+        if outcome != "resolved" and self._after_failure:
+            _run_hooks(self._after_failure, token, outcome, exc)
 
     def _show_run(self, token: Token[Any]) -> None:
         """Hand a run that crossed its operation's RunWatch to the run watcher (the Guard
@@ -492,7 +499,7 @@ class OperationsCoordinator(ObservabilityMixin):
         if watcher is not None:
             try:
                 watcher(token, counters, run)
-            except Exception:
+            except BaseException:  # never let it end a worker thread (see _run_hooks)
                 log.exception("run watcher %r raised; the token is not affected", watcher)
 
     def stop(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
@@ -1319,11 +1326,8 @@ class OperationsCoordinator(ObservabilityMixin):
                 # _notify_after_attempt, inline (hot path)
                 if token._watched is not None:
                     self._show_run(token)
-                for hook in self._after_attempt:
-                    try:
-                        hook(token, "resolved", None)
-                    except Exception:
-                        log.exception("middleware hook %r raised; the token is not affected", hook)
+                if self._after_attempt:
+                    _run_hooks(self._after_attempt, token, "resolved", None)
                 if _worker_answers.get(_DEBUG, True) and worker_log.isEnabledFor(_DEBUG):
                     worker_log.debug("[%s] ✓ Completed %s", (token.worker or "?").upper(), token.id)
                 if _stats_answers.get(_DEBUG, True) and stats_log.isEnabledFor(_DEBUG):
@@ -1464,11 +1468,8 @@ class OperationsCoordinator(ObservabilityMixin):
         if token._parked == "held":
             with self._lock:
                 self._held.pop(token, None)
-        for hook in self._hooks["after_discard"]:
-            try:
-                hook(token)
-            except Exception:
-                log.exception("middleware hook %r raised; the token is not affected", hook)
+        if self._hooks["after_discard"]:
+            _run_hooks(self._hooks["after_discard"], token)
         if token.spec.storage_speed is not None:
             # Always ask the throttle (it checks under its lock): a permit granted while this
             # token was being cancelled must come back too.

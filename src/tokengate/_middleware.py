@@ -3,8 +3,9 @@
 Guard House, trace export, metrics and the like subclass :class:`Middleware` and override only
 the hooks they need. The coordinator collects, per hook, the bound methods that a middleware
 actually overrides, and the hot path pays one truthiness check per hook when the list is empty
-(trio's instruments, dramatiq's middleware). A hook that raises is logged and does not disturb the
-token, except ``before_submit``, which may refuse a call on purpose (``OperationBlocked``).
+(trio's instruments, dramatiq's middleware). A hook that raises (even ``SystemExit``) is logged and
+disturbs neither the token nor the thread it runs on, except ``before_submit``, which may refuse a
+call on purpose (``OperationBlocked``).
 """
 
 from __future__ import annotations
