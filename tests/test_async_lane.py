@@ -28,6 +28,7 @@ from tokengate import (
     TokenGateError,
     task_token_guard,
 )
+from tokengate._limits import MAX_WAIT_SECONDS
 
 COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
@@ -593,9 +594,14 @@ def test_the_watchdog_starts_with_the_first_async_task_and_ends_with_the_coordin
     eventually(lambda: WATCHDOG not in _thread_names(), what="the watchdog to end")
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, True, "1", float("nan"), float("inf"), 1e300])
+@pytest.mark.parametrize(
+    "bad", [0, -1.0, True, "1", float("nan"), float("inf"), 1e300, MAX_WAIT_SECONDS + 1]
+)
 def test_async_stall_after_is_validated(bad: object) -> None:
-    with pytest.raises(ConfigError, match=r"async_stall_after must be a positive number") as info:
+    """Checked as every other number of seconds is, against the longest wait tokengate honours."""
+    with pytest.raises(
+        ConfigError, match=r"async_stall_after (must be a positive number|is .* longest wait)"
+    ) as info:
         OperationsCoordinator(async_stall_after=bad)
     assert repr(bad) in str(info.value)
 

@@ -6,14 +6,13 @@ value fails when the coordinator is made, not when the first token meets it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from ._errors import ConfigError
-from ._limits import MAX_WAIT_SECONDS, check_seconds, show_number
+from ._limits import MAX_WAIT_SECONDS, check_seconds
 from ._retry import RetryPolicy, default_retry_policies
 from ._spec import STORAGE_TIERS, WEIGHTS
 from .observability._options import parse_byte_size, validate_observability
@@ -174,16 +173,11 @@ class CoordinatorConfig:
             "max_workers_per_core", self.max_workers_per_core, upper=_MAX_WORKERS_PER_CORE
         )
         _positive_int("async_concurrency", self.async_concurrency)
-        stall = self.async_stall_after
-        if (
-            isinstance(stall, bool)
-            or not isinstance(stall, int | float)
-            or not 0 < stall <= threading.TIMEOUT_MAX  # NaN fails too; ints compare exactly
-        ):
-            raise ConfigError(
-                f"async_stall_after must be a positive number of seconds (e.g. 1.0), up to "
-                f"{threading.TIMEOUT_MAX:g}, got {show_number(stall)}"
-            )
+        check_seconds(
+            "async_stall_after",
+            self.async_stall_after,
+            fix=f"give at most {MAX_WAIT_SECONDS:.0f} seconds (e.g. 1.0)",
+        )
         if not isinstance(self.convergence, bool):
             raise ConfigError(f"convergence must be True or False, got {self.convergence!r}")
         check_seconds(

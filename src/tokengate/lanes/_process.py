@@ -699,8 +699,12 @@ class ProcessWorker(MailboxWorker):
             f"replaced; {self.lane.retry_note(token)}"
         )
         logger.warning("[%s] %s", self.name, message)
+        return self._worker_crashed(message, code, pid)
+
+    def _worker_crashed(self, message: str, exitcode: int | None, pid: int | None) -> WorkerCrashed:
+        """A :class:`WorkerCrashed` naming this worker, its process and how it ended."""
         exc = WorkerCrashed(message)
-        exc.exitcode = code  # type: ignore[attr-defined]
+        exc.exitcode = exitcode  # type: ignore[attr-defined]
         exc.pid = pid  # type: ignore[attr-defined]
         exc.worker = self.name  # type: ignore[attr-defined]
         exc.core = self.core  # type: ignore[attr-defined]
@@ -728,12 +732,8 @@ class ProcessWorker(MailboxWorker):
             f"was killed and replaced; {self.lane.retry_note(token)}"
         )
         logger.exception("[%s] %s", self.name, message)
-        exc = WorkerCrashed(message)
+        exc = self._worker_crashed(message, None, pid)
         exc.__cause__ = error
-        exc.exitcode = None  # type: ignore[attr-defined]
-        exc.pid = pid  # type: ignore[attr-defined]
-        exc.worker = self.name  # type: ignore[attr-defined]
-        exc.core = self.core  # type: ignore[attr-defined]
         return exc
 
     def _timed_out(self, token: Any, child: _Child) -> BaseException:
