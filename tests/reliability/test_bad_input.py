@@ -251,6 +251,7 @@ def test_an_async_def_task_resolves_to_its_value(busy: Busy) -> None:
     token = async_task(21)
     assert token.get(timeout=30) == 42  # (before the async lane: an un-awaited coroutine)
     assert token.lane == "async"
+    busy.threads += 1  # the event loop's watchdog starts with the first async task
     busy.undisturbed(extra_submitted=1)
 
 
