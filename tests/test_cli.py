@@ -48,8 +48,6 @@ def test_info_prints_the_seed_banner(capsys: pytest.CaptureFixture[str]) -> None
         "CPU Topology Detected:",
         "Physical cores:",
         "SMT enabled:",
-        "Recommended worker counts:",
-        "Heavy workload (CPU bound):",
         "[AFFINITY] Policy for",
         "Heavy:  [1",
         "Core-worker mapping:",

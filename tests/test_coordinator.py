@@ -534,7 +534,6 @@ def test_verbose_prints_the_seed_banner_and_worker_lines(
     for fragment in (
         "Operations Coordinator - Initializing...",
         "CPU Topology Detected:",
-        "Recommended worker counts:",
         "[AFFINITY] Policy for",
         "[STORAGE_THROTTLE] Initialized with speed tiers:",
         "[CORE_PINNED_QUEUE] Initialized:",

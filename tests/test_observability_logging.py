@@ -20,7 +20,6 @@ SEED_ORDER = [
     "Operations Coordinator - Initializing...",
     "Detecting CPU topology...",
     "CPU Topology Detected:",
-    "Recommended worker counts:",
     "Creating foundation components...",
     "[OVERFLOW_GUARD] Initialized",
     "  Base budget: ",

@@ -18,12 +18,7 @@ CPU Topology Detected:
   Logical cores: 8
   SMT enabled: False
   SMT ratio: 1.0x
-  Available cores: 8
-
-Recommended worker counts:
-  Light workload (I/O bound): 32
-  Medium workload (mixed): 24
-  Heavy workload (CPU bound): 16"""
+  Available cores: 8"""
 
 needs_affinity = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity"), reason="os.sched_setaffinity not available"
@@ -48,16 +43,12 @@ def test_smt_machine() -> None:
     assert "  SMT enabled: True\n  SMT ratio: 2.0x\n" in topo.banner()
 
 
-def test_recommended_workers_keep_seed_ratios() -> None:
-    assert eight_cores().recommended_workers() == {"light": 32, "medium": 24, "heavy": 16}
-    three = Topology(physical_cores=8, logical_cores=16, available_cpus=(2, 5, 7))
-    assert three.recommended_workers() == {"light": 12, "medium": 9, "heavy": 6}
-
-
-def test_recommended_workers_use_available_not_logical_cores() -> None:
+def test_banner_gives_no_worker_advice_that_nothing_follows() -> None:
+    # Worker counts "recommended" per weight sized no pool: the banner shows only facts.
     topo = Topology(physical_cores=8, logical_cores=16, available_cpus=(0, 1))
     assert topo.core_count == 2
-    assert topo.recommended_workers()["heavy"] == 4
+    assert "Recommended" not in topo.banner()
+    assert not hasattr(topo, "recommended_workers")
 
 
 def test_banner_matches_seed_exactly() -> None:
@@ -73,7 +64,6 @@ def test_available_cpus_are_sorted_and_deduplicated() -> None:
 def test_core_count_is_at_least_one() -> None:
     topo = Topology(physical_cores=1, logical_cores=1, available_cpus=())
     assert topo.core_count == 1
-    assert topo.recommended_workers() == {"light": 4, "medium": 3, "heavy": 2}
 
 
 @pytest.mark.parametrize("field", ["physical_cores", "logical_cores"])

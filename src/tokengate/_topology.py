@@ -1,4 +1,4 @@
-"""CPU topology: how many cores this process may use, and how many workers that suggests.
+"""CPU topology: how many cores this process may use.
 
 The coordinator sizes its worker pool and numbers its cores from a :class:`Topology`, so the
 numbers must describe what the *process* may use (its affinity mask, which a container or
@@ -22,11 +22,6 @@ from tokengate._errors import ConfigError
 __all__ = ["Topology", "detect_topology", "gil_enabled", "pin_current_thread"]
 
 logger = logging.getLogger("tokengate.topology")
-
-# Workers per available core for each kind of workload (the seed's 8-core banner: 32 / 24 / 16).
-# I/O-bound work spends most of its time waiting, so more workers than cores keep the cores busy;
-# CPU-bound work gains nothing past a couple per core but contention.
-_WORKERS_PER_CORE: dict[str, int] = {"light": 4, "medium": 3, "heavy": 2}
 
 
 def _available_cpus() -> tuple[int, ...]:
@@ -98,13 +93,13 @@ class Topology:
             return core - 1
         return self.available_cpus[(core - 1) % len(self.available_cpus)]
 
-    def recommended_workers(self) -> dict[str, int]:
-        """Worker counts by workload kind: 4x (light), 3x (medium), 2x (heavy) the usable cores."""
-        return {kind: per_core * self.core_count for kind, per_core in _WORKERS_PER_CORE.items()}
-
     def banner(self) -> str:
-        """The seed's initialisation block ("CPU Topology Detected: ..."), without a newline."""
-        workers = self.recommended_workers()
+        """The seed's initialisation block ("CPU Topology Detected: ..."), without a newline.
+
+        It shows no "recommended worker counts" per weight: no pool is sized by weight
+        (weights choose cores, the thread lane's ``workers_per_core`` serves every weight,
+        heavy work runs in one process per core), so such numbers would be advice nothing follows.
+        """
         return "\n".join(
             [
                 "CPU Topology Detected:",
@@ -113,11 +108,6 @@ class Topology:
                 f"  SMT enabled: {self.smt_enabled}",
                 f"  SMT ratio: {self.smt_ratio:.1f}x",
                 f"  Available cores: {self.core_count}",
-                "",
-                "Recommended worker counts:",
-                f"  Light workload (I/O bound): {workers['light']}",
-                f"  Medium workload (mixed): {workers['medium']}",
-                f"  Heavy workload (CPU bound): {workers['heavy']}",
             ]
         )
 
