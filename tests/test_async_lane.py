@@ -321,14 +321,14 @@ def test_submit_async_awaits_room_and_keeps_the_loop_responsive(make_coordinator
             ticks += 1
         assert ticks == 50
         assert not producer.done()
-        assert coordinator.gate.waiters == 1
+        assert coordinator.admission.waiters == 1
         GATE.set()  # the worker finishes, makes room, and the gate wakes this loop
         token = await asyncio.wait_for(producer, 10)
         via_task_function = await square.submit_async(6)
         return [await first, await second, await token, str(await via_task_function)]
 
     assert asyncio.run(main()) == ["first", "second", "third", "36"]
-    assert coordinator.gate.waiters == 0
+    assert coordinator.admission.waiters == 0
 
 
 def test_submit_async_with_reject_admission_raises_overloaded(make_coordinator: Make) -> None:

@@ -205,7 +205,7 @@ def test_a_full_mailbox_blocks_the_producer_until_there_is_room(make_coordinator
 
     thread = threading.Thread(target=producer)
     thread.start()
-    eventually(lambda: coordinator.gate.waiters == 1, what="the producer to block at the gate")
+    eventually(lambda: coordinator.admission.waiters == 1, what="the producer to block at the gate")
     assert not produced.is_set()
     GATE.set()
     assert produced.wait(10)
@@ -219,7 +219,7 @@ def test_a_blocked_producer_is_notified_once_per_wait_not_once_per_completion(
     # Under the GIL a worker finishes many tokens before the producer it woke runs again; each
     # of those completions used to notify the gate again (B1: ~84,000 notifies per 100,000).
     coordinator = make_coordinator(workers_per_core=1, cores=1, mailbox_max=50)
-    gate = coordinator.gate
+    gate = coordinator._gate  # white-box: counts the gate's notifies
     counts = {"notify": 0, "registrations": 0}
     real_notify, real_wait_for = gate.notify, gate.wait_for
 
@@ -562,7 +562,7 @@ def test_an_internal_error_fails_the_token_and_keeps_the_worker(
     make_coordinator: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     coordinator = make_coordinator(workers_per_core=1, cores=1)
-    real_complete = coordinator.complete
+    real_complete = coordinator._complete  # white-box: a bug inside tokengate
     calls = {"n": 0}
 
     def broken_complete(*args: Any, **kwargs: Any) -> None:
@@ -571,7 +571,7 @@ def test_an_internal_error_fails_the_token_and_keeps_the_worker(
             raise RuntimeError("simulated bug in tokengate")
         real_complete(*args, **kwargs)
 
-    monkeypatch.setattr(coordinator, "complete", broken_complete)
+    monkeypatch.setattr(coordinator, "_complete", broken_complete)
     with caplog.at_level(logging.CRITICAL, logger="tokengate.worker"):
         first = record("first")
         with pytest.raises(TokenGateError, match="internal error") as info:

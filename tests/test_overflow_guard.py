@@ -136,7 +136,7 @@ def test_small_budget_and_an_allocating_task(make_coordinator: Make) -> None:
     produced: list[int] = []
     producer = threading.Thread(target=lambda: produced.append(noop(7).get(timeout=30)))
     producer.start()
-    eventually(lambda: coordinator.gate.waiters == 1, what="the producer to wait at admission")
+    eventually(lambda: coordinator.admission.waiters == 1, what="the producer to wait at admission")
     assert produced == []
     assert coordinator.stats().operations.get("of_noop") is None  # no token was even made
 
@@ -173,10 +173,10 @@ def test_calls_from_tasks_are_not_held(make_coordinator: Make) -> None:
 
     token = parent()  # in flight, so the guard pauses
     assert coordinator.overflow_guard._sample(rss=coordinator.overflow_guard.budget * 2)
-    assert coordinator.gate.paused
+    assert coordinator.admission.paused
     go.set()
     assert token.get(timeout=10) == 42  # its nested call went through the pause
-    assert coordinator.gate.paused
+    assert coordinator.admission.paused
 
 
 def test_stop_releases_a_paused_producer(make_coordinator: Make) -> None:
@@ -201,14 +201,14 @@ def test_stop_releases_a_paused_producer(make_coordinator: Make) -> None:
 
     producer = threading.Thread(target=produce)
     producer.start()
-    eventually(lambda: coordinator.gate.waiters == 1, what="the producer to wait")
+    eventually(lambda: coordinator.admission.waiters == 1, what="the producer to wait")
     RELEASE.set()
     held.get(timeout=10)
     coordinator.stop(timeout=10)
     producer.join(10)
     assert not producer.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], CoordinatorNotRunning), errors
-    assert coordinator.gate.paused == {}
+    assert coordinator.admission.paused == {}
 
 
 def test_memory_error_in_a_task_is_retried(make_coordinator: Make) -> None:

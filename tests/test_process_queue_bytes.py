@@ -119,7 +119,7 @@ def test_a_producer_waits_while_queued_calls_fill_the_budget_and_resumes_when_ro
     held.hold(coordinator)
     made: list[Token[int]] = []
     thread, out = in_thread(lambda: [made.append(pt.length(DATA)) for _ in range(3)])
-    eventually(lambda: coordinator.gate.waiters == 1, what="the producer to wait for room")
+    eventually(lambda: coordinator.admission.waiters == 1, what="the producer to wait for room")
     assert len(made) == 2  # the third call waits, holding none of the budget
     two = queued_bytes(coordinator)
     assert 2 * SIZE < two <= SIZE * 2.5
@@ -146,7 +146,7 @@ def test_an_asyncio_producer_awaits_room_without_blocking_its_loop(
 
     async def produce() -> Token[int]:
         second = asyncio.ensure_future(pt.length.submit_async(DATA))
-        while coordinator.gate.waiters == 0:  # this loop keeps running while it waits
+        while coordinator.admission.waiters == 0:  # this loop keeps running while it waits
             await asyncio.sleep(0.001)
         assert not second.done()
         assert first.cancel()  # room is made: the awaiting submit goes on
@@ -167,7 +167,7 @@ def test_a_call_larger_than_the_whole_budget_goes_through_alone(
     big = pt.length(DATA)  # nothing else queued: let in, over the budget
     assert queued_bytes(coordinator) > 1000
     thread, out = in_thread(lambda: pt.length(DATA))
-    eventually(lambda: coordinator.gate.waiters == 1, what="the second call to wait")
+    eventually(lambda: coordinator.admission.waiters == 1, what="the second call to wait")
     held.open()  # the worker takes `big`: the queue is empty, the second goes in alone
     thread.join(30)
     assert not thread.is_alive()
@@ -242,7 +242,7 @@ def test_stop_with_cancel_pending_gives_back_the_bytes_of_queued_and_waiting_cal
     running = held.hold(coordinator)
     queued = [pt.length(DATA), pt.length(DATA)]
     thread, out = in_thread(lambda: pt.length(DATA))
-    eventually(lambda: coordinator.gate.waiters == 1, what="the producer to wait for room")
+    eventually(lambda: coordinator.admission.waiters == 1, what="the producer to wait for room")
     # Let the held task end once stop() has discarded the queue, so stop() need not kill it.
     queued[-1].add_done_callback(lambda _: held.open())
     coordinator.stop(cancel_pending=True, timeout=30)
@@ -282,10 +282,10 @@ def test_a_done_callback_of_a_cancelled_call_finds_the_room_that_call_held(
     queued.add_done_callback(lambda _: made.append(pt.length(DATA)))  # resubmit on cancel
     thread, out = in_thread(queued.cancel)
     eventually(
-        lambda: not thread.is_alive() or coordinator.gate.waiters > 0,
+        lambda: not thread.is_alive() or coordinator.admission.waiters > 0,
         what="cancel() to return or its callback to wait for room",
     )
-    assert coordinator.gate.waiters == 0, "the callback waits for room its own token holds"
+    assert coordinator.admission.waiters == 0, "the callback waits for room its own token holds"
     thread.join(30)
     assert not thread.is_alive() and out == [True] and len(made) == 1
     held.open()

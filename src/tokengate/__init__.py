@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from typing import Any as _Any
 
 if TYPE_CHECKING:
+    from ._admission import AdmissionStatus
     from ._config import MAILBOX_MAX, CoordinatorConfig
     from ._coordinator import OperationsCoordinator
     from ._decorator import TaskFunction, task_token_guard
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
         WorkerCrashed,
     )
     from ._executor import TokenGateExecutor
+    from ._middleware import Middleware
     from ._retry import DEFAULT_RETRY_ON, RetryPolicy
     from ._spec import Tags, TaskSpec
     from ._stats import OperationStats, StatsSnapshot
@@ -53,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_RETRY_ON",
     "MAILBOX_MAX",
+    "AdmissionStatus",
     "ConfigError",
     "CoordinatorConfig",
     "CoordinatorNotRunning",
@@ -61,6 +64,7 @@ __all__ = [
     "GuardHouse",
     "GuardHouseReport",
     "InitializerFailed",
+    "Middleware",
     "OperationBlocked",
     "OperationHealth",
     "OperationStats",
@@ -96,6 +100,7 @@ __all__ = [
 # used (PEP 562): a worker process of the process lane needs the decorator and the wire format,
 # not the coordinator, the observability stack or asyncio, and starts ~60 ms sooner for it.
 _HOMES: dict[str, str] = {
+    "AdmissionStatus": "._admission",
     "MAILBOX_MAX": "._config",
     "CoordinatorConfig": "._config",
     "OperationsCoordinator": "._coordinator",
@@ -115,6 +120,7 @@ _HOMES: dict[str, str] = {
     "TokenGateError": "._errors",
     "WorkerCrashed": "._errors",
     "TokenGateExecutor": "._executor",
+    "Middleware": "._middleware",
     "DEFAULT_RETRY_ON": "._retry",
     "RetryPolicy": "._retry",
     "TaskSpec": "._spec",
@@ -142,8 +148,8 @@ def __getattr__(name: str) -> _Any:
     if home is None:
         raise AttributeError(f"module 'tokengate' has no attribute {name!r}")
     value = getattr(_importlib.import_module(home, __name__), name)
-    if isinstance(value, type):
-        value.__module__ = "tokengate"  # tracebacks and reprs name the public path
+    if callable(value):  # classes, functions and detect_topology's cache wrapper
+        value.__module__ = "tokengate"  # tracebacks, reprs and help() name the public path
     globals()[name] = value
     return value
 

@@ -26,10 +26,11 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["AdmissionGate"]
+__all__ = ["AdmissionGate", "AdmissionStatus"]
 
 T = TypeVar("T")
 
@@ -43,6 +44,19 @@ def _next_wait(deadline: float | None) -> float | None:
         return _SAFETY_WAIT
     left = deadline - time.monotonic()
     return None if left <= 0 else min(_SAFETY_WAIT, left)
+
+
+@dataclass(frozen=True)
+class AdmissionStatus:
+    """A snapshot of admission (``OperationsCoordinator.admission``).
+
+    ``waiters``: producers blocked waiting for room in a mailbox (``admission="block"``);
+    ``paused``: why admission is paused, by reason (the Overflow Guard's ``"overflow_guard"``
+    while memory is over its budget), each with a human-readable detail.
+    """
+
+    waiters: int
+    paused: Mapping[str, str]
 
 
 class AdmissionGate:
@@ -152,6 +166,10 @@ class AdmissionGate:
     @property
     def paused(self) -> dict[str, str]:
         return dict(self._paused)
+
+    def status(self) -> AdmissionStatus:
+        """A frozen snapshot of the waiters and pause reasons."""
+        return AdmissionStatus(self.waiters, self.paused)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

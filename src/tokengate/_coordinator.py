@@ -27,8 +27,9 @@ With a backend (``backends/``, e.g. ``backend="dask"``) no lane is built: ``_sub
 counted token to ``Backend.submit``, and the backend ends it through the same ``Token._finish`` /
 ``Token._discard``, ``_record_terminal`` and middleware, so stats and logs read the same.
 
-Lanes (``lanes/``) own workers and mailboxes and talk back only through the ``LaneHost`` methods
-``claim``, ``begin``, ``run``, ``complete`` and ``after_token``. Which lane runs a spec is
+Lanes (``lanes/``) own workers and mailboxes and talk back only through the ``LaneHost`` object
+(``_Host``: ``claim``, ``begin``, ``run``, ``complete``, ``after_token``..., bound to the private
+methods of the same names). Which lane runs a spec is
 decided once per spec by ``_lane_for``: ``async def`` tasks run on the coordinator's event loop
 (``AsyncLane``), storage-tier tasks on the per-tier thread pools of the ``IOLane``, the rest on
 the core-pinned ``ThreadLane``. The ``ConvergenceEngine`` (``_convergence.py``) resizes the
@@ -48,7 +49,7 @@ from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from . import _lifecycle, _runtime
-from ._admission import AdmissionGate
+from ._admission import AdmissionGate, AdmissionStatus
 from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
 from ._byte_budget import ByteBudget
 from ._config import CoordinatorConfig
@@ -75,7 +76,7 @@ from ._token import NO_KWARGS, PENDING, Token, check_timeout, in_done_callback, 
 from ._topology import Topology, detect_topology, gil_enabled
 from .backends import Backend, resolve_backend
 from .lanes._async import AsyncLane
-from .lanes._base import Lane, Worker
+from .lanes._base import BeginFn, ClaimFn, CompleteFn, Lane, LaneHost, Worker
 from .lanes._io import IOLane
 from .lanes._process import (
     ProcessLane,
@@ -126,15 +127,68 @@ def _run_hooks(hooks: list[Callable[..., Any]], *args: Any) -> None:
             log.exception("middleware hook %r raised; the token is not affected", hook)
 
 
+class _Host:
+    """The coordinator's side of the lane contract (``LaneHost``), handed to every lane.
+
+    Its attributes are the coordinator's own bound methods, looked up once here: a lane calls
+    ``host.run(token, worker)`` at the cost of calling ``coordinator._run`` directly, and the
+    coordinator keeps these methods out of its public surface.
+    """
+
+    __slots__ = (
+        "after_token",
+        "begin",
+        "claim",
+        "complete",
+        "count_event",
+        "fail_internal",
+        "gate",
+        "on_worker_thread",
+        "run",
+    )
+
+    def __init__(self, coordinator: OperationsCoordinator) -> None:
+        c = coordinator
+        self.gate: AdmissionGate = c._gate
+        self.claim: ClaimFn = c._claim
+        self.begin: BeginFn = c._begin
+        self.complete: CompleteFn = c._complete
+        self.run: Callable[[Any, Any], bool] = c._run
+        self.after_token: Callable[[Any], None] = c._after_token
+        self.on_worker_thread: Callable[[Any], None] = c._on_worker_thread
+        self.fail_internal: Callable[[Any, BaseException], None] = c._fail_internal
+        self.count_event: Callable[..., None] = c.count_event
+
+
 class OperationsCoordinator(ObservabilityMixin):
     """Runs decorated functions as tokens on core-pinned workers with bounded mailboxes.
 
-    Use it as a context manager, or call :meth:`start` and :meth:`stop`. Keyword arguments are
-    those of :class:`CoordinatorConfig` (or pass ``config=``); they are validated here.
-    Observability (``guard_house``, ``overflow_guard``, ``serve_metrics``, ``export_trace``)
-    comes from :class:`ObservabilityMixin` (``observability/_facade.py``).
-    ``backend="dask"`` (with ``address=`` for a running scheduler) or a ``Backend`` object runs
-    the tokens elsewhere than the local lanes (see ``tokengate.backends``).
+    Use it as a context manager (``with`` or ``async with``), or call :meth:`start` and
+    :meth:`stop`. Keyword arguments are those of :class:`CoordinatorConfig` (or pass
+    ``config=``); they are validated here. ``backend="dask"`` (with ``address=`` for a running
+    scheduler) or a ``Backend`` object runs the tokens elsewhere than the local lanes (see
+    ``tokengate.backends``).
+
+    The public surface (a test keeps it to exactly these names):
+
+    * lifecycle: :meth:`start`, :meth:`stop`, :attr:`running`;
+    * work: :meth:`submit`, :meth:`submit_async`, :meth:`executor`;
+    * policies: :meth:`add_middleware`, :attr:`middleware` (see :class:`Middleware`),
+      :meth:`set_storage_limit`, :meth:`count_event` (an event of your own in the stats);
+    * observation: :meth:`stats`, :meth:`tier_stats`, :attr:`admission`, :meth:`queue_depths`,
+      :attr:`lanes`, :meth:`iter_workers`, :attr:`convergence`, :attr:`backend`, and from the
+      observability component :attr:`guard_house`, :attr:`overflow_guard`,
+      :meth:`serve_metrics`, :meth:`metrics_collector`, :meth:`trace_spans`,
+      :meth:`export_trace`;
+    * for tests: :attr:`rate_limiter` (``rate_limiter.poll(now)`` steps the rate limits' clock);
+    * read-only facts, set at construction: ``config`` (the :class:`CoordinatorConfig`),
+      ``topology`` (the :class:`Topology` it sized itself from), ``core_count`` (cores used),
+      ``affinity`` (which cores each weight may use: ``affinity.allowed("heavy")``,
+      ``affinity.preferred("light")``) and ``throttle`` (the storage tiers' permits, read
+      through :meth:`tier_stats`).
+
+    What the lanes call (claim, begin, complete, ...) is private: they reach it through a
+    ``LaneHost`` object (``lanes/_base.py``) whose attributes are bound private methods.
 
     One still running when the main thread ends is stopped then, waiting for its tokens as
     ``concurrent.futures`` does; in a child forked from its process it refuses every call
@@ -224,9 +278,10 @@ class OperationsCoordinator(ObservabilityMixin):
         self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
         self._convergence: ConvergenceEngine | None = None  # io-lane: built at start
         # Rate limits (``rate`` tag): buckets and FIFOs per operation, re-admitted by a timer.
-        self._rate = RateLimiter(self._call_later, on_error=self.fail_internal)
+        self._rate = RateLimiter(self._call_later, on_error=self._fail_internal)
         # Set once a token of non-zero priority is routed: from then on pushes keep order.
         self._prioritized = False
+        self._host: LaneHost = _Host(self)  # what the lanes may call (lanes/_base.py)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> OperationsCoordinator:
@@ -339,7 +394,7 @@ class OperationsCoordinator(ObservabilityMixin):
             "thread": ThreadLane(
                 cores,
                 self.config.workers_per_core,
-                host=self,
+                host=self._host,
                 max_workers_per_core=self.config.max_workers_per_core,  # io-lane
             )
         }
@@ -347,7 +402,7 @@ class OperationsCoordinator(ObservabilityMixin):
         if self._process_on:  # issue 3: one worker process per core, started here, kept warm
             lanes["process"] = ProcessLane(
                 cores,
-                host=self,
+                host=self._host,
                 policies=self._policies,
                 allowed=self.affinity.allowed,
                 budget=self._queued_bytes,
@@ -395,9 +450,9 @@ class OperationsCoordinator(ObservabilityMixin):
     def _build_io_lanes(self) -> dict[str, Lane]:
         cfg = self.config
         return {
-            "io": IOLane(STORAGE_TIERS, cfg.io_workers, host=self, limit=self.throttle.limit),
+            "io": IOLane(STORAGE_TIERS, cfg.io_workers, host=self._host, limit=self.throttle.limit),
             "async": AsyncLane(
-                self,
+                self._host,
                 concurrency=cfg.async_concurrency,
                 stall_after=cfg.async_stall_after,
                 defer=self._defer,
@@ -469,6 +524,7 @@ class OperationsCoordinator(ObservabilityMixin):
 
     @property
     def middleware(self) -> tuple[Middleware, ...]:
+        """The installed middleware, in the order installed (the observability's first)."""
         return tuple(self._middleware)
 
     def _notify_after_attempt(
@@ -677,6 +733,7 @@ class OperationsCoordinator(ObservabilityMixin):
 
     @property
     def running(self) -> bool:
+        """Whether it takes calls: started, and not yet stopping or stopped."""
         return self._status == "running"
 
     def _wait_drained(self, timeout: float | None) -> bool:
@@ -723,8 +780,28 @@ class OperationsCoordinator(ObservabilityMixin):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]: ...
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Token[Any]:
-        """Submit ``fn(*args, **kwargs)``; a decorated function keeps its tags, any other
-        callable runs as a light task named after the function."""
+        """Run ``fn(*args, **kwargs)`` as a token of this coordinator and return the
+        :class:`Token` at once.
+
+        A function decorated with :func:`task_token_guard` keeps its tags (weight, storage
+        tier, retries, timeout...; a decorated method is bound as usual); any other callable
+        runs as a ``light`` task whose operation type is the callable's name (an ``async def``
+        one on the coordinator's event loop), and is not kept alive once its token ends. As
+        with a decorated call, tokens among the arguments (also inside a list, tuple or dict)
+        are dependencies: ``fn`` runs once they resolved, with their values in their place, and
+        fails with :class:`DependencyFailed` if one fails. ``coordinator.submit(f, x)`` does
+        what ``f(x)`` does with this coordinator running, and also works when several
+        coordinators run or ``f`` is not decorated.
+
+        Raises :class:`CoordinatorNotRunning` before :meth:`start` and after :meth:`stop`;
+        with ``admission="reject"`` :class:`Overloaded` when every mailbox its weight may use is
+        full (with ``"block"``, the default, the call waits for room instead);
+        :class:`OperationBlocked` while the Guard House blocks the operation;
+        :class:`SerializationError` when the task runs in a worker process and an argument
+        cannot be pickled (nothing is counted then). Calls made from inside a running task
+        never wait for room. In ``async`` code use :meth:`submit_async`, which awaits room
+        instead of blocking the event loop.
+        """
         from ._decorator import adhoc_task
 
         task, args = adhoc_task(fn, args)
@@ -733,6 +810,9 @@ class OperationsCoordinator(ObservabilityMixin):
     # -- io-lane: submission from asyncio code ------------------------------------------------
     async def submit_async(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Token[T]:
         """Submit from asyncio code: ``token = await coordinator.submit_async(fn, x)``.
+
+        Takes the same arguments and returns the same :class:`Token` as :meth:`submit`
+        (dependencies among the arguments included).
 
         Where :meth:`submit` would block its thread until there is room (full mailboxes, a full
         storage-tier queue), this *awaits* the room, so the caller's event loop keeps running
@@ -1202,7 +1282,7 @@ class OperationsCoordinator(ObservabilityMixin):
         return found[0] if found else None
 
     # -- execution (the LaneHost side) ------------------------------------------------------------
-    def on_worker_thread(self, worker: Worker) -> None:
+    def _on_worker_thread(self, worker: Worker) -> None:
         _runtime.local.coordinator = self
         _runtime.local.worker = worker
 
@@ -1210,9 +1290,12 @@ class OperationsCoordinator(ObservabilityMixin):
         _runtime.local.coordinator = self
 
     def count_event(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the event counter ``name``: it shows in ``stats().events`` and the
+        metrics' ``tokengate_events_total`` (the lanes count restarts and swaps this way; a
+        middleware of yours may count its own events too)."""
         self._stats.count_event(name, n)
 
-    def claim(self, token: Token[Any]) -> bool:
+    def _claim(self, token: Token[Any]) -> bool:
         """Take a token for running: discarded instead if past its deadline."""
         deadline = token._deadline_at
         if deadline is not None and _perf() > deadline:
@@ -1220,12 +1303,12 @@ class OperationsCoordinator(ObservabilityMixin):
             return False
         return token._try_claim()
 
-    def after_token(self, worker: Worker) -> None:
+    def _after_token(self, worker: Worker) -> None:
         gate = self._gate
         if gate.unwoken and len(worker.mailbox) <= self._low_water:
             gate.notify()
 
-    def begin(self, token: Token[Any], worker: Worker, *, arm_timeout: bool = True) -> int:
+    def _begin(self, token: Token[Any], worker: Worker, *, arm_timeout: bool = True) -> int:
         """Record the start of a run on ``worker``; arms the thread-style timeout if asked."""
         token.attempts += 1
         token._ran_on = worker
@@ -1238,7 +1321,7 @@ class OperationsCoordinator(ObservabilityMixin):
                 token._timer = self._timers.call_later(timeout, self._on_timeout, token, run_id)
         return run_id
 
-    def run(self, token: Token[Any], worker: Worker) -> bool:
+    def _run(self, token: Token[Any], worker: Worker) -> bool:
         """Claim ``token`` and run its body on this thread, then complete it; False if it was
         not runnable (discarded, past its deadline, or claimed elsewhere)."""
         # ``claim`` and ``begin``, inline: this is the hot path of every thread-run token.
@@ -1262,10 +1345,10 @@ class OperationsCoordinator(ObservabilityMixin):
             value = token.fn(*token.args, **token.kwargs)
         except BaseException as exc:
             worker.current = previous
-            self.complete(token, run_id, None, exc)
+            self._complete(token, run_id, None, exc)
         else:
             worker.current = previous
-            self.complete(token, run_id, value, None)
+            self._complete(token, run_id, value, None)
         return True
 
     def _on_timeout(self, token: Token[Any], run_id: int) -> None:
@@ -1279,7 +1362,7 @@ class OperationsCoordinator(ObservabilityMixin):
         )
         # The body is still running: its storage permit stays held until it really returns
         # (its own, late completion releases it), so the tier limit holds.
-        self.complete(token, run_id, None, exc, release_permit=False)
+        self._complete(token, run_id, None, exc, release_permit=False)
         self._replace_stuck(token)
 
     def _replace_stuck(self, token: Token[Any]) -> None:
@@ -1301,7 +1384,7 @@ class OperationsCoordinator(ObservabilityMixin):
             token.id,
         )
 
-    def complete(
+    def _complete(
         self,
         token: Token[Any],
         run_id: int,
@@ -1433,7 +1516,7 @@ class OperationsCoordinator(ObservabilityMixin):
         token._parked = None
         self._admit(token, True)
 
-    def fail_internal(self, token: Token[Any], exc: BaseException) -> None:
+    def _fail_internal(self, token: Token[Any], exc: BaseException) -> None:
         """Fail a token whose run broke inside tokengate itself (never lose it)."""
         error = TokenGateError(
             f"internal error while running {token.operation_type!r} (token {token.id}): "
@@ -1515,7 +1598,7 @@ class OperationsCoordinator(ObservabilityMixin):
                 if deadline is not None and _perf() > deadline:
                     token._discard("deadline")
                     return
-                if self._can_run_inline(token, worker) and self.run(token, worker):
+                if self._can_run_inline(token, worker) and self._run(token, worker):
                     continue  # a run that ended in a retry leaves the token still pending
             elif parked == "deps":
                 pending = self._deps.unfinished(token)
@@ -1546,7 +1629,7 @@ class OperationsCoordinator(ObservabilityMixin):
             else:
                 wake.acquire(True, max(0.0, end - time.monotonic()))
             return
-        self.run(other, worker)
+        self._run(other, worker)
 
     def _can_run_inline(self, token: Token[Any], worker: Worker) -> bool:
         """Whether ``worker`` may run ``token`` itself: same lane, or both plain threads
@@ -1600,6 +1683,7 @@ class OperationsCoordinator(ObservabilityMixin):
         return dict(self._lanes)
 
     def iter_workers(self) -> Iterator[Worker]:
+        """Every worker of every running lane (a snapshot: the convergence engine resizes)."""
         return iter([w for lane in self._lanes.values() for w in lane.workers])
 
     def executor(
@@ -1617,11 +1701,21 @@ class OperationsCoordinator(ObservabilityMixin):
         """A ``concurrent.futures.Executor`` whose work runs as tokens with these tags.
 
         Plug tokengate into anything that takes an executor, e.g.
-        ``await loop.run_in_executor(coordinator.executor(storage_speed="FAST"), fn, arg)``.
-        Each call runs once (no retries unless ``retries`` or ``retry_on`` is given) with its
-        arguments untouched; ``max_workers`` caps how many of its calls run at once and
-        ``initializer(*initargs)`` runs before the first call on each worker thread (each worker
-        process for process work). See :class:`TokenGateExecutor`.
+        ``await loop.run_in_executor(coordinator.executor(storage_speed="FAST"), fn, arg)``
+        or ``pool.map(fn, items)``. ``submit`` returns a ``concurrent.futures.Future`` (a token
+        underneath: it shows in :meth:`stats`, the Guard House and the trace).
+
+        ``weight``, ``storage_speed``, ``executor`` (``"auto"``, ``"thread"`` or
+        ``"process"``) and ``operation_type`` (default: each callable's name) are the tags of
+        :func:`task_token_guard`; further tags (``timeout``, ``retries``, ``retry_on``, ...) go
+        in ``**tags`` and a misspelt one raises :class:`ConfigError` here. Unlike a decorated
+        call, and as the standard library's executors do, each call runs once (no retries
+        unless ``retries`` or ``retry_on`` is given) and its arguments are passed untouched
+        (a token or future among them is not waited for). ``max_workers`` caps how many of
+        this executor's calls run at once (the others wait on no worker);
+        ``initializer(*initargs)`` runs before the first call on each worker thread (each
+        worker process for process work). ``shutdown()`` ends this executor only; the
+        coordinator keeps running. See :class:`TokenGateExecutor`.
         """
         return make_executor(
             self,
@@ -1636,8 +1730,9 @@ class OperationsCoordinator(ObservabilityMixin):
         )
 
     @property
-    def gate(self) -> AdmissionGate:
-        return self._gate
+    def admission(self) -> AdmissionStatus:
+        """A snapshot of admission: producers waiting for room, and why it is paused if it is."""
+        return self._gate.status()
 
     def _log_io_banner(self) -> None:
         cfg = self.config

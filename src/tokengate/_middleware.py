@@ -22,16 +22,41 @@ HOOKS = ("on_start", "on_stop", "before_submit", "after_attempt", "after_failure
 
 
 class Middleware:
-    """Base class of coordinator middleware; every hook does nothing by default."""
+    """Base class of coordinator middleware: a policy that watches (or refuses) tokens.
+
+    Subclass it, override only the hooks you need, and install an instance with
+    ``coordinator.add_middleware(m)``; ``coordinator.middleware`` lists those installed. Every
+    hook does nothing by default, and the coordinator calls only the hooks a middleware
+    overrides, so an unused hook costs a token nothing::
+
+        class CountFailures(tokengate.Middleware):
+            def __init__(self) -> None:
+                self.failures: collections.Counter[str] = collections.Counter()
+
+            def after_failure(self, token, outcome, exc):
+                self.failures[token.operation_type] += 1
+
+        with tokengate.OperationsCoordinator() as coordinator:
+            coordinator.add_middleware(counter := CountFailures())
+
+    Hooks run on the thread where the event happens (``before_submit`` on the submitting
+    thread, ``after_attempt`` and ``after_failure`` on the worker that ran the token, or the
+    thread that learnt its end), so they must be quick and thread-safe. A hook that raises is
+    logged with its traceback and does not affect the token, except ``before_submit``, whose
+    exception refuses the call (the Guard House raises :class:`OperationBlocked` there).
+    The Guard House, the Overflow Guard and the trace export are middleware too.
+    """
 
     def on_start(self, coordinator: Any) -> None:
-        """The coordinator has started."""
+        """The coordinator has started (or, installed on a running one, right away)."""
 
     def on_stop(self, coordinator: Any) -> None:
         """The coordinator has stopped (every token has ended)."""
 
     def before_submit(self, spec: TaskSpec) -> None:
-        """A call is about to become a token; raise to refuse it."""
+        """A call of ``spec`` (its operation type, weight and tags) is about to become a
+        token, on the caller's thread; raise to refuse it (the exception reaches the caller
+        and nothing is counted)."""
 
     def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
         """A run ended: ``outcome`` is ``resolved``, ``failed`` or ``retried``.

@@ -150,7 +150,7 @@ class FillWatch:
         pause = threading.Event()
         try:
             while not self.finished.is_set() and time.monotonic() < deadline:
-                if coordinator.gate.waiters:  # the producer found no room (a condition wait)
+                if coordinator.admission.waiters:  # the producer found no room (a condition wait)
                     loads = [w.load() for w in coordinator.iter_workers()]
                     if max(loads) >= limit:
                         self.blocked = True

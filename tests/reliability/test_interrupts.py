@@ -100,7 +100,7 @@ def test_ctrl_c_while_blocked_by_backpressure_loses_nothing(resources: Resources
     ).start()
     try:
         made = [gated(0), plain(1)]  # full: 1 running + 1 queued
-        interrupt_main_when(lambda: coordinator.gate.waiters == 1)
+        interrupt_main_when(lambda: coordinator.admission.waiters == 1)
         with pytest.raises(KeyboardInterrupt):
             made.append(plain(2))  # blocks at the gate; the interrupt lands there
         assert len(made) == 2

@@ -170,7 +170,9 @@ def test_stop_with_a_timeout_while_producers_are_blocked_behind_a_hung_task(
     producers = [threading.Thread(target=producer, args=(i,)) for i in range(2, 5)]
     for thread in producers:
         thread.start()
-    eventually(lambda: coordinator.gate.waiters == 3, what="three producers blocked at the gate")
+    eventually(
+        lambda: coordinator.admission.waiters == 3, what="three producers blocked at the gate"
+    )
     coordinator.stop(cancel_pending=cancel_pending, timeout=0.3)
     for thread in producers:  # released while the hung task still runs
         thread.join(10)

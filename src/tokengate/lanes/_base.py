@@ -14,12 +14,13 @@ import _thread
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .._admission import AdmissionGate
 
-__all__ = ["Lane", "LaneHost", "MailboxWorker", "Worker"]
+__all__ = ["BeginFn", "ClaimFn", "CompleteFn", "Lane", "LaneHost", "MailboxWorker", "Worker"]
 
 
 class Worker(Protocol):
@@ -91,53 +92,65 @@ class Lane(Protocol):
         ...
 
 
-class LaneHost(Protocol):
-    """What the coordinator offers the lanes (implemented by ``OperationsCoordinator``)."""
+class ClaimFn(Protocol):
+    def __call__(self, token: Any, /) -> bool: ...
 
-    @property
-    def gate(self) -> AdmissionGate:
-        """Where producers wait for room; a worker may skip ``after_token`` while its
-        ``unwoken`` count is 0 (nobody to wake), saving a call per token."""
-        ...
 
-    def claim(self, token: Any) -> bool:
-        """Take a token out of a mailbox for running; False if discarded or taken elsewhere."""
-        ...
+class BeginFn(Protocol):
+    def __call__(self, token: Any, worker: Any, /, *, arm_timeout: bool = True) -> int: ...
 
-    def begin(self, token: Any, worker: Any, *, arm_timeout: bool = True) -> int:
-        """Record the start of a run; returns the run id ``complete`` must quote."""
-        ...
 
-    def complete(
+class CompleteFn(Protocol):
+    def __call__(
         self,
         token: Any,
         run_id: int,
         value: Any,
         exc: BaseException | None,
+        /,
         *,
         release_permit: bool = True,
-    ) -> None:
-        """End a run: resolve, retry or fail. ``release_permit=False`` when the body is still
-        running (a thread past its timeout): the storage permit stays held until it returns."""
-        ...
+    ) -> None: ...
 
-    def run(self, token: Any, worker: Any) -> bool:
-        """``claim`` a token and run its body on the calling thread, then complete it; False
-        if it was not runnable."""
-        ...
 
-    def after_token(self, worker: Any) -> None:
-        """A worker finished a token: wake blocked producers if its mailbox has room."""
-        ...
+class LaneHost(Protocol):
+    """What the coordinator offers the lanes: a small object the coordinator builds at start
+    whose attributes are its own bound methods, so a lane pays no extra call per token and
+    never reaches into the coordinator's private attributes.
 
-    def on_worker_thread(self, worker: Any) -> None:
-        """Called first on every worker thread (thread-local set-up)."""
-        ...
+    ``gate``: where producers wait for room; a worker may skip ``after_token`` while its
+    ``unwoken`` count is 0 (nobody to wake), saving a call per token.
+    ``claim(token)``: take a token out of a mailbox for running; False if discarded (past its
+    deadline, cancelled) or taken elsewhere.
+    ``begin(token, worker, *, arm_timeout=True)``: record the start of a run; returns the run
+    id ``complete`` must quote.
+    ``complete(token, run_id, value, exc, *, release_permit=True)``: end a run: resolve, retry
+    or fail. ``release_permit=False`` when the body is still running (a thread past its
+    timeout): the storage permit stays held until it returns.
+    ``run(token, worker)``: ``claim`` a token and run its body on the calling thread, then
+    complete it; False if it was not runnable.
+    ``after_token(worker)``: a worker finished a token: wake blocked producers if its mailbox
+    has room.
+    ``on_worker_thread(worker)``: called first on every worker thread (thread-local set-up).
+    ``fail_internal(token, exc)``: fail a token whose run broke inside tokengate itself.
+    ``count_event(name, n=1)``: count a rare event (a restart, a swap) in the stats.
+    """
 
-    def fail_internal(self, token: Any, exc: BaseException) -> None:
-        """Fail a token whose run broke inside tokengate itself."""
-        ...
-
-    def count_event(self, name: str, n: int = 1) -> None:
-        """Count a rare event (a restart, a swap) in the stats."""
-        ...
+    @property
+    def gate(self) -> AdmissionGate: ...
+    @property
+    def claim(self) -> ClaimFn: ...
+    @property
+    def begin(self) -> BeginFn: ...
+    @property
+    def complete(self) -> CompleteFn: ...
+    @property
+    def run(self) -> Callable[[Any, Any], bool]: ...
+    @property
+    def after_token(self) -> Callable[[Any], None]: ...
+    @property
+    def on_worker_thread(self) -> Callable[[Any], None]: ...
+    @property
+    def fail_internal(self) -> Callable[[Any, BaseException], None]: ...
+    @property
+    def count_event(self) -> Callable[..., None]: ...

@@ -83,7 +83,7 @@ class ObservabilityMixin:
         budget = cfg.memory_budget
         stats = c._stats  # not the coordinator: the sampler thread must not keep it alive
         self._overflow_guard = OverflowGuard(
-            c.gate,
+            c._gate,
             budget if isinstance(budget, int) else default_memory_budget(),
             enabled=cfg.overflow_guard,
             interval=cfg.memory_check_interval,
@@ -178,7 +178,7 @@ class ObservabilityMixin:
     def _wait_admission_paused(self, spec: TaskSpec) -> None:
         """An external call while admission is paused (Overflow Guard): wait, or refuse."""
         c = cast("OperationsCoordinator", self)
-        gate = c.gate
+        gate = c._gate
         if c.config.admission == "reject":
             detail = "; ".join(gate.paused.values()) or "paused"
             raise Overloaded(

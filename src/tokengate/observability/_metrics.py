@@ -219,11 +219,11 @@ class TokenGateCollector:
 
     @staticmethod
     def _admission(coordinator: OperationsCoordinator, f: dict[str, Any]) -> None:
-        gate = coordinator.gate
-        paused = gate.paused
+        admission = coordinator.admission
+        paused = admission.paused
         for reason in sorted({"overflow_guard", *paused}):
             f["tokengate_admission_paused"].add_metric([reason], 1 if reason in paused else 0)
-        f["tokengate_admission_waiters"].add_metric([], gate.waiters)
+        f["tokengate_admission_waiters"].add_metric([], admission.waiters)
         guard = coordinator.overflow_guard
         status = guard.status()
         rss = status.rss
