@@ -188,7 +188,7 @@ def test_retiring_a_busy_worker_hands_back_its_queue_then_it_exits(
         assert event.wait(10)
     queued = [light_gated(f"q{i}") for i in range(10)]
     assert len(first.mailbox) == len(second.mailbox) == 5
-    with caplog.at_level("INFO", logger="tokengate.worker"):
+    with caplog.at_level("DEBUG", logger="tokengate.worker"):
         assert lane.retire_worker(second)
         coordinator._workers_changed()
         assert lane.pools[1] == [first]

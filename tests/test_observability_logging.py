@@ -106,10 +106,26 @@ def test_each_part_logs_on_its_own_logger(caplog: pytest.LogCaptureFixture, tmp_
     assert logger_of("Operations shutdown complete!") == "tokengate.coordinator"
 
 
+def test_info_shows_one_start_and_one_stop_line_not_the_banner(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # logging.basicConfig(level=INFO) must not print the seed's banner and a start/stop line
+    # per worker: start-up detail is DEBUG (verbose=True still prints it, test above).
+    caplog.set_level(logging.INFO)
+    with OperationsCoordinator(workers_per_core=2, cores=2):
+        assert seed_log(1).get(timeout=10) == 1
+        assert seed_log(2).get(timeout=10) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("tokengate")]
+    assert lines == [
+        "Operations Coordinator started successfully!",
+        "Operations shutdown complete!",
+    ]
+
+
 def test_turning_on_one_logger_shows_only_that_part(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     with (
-        caplog.at_level(logging.INFO, logger="tokengate.guard_house"),
+        caplog.at_level(logging.DEBUG, logger="tokengate.guard_house"),
         OperationsCoordinator(process_lane=False, workers_per_core=1, cores=1),
     ):
         seed_log(1).get(timeout=10)

@@ -308,7 +308,7 @@ class OperationsCoordinator(ObservabilityMixin):
             self._verbose_handlers = attach_verbose_handlers(
                 verbose=cfg.verbose, convergence=cfg.convergence_verbose
             )
-        if log.isEnabledFor(_INFO):
+        if log.isEnabledFor(_DEBUG):
             self._log_banner()
         else:  # the guards' banner lines have their own loggers (issue 5)
             self._log_observability_banner(ready=True)
@@ -325,8 +325,8 @@ class OperationsCoordinator(ObservabilityMixin):
         self._discarding = False
         self._closed = False
         self._accepting = True
-        if log.isEnabledFor(_INFO) and self._backend is None:  # issue 7: a backend has no lanes
-            log.info(
+        if log.isEnabledFor(_DEBUG) and self._backend is None:  # issue 7: a backend has no lanes
+            log.debug(
                 "[CORE_PINNED_QUEUE] Starting %d mailbox workers...",
                 sum(len(lane.workers) for lane in self._lanes.values()),
             )
@@ -339,9 +339,9 @@ class OperationsCoordinator(ObservabilityMixin):
         _runtime.push_coordinator(self)
         for hook in self._hooks["on_start"]:
             hook(self)
-        if log.isEnabledFor(_INFO):
+        if log.isEnabledFor(_DEBUG):
             if self._backend is None:  # issue 7: a backend logs its own workers ([DASK] ...)
-                log.info(
+                log.debug(
                     "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
                     sum(
                         len(ln.workers)
@@ -350,22 +350,23 @@ class OperationsCoordinator(ObservabilityMixin):
                     ),
                     self.core_count,
                 )
-            log.info(
+            log.debug(
                 "[GATE] Admission gate started - %s (mailbox_max=%d)",
                 "full saturation mode" if not self._reject else "reject when full",
                 self._mailbox_max,
             )
-            log.info("Worker queue started")
-            log.info("Admission gate started")
+            log.debug("Worker queue started")
+            log.debug("Admission gate started")
             io_lane = self._lanes.get("io")  # io-lane: its threads are not core-pinned
             if io_lane is not None:
-                log.info(
+                log.debug(
                     "[IO_LANE] Started %d workers (%d per storage tier)",
                     len(io_lane.workers),
                     self.config.io_workers,
                 )
             if self._convergence is not None:  # io-lane
-                log.info("Convergence monitoring started")
+                log.debug("Convergence monitoring started")
+        if log.isEnabledFor(_INFO):  # the one start-up line at INFO; the detail is DEBUG
             log.info("Operations Coordinator started successfully!")
         return self
 
@@ -595,8 +596,8 @@ class OperationsCoordinator(ObservabilityMixin):
             # Inside the try: a Ctrl-C landing from here on (while the engine's thread is
             # joined, say) must still shut the workers down, or the coordinator stays
             # "stopping" for good.
-            if log.isEnabledFor(_INFO):
-                log.info("Stopping Operations Coordinator...")
+            if log.isEnabledFor(_DEBUG):
+                log.debug("Stopping Operations Coordinator...")
             engine, self._convergence = self._convergence, None  # io-lane: no resizing now
             if engine is not None:
                 engine.stop()
@@ -665,9 +666,9 @@ class OperationsCoordinator(ObservabilityMixin):
 
     def _shutdown_workers(self) -> None:
         timers = self._timers
-        if log.isEnabledFor(_INFO):
-            log.info("[GATE] Admission gate stopped")
-            log.info("[CORE_PINNED_QUEUE] Stopping all workers...")
+        if log.isEnabledFor(_DEBUG):
+            log.debug("[GATE] Admission gate stopped")
+            log.debug("[CORE_PINNED_QUEUE] Stopping all workers...")
         self._closed = True
         self._give_up_pending()
         stuck = [w for lane in self._lanes.values() for w in lane.stop(timeout=1.0)]
@@ -698,9 +699,10 @@ class OperationsCoordinator(ObservabilityMixin):
                 hook(self)
             except Exception:
                 log.exception("middleware on_stop hook %r raised", hook)
-        if log.isEnabledFor(_INFO):
-            log.info("[CORE_PINNED_QUEUE] All workers stopped")
-            log.info("All components stopped")
+        if log.isEnabledFor(_DEBUG):
+            log.debug("[CORE_PINNED_QUEUE] All workers stopped")
+            log.debug("All components stopped")
+        if log.isEnabledFor(_INFO):  # the one shutdown line at INFO; the detail is DEBUG
             log.info("Operations shutdown complete!")
         detach_verbose_handlers(self._verbose_handlers)
         self._verbose_handlers = []
@@ -1736,55 +1738,57 @@ class OperationsCoordinator(ObservabilityMixin):
 
     def _log_io_banner(self) -> None:
         cfg = self.config
-        log.info(
+        log.debug(
             "[IO_LANE] %d threads per storage tier to start, up to the tier's limit", cfg.io_workers
         )
-        log.info("[ASYNC_LANE] One event loop, up to %d async tasks at once", cfg.async_concurrency)
-        log.info("")
-        log.info("Configuring convergence engine...")
+        log.debug(
+            "[ASYNC_LANE] One event loop, up to %d async tasks at once", cfg.async_concurrency
+        )
+        log.debug("")
+        log.debug("Configuring convergence engine...")
         if cfg.convergence:
-            log.info(
+            log.debug(
                 "Convergence engine enabled (every %.2fs; cores grow up to %d workers, "
                 "storage tiers up to their limits, only while the queued work waits on I/O)",
                 cfg.convergence_interval,
                 cfg.max_workers_per_core,
             )
         else:
-            log.info("Convergence engine disabled: worker counts stay at their baseline")
+            log.debug("Convergence engine disabled: worker counts stay at their baseline")
 
     def _log_banner(self) -> None:
         cfg = self.config
         rule = "=" * 70
-        log.info(rule)
-        log.info("Operations Coordinator - Initializing...")
-        log.info(rule)
-        log.info("")
-        log.info("Detecting CPU topology...")
-        log.info("%s", self.topology.banner())
-        log.info("")
-        log.info("Creating foundation components...")
+        log.debug(rule)
+        log.debug("Operations Coordinator - Initializing...")
+        log.debug(rule)
+        log.debug("")
+        log.debug("Detecting CPU topology...")
+        log.debug("%s", self.topology.banner())
+        log.debug("")
+        log.debug("Creating foundation components...")
         self._log_observability_banner()  # [OVERFLOW_GUARD], [GUARD_HOUSE] (issue 5)
-        log.info("%s", self.affinity.banner())
-        log.info("%s", self.throttle.banner())
+        log.debug("%s", self.affinity.banner())
+        log.debug("%s", self.throttle.banner())
         self._log_observability_ready()
-        log.info("Core affinity policy created")
-        log.info("")
-        log.info("Building execution pipeline...")
-        log.info("%s", mapping_banner(self.core_count, cfg.workers_per_core))
-        log.info("Worker queue created")
-        log.info("Admission gate configured (mailbox_max=%d, %s)", cfg.mailbox_max, cfg.admission)
+        log.debug("Core affinity policy created")
+        log.debug("")
+        log.debug("Building execution pipeline...")
+        log.debug("%s", mapping_banner(self.core_count, cfg.workers_per_core))
+        log.debug("Worker queue created")
+        log.debug("Admission gate configured (mailbox_max=%d, %s)", cfg.mailbox_max, cfg.admission)
         self._log_io_banner()  # io-lane
-        log.info("")
-        log.info("Operations Coordinator ready!")
-        log.info("  Cores: %d", self.core_count)
-        log.info("  Workers per core: %d", cfg.workers_per_core)
-        log.info(
+        log.debug("")
+        log.debug("Operations Coordinator ready!")
+        log.debug("  Cores: %d", self.core_count)
+        log.debug("  Workers per core: %d", cfg.workers_per_core)
+        log.debug(
             "  Total workers: %d",
             sum(
                 len(v) for v in core_worker_mapping(self.core_count, cfg.workers_per_core).values()
             ),
         )
-        log.info("  Convergence: %s", "ENABLED" if cfg.convergence else "DISABLED")  # io-lane
-        log.info(rule)
-        log.info("")
-        log.info("Starting Operations Coordinator...")
+        log.debug("  Convergence: %s", "ENABLED" if cfg.convergence else "DISABLED")  # io-lane
+        log.debug(rule)
+        log.debug("")
+        log.debug("Starting Operations Coordinator...")

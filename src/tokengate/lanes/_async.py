@@ -331,8 +331,8 @@ class AsyncLane:
         loop = self.loop
         asyncio.set_event_loop(loop)
         self.host.on_worker_thread(self.worker)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("Event loop started")
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("Event loop started")
         self._ready.set()
         try:
             loop.run_forever()
@@ -348,8 +348,8 @@ class AsyncLane:
             finally:
                 asyncio.set_event_loop(None)
                 loop.close()
-                if logger.isEnabledFor(logging.INFO):
-                    logger.info("Event loop stopped")
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("Event loop stopped")
 
     async def _shutdown(self, timeout: float | None) -> None:
         # After the coordinator's drain only tasks that outlived stop()'s timeout are left.

@@ -69,8 +69,8 @@ class IOLane(ThreadLane):
     def on_worker_start(self, worker: ThreadWorker) -> None:
         worker.cpu_clock = thread_cpu_clock()
         self.host.on_worker_thread(worker)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("[%s] Started for storage tier %s (not pinned)", worker.name, worker.pool)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[%s] Started for storage tier %s (not pinned)", worker.name, worker.pool)
 
     def candidates(self, spec: Any) -> list[ThreadWorker]:
         """The workers a token of ``spec`` may go to: its tier's pool."""

@@ -553,8 +553,8 @@ class ProcessWorker(MailboxWorker):
                     self.broken = None
                     self.restarting = False
                     self.ready.set()
-                    if logger.isEnabledFor(logging.INFO):
-                        logger.info(
+                    if logger.isEnabledFor(logging.DEBUG):
+                        logger.debug(
                             "[%s] Started on Core %d (pid %d)", self.name, self.core, child.pid
                         )
                     return None, False
@@ -773,8 +773,8 @@ class ProcessWorker(MailboxWorker):
         self.pid = None
         self.closed = True
         self._discard_left()
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("[%s] Stopped", self.name)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[%s] Stopped", self.name)
 
     def _discard_left(self) -> None:
         while True:
@@ -830,8 +830,8 @@ class ProcessLane:
 
     def start(self) -> None:
         """Start every proxy thread; each starts its worker process (not waited for here)."""
-        if lane_log.isEnabledFor(logging.INFO):
-            lane_log.info(
+        if lane_log.isEnabledFor(logging.DEBUG):
+            lane_log.debug(
                 "[PROCESS_LANE] Starting %d worker processes (one per core, pinned)",
                 len(self.workers),
             )
@@ -920,6 +920,6 @@ class ProcessLane:
             worker.thread.join(_STOP_GRACE + 1.0)
             if worker.thread.is_alive():  # pragma: no cover - a proxy wedged outside a wait
                 stuck.append(worker)
-        if lane_log.isEnabledFor(logging.INFO):
-            lane_log.info("[PROCESS_LANE] All worker processes stopped")
+        if lane_log.isEnabledFor(logging.DEBUG):
+            lane_log.debug("[PROCESS_LANE] All worker processes stopped")
         return stuck

@@ -204,8 +204,8 @@ class ThreadLane:
             pin_current_thread([worker.cpu])
         worker.cpu_clock = thread_cpu_clock()
         self.host.on_worker_thread(worker)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
                 "[%s] Started on Core %d (local %d)", worker.name, worker.core, worker.local_index
             )
 
@@ -222,8 +222,8 @@ class ThreadLane:
         self.host.fail_internal(token, exc)
 
     def on_worker_exit(self, worker: ThreadWorker) -> None:
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("[%s] Stopped", worker.name)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[%s] Stopped", worker.name)
 
     def queued(self) -> list[Any]:
         """Every token sitting in a mailbox (a copy), retiring workers' included."""
@@ -361,5 +361,5 @@ class ThreadLane:
         self.hand_back(worker)
         with self._lock:
             self._retiring.discard(worker)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("[%s] Retired", worker.name)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[%s] Retired", worker.name)

@@ -42,6 +42,7 @@ overflow_log = logging.getLogger("tokengate.overflow")
 metrics_log = logging.getLogger("tokengate.metrics")
 trace_log = logging.getLogger("tokengate.trace")
 _INFO = logging.INFO
+_DEBUG = logging.DEBUG
 
 
 class _MetricsServers(Middleware):
@@ -192,16 +193,16 @@ class ObservabilityMixin:
         """The seed's [OVERFLOW_GUARD] and [GUARD_HOUSE] blocks, each on its own logger (and
         their "... initialized" lines too if ``ready``, when the coordinator's banner is off)."""
         c = cast("OperationsCoordinator", self)
-        if overflow_log.isEnabledFor(_INFO):
+        if overflow_log.isEnabledFor(_DEBUG):
             policies = {w: c.config.policy_for(w) for w in ("light", "medium", "heavy")}
-            overflow_log.info("%s", self._overflow_guard.banner(policies))
-        if guard_log.isEnabledFor(_INFO):
-            guard_log.info("%s", self._guard_house.banner())
+            overflow_log.debug("%s", self._overflow_guard.banner(policies))
+        if guard_log.isEnabledFor(_DEBUG):
+            guard_log.debug("%s", self._guard_house.banner())
         if ready:
             self._log_observability_ready()
 
     def _log_observability_ready(self) -> None:
-        if overflow_log.isEnabledFor(_INFO) and self._overflow_guard.enabled:
-            overflow_log.info("Overflow guard initialized")
-        if guard_log.isEnabledFor(_INFO) and self._guard_house.enabled:
-            guard_log.info("Guard House initialized")
+        if overflow_log.isEnabledFor(_DEBUG) and self._overflow_guard.enabled:
+            overflow_log.debug("Overflow guard initialized")
+        if guard_log.isEnabledFor(_DEBUG) and self._guard_house.enabled:
+            guard_log.debug("Guard House initialized")
