@@ -1605,10 +1605,10 @@ class OperationsCoordinator(ObservabilityMixin):
             elif parked == "deps":
                 pending = self._deps.unfinished(token)
                 if pending:
-                    # Helps (recursively) or waits for the dependency; a discarded one raises,
-                    # and the loop re-checks the token either way.
+                    # Helps (recursively) or waits for the dependency, then the loop re-checks
+                    # the token. _wait, not exception(): waiting is not retrieving its error.
                     with contextlib.suppress(BaseException):
-                        pending[0].exception()
+                        pending[0]._wait(None)
                     continue
             self._help_from_mailbox(worker, token, end)
 

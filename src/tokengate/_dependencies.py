@@ -220,7 +220,7 @@ class DependencyTracker:
             self._on_dependency_done(token)
 
         for dep in deps:
-            dep.add_done_callback(on_done)
+            dep._add_callback(on_done)  # a failure is passed on (exception(0))
 
     def _on_dependency_done(self, token: Token[Any]) -> None:
         local = self._releasing

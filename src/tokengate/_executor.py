@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, wait
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _runtime
 from ._decorator import BoundTask, TaskFunction
@@ -300,9 +300,10 @@ class TokenGateExecutor(Executor):
             raise
         with self._lock:
             self._pending.add(token)
-        token.add_done_callback(self._done)
+        # Bookkeeping callbacks (_add_callback): they do not count as retrieving an error.
+        token._add_callback(self._done)
         if slotted:
-            token.add_done_callback(self._slot_freed)
+            token._add_callback(self._slot_freed)
         elif hold:
             with self._lock:
                 self._queue.append(token)
@@ -313,7 +314,7 @@ class TokenGateExecutor(Executor):
         with self._lock:
             self._pending.discard(token)
         if self._init is not None and not token.cancelled():
-            exc = token.exception(0)
+            exc = cast("Token[Any]", token)._exception  # read, not retrieved: it is the caller's
             if isinstance(exc, InitializerFailed):
                 self._break(exc)
 
@@ -356,7 +357,7 @@ class TokenGateExecutor(Executor):
                     return
                 token = self._queue.popleft()
                 self._running += 1
-            token.add_done_callback(self._slot_freed)
+            token._add_callback(self._slot_freed)
             # Pickled only now: a failure is told in the user's terms, on the Future.
             explain = functools.partial(_explain, token.args[0])
             self._coordinator._release_held(token, explain=explain)

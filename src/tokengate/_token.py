@@ -10,7 +10,9 @@ A Token *is* a ``concurrent.futures.Future``, so ``wait``, ``as_completed`` and
   a caller woken by ``get()`` always sees counts that include its token. The bookkeeping hooks
   are passed in by the coordinator; the token knows nothing of lanes or stats;
 * help while waiting: a worker thread that waits on a token which has not started yet runs it
-  itself (see ``OperationsCoordinator._help``), so nested tasks never deadlock.
+  itself (see ``OperationsCoordinator._help``), so nested tasks never deadlock;
+* loud failures: a failed token whose error nobody retrieved logs it once, at WARNING with the
+  traceback, when it is garbage-collected (see ``_unretrieved.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from concurrent.futures._base import (
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from ._errors import TokenDiscarded, TokenGateError
+from ._unretrieved import Unretrieved
 
 if TYPE_CHECKING:
     import asyncio
@@ -145,6 +148,10 @@ class Token(Future[T], Generic[T]):
     _cond: Any = None
     _exception: BaseException | None = None
     _watched: Any = None  # (counters, run time) of a run the Guard House must see
+    # Failed tokens only: logs the error if nobody retrieves it (see _unretrieved.py). A user's
+    # done-callback sets _observed, so a token failing after one was added gets none.
+    _unretrieved: Unretrieved | None = None
+    _observed: bool = False
     kwargs: dict[str, Any] = NO_KWARGS
 
     __slots__ = (
@@ -337,6 +344,7 @@ class Token(Future[T], Generic[T]):
         exc = self._exception
         if exc is None:
             return self._result  # type: ignore[return-value]
+        self._retrieved()
         try:
             raise exc
         finally:
@@ -351,7 +359,17 @@ class Token(Future[T], Generic[T]):
             self._wait(timeout)
             if self._state != FINISHED:
                 raise self._discarded_error()
+        if self._unretrieved is not None:
+            self._retrieved()
         return self._exception
+
+    def _retrieved(self) -> None:
+        """The error reached someone: nothing to log when the token goes."""
+        self._observed = True
+        reporter = self._unretrieved
+        if reporter is not None:
+            reporter.error = None
+            self._unretrieved = None
 
     def _add_sleeper(self, lock: Any) -> bool:
         """Have ``lock`` released when the token ends; False if it already has."""
@@ -367,9 +385,20 @@ class Token(Future[T], Generic[T]):
             self._unlock(cond)
 
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
-        """Call ``fn(token)`` when the token ends (at once if it has); errors are logged."""
+        """Call ``fn(token)`` when the token ends (at once if it has); errors are logged.
+
+        The callback is handed the token, so a failure is its to report: a token with a
+        done-callback never logs its error as unretrieved.
+        """
+        self._add_callback(fn, observe=True)
+
+    def _add_callback(self, fn: Callable[[Future[T]], object], *, observe: bool = False) -> None:
+        """``add_done_callback`` for tokengate's own bookkeeping: by default it does not count
+        as retrieving the error (see ``_unretrieved.py``)."""
         cond = self._lock()
         try:
+            if observe:
+                self._retrieved()
             if self._state not in _TERMINAL:
                 if self._cb is None:
                     self._cb = []
@@ -516,6 +545,8 @@ class Token(Future[T], Generic[T]):
                 self._result = result
             else:
                 self._exception = exception
+                if not self._observed:
+                    self._unretrieved = Unretrieved(self.id, exception)
             self._state = FINISHED
             record(self, exception)
             if self._w or self._sleepers:
@@ -582,7 +613,7 @@ async def _await_token(token: Token[T]) -> T:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(_resolve_waiter, waiter)
 
-        token.add_done_callback(wake)
+        token._add_callback(wake)  # the result() below is what retrieves the error
         try:
             await waiter
         except asyncio.CancelledError:

@@ -385,7 +385,7 @@ class Runner:
                 self.admit(token, host, route, True)
 
         for dep in waiting:
-            dep.add_done_callback(on_done)
+            dep._add_callback(on_done)
 
     def discarded(self, token: Token[Any]) -> None:
         """``token`` was discarded: forget it, and cancel its Dask task if it has one."""
