@@ -31,7 +31,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Status:
-    """One reading of a running demo."""
+    """One reading of a running demo (or of a user program's coordinator, ``live()``)."""
 
     demo: str
     phase: str
@@ -39,11 +39,24 @@ class Status:
     duration: float
     snap: StatsSnapshot
     tiers: Mapping[str, TierStats]
-    #: lane name -> core -> load (queued + running) of each worker of that core.
+    #: lane name -> core -> load (queued + running) of each worker of that core; core 0 holds
+    #: the workers of a lane that are not pinned (the I/O lane).
     queues: Mapping[str, Mapping[int, list[int]]]
+    #: The first words of the live view's heading.
+    title: str = "tokengate"
+    #: Said at the end of the heading (the demos: how to stop them).
+    hint: str = ""
 
 
-def read_status(coordinator: OperationsCoordinator, demo: Any, name: str, started: float) -> Status:
+def read_status(
+    coordinator: OperationsCoordinator,
+    demo: Any,
+    name: str,
+    started: float,
+    *,
+    title: str | None = None,
+    hint: str = "",
+) -> Status:
     return Status(
         demo=name,
         phase=str(getattr(demo, "phase", "")),
@@ -52,6 +65,8 @@ def read_status(coordinator: OperationsCoordinator, demo: Any, name: str, starte
         snap=coordinator.stats(str(getattr(demo, "phase", "STATS")).upper()),
         tiers=coordinator.tier_stats(),
         queues={lane: coordinator.queue_depths(lane) for lane in coordinator.lanes},
+        title=f"tokengate demo {name}" if title is None else title,
+        hint=hint,
     )
 
 
@@ -63,7 +78,7 @@ def plain_line(s: Status) -> str:
     """One line per reading, for logs and pipes."""
     snap = s.snap
     cores = " ".join(
-        f"c{core}:{sum(loads)}/{len(loads)}w"
+        f"{f'c{core}' if core else lane}:{sum(loads)}/{len(loads)}w"
         for lane, by_core in s.queues.items()
         for core, loads in by_core.items()
         if lane == "thread" or any(loads)
@@ -102,9 +117,18 @@ def silence_stdout() -> None:
 
 
 class _Base:
-    def __init__(self, coordinator: OperationsCoordinator, name: str) -> None:
+    def __init__(
+        self,
+        coordinator: OperationsCoordinator,
+        name: str,
+        *,
+        title: str | None = None,
+        hint: str = "(Ctrl-C stops cleanly)",
+    ) -> None:
         self.coordinator = coordinator
         self.name = name
+        self.title = title
+        self.hint = hint
         self.demo: Any = None
         self.started = time.monotonic()
         #: Set when stdout's reader went away; ``on_broken`` is called once, then.
@@ -112,7 +136,9 @@ class _Base:
         self.on_broken: Callable[[], None] = lambda: None
 
     def status(self) -> Status:
-        return read_status(self.coordinator, self.demo, self.name, self.started)
+        return read_status(
+            self.coordinator, self.demo, self.name, self.started, title=self.title, hint=self.hint
+        )
 
 
 class PlainDisplay(_Base):
@@ -125,8 +151,9 @@ class PlainDisplay(_Base):
         *,
         interval: float = 2.0,
         out: IO[str] | None = None,
+        **heading: Any,
     ) -> None:
-        super().__init__(coordinator, name)
+        super().__init__(coordinator, name, **heading)
         self.interval = interval
         self.out = out if out is not None else sys.stdout
         self._lock = threading.Lock()
@@ -162,12 +189,19 @@ class PlainDisplay(_Base):
 class LiveDisplay(_Base):
     """A rich ``Live`` view refreshed four times a second; demo lines print above it."""
 
-    def __init__(self, coordinator: OperationsCoordinator, name: str) -> None:
+    def __init__(
+        self,
+        coordinator: OperationsCoordinator,
+        name: str,
+        *,
+        console: Any = None,
+        **heading: Any,
+    ) -> None:
         from rich.console import Console
         from rich.live import Live
 
-        super().__init__(coordinator, name)
-        self.console = Console()
+        super().__init__(coordinator, name, **heading)
+        self.console = Console() if console is None else console
         self.live = Live(
             get_renderable=self._render,
             console=self.console,
@@ -191,30 +225,71 @@ class LiveDisplay(_Base):
         return render_rich(self.status())
 
 
+#: Rows the lane table may take before each lane is folded into one row: with the header, the
+#: token counts and the latency line this keeps the view within an 80 x 24 terminal.
+MAX_LANE_ROWS = 14
+#: The per-worker loads column (one character per worker) is cut with an ellipsis past this
+#: many workers; only it gives way when the lane labels are long, never a header.
+PER_WORKER_WIDTH = 16
+
+
+def _where(lane: str, core: int) -> str:
+    """A lane's worker group: ``core 3`` when pinned; core 0 means its threads are not pinned
+    (the I/O lane's pools, the async lane's event loop)."""
+    if core:
+        return f"{lane} core {core}"
+    return f"{lane} (unpinned)"
+
+
+def _cores(cores: list[int]) -> str:
+    pinned = sorted(c for c in cores if c)
+    if not pinned:
+        return "(unpinned)"
+    if pinned == list(range(pinned[0], pinned[-1] + 1)) and len(pinned) > 1:
+        return f"cores {pinned[0]}-{pinned[-1]}"
+    return "cores " + ",".join(map(str, pinned))
+
+
+def lane_rows(queues: Mapping[str, Mapping[int, list[int]]]) -> list[tuple[str, list[int]]]:
+    """(label, per-worker loads) per lane and core; one row per lane when that would not fit."""
+    rows = [
+        (_where(lane, core), loads)
+        for lane, by_core in queues.items()
+        for core, loads in by_core.items()
+    ]
+    if len(rows) <= MAX_LANE_ROWS:
+        return rows
+    return [
+        (f"{lane} {_cores(list(by_core))}", [load for loads in by_core.values() for load in loads])
+        for lane, by_core in queues.items()
+    ]
+
+
+def heading(s: Status) -> str:
+    """The first line: what runs, the phase, the time, and the hint."""
+    parts = [s.title]
+    if s.phase:
+        parts.append(f"phase {s.phase}")
+    parts.append(f"{s.elapsed:.1f} s" + (f" of {s.duration:g} s" if s.duration else ""))
+    if s.hint:
+        parts.append(s.hint)
+    return "   ".join(parts)
+
+
 def render_rich(s: Status) -> Any:
-    """The live view of one reading: counts, latencies, cores and storage tiers."""
+    """The live view of one reading, laid out for an 80 x 24 terminal: counts, latencies, the
+    load of each lane's workers and the storage tiers (side by side)."""
     from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     snap = s.snap
-    progress = f"{s.elapsed:.1f} s" + (f" of {s.duration:g} s" if s.duration else "")
-    head = Text.assemble(
-        ("tokengate demo ", "bold"),
-        (s.demo, "bold cyan"),
-        "   phase: ",
-        (s.phase, "bold yellow"),
-        f"   {progress}   (Ctrl-C stops cleanly)",
-    )
+    head = Text(heading(s), style="bold", no_wrap=True, overflow="ellipsis")
 
-    counts = Table(box=box.SIMPLE_HEAVY, title="tokens", title_justify="left")
+    counts = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold")
     for col in ("submitted", "resolved", "failed", "discarded", "retried", "in flight"):
-        counts.add_column(col, justify="right")
-    counts.add_column("p50", justify="right")
-    counts.add_column("p95", justify="right")
-    counts.add_column("p99", justify="right")
-    counts.add_column("max", justify="right")
+        counts.add_column(col, justify="right", no_wrap=True)
     counts.add_row(
         str(snap.submitted),
         Text(str(snap.resolved), style="green"),
@@ -222,36 +297,53 @@ def render_rich(s: Status) -> Any:
         str(snap.discarded),
         str(snap.retried),
         str(snap.in_flight),
-        _ms(snap.latency_p50),
-        _ms(snap.latency_p95),
-        _ms(snap.latency_p99),
-        _ms(snap.latency_max),
+    )
+    latency = Text(
+        f"latency  p50 {_ms(snap.latency_p50)}   p95 {_ms(snap.latency_p95)}   "
+        f"p99 {_ms(snap.latency_p99)}   max {_ms(snap.latency_max)}",
+        no_wrap=True,
+        overflow="ellipsis",
     )
 
-    cores = Table(box=box.SIMPLE_HEAVY, title="cores", title_justify="left")
-    for col, justify in (
-        ("lane", "left"),
-        ("core", "right"),
-        ("workers", "right"),
-        ("queued+running", "right"),
-        ("per worker", "left"),
-    ):
-        cores.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for lane, by_core in s.queues.items():
-        for core, loads in by_core.items():
-            cores.add_row(
-                lane, str(core), str(len(loads)), str(sum(loads)), " ".join(map(str, loads))
-            )
+    lanes = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=0,
+        header_style="bold",
+    )
+    rows = lane_rows(s.queues)
+    widest = max((len(label) for label, _ in rows), default=4)
+    lanes.add_column("lane", no_wrap=True, min_width=max(4, widest))
+    lanes.add_column("workers", justify="right", no_wrap=True, min_width=7)
+    lanes.add_column("load", justify="right", no_wrap=True, min_width=4)
+    lanes.add_column(
+        "per worker", no_wrap=True, overflow="ellipsis", min_width=10, max_width=PER_WORKER_WIDTH
+    )
+    for label, loads in rows:
+        lanes.add_row(label, str(len(loads)), str(sum(loads)), "".join(_digit(n) for n in loads))
 
-    tiers = Table(box=box.SIMPLE_HEAVY, title="storage tiers", title_justify="left")
-    for col in ("tier", "running", "limit", "waiting", "most at once"):
-        tiers.add_column(col, justify="left" if col == "tier" else "right")
+    tiers = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=0,
+        header_style="bold",
+    )
+    tiers.add_column("tier", no_wrap=True)
+    for col in ("run", "limit", "wait", "peak"):
+        tiers.add_column(col, justify="right", no_wrap=True)
     for t in s.tiers.values():
         tiers.add_row(t.tier, str(t.running), str(t.limit), str(t.waiting), str(t.high_water))
 
     side_by_side = Table.grid(padding=(0, 2))
-    side_by_side.add_row(cores, tiers)
-    return Group(head, counts, side_by_side)
+    side_by_side.add_row(lanes, tiers)
+    return Group(head, Text(""), counts, latency, Text(""), side_by_side)
+
+
+def _digit(load: int) -> str:
+    """One character per worker: its load, ``+`` past 9."""
+    return str(load) if load < 10 else "+"
 
 
 def make_display(
