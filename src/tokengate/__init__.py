@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     )
     from ._executor import TokenGateExecutor
     from ._middleware import Middleware
+    from ._progress import progress
     from ._retry import DEFAULT_RETRY_ON, RetryPolicy
     from ._spec import Tags, TaskSpec
     from ._stats import OperationStats, StatsSnapshot
@@ -92,6 +93,7 @@ __all__ = [
     "__version__",
     "default_coordinator",
     "detect_topology",
+    "progress",
     "task_token_guard",
     "use_default",
 ]
@@ -121,6 +123,7 @@ _HOMES: dict[str, str] = {
     "WorkerCrashed": "._errors",
     "TokenGateExecutor": "._executor",
     "Middleware": "._middleware",
+    "progress": "._progress",
     "DEFAULT_RETRY_ON": "._retry",
     "RetryPolicy": "._retry",
     "TaskSpec": "._spec",

@@ -46,7 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sized
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from . import _lifecycle, _runtime
 from ._admission import AdmissionGate, AdmissionStatus
@@ -1730,6 +1730,22 @@ class OperationsCoordinator(ObservabilityMixin):
             initargs=initargs,
             **tags,
         )
+
+    def live(
+        self, *, title: str = "tokengate", interval: float = 2.0, file: IO[str] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Show the demos' live view of this coordinator while the ``with`` block runs.
+
+        ``with coordinator.live(): ...``: on a terminal with rich installed (the ``cli`` extra),
+        token counts, latencies, each lane's worker load and the storage tiers, redrawn four
+        times a second on standard error (or ``file``); what the program prints meanwhile
+        appears above it. Elsewhere, a plain stats line every ``interval`` seconds and one at
+        the end, logged at INFO on ``tokengate.progress`` (written to the stream if logging is
+        not configured).
+        """
+        from ._progress import live
+
+        return live(self, title=title, interval=interval, file=file)
 
     @property
     def admission(self) -> AdmissionStatus:

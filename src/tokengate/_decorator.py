@@ -17,19 +17,33 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import operator
 import sys
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sized
 from itertools import repeat
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar, Unpack, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    Unpack,
+    cast,
+    overload,
+)
 
 from . import _runtime
 from ._errors import ConfigError, CoordinatorNotRunning
 from ._lifecycle import fork_refusal
 from ._spec import Tags, TaskSpec, check_priority, merge_tags
 from ._token import Token, check_timeout
+
+if TYPE_CHECKING:
+    from ._progress import Bar
 
 __all__ = ["TaskFunction", "adhoc_task", "task_token_guard"]
 
@@ -142,14 +156,19 @@ class TaskFunction(Generic[P, R]):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         window: int | None = None,
+        progress: bool = False,
     ) -> Iterator[R]:
         """Like ``Executor.map``, but lazy: at most ``window`` tokens are in flight at once.
 
         The standard library submits the whole input first; this streams it, so a huge
         generator runs in bounded memory. Results come in input order. ``timeout`` counts from
         this call, as in ``Executor.map``. Leaving the loop early cancels what has not started.
+        ``progress=True`` shows how many results are in (``tokengate.progress`` explains
+        where that is drawn); the total is known when every iterable has a ``len()``.
         """
         timeout = check_timeout(timeout)
+        if not isinstance(progress, bool):
+            raise ConfigError(f"progress must be True or False, got {progress!r}")
         if window is not None and (
             isinstance(window, bool) or not isinstance(window, int) or window < 1
         ):
@@ -162,20 +181,41 @@ class TaskFunction(Generic[P, R]):
         if window is None:  # (1 inside a process-lane worker, where each call runs inline)
             window = 1 if coordinator is None else coordinator.config.mailbox_max
         end = None if timeout is None else time.monotonic() + timeout
-        return self._map(zip(*iterables, strict=False), window, end)
+        total = _total(iterables) if progress else None
+        items = zip(*iterables, strict=False)
+        if progress:
+            return self._map_progress(items, window, end, total)
+        return self._map(items, window, end)
 
-    def _map(self, items: Iterator[tuple[Any, ...]], window: int, end: float | None) -> Iterator[R]:
+    def _map(
+        self,
+        items: Iterator[tuple[Any, ...]],
+        window: int,
+        end: float | None,
+        bar: Bar | None = None,
+    ) -> Iterator[R]:
         pending: deque[Token[R]] = deque()
         try:
             for args in items:
                 pending.append(self.__call__(*args))  # type: ignore[call-arg]
                 if len(pending) >= window:
-                    yield _wait(pending.popleft(), end)
+                    yield _wait(pending.popleft(), end, bar)
             while pending:
-                yield _wait(pending.popleft(), end)
+                yield _wait(pending.popleft(), end, bar)
         finally:
             for token in pending:
                 token.cancel()
+
+    def _map_progress(
+        self, items: Iterator[tuple[Any, ...]], window: int, end: float | None, total: int | None
+    ) -> Iterator[R]:
+        from ._progress import open_bar
+
+        bar = open_bar(total, self.spec.operation_type)
+        try:
+            yield from self._map(items, window, end, bar)
+        finally:
+            bar.close()
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # As a function, staticmethod or classmethod would bind, so that ``obj.method(x)``,
@@ -224,11 +264,14 @@ class BoundTask:
         *iterables: Iterable[Any],
         timeout: float | None = None,
         window: int | None = None,
+        progress: bool = False,
     ) -> Iterator[Any]:
         """``TaskFunction.map`` with the bound first argument in every call."""
         if not iterables:  # nothing to call it with (repeat() alone would never end)
-            return self.__func__.map(timeout=timeout, window=window)
-        return self.__func__.map(repeat(self.__self__), *iterables, timeout=timeout, window=window)
+            return self.__func__.map(timeout=timeout, window=window, progress=progress)
+        return self.__func__.map(
+            repeat(self.__self__), *iterables, timeout=timeout, window=window, progress=progress
+        )
 
     def options(self, *, priority: int) -> BoundTask:
         """``TaskFunction.options``, still bound: ``obj.method.options(priority=5)(x)``."""
@@ -272,11 +315,30 @@ class _WithOptions(TaskFunction[P, R]):
         return f"{self._base!r}.options(priority={self._call_priority})"
 
 
-def _wait(token: Token[R], end: float | None) -> R:
+def _total(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls ``map`` will make, if every input says: the shortest ``len()``; an endless
+    ``itertools.repeat`` (a bound method's own first argument) does not count; any other
+    iterator makes it unknown."""
+    lengths = []
+    for it in iterables:
+        if isinstance(it, Sized):
+            lengths.append(len(it))
+        elif isinstance(it, repeat):
+            hint = operator.length_hint(it, -1)
+            if hint >= 0:
+                lengths.append(hint)
+        else:
+            return None
+    return min(lengths) if lengths else None
+
+
+def _wait(token: Token[R], end: float | None, bar: Bar | None = None) -> R:
     try:
         return token.result(None if end is None else max(0.0, end - time.monotonic()))
     finally:
         token.cancel()  # a no-op once it ended; after a timeout it must not run on regardless
+        if bar is not None and token.done():
+            bar.advance(token)
 
 
 _MISSING = object()
