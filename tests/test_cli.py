@@ -261,6 +261,56 @@ def test_options_this_build_lacks_exit_2_before_starting(
         assert "started" not in captured.out
 
 
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("missing/t.json", "the directory {tmp}/missing does not exist; create it first"),
+        (".", "is a directory; give a file name"),
+        ("a_file/t.json", "the directory {tmp}/a_file is not a directory"),
+    ],
+)
+def test_a_trace_that_could_not_be_written_exits_2_before_the_demo_starts(
+    where: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a_file").write_text("", encoding="utf-8")
+    trace = tmp_path / where
+    assert main(["demo", "mixed", "--duration", "600", "--trace", str(trace)]) == 2
+    captured = capsys.readouterr()
+    assert "tokengate demo: error: --trace " in captured.err
+    assert message.format(tmp=tmp_path) in captured.err
+    assert "started" not in captured.out and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("option", ["--json", "--write-markdown"])
+def test_bench_outputs_that_could_not_be_written_exit_2_before_any_case_runs(
+    option: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tokengate.bench import _runner
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the benchmarks ran before the outputs were checked")
+
+    monkeypatch.setattr(_runner, "run_benchmarks", must_not_run)
+    (tmp_path / "a_file").write_text("", encoding="utf-8")
+    for target, message in (
+        (tmp_path / "a_file" / "out", "a_file is not a directory"),
+        (tmp_path, "is a directory; give a file name"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--quick", "--only", "B1", option, str(target)])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    # A directory that does not exist yet is fine: bench creates it.
+    monkeypatch.setattr(_runner, "run_benchmarks", lambda *a, **k: {"scenarios": []})
+    monkeypatch.setattr(_runner, "render_text", lambda report: "")
+    monkeypatch.setattr(_runner, "render_markdown", lambda report: "")
+    assert main(["bench", "--plain", option, str(tmp_path / "new" / "out")]) == 0
+    assert (tmp_path / "new" / "out").is_file()
+
+
 def test_bench_is_forwarded_to_the_harness(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--list"]) == 0
     assert "B6 seed mixed orchestrator" in capsys.readouterr().out

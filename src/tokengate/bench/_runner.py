@@ -41,6 +41,7 @@ from tokengate.bench._report import (
     summarize_case,
 )
 from tokengate.bench._scenarios import SCENARIOS, get_scenario
+from tokengate.cli._outputs import output_problem
 
 __all__ = ["CaseExecutor", "main", "run_benchmarks", "run_case_subprocess"]
 
@@ -411,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in systems if s not in known]
         if unknown:
             parser.error(f"--systems: unknown {unknown}; known: {', '.join(sorted(known))}")
+    for option, path in (("--json", args.json), ("--write-markdown", args.write_markdown)):
+        problem = None if path is None else output_problem(option, path, make_parents=True)
+        if problem:  # found now, not after minutes of benchmarks
+            parser.error(problem)
     command = shlex.join(["tokengate", "bench", *args_list])
     execute: CaseExecutor = run_case_subprocess
     if args.address is not None:

@@ -34,6 +34,7 @@ from typing import Any
 import tokengate
 from tokengate import OperationsCoordinator, TokenGateError
 from tokengate.cli._display import make_display
+from tokengate.cli._outputs import output_problem
 
 __all__ = ["DEMOS", "run_demo", "unavailable"]
 
@@ -64,7 +65,8 @@ def accepts_backend(coordinator_class: Any = None) -> bool:
 
 
 def unavailable(args: argparse.Namespace) -> str | None:
-    """Why an option cannot be honoured by this build, or None if all can."""
+    """Why an option cannot be honoured (a part this build lacks, an output file that could
+    not be written at the end), or None if all can."""
     fields = _config_fields()
     if args.trace is not None and not (
         hasattr(OperationsCoordinator, "export_trace") and "trace" in fields
@@ -85,6 +87,8 @@ def unavailable(args: argparse.Namespace) -> str | None:
         )
     if args.address is not None and args.backend != "dask":
         return f"--address {args.address} needs --backend dask"
+    if args.trace is not None:  # written at the end of the run: check it can be, up front
+        return output_problem("--trace", args.trace)
     return None
 
 
