@@ -311,6 +311,15 @@ def test_bench_outputs_that_could_not_be_written_exit_2_before_any_case_runs(
     assert (tmp_path / "new" / "out").is_file()
 
 
+def test_bench_quick_does_not_promise_a_minute(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "about a minute" not in text  # it takes several, even scaled down
+    assert "--quick scaled-down scenarios, still every case and peer: several minutes" in text
+
+
 def test_bench_is_forwarded_to_the_harness(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--list"]) == 0
     assert "B6 seed mixed orchestrator" in capsys.readouterr().out
