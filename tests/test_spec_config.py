@@ -28,7 +28,7 @@ def test_public_surface_matches_all() -> None:
         if not name.startswith("_") and not isinstance(getattr(tokengate, name), types.ModuleType)
     }
     assert set(tokengate.__all__) - {"__version__"} == exported
-    assert {"Tags", "default_coordinator", "use_default"} <= exported
+    assert {"Tags", "default_coordinator", "progress", "use_default"} <= exported
     for name in tokengate.__all__:
         obj = getattr(tokengate, name)
         if isinstance(obj, type):
