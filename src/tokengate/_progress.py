@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
@@ -123,11 +124,33 @@ class Bar:
             self._emit(self.line())
 
 
+class _CannotDraw(Exception):
+    """rich is there but cannot draw now (an older rich with another live display running)."""
+
+
+_consoles: weakref.WeakKeyDictionary[IO[str], Any] = weakref.WeakKeyDictionary()
+
+
+def console_for(out: IO[str]) -> Any:
+    """One rich ``Console`` per stream, so a bar inside ``live()`` nests in its display
+    instead of both redrawing over each other (rich 14+ nests; older rich refuses)."""
+    from rich.console import Console
+
+    try:
+        return _consoles[out]
+    except (KeyError, TypeError):
+        pass
+    console = Console(file=out)
+    with contextlib.suppress(TypeError):  # a stream that takes no weak reference: no caching
+        _consoles[out] = console
+    return console
+
+
 class _RichBar(Bar):
     """The same counts drawn as a rich progress bar (on a terminal)."""
 
     def __init__(self, total: int | None, description: str, *, out: IO[str]) -> None:
-        from rich.console import Console
+        from rich.errors import LiveError
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -145,10 +168,13 @@ class _RichBar(Bar):
             TextColumn("{task.fields[failed]} failed"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=Console(file=out),
+            console=console_for(out),
         )
         self._task = self._progress.add_task(description, total=total, failed=0)
-        self._progress.start()
+        try:
+            self._progress.start()
+        except LiveError as exc:
+            raise _CannotDraw(str(exc)) from exc
 
     def _update(self) -> None:
         self._progress.update(self._task, completed=self.done, failed=self.failed)
@@ -177,7 +203,7 @@ def open_bar(
     plain lines (see the module docstring)."""
     out = sys.stderr if file is None else file
     if _is_terminal(out):
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(ImportError, _CannotDraw):
             return _RichBar(total, description, out=out)
     return Bar(total, description, interval=interval, emit=line_sink(progress_log, out))
 
@@ -244,10 +270,8 @@ def live(
     display: LiveDisplay | PlainDisplay | None = None
     if _is_terminal(out):
         with contextlib.suppress(ImportError):
-            from rich.console import Console
-
             display = LiveDisplay(
-                coordinator, title, console=Console(file=out), title=title, hint=""
+                coordinator, title, console=console_for(out), title=title, hint=""
             )
     if display is None:
         display = PlainDisplay(
