@@ -154,3 +154,19 @@ def test_live_draws_the_demo_view_on_a_terminal(coordinator: OperationsCoordinat
     text = out.getvalue()
     for word in ("my-pipeline", "submitted", "resolved", "latency", "lane", "tier"):
         assert word in text, text
+
+
+class Scaler:
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    @task_token_guard(operation_type="scale", tags={"retries": 0})
+    def scale(self, n: int) -> int:
+        return self.factor * n
+
+
+def test_a_bound_method_map_knows_its_total(
+    coordinator: OperationsCoordinator, progress_lines: Callable[[], list[str]]
+) -> None:
+    assert list(Scaler(3).scale.map([1, 2, 3], progress=True)) == [3, 6, 9]
+    assert progress_lines()[-1].startswith("[progress] scale: 3/3 done, 0 failed")
