@@ -11,7 +11,8 @@ carets, and a collection that fires inside another ``ast.parse`` then breaks tha
 ``SystemError: AST constructor recursion depth mismatch``. So the finaliser only puts the error
 on a ``queue.SimpleQueue`` (whose ``put`` is made to be called from finalisers), and a daemon
 thread, started with the first failure, logs it; whatever is still queued at exit is logged by
-an ``atexit`` hook.
+an ``atexit`` hook. That thread formats the traceback itself, without the carets, since placing
+them parses source too (see ``_report``).
 
 The rule of what counts as retrieved is Token's (``Token._retrieved``): ``get()``/``result()``
 raising the error, ``exception()``, ``await``, or a done-callback added before or after the
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import queue
 import threading
+import traceback
 
 __all__ = ["Unretrieved"]
 
@@ -73,12 +75,43 @@ def _report_forever() -> None:
 
 def _report(token_id: str, error: BaseException) -> None:
     with contextlib.suppress(Exception):  # a broken handler must not end the reporter
-        log.warning(
+        if not log.isEnabledFor(logging.WARNING):
+            return
+        record = log.makeRecord(
+            log.name,
+            logging.WARNING,
+            __file__,
+            0,
             "token %s failed and its error was never retrieved (call get(), result() or "
             "exception(), await it, or add a done-callback)",
-            token_id,
-            exc_info=(type(error), error, error.__traceback__),
+            (token_id,),
+            (type(error), error, error.__traceback__),
         )
+        # Formatted here, without the carets under the failing expression: Python 3.11 places
+        # them with ast.parse, whose depth counter is shared by all threads, so formatting on
+        # this thread while another parses fails that parse with "AST constructor recursion
+        # depth mismatch". A formatter uses exc_text when it is set.
+        record.exc_text = format_without_carets(error).rstrip("\n")
+        log.handle(record)
+
+
+def format_without_carets(error: BaseException) -> str:
+    """``traceback.format_exception(error)`` without the ``^^^^`` lines, parsing nothing."""
+    formatted = traceback.TracebackException(type(error), error, error.__traceback__)
+    seen: set[int] = set()
+    pending = [formatted]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for frame in current.stack:
+            frame.colno = frame.end_colno = None  # no columns: no carets to place
+        pending.extend(
+            chained for chained in (current.__cause__, current.__context__) if chained is not None
+        )
+        pending.extend(getattr(current, "exceptions", None) or ())
+    return "".join(formatted.format())
 
 
 @atexit.register
