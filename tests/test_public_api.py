@@ -38,6 +38,7 @@ COORDINATOR_API = {
     "metrics_collector",
     "trace_spans",
     "export_trace",
+    "live",
     # a documented test hook
     "rate_limiter",
 }

@@ -179,7 +179,7 @@ class OperationsCoordinator(ObservabilityMixin):
       :attr:`lanes`, :meth:`iter_workers`, :attr:`convergence`, :attr:`backend`, and from the
       observability component :attr:`guard_house`, :attr:`overflow_guard`,
       :meth:`serve_metrics`, :meth:`metrics_collector`, :meth:`trace_spans`,
-      :meth:`export_trace`;
+      :meth:`export_trace`, and :meth:`live` (the demos' live view while a block runs);
     * for tests: :attr:`rate_limiter` (``rate_limiter.poll(now)`` steps the rate limits' clock);
     * read-only facts, set at construction: ``config`` (the :class:`CoordinatorConfig`),
       ``topology`` (the :class:`Topology` it sized itself from), ``core_count`` (cores used),
