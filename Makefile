@@ -5,13 +5,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test bench soak lint venv clean
+.PHONY: demo test bench soak lint venv docs clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tokengate needs Python 3.11+, found " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,cli,metrics,dask]'
+	$(PY) -m pip install --quiet -e '.[dev,cli,metrics,dask,docs]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -24,8 +24,12 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests examples docs
 	$(PY) -m mypy
+
+# The docs site, built into site/ (tests/test_docs.py builds it too, with --strict).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 # Optional peers: installed where the platform has them; a peer that is missing is reported
 # "not installed" in the tables, never an error.
@@ -40,4 +44,4 @@ soak: $(STAMP)
 	$(PY) -m pytest tests/reliability -m soak --timeout 900 -o faulthandler_timeout=0 -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -1,4 +1,4 @@
-"""DESIGN.md invariants under random schedules (hypothesis).
+"""The invariants of docs/design.md under random schedules (hypothesis).
 
 1. Every submitted token ends in exactly one terminal state, and the counts add up.
 2. A storage tier never has more tasks running than its limit.

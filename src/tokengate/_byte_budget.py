@@ -1,7 +1,7 @@
 """ByteBudget: a bound on the bytes that queued process-lane calls hold.
 
 A process-lane call is pickled when it is made, on the caller's thread, so that an unpicklable
-argument raises from the call (the README's promise) and the bytes sent are the arguments as
+argument raises from the call (a documented promise) and the bytes sent are the arguments as
 they were at the call. Each queued call therefore holds its own pickled copy of its arguments
 until its worker process takes it. The token count (``mailbox_max``) bounds how many calls
 queue, not how much memory they hold: 3,000 calls sharing one 1 MB argument held 3,000 copies,

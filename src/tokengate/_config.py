@@ -49,7 +49,8 @@ class CoordinatorConfig:
     ``retry_policy`` is one :class:`RetryPolicy` for every weight or a mapping per weight.
     ``cores`` limits the coordinator to the first N usable cores (``None``: all of them).
 
-    Observability (see the README): ``guard_house`` watches every run per operation type;
+    Observability (``docs/guide/observability.md``): ``guard_house`` watches every run per
+    operation type;
     ``auto_block`` turns it into a circuit breaker that opens after ``block_after`` consecutive
     failures and lets one probe through after ``block_cooldown`` seconds. ``overflow_guard``
     pauses admission while the process's RSS is over ``memory_budget`` (bytes, ``"512MB"``,

@@ -1,5 +1,8 @@
 """OperationsCoordinator: owns the lanes and decides every token's fate in one place.
 
+The design (the flow below, the invariants, the lane model, the lifecycle) is written up in
+``docs/design.md``.
+
 The flow of one token::
 
     fib(30) ──> TaskFunction.__call__ ──> OperationsCoordinator._submit
@@ -411,7 +414,7 @@ class OperationsCoordinator(ObservabilityMixin):
         return lanes
 
     def _lane_for(self, spec: TaskSpec) -> str:
-        """Which lane runs tokens of ``spec`` (see the README's routing rules)."""
+        """Which lane runs tokens of ``spec`` (the lane model of docs/design.md)."""
         io_lane = self._io_lane_for(spec)  # io-lane: async def and storage-tier tasks
         if io_lane is not None:
             return io_lane

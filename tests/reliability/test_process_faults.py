@@ -325,8 +325,9 @@ def _nested_task() -> Any:
 def test_a_lambda_or_nested_function_for_the_process_lane(
     make_process_coordinator: Callable[..., ProcessFixture], make_task: Callable[[], Any]
 ) -> None:
-    """The process lane's documented choice (README): lambdas and functions defined inside
-    functions go to the worker by value, so they run there like module-level ones."""
+    """The process lane's documented choice (docs/guide/executors.md): lambdas and functions
+    defined inside functions go to the worker by value, so they run there like module-level ones.
+    """
     lane = make_process_coordinator()
     token = make_task()(41)
     assert token.get(timeout=60) == 42

@@ -1,4 +1,4 @@
-"""Random schedules against DESIGN.md's invariants (issue 8, part 4), with hypothesis.
+"""Random schedules against the invariants of docs/design.md, with hypothesis.
 
 A schedule is a coordinator configuration, one to three producer threads each with its own list
 of operations (submit a task that succeeds, raises a programming error, fails transiently k
@@ -7,7 +7,7 @@ earlier token), and a stop() issued from another thread once a drawn number of s
 made, with or without ``cancel_pending`` and a drain ``timeout``. ``tests/test_invariants.py``
 covers single-threaded mixes; this adds concurrent producers and stop() at random points.
 
-Checked after every schedule (invariant numbers from DESIGN.md):
+Checked after every schedule (invariant numbers from docs/design.md):
 
 1. every token the producers got is in exactly one terminal state, its done-callback ran exactly
    once, its outcome is one its task allows, and the counts add up token by token

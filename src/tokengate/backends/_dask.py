@@ -5,7 +5,7 @@
 scheduler; ``OperationsCoordinator(backend=DaskBackend(client=client))`` uses a client you already
 have (and leaves it open). Nothing else changes for the caller: calls return Tokens at once,
 ``get(timeout)``, chains, nested calls, cancellation, ``stop()``, ``stats()`` and middleware work
-as on the local backend. How each tag maps onto Dask is in the README ("Beyond one machine"):
+as on the local backend. How each tag maps onto Dask is in docs/guide/dask.md:
 
 ============== =============================================================================
 weight         Dask ``priority`` (heavy 2, medium 1, light 0); FIFO within a weight

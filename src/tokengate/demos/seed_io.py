@@ -4,9 +4,9 @@ One copy, because the I/O demos, benchmark B5 and the tests all mean *the seed's
 ``write_json_fast`` (FAST tier), ``append_log_slow`` (SLOW), ``write_blob_moderate``
 (MODERATE), ``generate_medium_json`` (the ~50 KB record) and ``create_json_file``. Their
 operation types and tags are the seed's; B5 and the demos' reports count them by those names,
-so they stay as they are. ``create_json_file`` takes the one change the README explains: a
-decorated call returns a Token, so it reads ``generate_medium_json(index).get()``; it also takes
-the directory to write under instead of the current one.
+so they stay as they are. ``create_json_file`` takes the one change docs/guide/quick-proof.md
+explains: a decorated call returns a Token, so it reads ``generate_medium_json(index).get()``;
+it also takes the directory to write under instead of the current one.
 """
 
 from __future__ import annotations

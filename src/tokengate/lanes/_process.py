@@ -113,7 +113,7 @@ main(boot)
 
 # -- the routing rule ------------------------------------------------------------------------------
 def runs_in_process(spec: TaskSpec, *, gil: bool) -> bool:
-    """Whether tokens of ``spec`` belong in the process lane (the README's routing rule).
+    """Whether tokens of ``spec`` belong in the process lane (the rule in docs/guide/executors.md).
 
     ``executor='process'`` always; ``'thread'`` never; ``'auto'`` when the work is CPU-heavy
     (``weight='heavy'``), not storage-bound (no ``storage_speed``: I/O releases the GIL, so

@@ -10,7 +10,7 @@ and turns what it finds into metric families. Register it with any registry::
 or let ``coordinator.serve_metrics(port=0)`` serve it (with the process and GC collectors) on a
 private registry over HTTP. ``prometheus_client`` is the optional extra ``tokengate[metrics]``;
 this module imports it only when a collector or server is made, so ``import tokengate`` never
-does. The names are listed in :data:`METRICS` (and the README).
+does. The names are listed in :data:`METRICS` (and in docs/guide/observability.md).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 """Upper bounds (seconds) of ``tokengate_token_latency_seconds``; tasks are often sub-ms."""
 
 _OP = ("operation_type", "weight")
-# name (without _total for counters), type, labels, help. The source of the README table.
+# name (without _total for counters), type, labels, help. The source of the table in
+# docs/guide/observability.md.
 METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("tokengate_tokens_submitted", "counter", _OP, "Tokens submitted (calls accepted)."),
     ("tokengate_tokens_resolved", "counter", _OP, "Tokens that returned a value."),
