@@ -4,6 +4,8 @@ The tasks are the same (imported from ``pipeline.py``); only the driver changes.
 code, submit with ``await task.submit_async(...)``: when the coordinator is saturated it awaits
 room instead of blocking the event loop, and it returns the Token once admitted. Tokens are
 awaitable, and passing one as an argument chains the steps exactly as in the plain version.
+``async with OperationsCoordinator()`` starts and drains the coordinator on a thread, so the
+event loop keeps running meanwhile.
 
 Run it with ``python examples/pipeline_async.py``.
 """
@@ -41,7 +43,7 @@ async def main() -> None:
         out_dir.mkdir()
         paths = make_inputs(in_dir)
         started = time.perf_counter()
-        with OperationsCoordinator() as coordinator:
+        async with OperationsCoordinator() as coordinator:
             outputs, lanes = await run_pipeline(paths, out_dir)
         elapsed = time.perf_counter() - started
         stats = coordinator.stats()

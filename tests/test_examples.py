@@ -38,6 +38,20 @@ def run_example(name: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # one mypy run, a few seconds
+def test_the_examples_type_check_with_the_plugin(tmp_path: Path) -> None:
+    """mypy --strict with tokengate's plugin (as docs/guide/chains.md configures it) accepts the
+    examples' chains, which pass tokens where values are expected, with no ``type: ignore``."""
+    api = pytest.importorskip("mypy.api")
+    config = EXAMPLES.parent / "tests" / "typing" / "mypy.ini"
+    paths = sorted(str(p) for p in EXAMPLES.glob("*.py"))
+    stdout, stderr, status = api.run(
+        ["--config-file", str(config), "--cache-dir", str(tmp_path), *paths]
+    )
+    assert status == 0, stdout + stderr
+    assert not any("type: ignore" in Path(p).read_text(encoding="utf-8") for p in paths)
+
+
 def test_every_example_is_run_by_a_test() -> None:
     tested = {"quickstart.py", "chain.py", "mixed_cpu_io.py", "pipeline.py", "pipeline_async.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
