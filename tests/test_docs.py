@@ -71,3 +71,11 @@ def test_the_api_reference_documents_every_public_name(site: Path) -> None:
     missing = [name for name in documented if f'id="tokengate.{name}"' not in html]
     assert missing == []
     assert ":class:" not in html and ":meth:" not in html  # Sphinx roles rendered as code
+
+
+def test_the_quick_proof_is_introduced_once_by_its_full_name() -> None:
+    """The document tokengate implements is named in full once, then "the Quick-Proof"."""
+    pages = [*DOCS.rglob("*.md"), ROOT / "README.md"]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in pages)
+    assert text.count("TokenGate Quick-Proof") == 1
+    assert not re.search(r"\bthe seed\b", text, re.IGNORECASE)
