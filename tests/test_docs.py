@@ -17,6 +17,9 @@ import pytest
 
 import tokengate
 
+# The build takes seconds; the bound only catches a hang on a loaded machine.
+pytestmark = pytest.mark.timeout(300)
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
@@ -39,7 +42,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=55,
+        timeout=240,
         check=False,
         env=env,
     )

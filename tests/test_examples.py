@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# Each example finishes in seconds; the bounds only catch a hang on a loaded machine.
+pytestmark = pytest.mark.timeout(180)
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # Heavy work runs in worker processes where the platform has them and the GIL is on.
@@ -31,14 +34,15 @@ def run_example(name: str) -> str:
         cwd=EXAMPLES.parent,
         capture_output=True,
         text=True,
-        timeout=50,
+        timeout=150,
         check=False,
     )
     assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
 
-@pytest.mark.slow  # one mypy run, a few seconds
+@pytest.mark.slow  # one cold mypy run: seconds on an idle machine, a minute on a loaded one
+@pytest.mark.timeout(300)
 def test_the_examples_type_check_with_the_plugin(tmp_path: Path) -> None:
     """mypy --strict with tokengate's plugin (as docs/guide/chains.md configures it) accepts the
     examples' chains, which pass tokens where values are expected, with no ``type: ignore``."""
