@@ -3,6 +3,7 @@ gate that gated test tasks wait on."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,36 @@ def _close_the_gate() -> Iterator[None]:
     GATE.clear()
     yield
     GATE.set()
+
+
+# A run started in the background by a shell without job control inherits SIGINT ignored. The
+# Ctrl-C tests deliver a real SIGINT (to this process, or to child interpreters, which inherit an
+# ignored signal but not a handler): give the run Python's own handler, as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+#: Tests that ended with another SIGINT handler than they began with (listed at the end).
+_SIGINT_LEFT_BEHIND: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Put back the SIGINT handler a test began with. The Ctrl-C tests deliver a real SIGINT and
+    need Python's own handler: one left behind by an earlier test (or a library it ran) would
+    turn every one of them into a hang. The end of the run names any test that left one."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        _SIGINT_LEFT_BEHIND.append(f"{request.node.nodeid}: {after!r}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _SIGINT_LEFT_BEHIND:
+        terminalreporter.section("tests that left a SIGINT handler behind (put back)")
+        for line in _SIGINT_LEFT_BEHIND:
+            terminalreporter.write_line(line)
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

@@ -32,6 +32,7 @@ from ._support import (
     Resources,
     assert_counts_match,
     assert_terminal,
+    coordinator_threads,
     serves_new_work,
     settle,
 )
@@ -52,7 +53,7 @@ class Busy:
         assert coordinator.running
         assert coordinator.stats().submitted == len(self.tokens) + extra_submitted
         assert coordinator.tier_stats()["SLOW"].limit == 2
-        assert threading.active_count() == self.threads
+        assert len(coordinator_threads()) == self.threads
         GATE.set()
         assert [t.get(timeout=30) for t in self.tokens] == self.expected
         assert_terminal(self.tokens)
@@ -70,7 +71,7 @@ def busy(resources: Resources) -> Iterator[Busy]:
         tokens: list[Token[Any]] = [gated(i) for i in range(4)]
         tokens += [plain(i) for i in range(4, 40)]
         tokens += [tiered(i) for i in range(40, 50)]
-        yield Busy(coordinator, tokens, list(range(50)), threading.active_count())
+        yield Busy(coordinator, tokens, list(range(50)), len(coordinator_threads()))
     finally:
         GATE.set()
         coordinator.stop(timeout=30)
