@@ -4,9 +4,12 @@ gate that gated test tasks wait on."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +56,21 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("tests that left a SIGINT handler behind (put back)")
         for line in _SIGINT_LEFT_BEHIND:
             terminalreporter.write_line(line)
+
+
+def run_script(script: Path) -> str:
+    """Run ``script`` as a program of its own (its ``__main__``, its folder as the working
+    directory) and return what it printed; fail with its stderr if it did not exit 0."""
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=script.parent,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 import process_tasks as pt
-from conftest import assert_counts_add_up, eventually
+from conftest import assert_counts_add_up, eventually, run_script
 from tokengate import (
     ConfigError,
     DependencyFailed,
@@ -956,16 +956,7 @@ finally:
 def test_main_script_functions_run_in_the_process_lane(tmp_path: Path) -> None:
     script = tmp_path / "main_script.py"
     script.write_text(textwrap.dedent(MAIN_SCRIPT))
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+    out = run_script(script)
     assert f"heavy {heavy_operation.__wrapped__(10)}" in out
     assert "[HEAVY-7] Generating complex nested JSON (depth: 3)..." in out  # printed by a worker
     assert "json ['level_3']" in out

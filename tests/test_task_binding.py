@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import pytest
 
 import process_tasks as pt
+from conftest import run_script
 from tokengate import OperationsCoordinator, Token, TokenGateError, task_token_guard
 from tokengate.lanes import _process
 
@@ -340,15 +339,7 @@ with OperationsCoordinator(workers_per_core=1):
 def test_methods_of_a_scripts_own_classes_run_in_worker_processes(tmp_path: Path) -> None:
     script = tmp_path / "shapes.py"
     script.write_text(textwrap.dedent(MAIN_SCRIPT))
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "values [9, 8, 8, 8, 8, 2, 10]" in done.stdout, done.stdout
-    assert "elsewhere True" in done.stdout
-    assert "lanes ['process']" in done.stdout
+    stdout = run_script(script)
+    assert "values [9, 8, 8, 8, 8, 2, 10]" in stdout, stdout
+    assert "elsewhere True" in stdout
+    assert "lanes ['process']" in stdout

@@ -122,6 +122,17 @@ class Harness:
         return not self.cluster.probe_client.run_on_scheduler(known)
 
 
+@pytest.fixture
+def dask_harness(dask_cluster: Any) -> Iterator[Harness]:
+    """A harness on the session's Dask cluster only (for behaviour that exists there alone)."""
+    with tempfile.TemporaryDirectory(prefix="tokengate-dask-") as tmp:
+        harness = Harness("dask", dask_cluster, tmp)
+        yield harness
+        for coordinator in harness.made:
+            coordinator.stop(cancel_pending=True, timeout=10)
+            assert_counts_add_up(coordinator)
+
+
 @pytest.fixture(params=["local", "dask"])
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     cluster = request.getfixturevalue("dask_cluster") if request.param == "dask" else None

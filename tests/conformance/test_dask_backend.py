@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -131,16 +130,6 @@ def test_a_backend_that_cannot_start_leaves_the_coordinator_stopped() -> None:
 
 
 # -- on the session cluster ------------------------------------------------------------------------
-@pytest.fixture
-def dask_harness(dask_cluster: Any) -> Iterator[Harness]:
-    with tempfile.TemporaryDirectory(prefix="tokengate-dask-") as tmp:
-        harness = Harness("dask", dask_cluster, tmp)
-        yield harness
-        for coordinator in harness.made:
-            coordinator.stop(cancel_pending=True, timeout=10)
-            assert_counts_add_up(coordinator)
-
-
 def test_a_tier_limit_holds_across_workers_and_clients(dask_harness: Harness) -> None:
     """Two coordinators (two Dask clients) share the cluster's SLOW semaphore: at most 3 writers
     run at once in total, spread over both worker processes."""

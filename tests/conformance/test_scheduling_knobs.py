@@ -4,16 +4,12 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from conftest import eventually
 
-from .conftest import Harness, assert_counts_add_up
+from .conftest import Harness
 from .tasks import blocker, knob_probe, rated
 
 HOUR = 3600.0
@@ -35,16 +31,6 @@ def test_rate_limited_tokens_wait_then_go_in_order(harness: Harness) -> None:
     assert journal.labels() == ["r0", "r1", "r2"]
     op = coordinator.stats().operations["rated"]
     assert (op.resolved, op.discarded, op.rate_delayed, op.rate_waiting) == (3, 2, 3, 0)
-
-
-@pytest.fixture
-def dask_harness(dask_cluster: Any) -> Iterator[Harness]:
-    with tempfile.TemporaryDirectory(prefix="tokengate-dask-") as tmp:
-        harness = Harness("dask", dask_cluster, tmp)
-        yield harness
-        for coordinator in harness.made:
-            coordinator.stop(cancel_pending=True, timeout=10)
-            assert_counts_add_up(coordinator)
 
 
 def test_a_priority_orders_within_its_weight_on_dask(dask_harness: Harness) -> None:
