@@ -466,7 +466,7 @@ def test_dask_sizes_an_outcome_by_its_payload() -> None:
     """Dask's memory accounting (spilling) must see a result's real size, not the wrapper's."""
     from dask.sizeof import sizeof
 
-    from tokengate.backends._dask_task import OK, Call, Outcome
+    from tokengate.backends._dask_protocol import OK, Call, Outcome
 
     payload = b"x" * 5_000_000
     assert sizeof(Outcome(OK, payload, 0.0, 0.0, "tcp://w")) >= 5_000_000

@@ -28,7 +28,8 @@ executor       ignored: every task runs in a worker process's thread pool
 
 The client-side half (this module and ``_dask_runner``) creates no Token of its own: the
 coordinator creates and counts every token, this backend sends it, and the runner ends it through
-``Token._finish`` with the coordinator's ``_record_terminal``, middleware and logs.
+``Token._finish`` with the coordinator's ``_record_terminal``, middleware and logs. The worker
+side is ``_dask_task``; what the two sides exchange is in the leaf module ``_dask_protocol``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 from .._errors import ConfigError, Overloaded
 from .._token import Token
 from ._base import Backend
-from ._dask_runner import Route, Runner, close_worker_runner
-from ._dask_task import Context, connect_worker_client, executing_keys
+from ._dask_protocol import Context
+from ._dask_runner import Route, Runner
+from ._dask_task import close_worker_runner, connect_worker_client, executing_keys, run_task
 
 try:
     import distributed
@@ -161,7 +163,9 @@ class DaskBackend(Backend):
         self._routes = {}
         self._refresh_context()
         self._record_terminal = coordinator._record_terminal
-        self._runner = Runner(self.client, nonce, on_thread_start=coordinator._on_internal_thread)
+        self._runner = Runner(
+            self.client, nonce, run_task, on_thread_start=coordinator._on_internal_thread
+        )
         self._runner.subscribe(self._topic)
         nthreads = self.client.nthreads()
         self._connect_workers(list(nthreads), nonce)

@@ -30,7 +30,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,16 +42,21 @@ from .._errors import (
     WorkerCrashed,
 )
 from .._token import Place, Token
-from ._dask_task import (
+from ._dask_protocol import (
     DEADLINE,
     DEP_FAILED,
+    EVENT_RETRY,
+    EVENT_TIMEOUT,
+    MSG_ERROR,
+    MSG_KEY,
+    MSG_KIND,
+    MSG_REPR,
+    MSG_STARTED,
+    MSG_WORKER,
     OK,
     Call,
     Outcome,
-    TaskScope,
-    context_of,
     load_exception,
-    run_task,
     semaphore_name,
 )
 
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
     from .._decorator import TaskFunction
     from .._spec import TaskSpec
 
-__all__ = ["Host", "Route", "Runner", "worker_runner"]
+__all__ = ["Host", "Route", "Runner"]
 
 _done_callback: Any
 try:  # the coroutine behind Future.add_done_callback, without its thread hop
@@ -166,13 +170,23 @@ class _Entry:
 
 
 class Runner:
-    """Submits tokens to one Dask client and ends them from their futures (see module doc)."""
+    """Submits tokens to one Dask client and ends them from their futures (see module doc).
+
+    ``run_task`` is what each Dask task runs (the worker side's ``_dask_task.run_task``): given
+    by whoever makes the runner, so that this module never imports the worker side.
+    """
 
     def __init__(
-        self, client: Any, tag: str, *, on_thread_start: Callable[[], None] | None = None
+        self,
+        client: Any,
+        tag: str,
+        run_task: Callable[..., Any],
+        *,
+        on_thread_start: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.tag = tag
+        self._run_task = run_task
         self._inflight: dict[str, _Entry] = {}
         self._parked: dict[Token[Any], tuple[Host, Route]] = {}
         self._errors: dict[str, list[BaseException]] = {}
@@ -279,7 +293,7 @@ class Runner:
             parts = (route.target, call)
         try:
             future = self.client.submit(
-                run_task,
+                self._run_task,
                 *parts,
                 key=key,
                 retries=route.retries,
@@ -440,17 +454,18 @@ class Runner:
     # -- events (on the client's event loop: note, or hand over; never run user code here) -------
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         msg = event[1]
-        key = msg.get("k")
+        key = msg.get(MSG_KEY)
         entry = self._inflight.get(key) if isinstance(key, str) else None
         if entry is None or entry.done:
             return
-        kind = msg.get("x")
-        if kind == "retry":
-            exc = load_exception(msg.get("e"), str(msg.get("r")))
+        kind = msg.get(MSG_KIND)
+        if kind == EVENT_RETRY:
+            exc = load_exception(msg.get(MSG_ERROR), str(msg.get(MSG_REPR)))
             self._errors.setdefault(entry.future.key, []).append(exc)
-            self._last_run[entry.future.key] = (str(msg.get("w")), float(msg.get("s", 0.0)))
-        elif kind == "timeout":
-            worker = str(msg.get("w"))
+            started = float(msg.get(MSG_STARTED, 0.0))
+            self._last_run[entry.future.key] = (str(msg.get(MSG_WORKER)), started)
+        elif kind == EVENT_TIMEOUT:
+            worker = str(msg.get(MSG_WORKER))
             entry.host.expire_later(lambda: self._expire(entry, worker))
 
     def _expire(self, entry: _Entry, worker: str) -> None:
@@ -696,97 +711,3 @@ def _remote(value: Any, remote: dict[int, Any]) -> Any:
         return token.result(0) if future is None else future
 
     return replace_tokens(value, replace)
-
-
-# -- nested calls: one runner per worker process and coordinator, created on first use -------------
-class NestedHost:
-    """Host of the tokens a task body submits on a worker: its :class:`TaskScope` counts them
-    (they reach the client inside the task's outcome); no client-side tier permit applies."""
-
-    __slots__ = ("scope",)
-
-    def __init__(self, scope: TaskScope) -> None:
-        self.scope = scope
-
-    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
-        self.scope._record_terminal(token, exc)
-
-    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
-        pass
-
-    def record_retried(self, token: Token[Any]) -> None:
-        self.scope.record_retried(token)
-
-    def merge_nested(self, nested: dict[str, list[Any]]) -> None:
-        self.scope.merge_nested(nested)
-
-    def acquire(self, token: Token[Any], internal: bool) -> bool:
-        return True
-
-    def settled(self, token: Token[Any]) -> None:
-        pass
-
-    def late(self, token: Token[Any], what: str) -> None:
-        log.warning(
-            "late %s of nested %s (token %s) dropped: the token had already ended (%s)",
-            what,
-            token.operation_type,
-            token.id,
-            token.state,
-        )
-
-    def expire_later(self, callback: Callable[[], None]) -> None:
-        from ._dask_task import _timer_queue
-
-        _timer_queue().call_later(0, callback)
-
-
-_worker_runners: dict[str, Runner] = {}
-_worker_lock = threading.Lock()
-_nested_routes: dict[tuple[bytes, int], Route] = {}
-
-
-def worker_runner(topic: str) -> Runner:
-    """This worker process's runner for the coordinator publishing on ``topic``.
-
-    Created on the first nested call, from the task's thread (``get_client`` needs it).
-    """
-    runner = _worker_runners.get(topic)
-    if runner is None:
-        from distributed import get_client
-
-        with _worker_lock:
-            runner = _worker_runners.get(topic)
-            if runner is None:
-                runner = Runner(get_client(), f"w{uuid.uuid4().hex[:8]}")
-                runner.subscribe(topic)
-                _worker_runners[topic] = runner
-    return runner
-
-
-def close_worker_runner(topic: str) -> bool:
-    """Forget this worker process's runner for a coordinator that stopped (``Client.run`` calls
-    it on every worker, on the worker's event loop: nothing here may block)."""
-    with _worker_lock:
-        runner = _worker_runners.pop(topic, None)
-    if runner is None:
-        return False
-    runner.close(wait=False)
-    return True
-
-
-def submit_nested(token: Token[Any], task: TaskFunction[..., Any], scope: TaskScope) -> None:
-    """Send a token a task body created on a worker (always internal: never blocks)."""
-    spec = task.spec
-    route = _nested_routes.get((scope.ctx_blob, id(spec)))
-    if route is None or route.spec is not spec:
-        ctx = context_of(scope.ctx_blob)
-        policy = ctx.policies[spec.weight]
-        retries = spec.retries if spec.retries is not None else policy.max_retries
-        tier = spec.storage_speed
-        limit = None if tier is None else ctx.limits[tier]
-        route = Route(spec, task, retries, limit, scope.ctx_blob)
-        if len(_nested_routes) > 4096:
-            _nested_routes.clear()
-        _nested_routes[(scope.ctx_blob, id(spec))] = route
-    worker_runner(context_of(scope.ctx_blob).topic).admit(token, NestedHost(scope), route, True)

@@ -23,7 +23,12 @@ local lanes on the worker side:
   so a decorated call made by the body becomes a Dask task submitted from the worker. Waiting on
   such a token secedes the task from the worker's thread pool (``distributed.secede``), so nested
   tasks never deadlock, whatever the number of worker threads. The counts of nested tokens travel
-  back inside the outcome and are merged into the client's statistics.
+  back inside the outcome and are merged into the client's statistics. They are sent by this
+  worker process's own :class:`~._dask_runner.Runner` (:func:`worker_runner`), the same runner
+  the client uses.
+
+What the two sides exchange (:class:`~._dask_protocol.Call`, :class:`~._dask_protocol.Outcome`,
+the events) is defined in ``_dask_protocol``; this module imports the runner, never the reverse.
 """
 
 from __future__ import annotations
@@ -34,139 +39,41 @@ import logging
 import pickle
 import threading
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from .. import _runtime
-from .._config import MAILBOX_MAX
 from .._decorator import TaskFunction, adhoc_task
-from .._retry import RetryPolicy
 from .._spec import TaskSpec
 from .._timers import TimerQueue
 from .._token import Token, next_seq
+from ._dask_protocol import (
+    DEADLINE,
+    DEP_FAILED,
+    ERROR,
+    OK,
+    Call,
+    Outcome,
+    context_of,
+    retry_event,
+    timeout_event,
+)
+from ._dask_runner import Route, Runner
 
 __all__ = [
-    "DEADLINE",
-    "DEP_FAILED",
-    "ERROR",
-    "OK",
-    "Call",
-    "Context",
-    "Outcome",
     "TaskScope",
+    "close_worker_runner",
+    "connect_worker_client",
     "executing_keys",
     "run_task",
+    "worker_runner",
 ]
 
 log = logging.getLogger("tokengate.dask")
 
-OK, ERROR, DEP_FAILED, DEADLINE = 0, 1, 2, 3
 _time = time.time
 _perf = time.perf_counter
-
-
-class Outcome:
-    """What a task returns to Dask: the value or the error, plus where and when it ran.
-
-    ``nested`` counts the tokens the body submitted and saw end, by operation type:
-    ``{op: [weight, submitted, resolved, failed, discarded, retried, [latencies]]}``.
-    """
-
-    __slots__ = ("ended", "kind", "nested", "payload", "started", "tb", "worker")
-
-    def __init__(
-        self,
-        kind: int,
-        payload: Any,
-        started: float,
-        ended: float,
-        worker: str,
-        nested: dict[str, list[Any]] | None = None,
-        tb: dict[str, Any] | None = None,
-    ) -> None:
-        self.kind = kind
-        self.payload = payload
-        self.started = started
-        self.ended = ended
-        self.worker = worker
-        self.nested = nested
-        self.tb = tb
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            Outcome,
-            (self.kind, self.payload, self.started, self.ended, self.worker, self.nested, self.tb),
-        )
-
-    def error(self) -> BaseException:
-        """The task's exception, with its remote traceback re-attached."""
-        exc: BaseException = self.payload
-        if self.tb is not None:
-            with contextlib.suppress(Exception):
-                from tblib import Traceback
-
-                exc = exc.with_traceback(Traceback.from_dict(self.tb).as_traceback())
-        return exc
-
-
-class Context:
-    """The coordinator settings a worker needs: the retry rule and budgets per weight, the tier
-    limits and the topic its events go to. Shipped pre-pickled with every task (a few hundred
-    bytes copied, never re-pickled) and unpickled once per worker process."""
-
-    __slots__ = ("limits", "mailbox_max", "policies", "topic")
-
-    def __init__(
-        self,
-        topic: str,
-        policies: Mapping[str, RetryPolicy],
-        limits: Mapping[str, int],
-        mailbox_max: int = MAILBOX_MAX,
-    ) -> None:
-        self.topic = topic
-        self.policies = dict(policies)
-        self.limits = dict(limits)
-        self.mailbox_max = mailbox_max
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The policies' random source (a bound method of the random module) pickles to ~4 KB;
-        # the worker needs only the rule and the budgets.
-        rules = {
-            weight: (p.max_retries, p.retry_on, p.dont_retry_on, p.crash_retries)
-            for weight, p in self.policies.items()
-        }
-        return (_context_from_rules, (self.topic, rules, self.limits, self.mailbox_max))
-
-    def dumps(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _context_from_rules(
-    topic: str,
-    rules: Mapping[str, tuple[Any, ...]],
-    limits: Mapping[str, int],
-    mailbox_max: int,
-) -> Context:
-    policies = {
-        weight: RetryPolicy(
-            max_retries=retries, retry_on=retry_on, dont_retry_on=dont, crash_retries=crash
-        )
-        for weight, (retries, retry_on, dont, crash) in rules.items()
-    }
-    return Context(topic, policies, limits, mailbox_max)
-
-
-_contexts: dict[bytes, Context] = {}
-
-
-def context_of(blob: bytes) -> Context:
-    """The unpickled context of ``blob``, cached per worker process."""
-    ctx = _contexts.get(blob)
-    if ctx is None:
-        if len(_contexts) > 64:
-            _contexts.clear()
-        ctx = _contexts[blob] = pickle.loads(blob)
-    return ctx
 
 
 # -- the per-process pieces a worker needs (created on first use) --------------------------------
@@ -196,33 +103,12 @@ def _semaphore(name: str, limit: int) -> Any:
     return sem
 
 
-def semaphore_name(tier: str, limit: int) -> str:
-    """One cluster-wide semaphore per tier and limit: coordinators with the same limit share it."""
-    return f"tokengate-storage-{tier}-{limit}"
-
-
 def publish(worker: Any, topic: str, msg: dict[str, Any]) -> None:
     """Send an event to the coordinator's topic (safe from any thread of the worker)."""
     try:
         worker.log_event(topic, msg)
     except Exception:  # pragma: no cover - the worker is going away
         log.warning("could not publish %s event for %s", msg.get("x"), msg.get("k"), exc_info=True)
-
-
-def dump_exception(exc: BaseException) -> bytes | None:
-    try:
-        return pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        return None
-
-
-def load_exception(blob: bytes | None, fallback: str) -> BaseException:
-    if blob is not None:
-        with contextlib.suppress(Exception):
-            exc = pickle.loads(blob)
-            if isinstance(exc, BaseException):
-                return exc
-    return RuntimeError(fallback)
 
 
 def _portable(exc: BaseException, spec: TaskSpec) -> tuple[BaseException, dict[str, Any] | None]:
@@ -317,8 +203,6 @@ class TaskScope:
         kwargs: dict[str, Any],
         internal: bool,
     ) -> Token[Any]:
-        from ._dask_runner import submit_nested
-
         spec = task.spec
         # next_seq: the process-wide sequence every coordinator uses, so ids stay unique.
         token: Token[Any] = Token(spec, task.__wrapped__, args, kwargs, next_seq(), _perf(), self)
@@ -345,8 +229,6 @@ class TaskScope:
         self._count(token.spec, 4)
 
     def _after_discard(self, token: Token[Any]) -> None:
-        from ._dask_runner import worker_runner
-
         worker_runner(context_of(self.ctx_blob).topic).discarded(token)
 
     def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
@@ -400,59 +282,6 @@ class TaskScope:
 
 
 # -- the wrapper ----------------------------------------------------------------------------------
-class Call:
-    """One token's call as Dask sees it: a single opaque argument.
-
-    Dask walks every list, tuple and dict argument of a task looking for futures (and sizes
-    them); a call without Token arguments has none, so its arguments travel inside this object
-    and Dask parses two arguments instead of the whole call. A call with Token arguments passes
-    them to Dask separately (``run_task(target, call, args, kwargs)``) so they become
-    dependencies.
-    """
-
-    __slots__ = ("args", "ctx_blob", "deadline", "key", "kwargs", "spec", "tier")
-
-    def __init__(
-        self,
-        key: str,
-        ctx_blob: bytes,
-        tier: tuple[str, int] | None,
-        deadline: float | None,
-        spec: TaskSpec | None,
-        args: tuple[Any, ...] | None,
-        kwargs: dict[str, Any] | None,
-    ) -> None:
-        self.key = key
-        self.ctx_blob = ctx_blob
-        self.tier = tier
-        self.deadline = deadline
-        self.spec = spec
-        self.args = args
-        self.kwargs = kwargs
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            Call,
-            (self.key, self.ctx_blob, self.tier, self.deadline, self.spec, self.args, self.kwargs),
-        )
-
-
-def _register_sizeof() -> None:
-    """Dask sizes results to manage worker memory: an Outcome weighs what its payload does."""
-    from dask.sizeof import sizeof
-
-    @sizeof.register(Outcome)  # type: ignore[untyped-decorator,no-untyped-call]
-    def _sizeof_outcome(outcome: Outcome) -> int:
-        return int(sizeof(outcome.payload)) + 200
-
-    @sizeof.register(Call)  # type: ignore[untyped-decorator,no-untyped-call]
-    def _sizeof_call(call: Call) -> int:
-        return int(sizeof(call.args)) + int(sizeof(call.kwargs)) + 400
-
-
-_register_sizeof()
-
-
 def run_task(
     target: Any,
     call: Call,
@@ -509,7 +338,7 @@ def run_task(
                 publish,
                 worker,
                 context_of(ctx_blob).topic,
-                {"x": "timeout", "k": key, "w": worker.address},
+                timeout_event(key, worker.address),
             )
         value = body(*args, **kwargs)
         if spec.is_async:  # an async def task: run it to its end on this worker thread
@@ -519,14 +348,7 @@ def run_task(
             publish(
                 worker,
                 context_of(ctx_blob).topic,
-                {
-                    "x": "retry",
-                    "k": key,
-                    "e": dump_exception(exc),
-                    "r": repr(exc)[:500],
-                    "w": worker.address,
-                    "s": started,
-                },
+                retry_event(key, exc, worker.address, started),
             )
             raise  # Dask reschedules it (its retries)
         err, tb = _portable(exc, spec)
@@ -565,3 +387,95 @@ def executing_keys(dask_worker: Any) -> list[str]:
     """The keys this worker is running right now (``Client.run`` calls it at stop)."""
     state = dask_worker.state
     return [ts.key for ts in (*state.executing, *state.long_running)]
+
+
+# -- nested calls: one runner per worker process and coordinator, created on first use -------------
+class NestedHost:
+    """Host of the tokens a task body submits on a worker: its :class:`TaskScope` counts them
+    (they reach the client inside the task's outcome); no client-side tier permit applies."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: TaskScope) -> None:
+        self.scope = scope
+
+    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
+        self.scope._record_terminal(token, exc)
+
+    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        pass
+
+    def record_retried(self, token: Token[Any]) -> None:
+        self.scope.record_retried(token)
+
+    def merge_nested(self, nested: dict[str, list[Any]]) -> None:
+        self.scope.merge_nested(nested)
+
+    def acquire(self, token: Token[Any], internal: bool) -> bool:
+        return True
+
+    def settled(self, token: Token[Any]) -> None:
+        pass
+
+    def late(self, token: Token[Any], what: str) -> None:
+        log.warning(
+            "late %s of nested %s (token %s) dropped: the token had already ended (%s)",
+            what,
+            token.operation_type,
+            token.id,
+            token.state,
+        )
+
+    def expire_later(self, callback: Callable[[], None]) -> None:
+        _timer_queue().call_later(0, callback)
+
+
+_worker_runners: dict[str, Runner] = {}
+_worker_lock = threading.Lock()
+_nested_routes: dict[tuple[bytes, int], Route] = {}
+
+
+def worker_runner(topic: str) -> Runner:
+    """This worker process's runner for the coordinator publishing on ``topic``.
+
+    Created on the first nested call, from the task's thread (``get_client`` needs it).
+    """
+    runner = _worker_runners.get(topic)
+    if runner is None:
+        from distributed import get_client
+
+        with _worker_lock:
+            runner = _worker_runners.get(topic)
+            if runner is None:
+                runner = Runner(get_client(), f"w{uuid.uuid4().hex[:8]}", run_task)
+                runner.subscribe(topic)
+                _worker_runners[topic] = runner
+    return runner
+
+
+def close_worker_runner(topic: str) -> bool:
+    """Forget this worker process's runner for a coordinator that stopped (``Client.run`` calls
+    it on every worker, on the worker's event loop: nothing here may block)."""
+    with _worker_lock:
+        runner = _worker_runners.pop(topic, None)
+    if runner is None:
+        return False
+    runner.close(wait=False)
+    return True
+
+
+def submit_nested(token: Token[Any], task: TaskFunction[..., Any], scope: TaskScope) -> None:
+    """Send a token a task body created on a worker (always internal: never blocks)."""
+    spec = task.spec
+    route = _nested_routes.get((scope.ctx_blob, id(spec)))
+    if route is None or route.spec is not spec:
+        ctx = context_of(scope.ctx_blob)
+        policy = ctx.policies[spec.weight]
+        retries = spec.retries if spec.retries is not None else policy.max_retries
+        tier = spec.storage_speed
+        limit = None if tier is None else ctx.limits[tier]
+        route = Route(spec, task, retries, limit, scope.ctx_blob)
+        if len(_nested_routes) > 4096:
+            _nested_routes.clear()
+        _nested_routes[(scope.ctx_blob, id(spec))] = route
+    worker_runner(context_of(scope.ctx_blob).topic).admit(token, NestedHost(scope), route, True)
