@@ -19,17 +19,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
+from tokengate.bench._bodies import noop_plain
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System
 
-__all__ = ["SCENARIO", "noop_plain"]
+__all__ = ["SCENARIO"]
 
 GATHER_TIMEOUT_S = 30.0
 SLOW_N, SLOW_QUICK_N = 5_000, 500
-
-
-def noop_plain(i: int) -> int:
-    """The peers' task (module level, so process pools pickle it by reference)."""
-    return i
 
 
 def _figures(n: int, t0: float, t1: float, t2: float) -> Figures:

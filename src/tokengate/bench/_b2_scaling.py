@@ -10,8 +10,8 @@ other case; ``serial`` is shown as the floor (its speedup is ~1 by construction)
 B2o: N trivial process tasks (``noop(i) -> i``), submit all then gather, after the workers are
 ready; then 500 one-at-a-time round trips. tokengate's task is tagged ``executor: process``.
 
-The task bodies live here (module level) so ``ProcessPoolExecutor`` and loky pickle them by
-reference; tokengate's decorated versions are in ``_tasks``.
+The task bodies are in ``_bodies`` (module level, so ``ProcessPoolExecutor`` and loky pickle them
+by reference); tokengate's decorated versions are in ``_tasks``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
+from tokengate.bench._bodies import burn, noop_plain
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, usable_cores
 
-__all__ = ["SCENARIO", "SCENARIO_OVERHEAD", "burn", "noop_plain", "quick_steps"]
+__all__ = ["SCENARIO", "SCENARIO_OVERHEAD", "quick_steps"]
 
 perf = time.perf_counter
 
@@ -33,18 +34,6 @@ B2_STEPS = 5_000_000
 ROUND_TRIPS, QUICK_ROUND_TRIPS = 500, 100
 READY_TIMEOUT_S = 60.0
 RESULT_TIMEOUT_S = 300.0
-
-
-def burn(steps: int) -> int:
-    """Pure-Python CPU work: holds the GIL the whole time."""
-    total = 0
-    for i in range(steps):
-        total += i * i % 7
-    return total
-
-
-def noop_plain(i: int) -> int:
-    return i
 
 
 def quick_steps(p: CaseParams, full: int) -> int:

@@ -16,17 +16,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
-from tokengate.bench._b2_scaling import (
-    RESULT_TIMEOUT_S,
-    burn,
-    noop_plain,
-    quick_steps,
-    wait_process_lane,
-)
+from tokengate.bench._b2_scaling import RESULT_TIMEOUT_S, quick_steps, wait_process_lane
 from tokengate.bench._b6_mixed import percentile
+from tokengate.bench._bodies import burn, light_work, noop_plain
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, usable_cores
 
-__all__ = ["SCENARIO", "light_work"]
+__all__ = ["SCENARIO"]
 
 perf = time.perf_counter
 
@@ -34,10 +29,6 @@ B3_STEPS = 1_250_000  # ~50 ms on the 2-core development machine
 LIGHT_EVERY_S = 0.010
 LIGHT_FOR_S, QUICK_LIGHT_FOR_S = 3.0, 1.0
 POOL_WORKERS = 4
-
-
-def light_work() -> int:
-    return sum(range(1000))
 
 
 def _light_for(p: CaseParams) -> float:

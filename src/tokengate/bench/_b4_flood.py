@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from tokengate.bench._bodies import flood_plain
 from tokengate.bench._model import (
     PEAK_RSS,
     RSS_GROWTH,
@@ -26,18 +27,11 @@ from tokengate.bench._model import (
     System,
 )
 
-__all__ = ["FLOOD_SLEEP_S", "PAYLOAD_BYTES", "SCENARIO", "flood_plain"]
+__all__ = ["PAYLOAD_BYTES", "SCENARIO"]
 
 PAYLOAD_BYTES = 4096
-FLOOD_SLEEP_S = 0.0001
 WAIT_TIMEOUT_S = 1800.0
 N, QUICK_N = 200_000, 20_000
-
-
-def flood_plain(payload: bytes) -> int:
-    """The task body, shared by tokengate's ``flood`` and the peers."""
-    time.sleep(FLOOD_SLEEP_S)
-    return len(payload)
 
 
 def payloads(n: int) -> Iterator[bytes]:

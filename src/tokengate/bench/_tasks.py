@@ -8,9 +8,7 @@ system under test.
 from __future__ import annotations
 
 from tokengate import task_token_guard
-from tokengate.bench._b2_scaling import burn
-from tokengate.bench._b3_isolation import light_work
-from tokengate.bench._b4_flood import flood_plain
+from tokengate.bench._bodies import burn, flood_plain, light_work
 
 
 @task_token_guard(operation_type="noop", tags={"weight": "light"})
