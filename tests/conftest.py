@@ -91,7 +91,7 @@ def assert_counts_add_up(coordinator: OperationsCoordinator) -> None:
 
 #: ``COORDINATOR_DEFAULTS`` for a module whose tests pass threading objects to heavy tasks, which
 #: the process lane cannot pickle: they test thread-lane behaviour, so heavy work stays on threads
-#: there (tests/test_process_lane.py covers processes).
+#: there (tests/process_lane/ covers processes).
 HEAVY_ON_THREADS = {"process_lane": False}
 
 

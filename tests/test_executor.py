@@ -28,7 +28,7 @@ from tokengate import (
     TokenGateExecutor,
     WorkerCrashed,
 )
-from tokengate.lanes._process import process_lane_supported
+from tokengate.lanes.process import process_lane_supported
 
 needs_processes = pytest.mark.skipif(
     not process_lane_supported(), reason="worker processes need POSIX"

@@ -26,12 +26,10 @@ from tokengate import (
     Token,
     TokenDiscarded,
 )
-from tokengate.lanes import _process
+from tokengate.lanes.process import process_lane_supported
 from tokengate.observability import TokenGateCollector
 
-pytestmark = pytest.mark.skipif(
-    not _process.process_lane_supported(), reason="worker processes need POSIX"
-)
+pytestmark = pytest.mark.skipif(not process_lane_supported(), reason="worker processes need POSIX")
 
 Make = Callable[..., OperationsCoordinator]
 SIZE = 100_000  # one call's argument; its pickled call is a few bytes more

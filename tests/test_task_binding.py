@@ -22,7 +22,7 @@ import pytest
 import process_tasks as pt
 from conftest import run_script
 from tokengate import OperationsCoordinator, Token, TokenGateError, task_token_guard
-from tokengate.lanes import _process
+from tokengate.lanes.process import process_lane_supported
 
 Make = Callable[..., OperationsCoordinator]
 
@@ -31,7 +31,7 @@ IO = {"weight": "light", "storage_speed": "FAST"}
 PROCESS = {"weight": "heavy", "executor": "process"}
 LANES = {"thread": THREAD, "io": IO, "process": PROCESS}
 needs_processes = pytest.mark.skipif(
-    not _process.process_lane_supported(), reason="worker processes need POSIX"
+    not process_lane_supported(), reason="worker processes need POSIX"
 )
 
 

@@ -102,7 +102,7 @@ class CoordinatorConfig:
     async_stall_after: float = 1.0
     convergence: bool = True
     convergence_interval: float = 0.1
-    process_lane: bool | None = None  # issue 3: see lanes/_process.py
+    process_lane: bool | None = None  # see lanes/process/
     process_queue_bytes: int | str | None = PROCESS_QUEUE_BYTES  # see _byte_budget.py
 
     def __post_init__(self) -> None:

@@ -81,13 +81,13 @@ from .backends import Backend, resolve_backend
 from .lanes._async import AsyncLane
 from .lanes._base import BeginFn, ClaimFn, CompleteFn, Lane, LaneHost, Worker
 from .lanes._io import IOLane
-from .lanes._process import (
+from .lanes._thread import ThreadLane
+from .lanes._wire import ProcessCall, prepare_call
+from .lanes.process import (
     ProcessLane,
     check_process_lane_option,
     runs_in_process,
 )
-from .lanes._thread import ThreadLane
-from .lanes._wire import ProcessCall, prepare_call
 from .observability._facade import ObservabilityMixin
 
 if TYPE_CHECKING:

@@ -124,7 +124,7 @@ class TaskFunction(Generic[P, R]):
             return coordinator._submit(self, args, kwargs, True)  # type: ignore[no-any-return]
         if not _stack:
             # Inside a process-lane worker there is no coordinator: the call runs inline and
-            # returns a finished Token (see lanes/_process_child.py).
+            # returns a finished Token (see lanes/process/_child.py).
             if _runtime.inline_runner is not None:
                 return _runtime.inline_runner(self, args, kwargs)  # type: ignore[no-any-return]
             coordinator = _runtime.default_for_call()

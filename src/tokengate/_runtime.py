@@ -38,7 +38,7 @@ class _Local(threading.local):
 
 local = _Local()
 # Set in a process-lane worker process only: runs a decorated call inline, returns a finished
-# Token (lanes/_process_child.py). None everywhere else.
+# Token (lanes/process/_child.py). None everywhere else.
 inline_runner: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any] | None = None
 # Set by ``tokengate.use_default()``: starts the default coordinator if needed and returns the
 # coordinator a call goes to now. ``default`` is that coordinator once made.

@@ -1,7 +1,6 @@
-"""Faults and bad input in the process lane (issue 8 parts 1 and 3, against issue 3's API).
+"""Faults and bad input in the process lane, through its public API.
 
-Written against the process lane's planned API while it was built on another branch, and run
-against it since: heavy ``executor='process'`` tasks run in ``coordinator.lanes["process"]``,
+Heavy ``executor='process'`` tasks run in ``coordinator.lanes["process"]``,
 ``lanes["process"].pids()`` lists the worker processes, a worker that dies surfaces as
 ``tokengate.WorkerCrashed`` (retried per ``RetryPolicy.crash_retries``), a process task's
 ``timeout`` kills and replaces its worker, and arguments that cannot be pickled raise
@@ -186,8 +185,8 @@ def test_sigkill_at_random_moments_under_load(
     The victims include replacements still starting (``pids()`` lists them from their launch):
     about half of the kills land there, and now and then the same slot is shot while starting
     several times in a row. Such a slot is started again after a growing cool-down, never given
-    up (before that fix it was abandoned after 3 failed starts and the lane stayed short;
-    ``test_process_lane.py`` pins the cool-down itself deterministically)."""
+    up, so the lane never stays short (``tests/process_lane/test_start_failures.py`` pins the
+    cool-down itself deterministically)."""
     lane = make_process_coordinator(retry_policy=RetryPolicy(crash_retries=3, backoff_base=0.0))
     rng = random.Random(8)
     kills = 12
@@ -245,7 +244,7 @@ def test_a_task_that_exhausts_memory_fails_with_memoryerror_and_the_worker_lives
     with pytest.raises(MemoryError):
         token.get(timeout=120)
     assert token.attempts == 1  # tag retries=0
-    lane.full_strength()  # whether the lane recycles that worker is its choice (issue 3)
+    lane.full_strength()  # whether the lane recycles that worker is its own choice
     lane.serves()
     lane.ledger("process_memory_exhausted", injected=1, tokens=1)
 

@@ -1,9 +1,10 @@
 """The worker process of the process lane: receive a call, run the function body, reply.
 
-Started by :mod:`tokengate.lanes._process` as a fresh interpreter (``python -c BOOTSTRAP``):
-the bootstrap takes the parent's ``sys.path`` from the environment, imports this module and
-calls :func:`main`. The user's ``__main__`` script is never imported here (functions defined
-there arrive by value), so a script without an ``if __name__ == "__main__"`` guard is safe.
+Started by the process lane (:mod:`tokengate.lanes.process`) as a fresh interpreter
+(``python -c BOOTSTRAP``): the bootstrap takes the parent's ``sys.path`` from the environment,
+imports this module and calls :func:`main`. The user's ``__main__`` script is never imported
+here (functions defined there arrive by value), so a script without an
+``if __name__ == "__main__"`` guard is safe.
 
 Lifetime: the worker leaves when its task pipe closes (``stop()``), with ``os._exit`` after
 running ``atexit`` handlers and flushing output. It also dies with its parent: on Linux
@@ -30,11 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import _runtime
-from .._decorator import TaskFunction
-from .._dependencies import _dependency_error, find_dependencies, substitute
-from .._token import Place, Token, next_seq
-from . import _wire
+from ... import _runtime
+from ..._decorator import TaskFunction
+from ..._dependencies import _dependency_error, find_dependencies, substitute
+from ..._token import Place, Token, next_seq
+from .. import _wire
 
 __all__ = ["main", "run_inline"]
 
