@@ -294,7 +294,7 @@ def test_passive_monitor_off_installs_nothing(make_coordinator: Make) -> None:
     coordinator = make_coordinator(guard_house=False, overflow_guard=False)
     assert coordinator._after_attempt == [] and coordinator._after_failure == []
     assert coordinator._before_submit == []
-    assert not coordinator._watch_runs and coordinator._run_watcher is None
+    assert not coordinator._watch_runs and coordinator._run_watchers == ()
     assert ok(1).get(timeout=10) == 1
     report = coordinator.guard_house.report()
     assert not report.enabled and not report.operations
@@ -307,6 +307,7 @@ def test_default_installs_no_submit_hook(coordinator: OperationsCoordinator) -> 
     # nor after a successful run: run times go to the stats, errors to after_failure
     assert coordinator._after_attempt == []
     assert len(coordinator._after_failure) == 1 and coordinator._watch_runs
+    assert [type(w.middleware).__name__ for w in coordinator._run_watchers] == ["Monitor"]
 
 
 # -- circuit breaker ---------------------------------------------------------------------------
@@ -315,7 +316,7 @@ def test_default_installs_no_submit_hook(coordinator: OperationsCoordinator) -> 
 def test_breaker_opens_after_consecutive_failures_and_probes_after_cooldown() -> None:
     clock = FakeClock()
     house = GuardHouse(auto_block=True, block_after=3, block_cooldown=30.0, clock=clock)
-    (breaker,) = [m for m in house.middleware() if type(m).__name__ == "_Breaker"]
+    (breaker,) = [m for m in house.middleware() if type(m).__name__ == "CircuitBreaker"]
     run(house, "fetch", 0.01, ConnectionError("down"))
     run(house, "fetch", 0.01, ConnectionError("down"))
     run(house, "fetch", 0.01)  # a success resets the count
@@ -367,7 +368,7 @@ def test_breaker_opens_after_consecutive_failures_and_probes_after_cooldown() ->
 def test_a_discarded_probe_lets_another_call_probe() -> None:
     clock = FakeClock()
     house = GuardHouse(auto_block=True, block_after=1, block_cooldown=5.0, clock=clock)
-    (breaker,) = [m for m in house.middleware() if type(m).__name__ == "_Breaker"]
+    (breaker,) = [m for m in house.middleware() if type(m).__name__ == "CircuitBreaker"]
     run(house, "op", 0.01, ValueError("x"))
     clock.now += 5
     breaker.before_submit(spec("op"))

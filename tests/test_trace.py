@@ -181,7 +181,7 @@ def test_buffer_is_a_bounded_ring(make_coordinator: Make, tmp_path: Path) -> Non
 
 
 def test_trace_is_off_by_default(coordinator: OperationsCoordinator, tmp_path: Path) -> None:
-    assert coordinator._trace is None
+    assert coordinator._observability.trace is None
     with pytest.raises(TokenGateError, match=r"tracing is off: .*trace=True"):
         coordinator.export_trace(tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()

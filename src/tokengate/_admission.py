@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ._errors import Overloaded
+
 __all__ = ["AdmissionGate", "AdmissionStatus"]
 
 T = TypeVar("T")
@@ -67,7 +69,7 @@ class AdmissionGate:
         self.waiters = 0  # producers waiting for room (a gauge, for metrics)
         self.unwoken = 0  # registrations since the last notify: what a worker checks
         self._paused: dict[str, str] = {}
-        # io-lane: asyncio producers waiting for room, as (their loop, a future to resolve)
+        # asyncio producers waiting for room, as (their loop, a future to resolve)
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def wait_for(self, attempt: Callable[[], T | None], timeout: float | None = None) -> T | None:
@@ -107,7 +109,7 @@ class AdmissionGate:
             woken = self._take_async_waiters()
         _wake_async(woken)
 
-    # -- io-lane: asyncio producers ------------------------------------------------------------
+    # -- asyncio producers -----------------------------------------------------------------------
     async def wait_for_async(
         self, attempt: Callable[[], T | None], timeout: float | None = None
     ) -> T | None:
@@ -166,6 +168,18 @@ class AdmissionGate:
     @property
     def paused(self) -> dict[str, str]:
         return dict(self._paused)
+
+    def wait_while_paused(self, operation_type: str, *, reject: bool) -> None:
+        """An external call while admission is paused: wait until it resumes, or (``reject``,
+        admission='reject') refuse the call with :class:`Overloaded`."""
+        if reject:
+            detail = "; ".join(self.paused.values()) or "paused"
+            raise Overloaded(
+                f"admission is paused ({detail}); {operation_type!r} was refused. "
+                f"Wait for running tasks to free memory, raise memory_budget, or use "
+                f"admission='block'"
+            )
+        self.wait_for(lambda: True)
 
     def status(self) -> AdmissionStatus:
         """A frozen snapshot of the waiters and pause reasons."""

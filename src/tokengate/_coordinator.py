@@ -51,9 +51,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from . import _lifecycle, _runtime
+from . import _banner, _lifecycle, _runtime
 from ._admission import AdmissionGate, AdmissionStatus
-from ._affinity import AffinityPolicy, core_worker_mapping, mapping_banner
+from ._affinity import AffinityPolicy
 from ._byte_budget import ByteBudget
 from ._config import CoordinatorConfig
 from ._convergence import ConvergenceEngine, ConvergencePolicy
@@ -71,8 +71,9 @@ from ._logging import attach_verbose_handlers, detach_verbose_handlers, level_an
 from ._middleware import HOOKS, Middleware, overridden
 from ._priority import push_by_priority
 from ._rate import RateLimiter
+from ._run_watch import Watcher, deliver, watcher
 from ._spec import STORAGE_TIERS, TaskSpec
-from ._stats import OperationCounters, StatsRecorder, StatsSnapshot
+from ._stats import StatsRecorder, StatsSnapshot
 from ._throttle import StorageThrottle, TierStats
 from ._timers import TimerQueue
 from ._token import NO_KWARGS, PENDING, Token, check_timeout, in_done_callback, next_seq
@@ -88,10 +89,11 @@ from .lanes.process import (
     check_process_lane_option,
     runs_in_process,
 )
-from .observability._facade import ObservabilityMixin
+from .observability._facade import Observability
 
 if TYPE_CHECKING:
     from ._decorator import TaskFunction
+    from .observability import GuardHouse, OverflowGuard, Span, TokenGateCollector
 
 __all__ = ["OperationsCoordinator"]
 
@@ -163,7 +165,7 @@ class _Host:
         self.count_event: Callable[..., None] = c.count_event
 
 
-class OperationsCoordinator(ObservabilityMixin):
+class OperationsCoordinator:
     """Runs decorated functions as tokens on core-pinned workers with bounded mailboxes.
 
     Use it as a context manager (``with`` or ``async with``), or call :meth:`start` and
@@ -272,13 +274,12 @@ class OperationsCoordinator(ObservabilityMixin):
         self._before_submit: list[Callable[[TaskSpec], None]] = []
         self._after_attempt: list[Callable[[Token[Any], str, BaseException | None], None]] = []
         self._after_failure: list[Callable[[Token[Any], str, BaseException | None], None]] = []
-        # The Guard House watches run times through the stats (StatsRecorder.watch_runs): the
-        # runs it must see come to it here, without a middleware call per token.
+        # Middleware that watch run times (_run_watch.py), and whether runs are recorded at all.
+        self._run_watchers: tuple[Watcher, ...] = ()
         self._watch_runs = False
-        self._run_watcher: Callable[[Token[Any], OperationCounters, float], None] | None = None
         self._verbose_handlers: list[Any] = []
         self._record = self._record_terminal  # bound once: Token._finish calls it per token
-        self._init_observability()  # Guard House, Overflow Guard, trace (issue 5)
+        self._observability = Observability(config, self._stats, self._gate, self.add_middleware)
         self._convergence: ConvergenceEngine | None = None  # io-lane: built at start
         # Rate limits (``rate`` tag): buckets and FIFOs per operation, re-admitted by a timer.
         self._rate = RateLimiter(self._call_later, on_error=self._fail_internal)
@@ -311,10 +312,7 @@ class OperationsCoordinator(ObservabilityMixin):
             self._verbose_handlers = attach_verbose_handlers(
                 verbose=cfg.verbose, convergence=cfg.convergence_verbose
             )
-        if log.isEnabledFor(_DEBUG):
-            self._log_banner()
-        else:  # the guards' banner lines have their own loggers (issue 5)
-            self._log_observability_banner(ready=True)
+        _banner.log_start_banner(self)
         cores: dict[int, int | None] = {
             core: self.topology.cpu_for_core(core) for core in range(1, self.core_count + 1)
         }
@@ -523,6 +521,11 @@ class OperationsCoordinator(ObservabilityMixin):
         self._before_submit = self._hooks["before_submit"]
         self._after_attempt = self._hooks["after_attempt"]
         self._after_failure = self._hooks["after_failure"]
+        run_watcher = watcher(middleware)
+        if run_watcher is not None:
+            self._run_watchers += (run_watcher,)
+            self._stats.watch_runs(self._run_watchers)
+            self._watch_runs = True
         if self._status == "running" and overridden(middleware, "on_start"):
             middleware.on_start(self)
 
@@ -551,16 +554,11 @@ class OperationsCoordinator(ObservabilityMixin):
             _run_hooks(self._after_failure, token, outcome, exc)
 
     def _show_run(self, token: Token[Any]) -> None:
-        """Hand a run that crossed its operation's RunWatch to the run watcher (the Guard
-        House), outside the token's lock."""
+        """Hand a run that crossed its operation's RunWatch to the middleware watching run
+        times (the Guard House), outside the token's lock."""
         counters, run = token._watched
         token._watched = None
-        watcher = self._run_watcher
-        if watcher is not None:
-            try:
-                watcher(token, counters, run)
-            except BaseException:  # never let it end a worker thread (see _run_hooks)
-                log.exception("run watcher %r raised; the token is not affected", watcher)
+        deliver(self._run_watchers, token, counters, run)
 
     def stop(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop accepting work, finish it, and stop every worker.
@@ -920,10 +918,10 @@ class OperationsCoordinator(ObservabilityMixin):
         """Make, count and queue one call's token (``payload``: its process call, pickled and
         perhaps charged already by ``_submit_async``; ``hold``: count the token but keep it out
         of every queue until ``_release_held``)."""
-        # Overflow Guard (issue 5): while admission is paused for memory, external producers
-        # wait here (or are refused with admission='reject'); calls from tasks never wait.
+        # While admission is paused (the Overflow Guard, for memory), external producers wait
+        # here (or are refused with admission='reject'); calls from tasks never wait.
         if self._gate._paused and not internal and self._accepting:
-            self._wait_admission_paused(task.spec)
+            self._gate.wait_while_paused(task.spec.operation_type, reject=self._reject)
         if not self._accepting and not (internal and self._status == "stopping"):
             raise self._not_running(task.spec.operation_type)
         spec = task.spec
@@ -1755,59 +1753,37 @@ class OperationsCoordinator(ObservabilityMixin):
         """A snapshot of admission: producers waiting for room, and why it is paused if it is."""
         return self._gate.status()
 
-    def _log_io_banner(self) -> None:
-        cfg = self.config
-        log.debug(
-            "[IO_LANE] %d threads per storage tier to start, up to the tier's limit", cfg.io_workers
-        )
-        log.debug(
-            "[ASYNC_LANE] One event loop, up to %d async tasks at once", cfg.async_concurrency
-        )
-        log.debug("")
-        log.debug("Configuring convergence engine...")
-        if cfg.convergence:
-            log.debug(
-                "Convergence engine enabled (every %.2fs; cores grow up to %d workers, "
-                "storage tiers up to their limits, only while the queued work waits on I/O)",
-                cfg.convergence_interval,
-                cfg.max_workers_per_core,
-            )
-        else:
-            log.debug("Convergence engine disabled: worker counts stay at their baseline")
+    # -- observability: the Observability component's, forwarded ------------------------------
+    @property
+    def guard_house(self) -> GuardHouse:
+        """The passive per-operation monitor (and circuit breaker with ``auto_block=True``)."""
+        return self._observability.guard_house
 
-    def _log_banner(self) -> None:
-        cfg = self.config
-        rule = "=" * 70
-        log.debug(rule)
-        log.debug("Operations Coordinator - Initializing...")
-        log.debug(rule)
-        log.debug("")
-        log.debug("Detecting CPU topology...")
-        log.debug("%s", self.topology.banner())
-        log.debug("")
-        log.debug("Creating foundation components...")
-        self._log_observability_banner()  # [OVERFLOW_GUARD], [GUARD_HOUSE] (issue 5)
-        log.debug("%s", self.affinity.banner())
-        log.debug("%s", self.throttle.banner())
-        self._log_observability_ready()
-        log.debug("Core affinity policy created")
-        log.debug("")
-        log.debug("Building execution pipeline...")
-        log.debug("%s", mapping_banner(self.core_count, cfg.workers_per_core))
-        log.debug("Worker queue created")
-        log.debug("Admission gate configured (mailbox_max=%d, %s)", cfg.mailbox_max, cfg.admission)
-        self._log_io_banner()  # io-lane
-        log.debug("")
-        log.debug("Operations Coordinator ready!")
-        log.debug("  Cores: %d", self.core_count)
-        log.debug("  Workers per core: %d", cfg.workers_per_core)
-        log.debug(
-            "  Total workers: %d",
-            sum(
-                len(v) for v in core_worker_mapping(self.core_count, cfg.workers_per_core).values()
-            ),
-        )
-        log.debug("  Convergence: %s", "ENABLED" if cfg.convergence else "DISABLED")  # io-lane
-        log.debug(rule)
-        log.debug("")
-        log.debug("Starting Operations Coordinator...")
+    @property
+    def overflow_guard(self) -> OverflowGuard:
+        """The memory budget guard (``overflow_guard.status()``, ``.budget``)."""
+        return self._observability.overflow_guard
+
+    def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1") -> int:
+        """Serve Prometheus metrics over HTTP at ``/metrics``; returns the bound port.
+
+        ``port=0`` picks a free port. The server reads the coordinator at scrape time only and
+        stops with the coordinator. Needs ``pip install 'tokengate[metrics]'``.
+        """
+        return self._observability.serve_metrics(self, port, addr)
+
+    def metrics_collector(self, **options: Any) -> TokenGateCollector:
+        """A :class:`TokenGateCollector` for this coordinator, to register with your registry."""
+        return self._observability.metrics_collector(self, **options)
+
+    def trace_spans(self) -> list[Span]:
+        """The buffered task spans, oldest first (``trace=True``)."""
+        return self._observability.trace_spans()
+
+    def export_trace(self, path: str | os.PathLike[str]) -> int:
+        """Write the recent task spans to ``path`` as Chrome trace-event JSON; returns how many.
+
+        Open the file in https://ui.perfetto.dev or ``chrome://tracing``: one track per worker,
+        grouped by core. Needs ``trace=True``; the last ``trace_buffer`` attempts are kept.
+        """
+        return self._observability.export_trace(path)

@@ -6,19 +6,37 @@ actually overrides, and the hot path pays one truthiness check per hook when the
 (trio's instruments, dramatiq's middleware). A hook that raises (even ``SystemExit``) is logged and
 disturbs neither the token nor the thread it runs on, except ``before_submit``, which may refuse a
 call on purpose (``OperationBlocked``).
+
+Run times reach middleware through thresholds rather than a hook per run (``_run_watch.py``):
+a middleware declares, per operation type, how long a run must take before it wants to hear of
+it, and the coordinator hands it only those runs, so a token that crosses nothing calls nothing.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ._spec import TaskSpec
     from ._token import Token
 
-__all__ = ["HOOKS", "Middleware"]
+__all__ = ["HOOKS", "Middleware", "RunTimes"]
 
+# The hooks the coordinator calls from a list of the installed middleware's overrides; the
+# run-time hooks (after_long_run, check_runs) are called through ``_run_watch.py`` instead.
 HOOKS = ("on_start", "on_stop", "before_submit", "after_attempt", "after_failure", "after_discard")
+
+
+class RunTimes(Protocol):
+    """One worker thread's run times of one operation type, in seconds (``check_runs``)."""
+
+    @property
+    def count(self) -> int:
+        """How many runs were recorded."""
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile run time (``q`` in 0..100); 0.0 with no runs."""
 
 
 class Middleware:
@@ -39,12 +57,30 @@ class Middleware:
         with tokengate.OperationsCoordinator() as coordinator:
             coordinator.add_middleware(counter := CountFailures())
 
+    Run times come through thresholds, so that watching them costs a token nothing unless its
+    run is long: override :meth:`after_long_run` and :meth:`run_threshold` (seconds, per
+    operation type), and only the runs longer than the threshold reach the hook::
+
+        class LogSlowRuns(tokengate.Middleware):
+            def run_threshold(self, operation_type):
+                return 1.0
+
+            def after_long_run(self, token, seconds):
+                log.warning("%s took %.1fs", token.id, seconds)
+
+    A middleware whose threshold depends on what the runs look like (the Guard House flags a run
+    slower than a multiple of its operation's p95) overrides :meth:`check_runs` too: it sees
+    the first run of each operation type on each worker thread, returns how many runs later it
+    wants to look again, and its threshold is asked afresh after each look. While no middleware
+    overrides ``after_long_run`` or ``check_runs``, run times are not even recorded.
+
     Hooks run on the thread where the event happens (``before_submit`` on the submitting
-    thread, ``after_attempt`` and ``after_failure`` on the worker that ran the token, or the
-    thread that learnt its end), so they must be quick and thread-safe. A hook that raises is
-    logged with its traceback and does not affect the token, except ``before_submit``, whose
-    exception refuses the call (the Guard House raises :class:`OperationBlocked` there).
-    The Guard House, the Overflow Guard and the trace export are middleware too.
+    thread, ``after_attempt``, ``after_failure`` and the run-time hooks on the worker that ran
+    the token, or the thread that learnt its end), so they must be quick and thread-safe. A
+    hook that raises is logged with its traceback and does not affect the token, except
+    ``before_submit``, whose exception refuses the call (the Guard House raises
+    :class:`OperationBlocked` there). The Guard House, the Overflow Guard and the trace export
+    are middleware too, installed the same way.
     """
 
     def on_start(self, coordinator: Any) -> None:
@@ -75,6 +111,35 @@ class Middleware:
 
     def after_discard(self, token: Token[Any]) -> None:
         """A token was discarded (cancelled, deadline, stop, overload)."""
+
+    def run_threshold(self, operation_type: str) -> float:
+        """How many seconds a run of ``operation_type`` must take to reach
+        :meth:`after_long_run` (``math.inf``, the default: none does).
+
+        Asked when the coordinator first sees the operation type, and again after each call of
+        this middleware's run-time hooks for it, so the threshold may follow what they learn.
+        Only asked of a middleware that overrides ``after_long_run``; keep it a quick lookup.
+        """
+        return math.inf
+
+    def after_long_run(self, token: Token[Any], seconds: float) -> None:
+        """A run of ``token`` took ``seconds``, longer than :meth:`run_threshold` of its
+        operation type (retried attempts included; ``token.worker`` ran it).
+
+        Called after the token's end is recorded and before ``after_attempt``, and only for
+        runs past the threshold: a run under it costs the token no call at all.
+        """
+
+    def check_runs(self, operation_type: str, runs: RunTimes) -> int | None:
+        """Look at a worker thread's run times of ``operation_type`` (``runs.count``,
+        ``runs.percentile(q)``); return after how many more runs on that thread to look
+        again, or None for never.
+
+        Called with the first run of each operation type on each worker thread, then as
+        asked; :meth:`run_threshold` is asked again right after. The Guard House estimates its
+        slow-run threshold here.
+        """
+        return None
 
 
 def overridden(middleware: Middleware, hook: str) -> bool:

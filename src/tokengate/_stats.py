@@ -4,18 +4,18 @@ Why sharded: completion happens on many worker threads at once. ``x += 1`` on a 
 read-modify-write that loses updates between threads, and a lock would serialise every
 completion. So each thread records into its own :class:`StatsShard` (found through a
 ``threading.local``) and only ever touches its own ints; :meth:`StatsRecorder.snapshot` reads
-and adds up all shards into a frozen :class:`StatsSnapshot`, whose ``str()`` is the seed's block.
+and adds up all shards into a frozen :class:`StatsSnapshot`, whose ``str()`` is the block the
+TokenGate Quick-Proof prints.
 
 The recorder's lock is taken only on rare, structural events: a thread's first record (the
 shard is registered), the first record of an operation type on a thread (a counter is added
 to the shard's dict), :meth:`StatsRecorder.count_event` and :meth:`StatsRecorder.snapshot`.
 
 Run times (``OperationCounters.runs``: started to end of each attempt, queueing excluded) are
-what the Guard House watches. They live here, beside the latency, so the coordinator records
-both with the one counters lookup it makes per token, and the Guard House costs a completion a
-record and two compares rather than a middleware call of its own (B1). The Guard House reads
-the merged histograms (:meth:`StatsRecorder.run_times`) and sets each operation's
-:class:`RunWatch`.
+what run-time watching middleware (the Guard House) see. They live here, beside the latency, so
+the coordinator records both with the one counters lookup it makes per token, and a watcher
+costs a completion a record and two compares rather than a middleware call (``_run_watch.py``).
+The Guard House reads the merged histograms (:meth:`StatsRecorder.run_times`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from typing import Any
 
 from tokengate._histogram import LatencyHistogram
 from tokengate._rate import RateStats
+from tokengate._run_watch import RunWatch, Watcher, first_checks, limits_for
 from tokengate.observability._options import format_bytes
 
 __all__ = [
     "OperationCounters",
     "OperationStats",
-    "RunWatch",
     "StatsRecorder",
     "StatsShard",
     "StatsSnapshot",
@@ -45,18 +45,6 @@ __all__ = [
 
 
 _NO_RATE = RateStats()
-
-
-class RunWatch:
-    """What a run watcher (the Guard House) asks of one operation type's run times, shared by
-    every thread's counters of it: a run longer than ``slow_after`` seconds is reported (never,
-    until the watcher sets it), and so is the run that brings a thread's ``runs.count`` to its
-    ``next_check`` (the watcher re-estimates ``slow_after`` then)."""
-
-    __slots__ = ("slow_after",)
-
-    def __init__(self) -> None:
-        self.slow_after = math.inf
 
 
 class OperationCounters:
@@ -68,6 +56,7 @@ class OperationCounters:
     """
 
     __slots__ = (
+        "checks",
         "discarded",
         "failed",
         "latency",
@@ -93,9 +82,10 @@ class OperationCounters:
         self.runs = LatencyHistogram()
         self.watch = RunWatch() if watch is None else watch
         self.next_check = next_check
+        self.checks: list[int] = []  # each run watcher's next check-in (_run_watch.py)
 
     def record_run(self, seconds: float) -> bool:
-        """Add one run time; True if the run watcher must see it (see :class:`RunWatch`)."""
+        """Add one run time; True if a run watcher must see it (``_run_watch.deliver``)."""
         runs = self.runs
         runs.record(seconds)
         return seconds > self.watch.slow_after or runs.count >= self.next_check
@@ -129,14 +119,17 @@ class StatsShard:
         try:
             return self.ops[operation_type]
         except KeyError:
+            recorder = self._recorder
+            # The run watchers' thresholds are asked outside the lock (they are middleware).
+            watchers = () if recorder is None else recorder.watchers
+            limits = limits_for(watchers, operation_type) if watchers else None
             with self._lock:
-                recorder = self._recorder
                 if recorder is None:
                     counters = OperationCounters(weight)
                 else:
-                    counters = OperationCounters(
-                        weight, recorder._watch_locked(operation_type), recorder.first_check
-                    )
+                    watch = recorder._watch_locked(operation_type, limits)
+                    counters = OperationCounters(weight, watch, first_checks(watchers))
+                    counters.checks = [1 if w.checks else sys.maxsize for w in watchers]
                 self.ops[operation_type] = counters
             return counters
 
@@ -180,7 +173,7 @@ class OperationStats:
 
 @dataclass(frozen=True, slots=True)
 class StatsSnapshot:
-    """Frozen totals at one instant; ``str()`` renders the seed's "Stats at" block.
+    """Frozen totals at one instant; ``str()`` renders the Quick-Proof's "Stats at" block.
 
     ``latency`` is the merged histogram behind the percentiles, kept for exporters (Prometheus
     buckets); it is a private copy, left out of ``==`` and ``repr``. Treat it as read-only.
@@ -248,7 +241,8 @@ class StatsSnapshot:
         return "\n".join(lines)
 
     def render_dispatched(self, width: int = 36) -> str:
-        """The seed's "Operations dispatched:" block: a bar per operation type, busiest first.
+        """The Quick-Proof's "Operations dispatched:" block: a bar per operation type, busiest
+        first.
 
         Rows are sorted by submitted count (descending, ties by name); the largest count gets
         ``width`` blocks, the others ``count * width // largest`` but at least one if non-zero.
@@ -294,9 +288,8 @@ class StatsRecorder:
         "_shards",
         "_start",
         "_watches",
-        "first_check",
         "per_thread",
-        "watching",
+        "watchers",
     )
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -311,10 +304,8 @@ class StatsRecorder:
         self._retired = StatsShard(self._lock)
         self._events: dict[str, int] = {}
         self._watches: dict[str, RunWatch] = {}
-        # Whether run times are recorded at all (a run watcher is installed), and the run count
-        # at which a thread's counters of an operation are first shown to it.
-        self.watching = False
-        self.first_check = sys.maxsize
+        # The middleware that watch run times (``_run_watch.py``); none: runs are not shown.
+        self.watchers: tuple[Watcher, ...] = ()
 
     # -- shards -----------------------------------------------------------------------------
 
@@ -367,24 +358,34 @@ class StatsRecorder:
         """Count one retry; the token stays in flight and is not counted as submitted again."""
         self.counters(operation_type, weight).retried += 1
 
-    # -- run times (the Guard House) ----------------------------------------------------------
+    # -- run times (run-time watching middleware: the Guard House) ----------------------------
 
-    def watch_runs(self, first_check: int) -> None:
-        """Record run times from now on, and show a thread's counters of an operation to the
-        watcher once they hold ``first_check`` runs (then whenever it says)."""
+    def watch_runs(self, watchers: tuple[Watcher, ...]) -> None:
+        """Show run times to ``watchers`` (``_run_watch.py``) from now on: every operation's
+        thresholds are asked again, and a thread's counters made before meet their first
+        check-in at their next run."""
         with self._lock:
-            self.watching = True
-            self.first_check = first_check
-
-    def run_watch(self, operation_type: str) -> RunWatch:
-        """The :class:`RunWatch` every thread's counters of ``operation_type`` share."""
+            self.watchers = watchers
+            watches = dict(self._watches)
+        for operation_type, watch in watches.items():
+            limits = limits_for(watchers, operation_type)
+            watch.limits = limits
+            watch.slow_after = min(limits, default=math.inf)
+        first = first_checks(watchers)
         with self._lock:
-            return self._watch_locked(operation_type)
+            shards = [self._retired, *(s for _, s in self._shards)]
+            for shard in shards:
+                for counters in list(shard.ops.values()):
+                    # Another thread's counters: a racing write of its own delivery wins, which
+                    # only delays this first check-in to that delivery's.
+                    counters.checks = []
+                    if first != sys.maxsize:
+                        counters.next_check = min(counters.next_check, counters.runs.count + 1)
 
-    def _watch_locked(self, operation_type: str) -> RunWatch:
+    def _watch_locked(self, operation_type: str, limits: list[float] | None = None) -> RunWatch:
         watch = self._watches.get(operation_type)
         if watch is None:
-            watch = self._watches[operation_type] = RunWatch()
+            watch = self._watches[operation_type] = RunWatch(limits)
         return watch
 
     def run_times(self) -> dict[str, LatencyHistogram]:

@@ -5,10 +5,10 @@ according to its configuration (``observability/_facade.py``), so a part that is
 nothing. ``prometheus_client`` is imported only when metrics are asked for.
 """
 
-from ._guardhouse import FailureRecord, GuardHouse, GuardHouseReport, OperationHealth, SlowRun
 from ._metrics import METRICS, TokenGateCollector
 from ._overflow import OverflowGuard, OverflowStatus
 from ._trace import Span
+from .guard_house import FailureRecord, GuardHouse, GuardHouseReport, OperationHealth, SlowRun
 
 __all__ = [
     "METRICS",

@@ -89,7 +89,8 @@ def parse_byte_size(name: str, value: object, none_means: str = "") -> int | Non
 
 
 def format_bytes(n: float) -> str:
-    """``18 MB`` as the seed prints it (powers of 1024); small budgets in KB or bytes."""
+    """``18 MB`` as the TokenGate Quick-Proof prints it (powers of 1024); small budgets in KB or
+    bytes."""
     if n >= 1 << 20:
         return f"{n / (1 << 20):.0f} MB"
     if n >= 1 << 10:

@@ -109,7 +109,7 @@ class OverflowGuard(Middleware):
         return int(self.budget * self.resume_ratio)
 
     def banner(self, policies: Mapping[str, RetryPolicy] | None = None) -> str:
-        """The seed's initialisation block."""
+        """The TokenGate Quick-Proof's initialisation block."""
         if not self.enabled:
             return "[OVERFLOW_GUARD] Disabled (overflow_guard=False)"
         lines = ["[OVERFLOW_GUARD] Initialized", f"  Base budget: {format_bytes(self.budget)}"]
