@@ -341,3 +341,55 @@ class Multiply:
 
 scale_by_3 = task_token_guard(operation_type="pm_partial", tags=HEAVY)(functools.partial(_scale, 3))
 multiply_by_4 = task_token_guard(operation_type="pm_callable", tags=HEAVY)(Multiply(4))
+
+
+# -- shared memory ---------------------------------------------------------------------------------
+def shared_mappings() -> list[str]:
+    """The lines of this process's memory map that are tokengate's shared-memory segments."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return [line for line in maps if "memfd:tokengate" in line]
+
+
+@task_token_guard(operation_type="array_info", tags=HEAVY)
+def array_info(array: Any) -> dict[str, Any]:
+    """What the worker got: its sum, whether it may write to it, whether it is mapped shared."""
+    return {
+        "sum": float(array.sum()),
+        "writeable": bool(array.flags.writeable),
+        "mapped": bool(shared_mappings()),
+        "pid": os.getpid(),
+    }
+
+
+@task_token_guard(operation_type="make_array", tags=HEAVY)
+def make_array(n: int) -> Any:
+    import numpy
+
+    return numpy.arange(n, dtype=numpy.float64)
+
+
+@task_token_guard(operation_type="buffer_info", tags=HEAVY)
+def buffer_info(data: Any) -> tuple[str, int, int, bool]:
+    view = memoryview(data)
+    return type(data).__name__, view.nbytes, sum(view[:4096]), bool(shared_mappings())
+
+
+@task_token_guard(operation_type="array_raises", tags=HEAVY)
+def array_raises(array: Any) -> None:
+    raise ValueError(f"refused an array of {array.nbytes} bytes")
+
+
+@task_token_guard(operation_type="hold_array", tags=HEAVY)
+def hold_array(array: Any, marker: str) -> str:
+    """Hold a mapped argument (announced in ``marker``) until killed."""
+    assert shared_mappings()
+    partial = Path(marker + ".partial")
+    partial.write_text(str(os.getpid()))
+    os.replace(partial, marker)
+    time.sleep(60)
+    return "not killed"
+
+
+@task_token_guard(operation_type="worker_mappings", tags={**HEAVY, "executor": "process"})
+def worker_mappings() -> list[str]:
+    return shared_mappings()

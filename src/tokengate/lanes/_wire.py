@@ -13,9 +13,17 @@ its spec, so the worker runs the body and never re-submits it.
 **Framing.** A message is an 8-byte big-endian length and the payload. Writes use one
 ``writev``; reads take whatever the pipe holds in one ``read`` and loop only for big messages.
 
+**Big buffers.** Buffers of at least ``SHARE_THRESHOLD`` bytes that pickle protocol 5 hands
+over out of band (NumPy arrays, ``bytearray``, ``memoryview``) travel in shared memory, their
+descriptors over a Unix socket beside the pipes (:mod:`._segments`). A call message says how
+many there are and their sizes: ``!II`` (function length, buffer count), one ``!Q`` size per
+buffer, the function, the arguments. A call without big buffers is the same message with a
+count of 0, and costs what it did.
+
 **Replies.** The first byte of a reply from a worker says what follows: ``R`` ready (its pid),
-``B`` boot failure (traceback text), ``V`` a value, ``E`` an exception (pickled with its
-traceback as text), ``S`` a serialization failure inside the worker (text).
+``B`` boot failure (traceback text), ``V`` a value, ``O`` a value with big buffers (a count,
+their sizes, then the pickle), ``E`` an exception (pickled with its traceback as text), ``S`` a
+serialization failure inside the worker (text).
 """
 
 from __future__ import annotations
@@ -28,38 +36,51 @@ import struct
 import traceback
 import types
 from collections import ChainMap
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._decorator import TaskFunction, _rebuild_task, resolves_by_name
 from .._errors import SerializationError
+from . import _segments
+from ._segments import Segment
+
+if TYPE_CHECKING:
+    import socket
 
 __all__ = [
     "ProcessCall",
     "Reader",
     "RemoteTraceback",
     "decode_failure",
+    "decode_shared_value",
     "dumps",
     "dumps_arguments",
+    "dumps_arguments_shared",
+    "dumps_shared",
     "encode_exception",
     "encode_value",
     "function_payload",
+    "loads_shared",
     "prepare_call",
+    "receive_views",
     "send",
     "split_call",
 ]
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _HEADER = struct.Struct("!Q")
-_FN_LEN = struct.Struct("!I")
+_CALL_HEAD = struct.Struct("!II")
+_COUNT = struct.Struct("!I")
+_SIZE = struct.Struct("!Q")
 _READ_CHUNK = 1 << 16
 
 READY = ord("R")
 BOOT_ERROR = ord("B")
 VALUE = ord("V")
+SHARED_VALUE = ord("O")
 ERROR = ord("E")
 SERIAL = ord("S")
-_V, _E, _S = b"V", b"E", b"S"
+_V, _O, _E, _S = b"V", b"O", b"E", b"S"
 
 
 # -- pickling ------------------------------------------------------------------------------------
@@ -84,12 +105,17 @@ class _MainAware(pickle.Pickler):
                 raise _NeedsCloudpickle
         elif isinstance(obj, type | types.FunctionType) and _from_main(obj):
             raise _NeedsCloudpickle
+        elif type(obj) is memoryview and obj.contiguous:  # out of band when big, a view again
+            return memoryview, (pickle.PickleBuffer(obj),)
         return NotImplemented
 
 
-def _plain(obj: Any) -> bytes:
+BufferCallback = Callable[[pickle.PickleBuffer], Any]
+
+
+def _plain(obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
     buf = io.BytesIO()
-    _MainAware(buf, PROTOCOL).dump(obj)
+    _MainAware(buf, PROTOCOL, buffer_callback=buffer_callback).dump(obj)
     return buf.getvalue()
 
 
@@ -124,12 +150,12 @@ def _make_by_value_pickler() -> Any:
     return _ByValue
 
 
-def _cloud(obj: Any) -> bytes:
+def _cloud(obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
     global _by_value_pickler
     if _by_value_pickler is None:
         _by_value_pickler = _make_by_value_pickler()
     buf = io.BytesIO()
-    _by_value_pickler(buf, PROTOCOL).dump(obj)
+    _by_value_pickler(buf, PROTOCOL, buffer_callback=buffer_callback).dump(obj)
     return buf.getvalue()
 
 
@@ -143,6 +169,62 @@ def dumps(obj: Any) -> bytes:
     except Exception:
         pass
     return _cloud(obj)
+
+
+class _BigBuffers:
+    """A ``buffer_callback`` that keeps the out-of-band buffers of at least ``threshold`` bytes
+    (returning False: not in the pickle) and lets smaller ones stay in band."""
+
+    __slots__ = ("buffers", "threshold")
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.buffers: list[memoryview] = []
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickle copies it in band
+            return True
+        if raw.nbytes < self.threshold:
+            return True
+        self.buffers.append(raw)
+        return False
+
+
+def dumps_shared(obj: Any) -> tuple[bytes, list[Segment]]:
+    """:func:`dumps`, with the big out-of-band buffers copied into shared-memory segments
+    (in pickle order). No segment is made for a value without big buffers."""
+    keep = _BigBuffers(_segments.SHARE_THRESHOLD)
+    try:
+        data = _plain(obj, keep)
+    except Exception:
+        keep.buffers.clear()
+        data = _cloud(obj, keep)
+    if not keep.buffers:
+        return data, []
+    segments = [_segments.share_buffer(b) for b in keep.buffers]
+    keep.buffers.clear()
+    return data, segments
+
+
+def loads_shared(data: Any, views: list[memoryview]) -> Any:
+    """Unpickle what :func:`dumps_shared` made, its buffers given as mapped views."""
+    return pickle.loads(data, buffers=views) if views else pickle.loads(data)
+
+
+def receive_views(sock: socket.socket, sizes: list[int], *, writable: bool) -> list[memoryview]:
+    """Receive and map the segments of one message (their descriptors are closed once mapped)."""
+    fds = _segments.receive_fds(sock, len(sizes))
+    try:
+        return [
+            _segments.map_segment(fd, size, writable=writable)
+            for fd, size in zip(fds, sizes, strict=True)
+        ]
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _type_name(obj: Any) -> str:
@@ -194,7 +276,23 @@ def dumps_arguments(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     try:
         return dumps((args, kwargs))
     except Exception as exc:
-        error = exc
+        _unpicklable(task, args, kwargs, exc)
+
+
+def dumps_arguments_shared(
+    task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[bytes, list[Segment]]:
+    """:func:`dumps_arguments`, big buffers in shared memory (:func:`dumps_shared`)."""
+    try:
+        return dumps_shared((args, kwargs))
+    except Exception as exc:
+        _unpicklable(task, args, kwargs, exc)
+
+
+def _unpicklable(
+    task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], error: Exception
+) -> NoReturn:
+    """Raise :class:`SerializationError` naming the argument that cannot be pickled."""
     found: tuple[str, Any] | None = None
     for i, arg in enumerate(args):
         found = _culprit(arg, f"argument {i + 1}")
@@ -241,27 +339,57 @@ def function_payload(task: TaskFunction[..., Any]) -> bytes:
 
 class ProcessCall:
     """A process token's call, pickled: the function and (once dependencies are resolved) the
-    arguments. Pickled once at submit time; retries send the same bytes. ``held`` is what the
-    call holds of the coordinator's byte budget while it is queued (``_byte_budget.py``)."""
+    arguments, their big buffers in shared-memory ``segments``. Pickled once at submit time;
+    retries send the same bytes and segments. ``held`` is what the call holds of the
+    coordinator's byte budget while it is queued (``_byte_budget.py``). :meth:`close` lets the
+    segments go (the last holder of a segment frees it)."""
 
-    __slots__ = ("args", "fn", "held", "task")
+    __slots__ = ("args", "fn", "held", "segments", "task")
 
-    def __init__(self, task: TaskFunction[..., Any] | None, fn: bytes, args: bytes | None) -> None:
+    def __init__(
+        self,
+        task: TaskFunction[..., Any] | None,
+        fn: bytes,
+        args: bytes | None,
+        segments: list[Segment] | None = None,
+    ) -> None:
         self.task = task
         self.fn = fn
         self.args = args
+        self.segments = segments or []
         self.held = 0
 
+    def set_arguments(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Pickle the arguments now (their tokens resolved since the call was made)."""
+        self.args, self.segments = dumps_arguments_shared(task, args, kwargs)
+
     def size(self) -> int:
-        """The bytes this call holds of its own: its pickled arguments (the function's bytes
-        are made once per task and shared by every call)."""
+        """The bytes this call holds of its own: its pickled arguments and shared buffers (the
+        function's bytes are made once per task and shared by every call)."""
         args = self.args
-        return 0 if args is None else len(args)
+        own = 0 if args is None else len(args)
+        for segment in self.segments:
+            own += segment.size
+        return own
+
+    def fds(self) -> list[int]:
+        """The descriptors of the shared buffers, to pass before the message."""
+        return [segment.fd for segment in self.segments]
 
     def message(self) -> list[bytes]:
-        """The buffers of the task message (function length, function, arguments)."""
+        """The buffers of the task message (lengths and sizes, function, arguments)."""
         assert self.args is not None
-        return [_FN_LEN.pack(len(self.fn)), self.fn, self.args]
+        segments = self.segments
+        if not segments:
+            return [_CALL_HEAD.pack(len(self.fn), 0), self.fn, self.args]
+        sizes = b"".join(_SIZE.pack(segment.size) for segment in segments)
+        return [_CALL_HEAD.pack(len(self.fn), len(segments)), sizes, self.fn, self.args]
+
+    def close(self) -> None:
+        """Let the shared buffers go (a segment is freed once nobody holds it)."""
+        segments, self.segments = self.segments, []
+        for segment in segments:
+            segment.close()
 
 
 def prepare_call(
@@ -276,21 +404,41 @@ def prepare_call(
     Arguments holding tokens are pickled later, once the tokens' values replace them.
     """
     fn = function_payload(task)
-    return ProcessCall(task, fn, None if has_dependencies else dumps_arguments(task, args, kwargs))
+    if has_dependencies:
+        return ProcessCall(task, fn, None)
+    return ProcessCall(task, fn, *dumps_arguments_shared(task, args, kwargs))
 
 
-def split_call(data: memoryview) -> tuple[memoryview, memoryview]:
-    """The function and argument parts of a task message (worker side)."""
-    (n,) = _FN_LEN.unpack_from(data)
-    start = _FN_LEN.size
-    return data[start : start + n], data[start + n :]
+def split_call(data: memoryview) -> tuple[memoryview, memoryview, list[int]]:
+    """The function and argument parts of a task message, and the sizes of its shared buffers
+    (worker side)."""
+    n, count = _CALL_HEAD.unpack_from(data)
+    start = _CALL_HEAD.size
+    sizes = [_SIZE.unpack_from(data, start + i * _SIZE.size)[0] for i in range(count)]
+    start += count * _SIZE.size
+    return data[start : start + n], data[start + n :], sizes
 
 
 # -- replies (worker side) -------------------------------------------------------------------------
-def encode_value(value: Any, what: str) -> list[bytes]:
-    """``V`` + the pickled value, or ``S`` + why it cannot be pickled (buffers for ``send``)."""
+def encode_value(value: Any, what: str, channel: socket.socket | None = None) -> list[bytes]:
+    """``V`` + the pickled value, or ``S`` + why it cannot be pickled (buffers for ``send``).
+
+    With a ``channel``, big buffers go into shared memory and their descriptors through the
+    channel at once: ``O`` + their count and sizes + the pickle.
+    """
     try:
-        return [_V, dumps(value)]
+        if channel is None:
+            return [_V, dumps(value)]
+        data, segments = dumps_shared(value)
+        if not segments:
+            return [_V, data]
+        try:
+            _segments.send_fds(channel, [segment.fd for segment in segments])
+        finally:
+            for segment in segments:
+                segment.close()  # the kernel holds them for the parent now
+        sizes = b"".join(_SIZE.pack(segment.size) for segment in segments)
+        return [_O, _COUNT.pack(len(segments)), sizes, data]
     except Exception as exc:
         message = (
             f"{what} returned a {_type_name(value)}, which cannot be pickled to come back from "
@@ -323,6 +471,16 @@ def encode_exception(exc: BaseException) -> list[bytes]:
 
 
 # -- replies (parent side) -------------------------------------------------------------------------
+def decode_shared_value(body: memoryview, channel: socket.socket) -> Any:
+    """The value of an ``O`` reply: its segments received from ``channel`` and mapped
+    copy-on-write (writable, copied only where written)."""
+    (count,) = _COUNT.unpack_from(body)
+    start = _COUNT.size
+    sizes = [_SIZE.unpack_from(body, start + i * _SIZE.size)[0] for i in range(count)]
+    views = receive_views(channel, sizes, writable=True)
+    return loads_shared(body[start + count * _SIZE.size :], views)
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker process, as text.
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import socket
 import sys
 import threading
 import time
@@ -157,23 +158,33 @@ def _serial_failure(what: str, exc: BaseException) -> list[bytes]:
     return [b"S", pickle.dumps((message, "".join(traceback.format_exception(exc))))]
 
 
-def _handle(message: memoryview, cache: dict[bytes, Callable[..., Any]]) -> list[bytes]:
-    fn_part, args_part = _wire.split_call(message)
+def _handle(
+    message: memoryview, cache: dict[bytes, Callable[..., Any]], channel: socket.socket
+) -> list[bytes]:
+    fn_part, args_part, sizes = _wire.split_call(message)
+    views: list[memoryview] = []
+    if sizes:  # taken first, whatever happens next: the channel stays in step
+        try:
+            views = _wire.receive_views(channel, sizes, writable=False)
+        except BaseException as exc:
+            return _serial_failure("the shared buffers of the arguments", exc)
     try:
         fn = _load_function(fn_part, cache)
     except BaseException as exc:
         return _serial_failure("the task's function", exc)
     try:
-        args, kwargs = pickle.loads(args_part)
+        args, kwargs = _wire.loads_shared(args_part, views)
     except BaseException as exc:
         return _serial_failure(f"the arguments of {getattr(fn, '__qualname__', fn)!r}", exc)
+    finally:
+        views = []
     try:
         value = fn(*args, **kwargs)
     except BaseException as exc:
         return _wire.encode_exception(exc)
     finally:
-        args = kwargs = None
-    return _wire.encode_value(value, repr(getattr(fn, "__qualname__", fn)))
+        args = kwargs = None  # the arguments' mappings go with them (unless the task kept them)
+    return _wire.encode_value(value, repr(getattr(fn, "__qualname__", fn)), channel)
 
 
 def main(boot: dict[str, Any]) -> None:
@@ -183,6 +194,7 @@ def main(boot: dict[str, Any]) -> None:
     _pin(boot.get("cpu"))
     _runtime.inline_runner = run_inline
     reader = _wire.Reader(tasks)
+    channel = socket.socket(fileno=boot["channel"])
     send = _wire.send
     cache: dict[bytes, Callable[..., Any]] = {}
     send(results, [b"R", pickle.dumps(os.getpid())])
@@ -191,7 +203,7 @@ def main(boot: dict[str, Any]) -> None:
             message = reader.recv()
         except EOFError:
             break
-        reply = _handle(message, cache)
+        reply = _handle(message, cache, channel)
         del message
         _flush()
         send(results, reply)

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 
-from .. import _wire
+from .. import _segments, _wire
 
 __all__ = ["BOOTSTRAP", "USE_LIFELINE", "USE_PDEATHSIG", "ChildProcess", "describe_exit"]
 
@@ -101,9 +101,11 @@ def _executable() -> str:
 
 
 class ChildProcess:
-    """A running worker process: its pipes, its pidfd and one ``poll`` object over both."""
+    """A running worker process: its pipes, the socket that passes shared-memory descriptors
+    both ways (``channel``), its pidfd and one ``poll`` object over the result pipe and pidfd."""
 
     __slots__ = (
+        "channel",
         "lifeline",
         "pid",
         "pidfd",
@@ -121,11 +123,13 @@ class ChildProcess:
         life_w: int | None = None
         if USE_LIFELINE:  # the worker watches a pipe only this process holds the other end of
             life_r, life_w = os.pipe()
+        channel, theirs = _segments.open_channel()
         boot = {
             "path": list(sys.path),
             "tasks": task_r,
             "results": result_w,
             "lifeline": life_r,
+            "channel": theirs.fileno(),
             "pdeathsig": USE_PDEATHSIG,
             "cpu": cpu,
             "ppid": os.getpid(),
@@ -133,7 +137,7 @@ class ChildProcess:
         env = dict(os.environ)
         env[_ENV] = json.dumps(boot)
         flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
-        passed = [fd for fd in (task_r, result_w, life_r) if fd is not None]
+        passed = [fd for fd in (task_r, result_w, life_r, theirs.fileno()) if fd is not None]
         try:
             self.proc = subprocess.Popen(
                 [_executable(), *flags, "-c", BOOTSTRAP],
@@ -146,9 +150,13 @@ class ChildProcess:
             for fd in (task_r, task_w, result_r, result_w, life_r, life_w):
                 if fd is not None:
                     os.close(fd)
+            channel.close()
+            theirs.close()
             raise
-        for fd in passed:
+        theirs.close()
+        for fd in passed[:-1]:
             os.close(fd)
+        self.channel = channel
         self.pid = self.proc.pid
         self.tasks = task_w
         self.results = result_r
@@ -200,6 +208,7 @@ class ChildProcess:
         pidfd, self.pidfd = self.pidfd, None
         results, self.results = self.results, -1
         lifeline, self.lifeline = self.lifeline, None
+        self.channel.close()  # descriptors still queued in it are freed with it
         for fd in (results, pidfd, lifeline):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):

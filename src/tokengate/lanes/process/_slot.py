@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import SerializationError, TaskTimeout, WorkerCrashed
-from .. import _wire
+from .. import _segments, _wire
 from .._base import MailboxWorker
 from . import _handle
 from ._handle import ChildProcess, describe_exit
@@ -369,6 +369,7 @@ class ProcessWorker(MailboxWorker):
             if call is not None:
                 token._payload = None
                 self.lane.budget.release(call)
+                call.close()
 
     def _call(self, token: Any) -> tuple[Any, BaseException | None]:
         call: _wire.ProcessCall | None = token._payload
@@ -376,7 +377,7 @@ class ProcessWorker(MailboxWorker):
             call = token._payload = _wire.ProcessCall(None, _wire.dumps(token.fn), None)
         if call.args is None:  # its arguments held tokens, resolved since the submit
             try:
-                call.args = _wire.dumps_arguments(call.task or token.fn, token.args, token.kwargs)
+                call.set_arguments(call.task or token.fn, token.args, token.kwargs)
             except SerializationError as exc:
                 return None, exc
         what = _operation(token)
@@ -393,6 +394,8 @@ class ProcessWorker(MailboxWorker):
                 continue
             message = call.message()
             try:
+                if call.segments:  # their descriptors first: the worker takes them with the call
+                    _segments.send_fds(child.channel, call.fds())
                 _wire.send(child.tasks, message)
             except OSError:
                 pid = child.pid
@@ -426,17 +429,21 @@ class ProcessWorker(MailboxWorker):
         except BaseException as error:
             return None, self._retire(token, child, error, "waiting for its reply")
         if data is not None:
-            return self._decode(data, what)
+            return self._decode(data, what, child)
         if event == "timeout":
             child.kill()
             return None, self._timed_out(token, child)
         return None, self._crashed(token, child)
 
-    def _decode(self, data: memoryview, what: str) -> tuple[Any, BaseException | None]:
+    def _decode(
+        self, data: memoryview, what: str, child: ChildProcess
+    ) -> tuple[Any, BaseException | None]:
         status = data[0]
         try:
             if status == _wire.VALUE:
                 return pickle.loads(data[1:]), None
+            if status == _wire.SHARED_VALUE:
+                return _wire.decode_shared_value(data[1:], child.channel), None
             return None, _wire.decode_failure(status, data[1:], what)
         except Exception as exc:
             error = SerializationError(

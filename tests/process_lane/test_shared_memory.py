@@ -1,0 +1,221 @@
+"""Big buffers travel in shared memory: a NumPy array, ``bytearray`` or ``memoryview`` argument
+above the threshold reaches the worker as a read-only view of an anonymous segment, a big result
+comes back the same way (writable, copy-on-write), small calls keep the pickle. And no segment
+outlives its last user: not after a task raises, a worker is SIGKILLed while it holds one, the
+coordinator stops with calls queued, or the parent itself is SIGKILLed (``/dev/shm`` and every
+process's descriptors and memory map checked before and after)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import process_tasks as pt
+from conftest import eventually
+from tokengate import OperationsCoordinator, RetryPolicy, WorkerCrashed
+from tokengate.lanes import _segments, _wire
+
+from ._helpers import NO_CRASH_RETRY, POSIX_ONLY, Make, gone, lane_of
+
+np = pytest.importorskip("numpy")
+
+pytestmark = [
+    POSIX_ONLY,
+    pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc"),
+]
+BIG = _segments.SHARE_THRESHOLD // 8 + 1  # float64 items: just above the threshold
+
+
+def segments_held(pid: int) -> tuple[int, int]:
+    """(descriptors, mapped regions) of tokengate segments that process ``pid`` holds now."""
+    fds = 0
+    with_fds = Path(f"/proc/{pid}/fd")
+    for entry in with_fds.iterdir():
+        try:
+            fds += "memfd:tokengate" in os.readlink(entry)
+        except OSError:  # closed meanwhile
+            continue
+    maps = Path(f"/proc/{pid}/maps").read_text().count("memfd:tokengate")
+    return fds, maps
+
+
+def nothing_held(pids: list[int]) -> bool:
+    return all(segments_held(pid) == (0, 0) for pid in pids if not gone(pid))
+
+
+@pytest.fixture(autouse=True)
+def _dev_shm_unchanged() -> Iterator[None]:
+    """No test leaves a name of tokengate's in /dev/shm (segments are anonymous; other programs
+    on the machine may come and go there)."""
+    shm = Path("/dev/shm")
+
+    def ours() -> set[str]:
+        return {n for n in os.listdir(shm) if "tokengate" in n} if shm.exists() else set()
+
+    before = ours()
+    yield
+    assert ours() <= before, ours() - before
+
+
+def everyone(coordinator: OperationsCoordinator) -> list[int]:
+    return [os.getpid(), *lane_of(coordinator).pids()]
+
+
+# -- the way in and out ----------------------------------------------------------------------------
+def test_a_big_array_argument_arrives_as_a_read_only_view_of_shared_memory(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1, cores=1)
+    array = np.arange(BIG, dtype=np.float64)
+    info = pt.array_info(array).get(timeout=30)
+    assert info == {
+        "sum": float(array.sum()),
+        "writeable": False,
+        "mapped": True,
+        "pid": info["pid"],
+    }
+    eventually(lambda: nothing_held(everyone(coordinator)), what="the segment to be let go")
+
+
+def test_a_small_argument_stays_in_the_pickle(procs: Make) -> None:
+    procs(workers_per_core=1, cores=1)
+    array = np.arange(BIG - 2, dtype=np.float64)  # just below the threshold
+    info = pt.array_info(array).get(timeout=30)
+    assert (info["writeable"], info["mapped"]) == (True, False)
+    data, segments = _wire.dumps_shared((array,))
+    assert segments == [] and len(data) > array.nbytes  # in band, as before
+
+
+def test_a_big_result_comes_back_through_shared_memory_writable(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1, cores=1)
+    result = pt.make_array(BIG).get(timeout=30)
+    assert result.sum() == np.arange(BIG, dtype=np.float64).sum()
+    assert result.flags.writeable
+    fds, maps = segments_held(os.getpid())
+    assert maps == 1 and fds <= 1  # mapped copy-on-write (before 3.13 mmap keeps a dup'd fd)
+    result[0] = -1.0  # a private copy of that page: nobody else sees it
+    del result
+    eventually(lambda: nothing_held(everyone(coordinator)), what="the result's mapping to go")
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "memoryview"])
+def test_bytearray_and_memoryview_arguments_travel_shared(procs: Make, kind: str) -> None:
+    procs(workers_per_core=1, cores=1)
+    raw = bytearray(os.urandom(_segments.SHARE_THRESHOLD))
+    data = raw if kind == "bytearray" else memoryview(raw)
+    name, size, head, mapped = pt.buffer_info(data).get(timeout=30)
+    assert (size, head) == (len(raw), sum(raw[:4096]))
+    assert name == kind and mapped == (kind == "memoryview")  # bytearray(buffer) copies
+
+
+def test_the_shared_bytes_of_a_queued_call_count_against_the_byte_budget() -> None:
+    array = np.zeros(BIG)
+    call = _wire.prepare_call(pt.array_info, (array,), {}, has_dependencies=False)
+    assert [s.size for s in call.segments] == [array.nbytes]
+    assert array.nbytes < call.size() < array.nbytes + 1024
+    call.close()
+    assert call.size() < 1024 and call.segments == []
+
+
+# -- nothing leaks ---------------------------------------------------------------------------------
+def test_no_segment_is_left_after_a_task_raises(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1, cores=1, retry_policy=NO_CRASH_RETRY)
+    with pytest.raises(ValueError, match="refused an array"):
+        pt.array_raises(np.ones(BIG)).get(timeout=30)
+    eventually(lambda: nothing_held(everyone(coordinator)), what="the segments to be freed")
+
+
+def test_no_segment_is_left_after_its_worker_is_killed_mid_read(
+    procs: Make, tmp_path: Path
+) -> None:
+    coordinator = procs(workers_per_core=1, cores=1, retry_policy=NO_CRASH_RETRY)
+    marker = tmp_path / "pid"
+    token = pt.hold_array(np.ones(BIG), str(marker))
+    eventually(marker.exists, what="the worker to map its argument")
+    pid = int(marker.read_text())
+    assert segments_held(pid)[1] >= 1 and segments_held(os.getpid())[0] == 1
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        token.get(timeout=30)
+    eventually(lambda: nothing_held(everyone(coordinator)), what="the segments to be freed")
+
+
+def test_no_segment_is_left_when_the_coordinator_stops_with_calls_queued(tmp_path: Path) -> None:
+    coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+    marker = tmp_path / "pid"
+    running = pt.hold_array(np.ones(BIG), str(marker))
+    eventually(marker.exists, what="the first call to run")
+    queued = [pt.array_info(np.full(BIG, i)) for i in range(3)]
+    assert segments_held(os.getpid())[0] == 4
+    coordinator.stop(cancel_pending=True, timeout=0.1)
+    with pytest.raises(Exception):  # killed by stop(), which gave up waiting
+        running.get(timeout=5)
+    assert {t.state for t in queued} == {"discarded"}
+    assert segments_held(os.getpid()) == (0, 0)
+
+
+PARENT_SCRIPT = """
+import sys
+import numpy
+import process_tasks as pt
+from tokengate import OperationsCoordinator
+
+coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+token = pt.hold_array(numpy.ones(int(sys.argv[2])), sys.argv[1])
+print(*coordinator.lanes["process"].pids(), flush=True)
+sys.stdin.read()  # hold until the test kills us
+"""
+
+
+def test_no_segment_outlives_a_parent_killed_with_sigkill(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    marker = tmp_path / "pid"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(pt.__file__).parent), *sys.path])}
+    with subprocess.Popen(
+        [sys.executable, str(script), str(marker), str(BIG)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            workers = [int(p) for p in parent.stdout.readline().split()]
+            eventually(marker.exists, timeout=30, what="the worker to map its argument")
+            (worker,) = workers
+            assert segments_held(parent.pid)[0] == 1 and segments_held(worker)[1] >= 1
+            parent.kill()
+            assert parent.wait(30) == -signal.SIGKILL
+            eventually(lambda: gone(worker), what="the worker to die with its parent")
+        finally:
+            parent.kill()
+    holders = []
+    for proc in psutil.process_iter():
+        try:
+            if any("memfd:tokengate" in f.path for f in proc.open_files()):
+                holders.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    assert holders == []
+
+
+def test_a_retried_call_sends_its_segments_again(procs: Make, tmp_path: Path) -> None:
+    coordinator = procs(workers_per_core=1, cores=1, retry_policy=RetryPolicy(crash_retries=1))
+    marker = tmp_path / "pid"
+    token = pt.hold_array(np.ones(BIG), str(marker))
+    eventually(marker.exists, what="the first attempt to map its argument")
+    first = int(marker.read_text())
+    marker.unlink()
+    os.kill(first, signal.SIGKILL)
+    eventually(marker.exists, timeout=30, what="the retry to map its argument again")
+    assert int(marker.read_text()) != first
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        token.get(timeout=30)
+    assert token.attempts == 2
+    eventually(lambda: nothing_held(everyone(coordinator)), what="the segments to be freed")
