@@ -155,7 +155,7 @@ class FakeCPU:
 def _engine(coordinator: OperationsCoordinator, cpu: FakeCPU, **kw: Any) -> ConvergenceEngine:
     return ConvergenceEngine(
         lambda: coordinator.lanes,
-        on_change=coordinator._workers_changed,
+        on_change=coordinator.backend.router.invalidate,
         count_event=coordinator.count_event,
         process_cpu=cpu,
         run_queue_waits=lambda tids: None,
@@ -175,9 +175,9 @@ def test_a_surge_of_waiting_tasks_grows_the_pool_and_calm_returns_it_to_baseline
     tokens = [waits_on_io(i) for i in range(20)]
     eventually(lambda: sum(w.current is not None for w in lane.pools[1]) == 2, what="2 busy")
     with caplog.at_level(logging.INFO, logger="tokengate.convergence"):
-        assert engine._sample(now=0.0) == []
+        assert engine.sample(now=0.0) == []
         cpu.advance(1.0)
-        (swap,) = engine._sample(now=1.0)
+        (swap,) = engine.sample(now=1.0)
     assert (swap.label, swap.action, swap.before, swap.after) == ("thread:core1", "grow", 2, 8)
     assert len(lane.pools[1]) == 8
     # the new workers take queued tokens from their backed-up siblings
@@ -190,11 +190,11 @@ def test_a_surge_of_waiting_tasks_grows_the_pool_and_calm_returns_it_to_baseline
     assert [t.get(timeout=10) for t in tokens] == list(range(20))
     with caplog.at_level(logging.INFO, logger="tokengate.convergence"):
         cpu.advance(1.0)
-        assert engine._sample(now=2.0) == []  # calm starts
+        assert engine.sample(now=2.0) == []  # calm starts
         cpu.advance(0.5)
-        assert engine._sample(now=2.5) == []  # cooling down
+        assert engine.sample(now=2.5) == []  # cooling down
         cpu.advance(0.6)
-        (swap,) = engine._sample(now=3.1)
+        (swap,) = engine.sample(now=3.1)
     assert (swap.action, swap.before, swap.after) == ("retire", 8, 2)
     assert "[CONVERGENCE] thread:core1 calm: 8 -> 2 workers: no backlog for 1.1s" in caplog.text
     assert len(lane.pools[1]) == 2
@@ -221,7 +221,7 @@ def test_a_cpu_bound_backlog_triggers_no_growth(
     with caplog.at_level(logging.INFO, logger="tokengate.convergence"):
         for step in range(6):
             cpu.advance(0.1)
-            assert engine._sample(now=0.1 * step) == []
+            assert engine.sample(now=0.1 * step) == []
     assert len(lane.pools[1]) == 2
     lines = [r.getMessage() for r in caplog.records if "thread:core1" in r.getMessage()]
     assert len(lines) == 1, lines  # said once per surge, not every sample
@@ -244,18 +244,18 @@ def test_one_io_looking_sample_does_not_overturn_a_cpu_bound_verdict(
     cpu.busy = 0.97
     for step in range(3):
         cpu.advance(0.1)
-        assert engine._sample(now=0.1 * step) == []
+        assert engine.sample(now=0.1 * step) == []
     cpu.busy = 0.01  # one quiet interval inside a CPU-bound surge: not yet
     cpu.advance(0.1)
-    assert engine._sample(now=0.3) == []
+    assert engine.sample(now=0.3) == []
     cpu.busy = 0.97  # and it was noise
     cpu.advance(0.1)
-    assert engine._sample(now=0.4) == []
+    assert engine.sample(now=0.4) == []
     cpu.busy = 0.01  # the work really changed: two quiet intervals in a row
     cpu.advance(0.1)
-    assert engine._sample(now=0.5) == []
+    assert engine.sample(now=0.5) == []
     cpu.advance(0.1)
-    (swap,) = engine._sample(now=0.6)
+    (swap,) = engine.sample(now=0.6)
     assert (swap.action, swap.before) == ("grow", 2)
     assert len(lane.pools[1]) > 2
     GATE.set()
@@ -334,7 +334,7 @@ def test_busy_cores_with_an_idle_interpreter_are_probed_and_kept_while_it_pays()
     def interval(now: float, per_worker: int) -> list[Any]:
         lane.run(per_worker)
         cpu.add(0.1, interpreter=0.2, cores_busy=0.9)  # kernel work (fsync) keeps cores busy
-        return engine._sample(now=now)
+        return engine.sample(now=now)
 
     assert interval(0.0, 10) == []  # first sample: nothing to compare with yet
     (probe,) = interval(0.1, 10)  # 400/s with 4 threads; cores busy, interpreter idle: probe
@@ -363,7 +363,7 @@ def test_python_bound_work_is_never_probed() -> None:
     for step in range(5):
         lane.run(10)
         cpu.add(0.1, interpreter=0.95, cores_busy=0.6)
-        assert engine._sample(now=0.1 * step) == []
+        assert engine.sample(now=0.1 * step) == []
     assert len(lane.pools["FAST"]) == 4
     assert events == {"convergence_cpu_bound": 1}
 
@@ -373,15 +373,15 @@ def test_a_growth_that_does_not_raise_throughput_is_reverted() -> None:
     engine = _fake_engine(lane, cpu, events)
     lane.run(10)
     cpu.add(0.1, interpreter=0.02, cores_busy=0.02)
-    engine._sample(now=0.0)
+    engine.sample(now=0.0)
     lane.run(10)
     cpu.add(0.1, interpreter=0.02, cores_busy=0.02)
-    (grow,) = engine._sample(now=0.1)  # the counters say I/O-bound: grown
+    (grow,) = engine.sample(now=0.1)  # the counters say I/O-bound: grown
     assert grow.action == "grow"
     assert len(lane.pools["FAST"]) == 8
     lane.run(5)  # yet 8 threads finish no more than 4 did: 40 per interval
     cpu.add(0.1, interpreter=0.02, cores_busy=0.02)
-    (swap,) = engine._sample(now=0.2)
+    (swap,) = engine.sample(now=0.2)
     assert (swap.action, swap.after) == ("revert", 4)
     assert events["convergence_reverted"] == 1
 
@@ -392,7 +392,7 @@ def test_real_cpu_bound_tasks_are_recognised(make_coordinator: Make) -> None:
     coordinator = make_coordinator(workers_per_core=1, io_workers=2, convergence=False)
     engine = ConvergenceEngine(
         lambda: coordinator.lanes,
-        on_change=coordinator._workers_changed,
+        on_change=coordinator.backend.router.invalidate,
         count_event=coordinator.count_event,
         clock=time.process_time,
     )
@@ -401,10 +401,10 @@ def test_real_cpu_bound_tasks_are_recognised(make_coordinator: Make) -> None:
         lambda: sum(w.current is not None for w in coordinator.lanes["io"].pools["FAST"]) == 2,
         what="2 spinning workers",
     )
-    engine._sample()
+    engine.sample()
     start = time.process_time()
     eventually(lambda: time.process_time() - start > 0.2, what="0.2 s of CPU work")
-    engine._sample()
+    engine.sample()
     assert len(coordinator.lanes["io"].pools["FAST"]) == 2
     assert coordinator.stats().events["convergence_cpu_bound"] == 1
     GATE.set()
@@ -437,9 +437,9 @@ def test_convergence_verbose_prints_the_swaps(capsys: pytest.CaptureFixture[str]
         tokens = [waits_on_io(i) for i in range(4)]
         lane = coordinator.lanes["thread"]
         eventually(lambda: lane.pools[1][0].current is not None, what="the worker to be busy")
-        engine._sample(now=0.0)
+        engine.sample(now=0.0)
         cpu.advance(1.0)
-        engine._sample(now=1.0)
+        engine.sample(now=1.0)
         GATE.set()
         for token in tokens:
             token.get(timeout=10)

@@ -398,8 +398,9 @@ def test_a_retry_that_misses_the_cancel_sweep_is_discarded_when_its_back_off_end
     ).start()
     token = flaky("late", 1)
     eventually(lambda: token._parked == "backoff", what="the retry to wait out its back-off")
-    with coordinator._lock:  # as if it was parked just after stop()'s sweep
-        coordinator._backoff.discard(token)
+    completion = coordinator._completion  # white-box: as if parked just after stop()'s sweep
+    with completion._lock:
+        completion.backing_off.discard(token)
     coordinator.stop(cancel_pending=True, timeout=30)
     assert token.discard_reason == "stopped"
     assert RUNS == ["late"]  # the one failed attempt; the retry never ran
@@ -562,7 +563,7 @@ def test_an_internal_error_fails_the_token_and_keeps_the_worker(
     make_coordinator: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     coordinator = make_coordinator(workers_per_core=1, cores=1)
-    real_complete = coordinator._complete  # white-box: a bug inside tokengate
+    real_complete = coordinator._completion.complete  # white-box: a bug inside tokengate
     calls = {"n": 0}
 
     def broken_complete(*args: Any, **kwargs: Any) -> None:
@@ -571,7 +572,7 @@ def test_an_internal_error_fails_the_token_and_keeps_the_worker(
             raise RuntimeError("simulated bug in tokengate")
         real_complete(*args, **kwargs)
 
-    monkeypatch.setattr(coordinator, "_complete", broken_complete)
+    monkeypatch.setattr(coordinator._completion, "complete", broken_complete)
     with caplog.at_level(logging.CRITICAL, logger="tokengate.worker"):
         first = record("first")
         with pytest.raises(TokenGateError, match="internal error") as info:
@@ -715,3 +716,34 @@ def test_a_middleware_hook_raising_system_exit_is_logged_and_its_thread_goes_on(
     assert all(r.exc_info and r.exc_info[0] is SystemExit for r in hooks())
     assert not [r for r in caplog.records if "internal error" in r.getMessage()]
     assert_counts_add_up(coordinator)
+
+
+class _HoldsTheEnd(Middleware):
+    """Sees each attempt end, then waits (bounded) for the caller to say get() returned."""
+
+    def __init__(self) -> None:
+        self.caller_returned = threading.Event()
+        self.seen: list[tuple[str, bool]] = []
+
+    def after_attempt(self, token: Any, outcome: str, exc: BaseException | None) -> None:
+        self.seen.append((outcome, self.caller_returned.wait(timeout=0.5)))
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["resolved", "failed"])
+def test_middleware_sees_an_end_before_the_caller_of_get_is_woken(
+    make_coordinator: Make, fails: bool
+) -> None:
+    # A caller returning from get() (say, a test or a report) must find the end already seen by
+    # every middleware: the Guard House's figures, the trace and a user's counters include it.
+    coordinator = make_coordinator(workers_per_core=1, cores=1)
+    watcher = _HoldsTheEnd()
+    coordinator.add_middleware(watcher)
+    token = coordinator.submit(raises_value_error if fails else echo, "x")
+    if fails:
+        with pytest.raises(ValueError):
+            token.get(timeout=30)
+    else:
+        assert token.get(timeout=30) == (("x",), {})
+    watcher.caller_returned.set()
+    # The hook ran, and ran to its end, before get() returned: the caller had not yet returned.
+    assert watcher.seen == [("failed" if fails else "resolved", False)]

@@ -292,9 +292,11 @@ def test_report_while_workers_record(make_coordinator: Make) -> None:
 
 def test_passive_monitor_off_installs_nothing(make_coordinator: Make) -> None:
     coordinator = make_coordinator(guard_house=False, overflow_guard=False)
-    assert coordinator._after_attempt == [] and coordinator._after_failure == []
-    assert coordinator._before_submit == []
-    assert not coordinator._watch_runs and coordinator._run_watchers == ()
+    hooks = coordinator._hooks  # white-box: what the hot path would call
+    assert hooks["after_attempt"] == [] and hooks["after_failure"] == []
+    assert hooks["before_submit"] == []
+    completion = coordinator._completion
+    assert not completion.watch_runs and completion.run_watchers == ()
     assert ok(1).get(timeout=10) == 1
     report = coordinator.guard_house.report()
     assert not report.enabled and not report.operations
@@ -303,11 +305,13 @@ def test_passive_monitor_off_installs_nothing(make_coordinator: Make) -> None:
 
 def test_default_installs_no_submit_hook(coordinator: OperationsCoordinator) -> None:
     # observation only: nothing runs before a call becomes a token
-    assert coordinator._before_submit == []
+    hooks = coordinator._hooks  # white-box: what the hot path would call
+    assert hooks["before_submit"] == []
     # nor after a successful run: run times go to the stats, errors to after_failure
-    assert coordinator._after_attempt == []
-    assert len(coordinator._after_failure) == 1 and coordinator._watch_runs
-    assert [type(w.middleware).__name__ for w in coordinator._run_watchers] == ["Monitor"]
+    assert hooks["after_attempt"] == []
+    completion = coordinator._completion
+    assert len(hooks["after_failure"]) == 1 and completion.watch_runs
+    assert [type(w.middleware).__name__ for w in completion.run_watchers] == ["Monitor"]
 
 
 # -- circuit breaker ---------------------------------------------------------------------------

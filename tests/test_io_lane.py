@@ -75,7 +75,7 @@ def _idle_engine(coordinator: OperationsCoordinator) -> tuple[ConvergenceEngine,
     cpu = [0.0]
     engine = ConvergenceEngine(
         lambda: coordinator.lanes,
-        on_change=coordinator._workers_changed,
+        on_change=coordinator.backend.router.invalidate,
         count_event=coordinator.count_event,
         process_cpu=lambda: (cpu[0], cpu[0]),
         run_queue_waits=lambda tids: None,
@@ -100,9 +100,9 @@ def test_fifty_fast_writes_in_flight_once_the_pool_grows(make_coordinator: Make)
     tokens = [fast_write(str(i)) for i in range(60)]
     eventually(lambda: RUNNING["now"] == 4, what="the 4 baseline FAST workers to be busy")
     assert coordinator.tier_stats()["FAST"].waiting == 10  # 50 permits, 10 wait for one
-    engine._sample(now=0.0)
+    engine.sample(now=0.0)
     cpu[0] = 0.01
-    engine._sample(now=1.0)  # a second backlogged sample with an idle interpreter: grow
+    engine.sample(now=1.0)  # a second backlogged sample with an idle interpreter: grow
     assert len(coordinator.lanes["io"].pools["FAST"]) == 50
     eventually(lambda: RUNNING["now"] == 50, what="50 FAST writes running at once")
     GATE.set()
@@ -152,7 +152,7 @@ def test_an_added_worker_steals_from_a_backed_up_sibling(make_coordinator: Make)
     queued = [quick(i) for i in range(10)]  # all queued behind the blocked worker
     lane = coordinator.lanes["thread"]
     lane.add_worker(1)
-    coordinator._workers_changed()
+    coordinator.backend.router.invalidate()
     assert [t.get(timeout=10) for t in queued] == list(range(1, 11))  # while the first blocks
     assert {t.worker for t in queued} == {lane.pools[1][1].name}
     GATE.set()
@@ -190,7 +190,7 @@ def test_retiring_a_busy_worker_hands_back_its_queue_then_it_exits(
     assert len(first.mailbox) == len(second.mailbox) == 5
     with caplog.at_level("DEBUG", logger="tokengate.worker"):
         assert lane.retire_worker(second)
-        coordinator._workers_changed()
+        coordinator.backend.router.invalidate()
         assert lane.pools[1] == [first]
         eventually(lambda: len(first.mailbox) == 10, what="the queue to be handed back")
         assert not second.closed  # still running its current token
@@ -245,7 +245,7 @@ def test_tokens_survive_workers_added_and_retired_under_load(
                 lane.add_worker(key)
             else:
                 lane.retire_worker(rng.choice(members))
-            coordinator._workers_changed()
+            coordinator.backend.router.invalidate()
             stop.wait(0.001)
 
     churner = threading.Thread(target=churn)

@@ -73,12 +73,12 @@ def guard_with(in_flight: int = 1) -> tuple[OverflowGuard, AdmissionGate, list[i
 def test_pause_and_resume_with_hysteresis() -> None:
     guard, gate, _ = guard_with()
     assert guard.resume_below == 90 * MB
-    assert guard._sample(rss=99 * MB) is False
-    assert guard._sample(rss=101 * MB) is True
+    assert guard.sample(rss=99 * MB) is False
+    assert guard.sample(rss=101 * MB) is True
     assert "overflow_guard" in gate.paused
     assert "over the budget of 100 MB" in gate.paused["overflow_guard"]
-    assert guard._sample(rss=95 * MB) is True  # under budget but above the resume line
-    assert guard._sample(rss=90 * MB) is False
+    assert guard.sample(rss=95 * MB) is True  # under budget but above the resume line
+    assert guard.sample(rss=90 * MB) is False
     assert gate.paused == {}
     status = guard.status()
     assert (status.rss, status.paused, status.pauses) == (90 * MB, False, 1)
@@ -87,12 +87,12 @@ def test_pause_and_resume_with_hysteresis() -> None:
 
 def test_no_pause_when_nothing_is_in_flight(caplog: pytest.LogCaptureFixture) -> None:
     guard, gate, flight = guard_with(in_flight=0)
-    assert guard._sample(rss=500 * MB) is False  # pausing could not free anything
+    assert guard.sample(rss=500 * MB) is False  # pausing could not free anything
     flight[0] = 3
-    assert guard._sample(rss=500 * MB) is True
+    assert guard.sample(rss=500 * MB) is True
     flight[0] = 0
     with caplog.at_level(logging.WARNING, logger="tokengate.overflow"):
-        assert guard._sample(rss=500 * MB) is False
+        assert guard.sample(rss=500 * MB) is False
     assert gate.paused == {}
     assert "not held by running tasks" in caplog.text
 
@@ -100,8 +100,8 @@ def test_no_pause_when_nothing_is_in_flight(caplog: pytest.LogCaptureFixture) ->
 def test_pause_and_resume_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     guard, _, _ = guard_with()
     with caplog.at_level(logging.INFO, logger="tokengate.overflow"):
-        guard._sample(rss=150 * MB)
-        guard._sample(rss=10 * MB)
+        guard.sample(rss=150 * MB)
+        guard.sample(rss=10 * MB)
     messages = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
     assert messages == [
         (
@@ -126,10 +126,10 @@ def test_small_budget_and_an_allocating_task(make_coordinator: Make) -> None:
         workers_per_core=1, memory_budget=base + 64 * MB, memory_check_interval=3600
     )
     guard = coordinator.overflow_guard
-    assert not guard._sample()
+    assert not guard.sample()
     holder = allocate(160)
     assert ALLOCATED.wait(10)
-    assert guard._sample() is True, guard.status()
+    assert guard.sample() is True, guard.status()
     assert guard.status().rss is not None
     assert guard.status().rss > guard.budget  # type: ignore[operator]
 
@@ -142,7 +142,7 @@ def test_small_budget_and_an_allocating_task(make_coordinator: Make) -> None:
 
     RELEASE.set()
     assert holder.get(timeout=10) == 160
-    assert guard._sample() is False, guard.status()  # the memory went back to the OS
+    assert guard.sample() is False, guard.status()  # the memory went back to the OS
     producer.join(10)
     assert produced == [7]
     snap = coordinator.stats()
@@ -153,10 +153,10 @@ def test_reject_mode_refuses_while_paused(make_coordinator: Make) -> None:
     coordinator = make_coordinator(admission="reject", memory_check_interval=3600)
     held = allocate(1)  # something in flight, so the guard pauses
     assert ALLOCATED.wait(10)
-    assert coordinator.overflow_guard._sample(rss=coordinator.overflow_guard.budget + 1)
+    assert coordinator.overflow_guard.sample(rss=coordinator.overflow_guard.budget + 1)
     with pytest.raises(Overloaded, match=r"admission is paused \(RSS .* over the budget"):
         noop(1)
-    coordinator.overflow_guard._sample(rss=0)
+    coordinator.overflow_guard.sample(rss=0)
     assert noop(2).get(timeout=10) == 2
     RELEASE.set()
     held.get(timeout=10)
@@ -172,7 +172,7 @@ def test_calls_from_tasks_are_not_held(make_coordinator: Make) -> None:
         return noop(41).get(timeout=10) + 1
 
     token = parent()  # in flight, so the guard pauses
-    assert coordinator.overflow_guard._sample(rss=coordinator.overflow_guard.budget * 2)
+    assert coordinator.overflow_guard.sample(rss=coordinator.overflow_guard.budget * 2)
     assert coordinator.admission.paused
     go.set()
     assert token.get(timeout=10) == 42  # its nested call went through the pause
@@ -190,7 +190,7 @@ def test_stop_releases_a_paused_producer(make_coordinator: Make) -> None:
 
     held = hold()
     assert started.wait(10)
-    coordinator.overflow_guard._sample(rss=coordinator.overflow_guard.budget * 2)
+    coordinator.overflow_guard.sample(rss=coordinator.overflow_guard.budget * 2)
     errors: list[BaseException] = []
 
     def produce() -> None:

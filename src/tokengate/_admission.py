@@ -69,6 +69,7 @@ class AdmissionGate:
         self.waiters = 0  # producers waiting for room (a gauge, for metrics)
         self.unwoken = 0  # registrations since the last notify: what a worker checks
         self._paused: dict[str, str] = {}
+        self.is_paused = False  # read by every submit: one attribute, not a dict's length
         # asyncio producers waiting for room, as (their loop, a future to resolve)
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
@@ -156,10 +157,12 @@ class AdmissionGate:
     def pause(self, reason: str, detail: str = "") -> None:
         with self._cond:
             self._paused[reason] = detail
+            self.is_paused = True
 
     def resume(self, reason: str) -> None:
         with self._cond:
             self._paused.pop(reason, None)
+            self.is_paused = bool(self._paused)
             self.unwoken = 0
             self._cond.notify_all()
             woken = self._take_async_waiters()

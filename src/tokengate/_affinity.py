@@ -1,7 +1,7 @@
 """Core affinity: which cores a task of each weight may run on, and which it prefers.
 
-Cores are numbered 1..N as in the seed ("Core 1"); :meth:`Topology.cpu_for_core` turns a core
-number into an OS CPU id. The seed's rule of thumb on 8 cores::
+Cores are numbered 1..N as in the TokenGate Quick-Proof ("Core 1"); :meth:`Topology.cpu_for_core`
+turns a core number into an OS CPU id. The Quick-Proof's rule of thumb on 8 cores::
 
     heavy  = cores 1-8, preferred 1
     medium = cores 2-8, preferred 2
@@ -10,7 +10,7 @@ number into an OS CPU id. The seed's rule of thumb on 8 cores::
 so the first core is kept for heavy work and the second for heavy and medium work: a flood of
 light tasks can never crowd out the CPU-bound ones.
 
-Fallback on small machines: each weight starts at ``min(seed_start, N)``. With N = 2 that gives
+Fallback on small machines: each weight starts at ``min(rule_start, N)``. With N = 2 that gives
 heavy [1, 2] pref 1, medium [2] pref 2, light [2] pref 2; with N = 1 every weight gets [1]. No
 weight is ever left without a core, and the protected first core stays free of light (and
 medium) work whenever there is another core to send it to.
@@ -27,8 +27,8 @@ __all__ = ["WEIGHTS", "AffinityPolicy", "core_worker_mapping", "mapping_banner"]
 
 WEIGHTS: tuple[str, ...] = ("heavy", "medium", "light")
 
-# The first core each weight may use, from the seed's rule of thumb.
-_SEED_START: dict[str, int] = {"heavy": 1, "medium": 2, "light": 3}
+# The first core each weight may use, from the Quick-Proof's rule of thumb.
+_RULE_START: dict[str, int] = {"heavy": 1, "medium": 2, "light": 3}
 
 
 def _check_positive(name: str, value: object) -> int:
@@ -54,7 +54,7 @@ class AffinityPolicy:
     def __post_init__(self) -> None:
         n = _check_positive("AffinityPolicy core_count", self.core_count)
         for weight in WEIGHTS:
-            start = min(_SEED_START[weight], n)
+            start = min(_RULE_START[weight], n)
             # The preferred core is the lowest allowed one, so ascending order is already
             # "preferred first, then the rest ascending".
             self._allowed[weight] = tuple(range(start, n + 1))
@@ -79,7 +79,7 @@ class AffinityPolicy:
         return self._lookup(weight)[0]
 
     def banner(self) -> str:
-        """The seed's ``[AFFINITY] Policy for N cores:`` block, without a trailing newline."""
+        """The Quick-Proof's ``[AFFINITY] Policy for N cores:`` block, without a newline."""
         lines = [f"[AFFINITY] Policy for {self.core_count} cores:"]
         for weight in WEIGHTS:
             label = f"{weight.capitalize()}:"
@@ -99,7 +99,7 @@ def core_worker_mapping(core_count: int, workers_per_core: int) -> dict[int, lis
 
 
 def mapping_banner(core_count: int, workers_per_core: int) -> str:
-    """The seed's ``[CORE_PINNED_QUEUE] Initialized:`` block, without a trailing newline."""
+    """The Quick-Proof's ``[CORE_PINNED_QUEUE] Initialized:`` block, without a trailing newline."""
     mapping = core_worker_mapping(core_count, workers_per_core)
     lines = [
         "[CORE_PINNED_QUEUE] Initialized:",

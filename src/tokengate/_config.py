@@ -1,4 +1,4 @@
-"""CoordinatorConfig: every knob the seed names, frozen and validated at construction.
+"""CoordinatorConfig: every knob the TokenGate Quick-Proof names, frozen and validated.
 
 Defaults work on any machine; ``OperationsCoordinator(**kwargs)`` builds one of these, so a bad
 value fails when the coordinator is made, not when the first token meets it.
@@ -43,11 +43,11 @@ def _positive_int(name: str, value: Any, *, upper: int | None = None) -> None:
 class CoordinatorConfig:
     """Configuration of one :class:`OperationsCoordinator`.
 
-    ``mailbox_max`` bounds each worker's mailbox (the seed's ``MAILBOX_MAX``); when every mailbox
-    a token may use is full, ``admission='block'`` makes the caller wait and ``'reject'`` raises
-    ``Overloaded``. ``storage_limits`` caps how many tasks of each storage tier run at once.
-    ``retry_policy`` is one :class:`RetryPolicy` for every weight or a mapping per weight.
-    ``cores`` limits the coordinator to the first N usable cores (``None``: all of them).
+    ``mailbox_max`` bounds each worker's mailbox (the Quick-Proof's ``MAILBOX_MAX``); when every
+    mailbox a token may use is full, ``admission='block'`` makes the caller wait and ``'reject'``
+    raises ``Overloaded``. ``storage_limits`` caps how many tasks of each storage tier run at once.
+    ``retry_policy`` is one :class:`RetryPolicy` for every weight or a mapping per weight. ``cores``
+    limits the coordinator to the first N usable cores (``None``: all of them).
 
     Observability (``docs/guide/observability.md``): ``guard_house`` watches every run per
     operation type;
@@ -85,7 +85,7 @@ class CoordinatorConfig:
     cores: int | None = None
     verbose: bool = False
     convergence_verbose: bool = False
-    # -- observability (issue 5); validated by observability/_options.py ----------------------
+    # -- observability; validated by observability/_options.py ---------------------------------
     guard_house: bool = True
     auto_block: bool = False
     block_after: int = 5
@@ -95,7 +95,7 @@ class CoordinatorConfig:
     memory_check_interval: float = 0.5
     trace: bool = False
     trace_buffer: int = 10_000
-    # -- io-lane: async tasks, the I/O lane and the convergence engine -------------------------
+    # -- async tasks, the I/O lane and the convergence engine ----------------------------------
     io_workers: int = 4
     max_workers_per_core: int = 32
     async_concurrency: int = 512
@@ -155,7 +155,7 @@ class CoordinatorConfig:
         for name in ("verbose", "convergence_verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        validate_observability(self)  # observability knobs (issue 5)
+        validate_observability(self)  # observability knobs
         self._check_io_lane()
         if self.process_lane is not None and not isinstance(self.process_lane, bool):
             raise ConfigError(
@@ -168,7 +168,7 @@ class CoordinatorConfig:
         )
 
     def _check_io_lane(self) -> None:
-        """io-lane knobs (kept apart so other lanes' knobs merge cleanly)."""
+        """The async, I/O lane and convergence knobs."""
         _positive_int("io_workers", self.io_workers, upper=_MAX_WORKERS_PER_CORE)
         _positive_int(
             "max_workers_per_core", self.max_workers_per_core, upper=_MAX_WORKERS_PER_CORE

@@ -1,8 +1,8 @@
 """ConvergenceEngine: more threads while queued work waits on I/O, back to baseline after.
 
-The seed's convergence detector "detects a surge and hot-swaps worker counts". Here that is::
+The Quick-Proof's convergence detector "detects a surge and hot-swaps worker counts". Here that is::
 
-    sampler thread, every ``interval`` s (or a test calling ``engine._sample(now=...)``)
+    sampler thread, every ``interval`` s (or a test calling ``engine.sample(now=...)``)
       └─> for every resizable pool (thread lane: one per core; I/O lane: one per storage tier)
             PoolSample: workers, busy, backlog (queued, not started), oldest queued wait,
                         CPU seconds its threads used (their thread CPU clocks)
@@ -349,7 +349,7 @@ class ConvergenceEngine:
     ``pool_limits``, ``add_worker`` and ``retire_worker`` (``ThreadLane``, ``IOLane``).
     ``on_change`` is called after the worker set of a lane changed (the coordinator drops its
     cached routes); ``count_event`` counts swaps in the stats. ``clock``, ``process_cpu`` and
-    ``thread_cpu`` are injectable, so tests drive :meth:`_sample` with no timers at all.
+    ``thread_cpu`` are injectable, so tests drive :meth:`sample` with no timers at all.
     """
 
     def __init__(
@@ -401,7 +401,7 @@ class ConvergenceEngine:
     def _run(self) -> None:
         while not self._stop.wait(self._next_wait()):
             try:
-                self._sample()
+                self.sample()
             except Exception:
                 log.exception("convergence sample failed; the engine keeps running")
 
@@ -437,7 +437,7 @@ class ConvergenceEngine:
         }
 
     # -- one sample ----------------------------------------------------------------------------
-    def _sample(self, now: float | None = None) -> list[Swap]:
+    def sample(self, now: float | None = None) -> list[Swap]:
         """Measure every pool, decide, and apply; returns the swaps made."""
         with self._lock:
             now = self._clock() if now is None else now

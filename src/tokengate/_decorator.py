@@ -395,7 +395,7 @@ def task_token_guard(
     tags: Tags | Mapping[str, Any] | None = None,
     **tag_keywords: Unpack[Tags],
 ) -> _Decorator:
-    """Decorate a function so that calling it returns a Token (the seed's decorator).
+    """Decorate a function so that calling it returns a Token (the Quick-Proof's decorator).
 
     ``tags``: ``weight`` (light / medium / heavy), ``storage_speed`` (SLOW / MODERATE / FAST /
     INSANE), ``executor`` (auto / thread / process), ``retries``, ``retry_on``,

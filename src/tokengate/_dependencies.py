@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ._errors import DependencyFailed
+from ._parking import Parking, park
 from ._token import Token
 
 __all__ = ["DependencyTracker", "find_dependencies", "replace_tokens", "substitute"]
@@ -212,7 +213,7 @@ class DependencyTracker:
 
     def park(self, token: Token[Any], deps: list[Token[Any]]) -> None:
         """Wait for ``deps``; whichever thread ends the last one admits (or fails) the token."""
-        token._parked = "deps"
+        park(token, Parking.DEPS)
         with self._lock:
             self._waiting[token] = deps
 

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import threading
+from typing import Any
 
 from . import _runtime, _token
 from ._errors import CoordinatorNotRunning
@@ -53,19 +54,53 @@ def _stop_at_exit() -> None:
     interrupted = False
     for coordinator in _runtime.running_coordinators():
         try:
-            coordinator._stop_at_exit(wait=not interrupted)
+            _drain_at_exit(coordinator, wait=not interrupted)
         except KeyboardInterrupt:
             interrupted = True  # the other coordinators stop without waiting either
         except Exception:
             log.exception("stopping %r at interpreter exit failed", coordinator)
 
 
+def _drain_at_exit(coordinator: Any, *, wait: bool) -> None:
+    """Stop ``coordinator`` as ``stop()`` does, waiting for what was submitted, unless ``wait``
+    is False (Ctrl-C already ended the wait for another coordinator). A Ctrl-C during the wait
+    discards what has not started and is raised again for the caller."""
+    if not coordinator.running:
+        return
+    if not wait:
+        coordinator.stop(cancel_pending=True, timeout=0)
+        return
+    discarded = coordinator.stats().discarded
+    try:
+        pending = coordinator.stats().in_flight
+        if pending and coordinator is _runtime.default:  # what the default coordinator is for
+            log.debug("draining the default coordinator's %d pending tokens at exit", pending)
+        elif pending:
+            log.warning(
+                "the interpreter is exiting but this coordinator was not stopped: waiting "
+                "for its %d pending tokens to finish, as concurrent.futures does (Ctrl-C "
+                "stops waiting and discards what has not started). Call stop() yourself "
+                "to decide: stop(cancel_pending=True) does not wait for what has not started",
+                pending,
+            )
+        coordinator.stop()
+    except KeyboardInterrupt:
+        if coordinator.running:  # it landed before stop() began
+            coordinator.stop(cancel_pending=True, timeout=0)
+        log.warning(
+            "Ctrl-C while waiting at interpreter exit: %d tokens that had not started were "
+            "discarded; tasks still running were left behind",
+            coordinator.stats().discarded - discarded,
+        )
+        raise
+
+
 def _after_fork_in_child() -> None:
     """In a forked child: forget the parent's running coordinators (see the module doc)."""
     if not _runtime.started:  # no tokengate thread ever ran: nothing to forget, no lock held
         return
-    for coordinator in _runtime.forget_after_fork():
-        coordinator._forked()
+    for refuse_calls in _runtime.forget_after_fork():
+        refuse_calls()
     _token.renew_stripes()
 
 

@@ -1,8 +1,8 @@
 """Logging set-up for ``verbose=True`` and ``convergence_verbose=True``.
 
 Library code only logs, on ``tokengate.<part>`` loggers, so an operator can switch on exactly what
-they need with ordinary ``logging`` configuration. The two seed flags are shortcuts that attach a
-handler printing the bare messages (the seed's log lines) to stdout.
+they need with ordinary ``logging`` configuration. The two Quick-Proof flags are shortcuts that
+attach a handler printing the bare messages (the Quick-Proof's log lines) to stdout.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _handler() -> logging.Handler:
 def attach_verbose_handlers(
     *, verbose: bool, convergence: bool
 ) -> list[tuple[logging.Logger, logging.Handler, int, bool]]:
-    """Attach the seed-style handlers; returns what to undo on stop."""
+    """Attach the Quick-Proof-style handlers; returns what to undo on stop."""
     attached = []
     names = []
     if verbose:

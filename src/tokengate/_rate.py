@@ -33,6 +33,7 @@ from typing import Any
 
 from ._errors import ConfigError
 from ._limits import MAX_WAIT_SECONDS
+from ._parking import Parking, park
 
 __all__ = ["RATE_GRAMMAR", "Rate", "RateLimiter", "RateStats", "TokenBucket", "parse_rate"]
 
@@ -198,7 +199,7 @@ class RateLimiter:
             op = self._op(token.spec, now)
             if not op.waiting and op.bucket.try_take(now):
                 return False
-            token._parked = "rate"
+            park(token, Parking.RATE)
             op.waiting.append((token, now, proceed))
             op.delayed += 1
             if not op.armed:

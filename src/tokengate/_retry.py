@@ -5,9 +5,9 @@ Safe by default. A task is retried only for errors that are plausibly transient
 ``MemoryError``) or for the loss of the worker that ran it (``WorkerCrashed``, counted against
 ``crash_retries``). A programming error (``TypeError``, ``ValueError``, ``KeyError``…) is never
 retried unless the user names it in ``retry_on``, so a side-effecting function is not silently
-re-run after a bug. A retried token goes to the back of the queue after its backoff (the seed's
-FIFO re-distribution); the arithmetic here is pure, with the random source injected, so tests
-need no sleeping.
+re-run after a bug. A retried token goes to the back of the queue after its backoff (the
+Quick-Proof's FIFO re-distribution); the arithmetic here is pure, with the random source injected,
+so tests need no sleeping.
 """
 
 from __future__ import annotations

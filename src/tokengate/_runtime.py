@@ -53,6 +53,10 @@ _lock = threading.Lock()
 exiting = False
 forked_from: int | None = None
 started = False  # a coordinator was started in this process (or the one it was forked from)
+# What each running coordinator does in a forked child (refuse every call), by id; and the ids
+# of the coordinators this process inherited through fork().
+_on_fork: dict[int, Callable[[], None]] = {}
+_forked_ids: set[int] = set()
 
 
 def current_coordinator() -> Any:
@@ -70,14 +74,17 @@ def default_for_call() -> Any:
     starter = default_starter
     if starter is None or inline_runner is not None:
         return None
-    if default is not None and default._status == "forked":
+    if default is not None and id(default) in _forked_ids:
         return None  # inherited running through fork(): the caller explains (_lifecycle.py)
     return starter()
 
 
-def push_coordinator(coordinator: Any) -> None:
+def push_coordinator(coordinator: Any, on_fork: Callable[[], None]) -> None:
+    """``coordinator`` runs: calls go to it; ``on_fork()`` is called in a child forked while
+    it runs (with only the forking thread alive: it must take no lock)."""
     global forked_from, started
     with _lock:
+        _on_fork[id(coordinator)] = on_fork
         if coordinator is default:
             _stack.insert(0, coordinator)  # below every explicitly started coordinator
         else:
@@ -88,6 +95,7 @@ def push_coordinator(coordinator: Any) -> None:
 
 def pop_coordinator(coordinator: Any) -> None:
     with _lock:
+        _on_fork.pop(id(coordinator), None)
         if coordinator in _stack:
             _stack.remove(coordinator)
 
@@ -98,15 +106,18 @@ def running_coordinators() -> list[Any]:
         return _stack[::-1]
 
 
-def forget_after_fork() -> list[Any]:
-    """In a forked child (only the forking thread exists): empty the stack and return what it
-    held. Takes no lock: a parent thread may have held ``_lock`` at the fork, so it is replaced."""
+def forget_after_fork() -> list[Callable[[], None]]:
+    """In a forked child (only the forking thread exists): empty the stack and return what each
+    coordinator it held does in a forked child. Takes no lock: a parent thread may have held
+    ``_lock`` at the fork, so it is replaced."""
     global _lock, forked_from
     _lock = threading.Lock()
     inherited = _stack[:]
     _stack.clear()  # in place: the decorator holds this very list
+    _forked_ids.update(id(c) for c in inherited)
+    hooks = [_on_fork.pop(id(c)) for c in inherited if id(c) in _on_fork]
     local.coordinator = None  # forked from inside a task: that worker does not exist here
     local.worker = None
     if inherited:
         forked_from = os.getppid()
-    return inherited
+    return hooks

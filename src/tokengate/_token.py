@@ -3,8 +3,9 @@
 A Token *is* a ``concurrent.futures.Future``, so ``wait``, ``as_completed`` and
 ``asyncio.wrap_future`` work on it unchanged, and it is awaitable. What it adds:
 
-* the seed's identity (``fibonacci_1773231605448885800``), attempts, timings and where it ran;
-* ``get(timeout)``, the seed's spelling of ``result``, which validates its timeout;
+* the Quick-Proof's identity (``fibonacci_1773231605448885800``), attempts, timings and where
+  it ran;
+* ``get(timeout)``, the Quick-Proof's spelling of ``result``, which validates its timeout;
 * exactly-once terminal transitions. ``_finish`` and ``_discard`` change state and record the
   outcome in the statistics while holding the token's own condition, *before* waking anyone, so
   a caller woken by ``get()`` always sees counts that include its token. The bookkeeping hooks
@@ -35,9 +36,10 @@ from concurrent.futures._base import (
     PENDING,
     RUNNING,
 )
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 
 from ._errors import TokenDiscarded, TokenGateError
+from ._parking import Parking
 from ._unretrieved import Unretrieved
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ __all__ = [
     "PENDING",
     "Place",
     "Token",
+    "TokenOwner",
     "check_timeout",
     "in_done_callback",
     "next_seq",
@@ -94,6 +97,23 @@ class Place(NamedTuple):
 callback_log = logging.getLogger("tokengate.callbacks")
 
 
+class TokenOwner(Protocol):
+    """What a token asks of the coordinator that made it (its ``Completion``, in practice)."""
+
+    def help(self, token: Token[Any], end: float | None, /) -> None:
+        """A thread is about to wait for ``token`` (until ``end``, a monotonic instant):
+        it may run work meanwhile, so that nested waits never deadlock."""
+
+    def on_discarded(self, token: Token[Any], /) -> None:
+        """``token`` was just discarded: count it (called under the token's lock)."""
+
+    def after_discard(self, token: Token[Any], /) -> None:
+        """After a discard, before its callbacks: give back what the token held."""
+
+
+Ended = Callable[["Token[Any]", "BaseException | None"], None]
+
+
 def check_timeout(timeout: object) -> float | None:
     """Validate a user timeout: ``None`` or a finite number of seconds >= 0."""
     if timeout is None:
@@ -132,7 +152,7 @@ class Token(Future[T], Generic[T]):
     _w: list[Any] | None = None  # stdlib waiters (wait / as_completed)
     _cb: list[Callable[[Future[Any]], object]] | None = None  # done-callbacks
     _sleepers: list[Any] | None = None  # locks released when the token ends
-    _parked: str | None = None  # "deps" | "rate" | "tier" | "backoff" while not runnable
+    _parked: Parking | None = None  # where it waits while not runnable (_parking.py)
     _holds_permit: bool = False
     _discard_reason: str | None = None
     _deadline_at: float | None = None
@@ -155,7 +175,7 @@ class Token(Future[T], Generic[T]):
     kwargs: dict[str, Any] = NO_KWARGS
 
     __slots__ = (
-        "_coordinator",
+        "_owner",
         "_ran_on",
         "_result",
         "_run_id",
@@ -178,7 +198,7 @@ class Token(Future[T], Generic[T]):
         kwargs: dict[str, Any],
         seq: int,
         submitted_at: float,
-        coordinator: Any,
+        owner: TokenOwner,
     ) -> None:
         # Future.__init__ is deliberately not called: see the class docstring.
         self._state = PENDING
@@ -190,7 +210,7 @@ class Token(Future[T], Generic[T]):
             self.kwargs = kwargs
         self.seq = seq
         self.submitted_at = submitted_at
-        self._coordinator = coordinator
+        self._owner = owner
         self.attempts = 0
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -264,7 +284,8 @@ class Token(Future[T], Generic[T]):
     # -- identity ---------------------------------------------------------------------------
     @property
     def id(self) -> str:
-        """The seed's id, ``<operation_type>_<nanosecond-style number>``, unique per process."""
+        """The Quick-Proof's id, ``<operation_type>_<nanosecond-style number>``, unique in its
+        process."""
         return f"{self.spec.operation_type}_{_ID_BASE + self.seq}"
 
     @property
@@ -305,9 +326,9 @@ class Token(Future[T], Generic[T]):
     # -- waiting ----------------------------------------------------------------------------
     def _wait(self, timeout: float | None) -> None:
         """Block until terminal or ``timeout``; raises ``TimeoutError`` on timeout."""
-        if self._state in _HELPABLE:  # io-lane: RUNNING too, so the event loop never blocks
+        if self._state in _HELPABLE:  # RUNNING too, so the event loop never blocks
             end = None if timeout is None else _monotonic() + timeout
-            self._coordinator._help(self, end)
+            self._owner.help(self, end)
             if end is not None:
                 timeout = max(0.0, end - _monotonic())
         if self._state in _TERMINAL:
@@ -331,7 +352,7 @@ class Token(Future[T], Generic[T]):
     def result(self, timeout: float | None = None) -> T:
         """The task's value, waiting up to ``timeout`` seconds; re-raises the task's error.
 
-        ``get`` is the same method under the seed's name.
+        ``get`` is the same method under the Quick-Proof's name.
         """
         if timeout is not None:
             kind = type(timeout)  # a plain, in-range number passes without check_timeout's call
@@ -350,7 +371,7 @@ class Token(Future[T], Generic[T]):
         finally:
             exc = None
 
-    get = result  # the seed's name; an alias, not a wrapper: one call less per result
+    get = result  # the Quick-Proof's name; an alias, not a wrapper: one call less per result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if timeout is not None:
@@ -416,7 +437,7 @@ class Token(Future[T], Generic[T]):
         return TokenDiscarded(f"token {self.id} was discarded before it ran ({reason})", reason)
 
     def __await__(self) -> Generator[Any, None, T]:
-        # io-lane: not asyncio.wrap_future, which turns a discarded token into the awaiting
+        # Not asyncio.wrap_future, which turns a discarded token into the awaiting
         # task's own CancelledError; this re-raises TokenDiscarded or the task's error as is.
         return _await_token(self).__await__()
 
@@ -483,13 +504,13 @@ class Token(Future[T], Generic[T]):
                 return True
             self._state = CANCELLED_AND_NOTIFIED
             self._discard_reason = reason
-            self._coordinator._on_discarded(self)
+            self._owner.on_discarded(self)
             self._wake_all("add_cancelled")
         finally:
             self._unlock(cond)
         # What the token held (queued bytes, a storage permit, a held slot) goes back before
         # any user callback runs: a callback that submits may need exactly that room.
-        self._coordinator._after_discard(self)
+        self._owner.after_discard(self)
         self._invoke_callbacks()
         return True
 
@@ -526,11 +547,14 @@ class Token(Future[T], Generic[T]):
         exception: BaseException | None,
         record: Callable[[Token[Any], BaseException | None], None],
         run_id: int | None = None,
+        ended: Ended | None = None,
     ) -> bool:
         """Make the token terminal exactly once; False if it already was (a late result).
 
-        ``record`` (the statistics) runs under the token's lock before anyone is woken, so a
-        caller returning from ``get()`` always sees counts that include this token.
+        ``record`` (the statistics) runs under the token's lock; ``ended`` (the run watcher and
+        middleware) after it, outside the lock; then waiters are woken and done-callbacks run.
+        So a caller returning from ``get()`` sees counts and middleware effects that include
+        this token, and a hook may itself wait on tokens.
         """
         stripe = _STRIPES[self.seq & _STRIPE_MASK]  # _lock(), inline: once per token
         stripe.acquire()
@@ -549,12 +573,28 @@ class Token(Future[T], Generic[T]):
                     self._unretrieved = Unretrieved(self.id, exception)
             self._state = FINISHED
             record(self, exception)
-            if self._w or self._sleepers:
-                self._wake_all("add_result" if exception is None else "add_exception")
+            if ended is None:
+                if self._w or self._sleepers:
+                    self._wake_all("add_result" if exception is None else "add_exception")
+                waiters = sleepers = None
+            else:  # woken after ``ended``, outside the lock
+                waiters = list(self._w) if self._w else None
+                sleepers = self._sleepers
+                self._sleepers = None
         finally:  # _unlock(cond), inline
             if cond is not None:
                 cond.release()
             stripe.release()
+        if ended is not None:
+            ended(self, exception)
+            if waiters:
+                kind = "add_result" if exception is None else "add_exception"
+                for waiter in waiters:
+                    getattr(waiter, kind)(self)
+            if sleepers:
+                for sleeper in sleepers:
+                    with contextlib.suppress(RuntimeError):
+                        sleeper.release()
         if self._cb:
             self._invoke_callbacks()
         return True
@@ -572,7 +612,7 @@ class Token(Future[T], Generic[T]):
             self._unlock(cond)
 
 
-# -- io-lane: awaiting a token from any event loop ------------------------------------------------
+# -- awaiting a token from any event loop ---------------------------------------------------------
 _CALLBACK_CODES = frozenset((Token._invoke_callbacks.__code__, Token.add_done_callback.__code__))
 
 

@@ -94,7 +94,7 @@ class Topology:
         return self.available_cpus[(core - 1) % len(self.available_cpus)]
 
     def banner(self) -> str:
-        """The seed's initialisation block ("CPU Topology Detected: ..."), without a newline.
+        """The Quick-Proof's initialisation block ("CPU Topology Detected: ..."), without a newline.
 
         It shows no "recommended worker counts" per weight: no pool is sized by weight
         (weights choose cores, the thread lane's ``workers_per_core`` serves every weight,

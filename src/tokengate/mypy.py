@@ -230,7 +230,7 @@ def _with_result(ret: Type, result: Instance) -> Type:
 def _typed_tags(ctx: FunctionSigContext) -> FunctionLike:
     """``tags={...}`` written as a dict display is checked as :class:`tokengate.Tags`.
 
-    The parameter also takes any ``Mapping[str, Any]`` (the seed's untyped dict), and mypy
+    The parameter also takes any ``Mapping[str, Any]`` (the Quick-Proof's untyped dict), and mypy
     would check a display against that branch and accept any key and value; with the plugin a
     display must be a valid ``Tags``, so ``{"weight": "haevy"}`` is an error.
     """

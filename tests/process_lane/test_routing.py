@@ -77,7 +77,7 @@ def test_auto_heavy_tasks_go_to_processes_and_the_rest_to_threads(procs: Make) -
 def test_free_threaded_build_keeps_auto_tasks_on_threads(
     make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tokengate._coordinator.gil_enabled", lambda: False)
+    monkeypatch.setattr("tokengate.local._backend.gil_enabled", lambda: False)
     make_coordinator(workers_per_core=1)
     assert pt.whoami().get(timeout=10)["pid"] == os.getpid()
     assert pt.slow_io_process().get(timeout=30) != os.getpid()  # explicit 'process' still is

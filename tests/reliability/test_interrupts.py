@@ -57,7 +57,7 @@ def test_ctrl_c_while_waiting_in_get_leaves_the_tokens_alone(resources: Resource
 
 def open_gate_once_stopping(coordinator: OperationsCoordinator) -> None:
     """Open the gate once stop() is draining, as a task finishing on its own would."""
-    eventually(lambda: coordinator._status != "running", timeout=50, what="stop() to begin")
+    eventually(lambda: not coordinator.running, timeout=50, what="stop() to begin")
     GATE.set()
 
 
@@ -124,7 +124,7 @@ def test_ctrl_c_during_stops_drain_loses_nothing(resources: Resources) -> None:
     made = [gated(0)]
     made += [timed(i) for i in range(1, 50)]  # timeout tags: arming one needs the timer queue
     made += [surge_tier(i) for i in range(50, 80)]
-    interrupt_main_when(lambda: coordinator._status == "stopping")
+    interrupt_main_when(lambda: coordinator._life.status == "stopping")
     with pytest.raises(KeyboardInterrupt):
         coordinator.stop()
     assert not coordinator.running
@@ -161,7 +161,7 @@ def test_ctrl_c_while_stop_joins_the_convergence_engine_still_shuts_down(
     coordinator = OperationsCoordinator(workers_per_core=1).start()
     made = [plain(i) for i in range(50)]
     engine = coordinator.convergence
-    coordinator._convergence = _EngineInterruptedWhileJoined()  # type: ignore[assignment]
+    coordinator.backend._convergence = _EngineInterruptedWhileJoined()  # type: ignore[attr-defined]
     try:
         with pytest.raises(KeyboardInterrupt):
             coordinator.stop()

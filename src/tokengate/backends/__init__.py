@@ -1,9 +1,10 @@
 """Backends: run the same decorated functions somewhere else than the local lanes.
 
-``OperationsCoordinator()`` runs tokens on its own core-pinned workers (the ``"local"``
-backend). ``OperationsCoordinator(backend="dask")`` runs them on a Dask cluster: a
-``LocalCluster`` sized to the machine, or the scheduler at ``address="tcp://host:8786"``. For more
-control pass a :class:`DaskBackend` object (``client=``, ``n_workers=``, ...).
+``OperationsCoordinator()`` runs tokens on this machine's lanes (the ``"local"`` backend,
+:class:`LocalBackend`, from ``tokengate.local``). ``OperationsCoordinator(backend="dask")`` runs
+them on a Dask cluster: a ``LocalCluster`` sized to the machine, or the scheduler at
+``address="tcp://host:8786"``. For more control pass a :class:`DaskBackend` object (``client=``,
+``n_workers=``, ...).
 
 Loaded lazily: importing ``tokengate`` (or this package) never imports Dask; only choosing the
 Dask backend does, and without the extra the error says ``pip install 'tokengate[dask]'``.
@@ -14,12 +15,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError, TokenGateError
-from ._base import Backend
+from ._base import Backend, BackendHost
 
 if TYPE_CHECKING:
+    from ..local import LocalBackend
     from ._dask import DaskBackend
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "DaskBackend", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendHost",
+    "BackendUnavailable",
+    "DaskBackend",
+    "LocalBackend",
+    "resolve_backend",
+]
 
 BACKENDS = ("local", "dask")
 
@@ -45,11 +55,16 @@ def _load_dask() -> Any:
 def __getattr__(name: str) -> Any:
     if name == "DaskBackend":
         return _load_dask().DaskBackend
+    if name == "LocalBackend":
+        from ..local import LocalBackend
+
+        return LocalBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_backend(backend: object, address: object) -> Backend | None:
-    """``OperationsCoordinator(backend=..., address=...)`` -> a Backend, or None for local."""
+    """``OperationsCoordinator(backend=..., address=...)`` -> a Backend, or None for the local
+    lanes (the coordinator makes its ``LocalBackend``)."""
     if isinstance(backend, Backend):
         if address is not None:
             raise ConfigError(

@@ -1,20 +1,28 @@
-"""Backend: where an :class:`~tokengate.OperationsCoordinator` runs its tokens instead of its lanes.
+"""Backend: where an :class:`~tokengate.OperationsCoordinator` runs its tokens.
 
-The local coordinator runs every token on its own lanes (threads pinned to cores). A backend
-takes over from the moment a token exists: ``OperationsCoordinator._submit`` still validates the
+Every coordinator has one. The local backend (``tokengate/local/``) runs tokens on this
+machine's lanes (threads pinned to cores, worker processes, the I/O pools, an event loop); the
+Dask backend on a cluster. The coordinator keeps what is the same everywhere: it validates the
 call, runs the ``before_submit`` middleware, creates the :class:`~tokengate.Token` and counts it
-as submitted; then it hands the token to :meth:`Backend.submit` instead of routing it. The
-backend ends every token through the same ``Token._finish`` / ``Token._discard`` transitions and
-the coordinator's statistics and middleware, so ``stats()``, the logs and the reports read the same
+as submitted, then hands it to :meth:`Backend.submit`. Every run ends through the coordinator's
+one completion path (``_completion.py``), so ``stats()``, the logs and the reports read the same
 on every backend.
 
-The contract is small on purpose (anyio's backends, CPython's executors):
+A backend talks to its coordinator only through the :class:`BackendHost` it is given at
+:meth:`Backend.start`: typed, public attributes, never the coordinator's private ones.
 
-* :meth:`start` / :meth:`stop` follow the coordinator's lifecycle;
+The contract (anyio's backends, CPython's executors):
+
+* :meth:`configure` checks the coordinator's settings when it is made; :meth:`start` /
+  :meth:`stop` follow its lifecycle;
+* :meth:`prepare` may work on a call before its token exists (the local backend pickles a
+  process-lane call there, so an unpicklable argument raises from the call, counting nothing);
 * :meth:`submit` takes a token that has just been counted, and must end it exactly once;
 * :meth:`discarded` hears that a token was discarded (cancelled, deadline, stop) so the backend
-  can stop it from running; :meth:`resized` that a storage tier's limit changed; :meth:`granted`
-  receives tokens the coordinator's storage throttle has just given a permit;
+  can stop it from running; :meth:`granted` receives tokens the storage throttle has just given a
+  permit; :meth:`resized` that a storage tier's limit changed;
+* :meth:`retrying` / :meth:`readmit` / :meth:`stuck` / :meth:`help` serve the completion path
+  of backends whose runs end through ``Completion.complete`` (the local lanes);
 * :meth:`has_room` tells ``submit_async`` whether a call would be taken without waiting;
 * :meth:`not_started` lists the tokens a ``stop(cancel_pending=True)`` may discard.
 """
@@ -22,15 +30,79 @@ The contract is small on purpose (anyio's backends, CPython's executors):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .._coordinator import OperationsCoordinator
+    from .._admission import AdmissionGate
+    from .._affinity import AffinityPolicy
+    from .._backlog import Backlog
+    from .._byte_budget import ByteBudget
+    from .._completion import Completion
+    from .._config import CoordinatorConfig
+    from .._convergence import ConvergenceEngine
     from .._decorator import TaskFunction
+    from .._retry import RetryPolicy
     from .._spec import TaskSpec
+    from .._state import Lifecycle
+    from .._stats import StatsRecorder
+    from .._throttle import StorageThrottle
     from .._token import Token
+    from .._topology import Topology
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "BackendHost"]
+
+
+class BackendHost(Protocol):
+    """What a backend may ask of its coordinator (built by the coordinator, one per start).
+
+    ``config``, ``topology``, ``core_count``, ``affinity`` and ``policies`` (per weight, the
+    retry policy) are the coordinator's settings. ``gate`` is where producers wait for room;
+    ``lifecycle`` answers whether it takes calls, drains, has given up on pending work or has
+    closed its workers. ``completion`` ends runs (resolve, retry, fail; the counts and
+    middleware); ``backlog`` bounds the waits outside the mailboxes (rate limits, tier permits);
+    ``throttle`` holds the storage tiers' permits; ``byte_budget`` bounds the pickled bytes of
+    queued process calls; ``stats`` the counters. ``call_later`` runs a callback on the timer
+    thread; ``on_worker_thread`` / ``on_internal_thread`` must be called first on every thread
+    the backend starts (so that calls made there reach this coordinator).
+    """
+
+    @property
+    def config(self) -> CoordinatorConfig: ...
+    @property
+    def topology(self) -> Topology: ...
+    @property
+    def core_count(self) -> int: ...
+    @property
+    def affinity(self) -> AffinityPolicy: ...
+    @property
+    def policies(self) -> Mapping[str, RetryPolicy]: ...
+    @property
+    def gate(self) -> AdmissionGate: ...
+    @property
+    def lifecycle(self) -> Lifecycle: ...
+    @property
+    def completion(self) -> Completion: ...
+    @property
+    def backlog(self) -> Backlog: ...
+    @property
+    def throttle(self) -> StorageThrottle: ...
+    @property
+    def byte_budget(self) -> ByteBudget: ...
+    @property
+    def stats(self) -> StatsRecorder: ...
+    @property
+    def owner(self) -> object: ...
+    @property
+    def call_later(self) -> Callable[..., Any]: ...
+    @property
+    def defer(self) -> Callable[..., None]: ...
+    @property
+    def count_event(self) -> Callable[..., None]: ...
+    @property
+    def on_worker_thread(self) -> Callable[[Any], None]: ...
+    @property
+    def on_internal_thread(self) -> Callable[[], None]: ...
 
 
 class Backend(ABC):
@@ -38,16 +110,30 @@ class Backend(ABC):
 
     name: str = "backend"
 
-    @abstractmethod
-    def start(self, coordinator: OperationsCoordinator) -> None:
-        """Connect (or start what is needed); called from ``coordinator.start()``."""
+    def configure(self, host: BackendHost) -> None:
+        """Called once, when the coordinator is made: check its settings (a bad one raises
+        there, at construction) and build what lasts as long as the coordinator."""
+        return  # optional: nothing to do by default
 
     @abstractmethod
-    def submit(self, token: Token[Any], task: TaskFunction[..., Any], internal: bool) -> None:
+    def start(self, host: BackendHost) -> None:
+        """Connect (or start what is needed); called from ``coordinator.start()``."""
+
+    def prepare(
+        self, task: TaskFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Work done on a call before its token exists, handed back to :meth:`submit` as
+        ``payload`` (raise to refuse the call: nothing is counted). By default: nothing."""
+        return None
+
+    @abstractmethod
+    def submit(
+        self, token: Token[Any], task: TaskFunction[..., Any], internal: bool, payload: Any = None
+    ) -> None:
         """Run ``token`` (already counted as submitted) and end it exactly once.
 
         ``internal`` is True for calls made on the coordinator's own threads: they must never
-        block on backpressure.
+        block on backpressure. ``payload`` is what :meth:`prepare` returned for the call.
         """
 
     @abstractmethod
@@ -63,18 +149,58 @@ class Backend(ABC):
         """``tokens`` were just given a storage-tier permit by the coordinator's throttle (a
         permit came back from a discarded token): run them."""
 
-    def has_room(self, spec: TaskSpec) -> bool:
+    def has_room(self, spec: TaskSpec, *, dependencies: bool, mailboxes: bool = True) -> bool:
         """Whether a call of ``spec`` would be taken now without waiting for room (asked by
-        ``submit_async``, which then awaits instead of blocking). By default: always."""
+        ``submit_async``, which then awaits instead of blocking): ``dependencies`` when tokens
+        are among its arguments, ``mailboxes`` False when a full mailbox need not be waited for.
+        By default: always."""
         return True
+
+    def prioritize(self) -> None:
+        """A token of non-zero priority was submitted: queues must keep priority order from
+        now on (free until then)."""
+        return  # optional: nothing to do by default
+
+    def draining(self) -> None:
+        """``stop()`` began: finish what was submitted; start nothing new of your own (e.g.
+        no more resizing)."""
+        return  # optional: nothing to do by default
+
+    def retrying(self, token: Token[Any]) -> None:
+        """``token`` failed an attempt and will be retried after its back-off."""
+        return  # optional: nothing to do by default
+
+    def readmit(self, token: Token[Any]) -> None:
+        """``token``'s back-off is over: queue it again (back of the queue). Needed by a backend
+        whose runs end through ``Completion.complete``."""
+        raise NotImplementedError(f"{type(self).__name__} does not re-admit retried tokens")
+
+    def stuck(self, token: Token[Any]) -> None:
+        """``token`` ran past its timeout and its worker is still in it."""
+        return  # optional: nothing to do by default
+
+    def help(self, token: Token[Any], end: float | None) -> None:
+        """A thread is about to wait for ``token``; it may run work meanwhile."""
+        return  # optional: nothing to do by default
+
+    @property
+    def lanes(self) -> Mapping[str, Any]:
+        """The local lanes this backend runs (none elsewhere)."""
+        return {}
+
+    @property
+    def convergence(self) -> ConvergenceEngine | None:
+        """The engine resizing this backend's pools while it runs, if any."""
+        return None
 
     @abstractmethod
     def not_started(self) -> list[Token[Any]]:
         """The tokens known not to have started (``stop(cancel_pending=True)`` discards them)."""
 
     @abstractmethod
-    def stop(self) -> None:
-        """Disconnect; every token still in flight must be ended (discarded) first."""
+    def stop(self) -> list[Any]:
+        """Stop running tokens and disconnect; a token the backend can no longer run is
+        discarded. Returns the local workers still busy in user code (left behind)."""
 
     def describe(self) -> str:
         """One line for logs and reports."""

@@ -28,12 +28,14 @@ executor       ignored: every task runs in a worker process's thread pool
 
 The client-side half (this module and ``_dask_runner``) creates no Token of its own: the
 coordinator creates and counts every token, this backend sends it, and the runner ends it through
-``Token._finish`` with the coordinator's ``_record_terminal``, middleware and logs. The worker
-side is ``_dask_task``; what the two sides exchange is in the leaf module ``_dask_protocol``.
+the coordinator's completion path (``Completion.finish``: the counts, middleware and logs). The
+worker side is ``_dask_task``; what the two sides exchange is in the leaf module
+``_dask_protocol``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import uuid
@@ -55,9 +57,9 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
     ) from exc
 
 if TYPE_CHECKING:
-    from .._coordinator import OperationsCoordinator
     from .._decorator import TaskFunction
     from .._spec import TaskSpec
+    from ._base import BackendHost
 
 __all__ = ["DaskBackend"]
 
@@ -116,7 +118,7 @@ class DaskBackend(Backend):
         self._cluster_options.update(cluster_options or {})
         self.client: Any = None
         self.cluster: Any = None
-        self._coordinator: OperationsCoordinator | None = None
+        self._host: BackendHost | None = None
         self._runner: Runner | None = None
         self._routes: dict[int, Route] = {}
         self._ctx_blob = b""
@@ -136,15 +138,15 @@ class DaskBackend(Backend):
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, coordinator: OperationsCoordinator) -> None:
-        self._coordinator = coordinator
+    def start(self, host: BackendHost) -> None:
+        self._host = host
         try:
-            self._start(coordinator)
+            self._start(host)
         except BaseException:
             self.stop()
             raise
 
-    def _start(self, coordinator: OperationsCoordinator) -> None:
+    def _start(self, host: BackendHost) -> None:
         if self._given_client is not None:
             self.client = self._given_client
         elif self.address is not None:
@@ -162,19 +164,17 @@ class DaskBackend(Backend):
         self._topic = f"tokengate-{nonce}"
         self._routes = {}
         self._refresh_context()
-        self._record_terminal = coordinator._record_terminal
-        self._runner = Runner(
-            self.client, nonce, run_task, on_thread_start=coordinator._on_internal_thread
-        )
+        self._runner = Runner(self.client, nonce, run_task, on_thread_start=host.on_internal_thread)
         self._runner.subscribe(self._topic)
         nthreads = self.client.nthreads()
         self._connect_workers(list(nthreads), nonce)
         threads = sum(nthreads.values()) or 1
         # The local backend bounds each worker's mailbox; here the bound is the same total: a
         # producer faster than the cluster waits once mailbox_max tokens per thread are in flight.
-        self._bound = coordinator.config.mailbox_max * threads
+        self._bound = host.config.mailbox_max * threads
         self._low_water = max(1, self._bound // 2)
-        coordinator._stats.reset_clock()  # elapsed counts from here, not from the cluster's start
+        host.backlog.bound = lambda: self._bound
+        host.stats.reset_clock()  # elapsed counts from here, not from the cluster's start
         if log.isEnabledFor(_INFO):
             log.info("[DASK] Backend ready: %s", self.describe())
 
@@ -197,17 +197,20 @@ class DaskBackend(Backend):
             log.warning("[DASK] could not connect every worker's client up front", exc_info=True)
 
     def _refresh_context(self) -> None:
-        coordinator = self._coordinator
-        assert coordinator is not None
-        limits = {tier: s.limit for tier, s in coordinator.throttle.stats().items()}
-        ctx = Context(self._topic, coordinator._policies, limits, coordinator.config.mailbox_max)
+        host = self._host
+        assert host is not None
+        limits = {tier: s.limit for tier, s in host.throttle.stats().items()}
+        ctx = Context(self._topic, host.policies, limits, host.config.mailbox_max)
         self._ctx_blob = ctx.dumps()
 
-    def stop(self) -> None:
-        runner, coordinator = self._runner, self._coordinator
+    def stop(self) -> list[Any]:
+        runner, host = self._runner, self._host
         if runner is not None:
             # Normally nothing is left (stop() drained, or discarded what had not started); after
             # stop(timeout=...) tasks may still run: cancel them in one go, then end their tokens.
+            # What has not started is discarded first, quietly: stop() gave up on it anyway.
+            for token in self.not_started():
+                token._discard("stopped")
             running = list(runner.in_flight().values())
             runner.cancel([e.future for e in map(runner.forget, running) if e is not None])
             left = [*running, *runner.parked()]
@@ -232,19 +235,20 @@ class DaskBackend(Backend):
                 self.cluster.close()
         finally:
             self.client = self.cluster = None
-        if coordinator is not None and log.isEnabledFor(_INFO):
+        if host is not None and log.isEnabledFor(_INFO):
             log.info("[DASK] Backend stopped")
+        return []
 
     # -- submission --------------------------------------------------------------------------
     def _route(self, task: TaskFunction[..., Any]) -> Route:
-        coordinator = self._coordinator
-        assert coordinator is not None
+        host = self._host
+        assert host is not None
         spec = task.spec
         retries = spec.retries
         if retries is None:
-            retries = coordinator._policies[spec.weight].max_retries
+            retries = host.policies[spec.weight].max_retries
         tier = spec.storage_speed
-        limit = None if tier is None else coordinator.throttle.limit(tier)
+        limit = None if tier is None else host.throttle.limit(tier)
         # Only the workers of a LocalCluster started here are sure to import the script itself.
         route = Route(
             spec, task, retries, limit, self._ctx_blob, main_by_value=self.cluster is None
@@ -252,7 +256,9 @@ class DaskBackend(Backend):
         self._routes[id(spec)] = route
         return route
 
-    def submit(self, token: Token[Any], task: TaskFunction[..., Any], internal: bool) -> None:
+    def submit(
+        self, token: Token[Any], task: TaskFunction[..., Any], internal: bool, payload: Any = None
+    ) -> None:
         runner = self._runner
         assert runner is not None
         route = self._routes.get(id(task.spec))
@@ -262,77 +268,54 @@ class DaskBackend(Backend):
             return
         runner.admit(token, self, route, internal)
 
-    def has_room(self, spec: TaskSpec) -> bool:
+    def has_room(self, spec: TaskSpec, *, dependencies: bool, mailboxes: bool = True) -> bool:
         """Whether a call of ``spec`` would be sent now without waiting (``submit_async``)."""
-        runner, coordinator = self._runner, self._coordinator
-        if runner is None or coordinator is None:
+        runner, host = self._runner, self._host
+        if runner is None or host is None:
             return True  # not running: submit raises at once
         if runner.load() >= self._bound:
             return False
         tier = spec.storage_speed
-        return tier is None or coordinator.throttle.waiting(tier) < self._bound
+        return tier is None or host.throttle.waiting(tier) < self._bound
 
     def _wait_for_room(self, token: Token[Any]) -> bool:
         """Wait until fewer than the bound are in flight; False if stop() gave up meanwhile
         (the token is then discarded, as a producer waiting on the local lanes is)."""
-        coordinator, runner = self._coordinator, self._runner
-        assert coordinator is not None and runner is not None
-        if coordinator._reject:
+        host, runner = self._host, self._runner
+        assert host is not None and runner is not None
+        if host.config.admission == "reject":
             token._discard("overloaded")
             raise Overloaded(
                 f"{self._bound} tokens are in flight on the Dask cluster (mailbox_max per worker "
                 f"thread); {token.operation_type!r} was refused. Slow the producer, raise "
                 f"mailbox_max, or use admission='block'"
             )
-        bound = self._bound
-        coordinator._gate.wait_for(
-            lambda: True if coordinator._discarding or runner.load() < bound else None
-        )
-        if coordinator._discarding:
-            token._discard("stopped")
-            return False
-        return True
+        return host.backlog.wait_for_room(token, runner.load)
 
     # -- Host: what the runner asks of the coordinator's side ----------------------------------
     def acquire(self, token: Token[Any], internal: bool) -> bool:
         """The client-side rate limit and tier permit (the coordinator's own RateLimiter and
         StorageThrottle): a token waiting for either is not sent, so it holds no worker."""
-        coordinator = self._coordinator
-        assert coordinator is not None
-        if token.spec.rate is not None and coordinator._hold_for_rate(
+        host = self._host
+        assert host is not None
+        if token.spec.rate is not None and host.backlog.hold_for_rate(
             token, internal, self._rate_released
         ):
             return False  # sent once its operation's bucket lets it go
-        tier = token.spec.storage_speed
-        if tier is None or token._holds_permit:
+        if token.spec.storage_speed is None or token._holds_permit:
             return True
-        throttle = coordinator.throttle
-        if not internal and throttle.waiting(tier) >= self._bound:
-            bound = self._bound
-            coordinator._gate.wait_for(
-                lambda: True if coordinator._discarding or throttle.waiting(tier) < bound else None
-            )
-            if coordinator._discarding:
-                token._discard("stopped")
-                return False
-        token._parked = "tier"
-        if throttle.try_acquire(tier, token):
-            token._parked = None
-            return True
-        if coordinator._closed:  # stopping: no permit will be released to it any more
-            token._discard("stopped")
-        return False
+        return host.backlog.acquire_tier(token, internal)
 
     def settled(self, token: Token[Any]) -> None:
-        coordinator, runner = self._coordinator, self._runner
-        assert coordinator is not None
+        host, runner = self._host, self._runner
+        assert host is not None
         if token._holds_permit:
-            self.granted(coordinator.throttle.release(token))
-        gate = coordinator._gate
+            self.granted(host.throttle.release(token))
+        gate = host.gate
         if gate.unwoken and (runner is None or runner.load() <= self._low_water):
             gate.notify()
-        if coordinator._draining:
-            coordinator._notify_drain()
+        if host.lifecycle.draining:
+            host.completion.notify_drain()
 
     def granted(self, tokens: list[Token[Any]]) -> None:
         """Tokens just given a tier permit (a release, or a larger limit): send them."""
@@ -354,20 +337,26 @@ class DaskBackend(Backend):
         self._routes = {}
         self.granted(tokens)
 
+    def finish(self, token: Token[Any], value: Any, exc: BaseException | None) -> bool:
+        """End a token the cluster ran (or failed before it ran) through the coordinator's
+        completion path: counted, middleware told, then its waiters woken."""
+        assert self._host is not None
+        return self._host.completion.finish(token, value, exc)
+
     def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
-        coordinator = self._coordinator
-        if coordinator is not None:
-            coordinator._notify_after_attempt(token, outcome, exc)
+        host = self._host
+        if host is not None:
+            host.completion.attempt_ended(token, outcome, exc)
 
     def record_retried(self, token: Token[Any]) -> None:
-        assert self._coordinator is not None
-        self._coordinator._stats.record_retried(token.spec.operation_type, token.spec.weight)
+        assert self._host is not None
+        self._host.stats.record_retried(token.spec.operation_type, token.spec.weight)
 
     def merge_nested(self, nested: dict[str, list[Any]]) -> None:
         """Counts of the tokens task bodies submitted on the workers, into the coordinator's
         statistics (on this thread's own shard, like every other record)."""
-        assert self._coordinator is not None
-        shard = self._coordinator._stats.shard()
+        assert self._host is not None
+        shard = self._host.stats.shard()
         for op, (weight, sub, res, fail, disc, retried, latencies) in nested.items():
             counters = shard.op(op, weight)
             counters.submitted += sub
@@ -380,13 +369,14 @@ class DaskBackend(Backend):
                 record(latency)
 
     def late(self, token: Token[Any], what: str) -> None:
-        assert self._coordinator is not None
-        self._coordinator._late(token, what)
+        assert self._host is not None
+        self._host.completion.late(token, what)
 
     def expire_later(self, callback: Any) -> None:
-        coordinator = self._coordinator
-        if coordinator is not None and coordinator._timers is not None:
-            coordinator._timers.call_later(0, callback)
+        host = self._host
+        if host is not None:
+            with contextlib.suppress(RuntimeError):  # stopping: the timer queue closed
+                host.call_later(0, callback)
 
     # -- discards and stop ------------------------------------------------------------------
     def discarded(self, token: Token[Any]) -> None:

@@ -15,7 +15,7 @@ client side, and one per worker process for the nested calls task bodies make. T
         the collector thread settles each token in completion order:
             retried attempts (from the ``retry`` events) -> Retried + after_attempt("retried")
             nested counts -> the host's statistics (before anyone is woken)
-            Token._finish(value | error, host._record_terminal) -> after_attempt(resolved|failed)
+            host.finish(value | error): counted, middleware told, then waiters woken
             host.settled -> tier permit handed on, producers and stop() woken
 
 Events (``retry``, ``timeout``) arrive on the client's event loop in the order the scheduler sent
@@ -41,6 +41,7 @@ from .._errors import (
     TokenGateError,
     WorkerCrashed,
 )
+from .._parking import Parking, park
 from .._token import Place, Token
 from ._dask_protocol import (
     DEADLINE,
@@ -101,7 +102,10 @@ def dask_priority(level: int, token: Token[Any]) -> float:
 class Host(Protocol):
     """Who owns the tokens a runner settles: the coordinator's backend, or a worker TaskScope."""
 
-    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None: ...
+    def finish(self, token: Token[Any], value: Any, exc: BaseException | None) -> bool:
+        """End ``token`` (counted, middleware told, then its waiters woken); False if it had
+        ended already."""
+        ...
 
     def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None: ...
 
@@ -380,7 +384,7 @@ class Runner:
             self._gathering = False
 
     def _park(self, token: Token[Any], host: Host, route: Route, waiting: list[Token[Any]]) -> None:
-        token._parked = "deps"
+        park(token, Parking.DEPS)
         left = [len(waiting)]
         lock = threading.Lock()
         with self._lock:
@@ -447,8 +451,7 @@ class Runner:
             log.debug("cancelling %d Dask futures failed", len(futures), exc_info=True)
 
     def _fail_unrun(self, token: Token[Any], host: Host, exc: BaseException) -> None:
-        if token._finish(None, exc, host._record_terminal):
-            host.after_attempt(token, "failed", exc)
+        host.finish(token, None, exc)
         host.settled(token)
 
     # -- events (on the client's event loop: note, or hand over; never run user code here) -------
@@ -573,12 +576,11 @@ class Runner:
         if nested:
             host.merge_nested(nested)  # before anyone is woken: get() then sees every count
         entry.done = True
-        finished = token._finish(value, exc, host._record_terminal)
+        finished = host.finish(token, value, exc)
         if entry.future.status != "pending":
             self._inflight.pop(entry.future.key, None)
         # else: timed out while still running; kept so that its late end is logged
         if finished:
-            host.after_attempt(token, "resolved" if exc is None else "failed", exc)
             if worker_log.isEnabledFor(_DEBUG):
                 where = (token.worker or "dask").upper()
                 if exc is None:

@@ -213,7 +213,7 @@ class TaskScope:
         return token
 
     # Token -> host calls.
-    def _help(self, token: Token[Any], end: float | None = None) -> None:
+    def help(self, token: Token[Any], end: float | None = None) -> None:
         """The body waits on a nested token (until ``end``, the caller's ``get(timeout=)``):
         leave the worker's thread pool (once) so another task, that one included, can run in
         our slot. Never rejoined: the task finishes outside the pool, as with
@@ -224,14 +224,14 @@ class TaskScope:
             self.seceded = True
             secede()  # type: ignore[no-untyped-call]
 
-    def _on_discarded(self, token: Token[Any]) -> None:
+    def on_discarded(self, token: Token[Any]) -> None:
         token.finished_at = _perf()
         self._count(token.spec, 4)
 
-    def _after_discard(self, token: Token[Any]) -> None:
+    def after_discard(self, token: Token[Any]) -> None:
         worker_runner(context_of(self.ctx_blob).topic).discarded(token)
 
-    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
+    def record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
         now = _perf()
         token.finished_at = now
         self._count(token.spec, 2 if exc is None else 3, now - token.submitted_at)
@@ -399,8 +399,8 @@ class NestedHost:
     def __init__(self, scope: TaskScope) -> None:
         self.scope = scope
 
-    def _record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
-        self.scope._record_terminal(token, exc)
+    def finish(self, token: Token[Any], value: Any, exc: BaseException | None) -> bool:
+        return token._finish(value, exc, self.scope.record_terminal)
 
     def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
         pass

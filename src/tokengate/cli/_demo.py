@@ -181,7 +181,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     display.say(f"[METRICS] Prometheus metrics at http://127.0.0.1:{port}/metrics")
                 display.start()
                 backend = getattr(coordinator, "backend", None)
-                if backend is not None:
+                if backend is not None and backend.name != "local":
                     display.say(f"[BACKEND] {backend.describe()}")
                 display.say(
                     f"[DEMO] {args.name} started: {demo.duration:g} s, seed {seed} "

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .._admission import AdmissionGate
     from .._config import CoordinatorConfig
     from .._coordinator import OperationsCoordinator
+    from .._state import Lifecycle
     from .._stats import StatsRecorder
     from ._metrics import MetricsServer, TokenGateCollector
 
@@ -72,8 +73,10 @@ class Observability:
         stats: StatsRecorder,
         gate: AdmissionGate,
         add_middleware: Callable[[Middleware], None],
+        lifecycle: Lifecycle,
     ) -> None:
         self._add_middleware = add_middleware
+        self._lifecycle = lifecycle  # serve_metrics() refuses a stopping coordinator
         self.guard_house = GuardHouse(
             enabled=config.guard_house,
             auto_block=config.auto_block,
@@ -107,9 +110,10 @@ class Observability:
 
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535 (0: any free port), got {port!r}")
-        if coordinator._status in ("stopping", "stopped"):
+        status = self._lifecycle.status
+        if status in ("stopping", "stopped"):
             raise CoordinatorNotRunning(
-                f"serve_metrics() on a coordinator that is {coordinator._status}: the server "
+                f"serve_metrics() on a coordinator that is {status}: the server "
                 f"would outlive it. Call it before stop(), or after start() again"
             )
         prometheus_client = require()

@@ -1,7 +1,7 @@
 """OverflowGuard: admission pauses while the process is over its memory budget.
 
 A low-rate daemon thread samples the process's resident set size (psutil) every
-``interval`` seconds and calls :meth:`OverflowGuard._sample`, which tests may call directly with
+``interval`` seconds and calls :meth:`OverflowGuard.sample`, which tests may call directly with
 a made-up ``rss`` instead of waiting for the thread. The rule, with hysteresis so admission does
 not flap around the line:
 
@@ -140,7 +140,7 @@ class OverflowGuard(Middleware):
         return self._paused
 
     # -- sampling ----------------------------------------------------------------------------
-    def _sample(self, rss: int | None = None) -> bool:
+    def sample(self, rss: int | None = None) -> bool:
         """Take one sample (``rss`` given: use it instead of measuring); returns ``paused``."""
         if rss is None:
             rss = self._rss()
@@ -196,7 +196,7 @@ class OverflowGuard(Middleware):
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self._sample()
+                self.sample()
             except Exception:  # psutil trouble must not kill the guard, nor spam the log
                 if not self._warned_sampling:
                     self._warned_sampling = True

@@ -48,13 +48,13 @@ _CACHE_MAX = 256
 class _InlineHost:
     """Stands in for the coordinator of tokens made inside a worker process (all finished)."""
 
-    def _help(self, token: Token[Any]) -> None:
+    def help(self, token: Token[Any], end: float | None, /) -> None:
         pass
 
-    def _on_discarded(self, token: Token[Any]) -> None:
+    def on_discarded(self, token: Token[Any], /) -> None:
         pass
 
-    def _after_discard(self, token: Token[Any]) -> None:
+    def after_discard(self, token: Token[Any], /) -> None:
         pass
 
 
