@@ -17,7 +17,7 @@ from ._affinity import core_worker_mapping, mapping_banner
 if TYPE_CHECKING:
     from ._coordinator import OperationsCoordinator
 
-__all__ = ["log_start_banner"]
+__all__ = ["log_start_banner", "log_started"]
 
 log = logging.getLogger("tokengate.coordinator")
 guard_log = logging.getLogger("tokengate.guard_house")
@@ -103,3 +103,31 @@ def _log_full(coordinator: OperationsCoordinator) -> None:
     log.debug(rule)
     log.debug("")
     log.debug("Starting Operations Coordinator...")
+
+
+def log_started(coordinator: OperationsCoordinator) -> None:
+    """The lines that follow a start (DEBUG on ``tokengate.coordinator``): what now runs."""
+    lanes = coordinator.lanes
+    cfg = coordinator.config
+    if lanes:  # a remote backend logs its own workers ([DASK] ...)
+        log.debug(
+            "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
+            sum(len(ln.workers) for ln in lanes.values() if ln.name not in ("io", "async")),
+            coordinator.core_count,
+        )
+    log.debug(
+        "[GATE] Admission gate started - %s (mailbox_max=%d)",
+        "reject when full" if cfg.admission == "reject" else "full saturation mode",
+        cfg.mailbox_max,
+    )
+    log.debug("Worker queue started")
+    log.debug("Admission gate started")
+    io_lane = lanes.get("io")  # its threads are not core-pinned
+    if io_lane is not None:
+        log.debug(
+            "[IO_LANE] Started %d workers (%d per storage tier)",
+            len(io_lane.workers),
+            cfg.io_workers,
+        )
+    if coordinator.convergence is not None:
+        log.debug("Convergence monitoring started")

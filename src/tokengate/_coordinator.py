@@ -260,35 +260,10 @@ class OperationsCoordinator:
         for hook in self._hooks["on_start"]:
             hook(self)
         if log.isEnabledFor(_DEBUG):
-            self._log_started()
+            _banner.log_started(self)
         if log.isEnabledFor(_INFO):  # the one start-up line at INFO; the detail is DEBUG
             log.info("Operations Coordinator started successfully!")
         return self
-
-    def _log_started(self) -> None:
-        lanes = self._backend.lanes
-        if lanes:  # a remote backend logs its own workers ([DASK] ...)
-            log.debug(
-                "[CORE_PINNED_QUEUE] Started %d workers across %d cores",
-                sum(len(ln.workers) for ln in lanes.values() if ln.name not in ("io", "async")),
-                self.core_count,
-            )
-        log.debug(
-            "[GATE] Admission gate started - %s (mailbox_max=%d)",
-            "full saturation mode" if not self._reject else "reject when full",
-            self.config.mailbox_max,
-        )
-        log.debug("Worker queue started")
-        log.debug("Admission gate started")
-        io_lane = lanes.get("io")  # its threads are not core-pinned
-        if io_lane is not None:
-            log.debug(
-                "[IO_LANE] Started %d workers (%d per storage tier)",
-                len(io_lane.workers),
-                self.config.io_workers,
-            )
-        if self.convergence is not None:
-            log.debug("Convergence monitoring started")
 
     @property
     def backend(self) -> Backend:

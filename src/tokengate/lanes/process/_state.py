@@ -20,6 +20,8 @@ import enum
 import threading
 from collections.abc import Mapping
 
+from ..._state import IllegalTransition
+
 __all__ = ["TRANSITIONS", "IllegalTransition", "SlotState", "SlotStateMachine"]
 
 
@@ -49,10 +51,6 @@ TRANSITIONS: Mapping[SlotState, frozenset[SlotState]] = {
     _S.BROKEN: frozenset({_S.READY, _S.COOLING_DOWN, _S.STOPPED}),
     _S.STOPPED: frozenset(),
 }
-
-
-class IllegalTransition(RuntimeError):
-    """A slot was asked to move between two states that :data:`TRANSITIONS` does not connect."""
 
 
 class SlotStateMachine:
