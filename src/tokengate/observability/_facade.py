@@ -9,7 +9,8 @@ observability state or logic of its own. Each part is ordinary middleware, insta
 ===================  ==========================  =========================================
 part                 config                      hooks
 ===================  ==========================  =========================================
-Guard House monitor  ``guard_house=True``        ``after_failure``, ``after_long_run``
+Guard House monitor  ``guard_house=True``        ``after_failure``, ``after_long_run``,
+                                                 ``check_runs``
 circuit breaker      ``auto_block=True``         ``before_submit``, ``after_attempt``,
                                                  ``after_discard``
 Overflow Guard       ``overflow_guard=True``     ``on_start``/``on_stop`` (a sampler thread)
