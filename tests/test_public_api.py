@@ -18,6 +18,7 @@ COORDINATOR_API = {
     "submit",
     "submit_async",
     "executor",
+    "share",
     # policies
     "add_middleware",
     "middleware",

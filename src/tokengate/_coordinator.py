@@ -54,6 +54,8 @@ from ._token import Token, check_timeout, in_done_callback
 from ._topology import Topology, detect_topology
 from .backends import Backend, resolve_backend
 from .lanes._base import Lane, Worker
+from .lanes._sharing import share as share_object
+from .lanes._sharing import with_shared
 from .local import LocalBackend
 from .observability._facade import Observability
 
@@ -112,7 +114,7 @@ class OperationsCoordinator:
     The public surface (a test keeps it to exactly these names):
 
     * lifecycle: :meth:`start`, :meth:`stop`, :attr:`running`;
-    * work: :meth:`submit`, :meth:`submit_async`, :meth:`executor`;
+    * work: :meth:`submit`, :meth:`submit_async`, :meth:`executor`, :meth:`share`;
     * policies: :meth:`add_middleware`, :attr:`middleware` (see :class:`Middleware`),
       :meth:`set_storage_limit`, :meth:`count_event` (an event of your own in the stats);
     * observation: :meth:`stats`, :meth:`tier_stats`, :attr:`admission`, :meth:`queue_depths`,
@@ -549,9 +551,22 @@ class OperationsCoordinator:
     def stats(self, label: str = "STATS") -> StatsSnapshot:
         """A frozen snapshot of the counts and latencies; ``str()`` of it is the Quick-Proof's
         stats block."""
-        return self._stats.snapshot(
-            label, queued_bytes=self._queued_bytes.reading(), rate=self._rate.stats()
+        return with_shared(
+            self._stats.snapshot(
+                label, queued_bytes=self._queued_bytes.reading(), rate=self._rate.stats()
+            )
         )
+
+    def share(self, obj: T) -> T:
+        """Place ``obj``'s big buffers in shared memory once and return an equal, read-only
+        object built on them: pass it (or slices of it) to any number of process-lane calls
+        and no bytes are copied per call; the worker maps the same memory. The memory is
+        freed once the returned object is gone here and the last token using it has ended.
+        On a backend without worker processes of its own (Dask) ``obj`` is returned as it is.
+        See docs/guide/data.md."""
+        if not isinstance(self._backend, LocalBackend):
+            return obj
+        return share_object(obj)
 
     def tier_stats(self) -> Mapping[str, TierStats]:
         """Per storage tier: limit, running, waiting and the high-water mark of running."""

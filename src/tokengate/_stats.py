@@ -181,7 +181,9 @@ class StatsSnapshot:
     (bounded by ``CoordinatorConfig.process_queue_bytes``), and
     ``process_queue_bytes_high_water`` the most they ever held at once. ``rate_waiting``,
     ``rate_delayed`` and ``rate_wait_seconds`` add up the operations' (see
-    :class:`OperationStats`): the wait for ``rate`` limits.
+    :class:`OperationStats`): the wait for ``rate`` limits. ``shared_objects`` and
+    ``shared_bytes``: the objects placed in shared memory by ``share()`` in this process and
+    still alive, and the bytes they hold.
     """
 
     label: str
@@ -205,6 +207,8 @@ class StatsSnapshot:
     rate_waiting: int = 0
     rate_delayed: int = 0
     rate_wait_seconds: float = 0.0
+    shared_objects: int = 0
+    shared_bytes: int = 0
 
     def with_label(self, label: str) -> StatsSnapshot:
         """The same numbers under another label (``[FINAL]``, a phase name, ...)."""
@@ -232,6 +236,11 @@ class StatsSnapshot:
             lines.append(
                 f"     Queued    : {format_bytes(self.process_queue_bytes)} of process-lane "
                 f"arguments  (peak {format_bytes(self.process_queue_bytes_high_water)})"
+            )
+        if self.shared_objects:  # only while objects are shared (OperationsCoordinator.share)
+            lines.append(
+                f"     Shared    : {self.shared_objects} objects, "
+                f"{format_bytes(self.shared_bytes)} in shared memory"
             )
         if self.rate_delayed:  # only once a rate limit made a token wait
             lines.append(

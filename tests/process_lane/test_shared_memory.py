@@ -116,10 +116,10 @@ def test_bytearray_and_memoryview_arguments_travel_shared(procs: Make, kind: str
 def test_the_shared_bytes_of_a_queued_call_count_against_the_byte_budget() -> None:
     array = np.zeros(BIG)
     call = _wire.prepare_call(pt.array_info, (array,), {}, has_dependencies=False)
-    assert [s.size for s in call.segments] == [array.nbytes]
+    assert [(p.length, p.owned) for p in call.parts] == [(array.nbytes, True)]
     assert array.nbytes < call.size() < array.nbytes + 1024
     call.close()
-    assert call.size() < 1024 and call.segments == []
+    assert call.size() < 1024 and call.parts == []
 
 
 # -- nothing leaks ---------------------------------------------------------------------------------
@@ -166,6 +166,7 @@ import process_tasks as pt
 from tokengate import OperationsCoordinator
 
 coordinator = OperationsCoordinator(workers_per_core=1, cores=1).start()
+assert coordinator.lanes["process"].wait_ready(30)
 token = pt.hold_array(numpy.ones(int(sys.argv[2])), sys.argv[1])
 print(*coordinator.lanes["process"].pids(), flush=True)
 sys.stdin.read()  # hold until the test kills us
@@ -219,3 +220,56 @@ def test_a_retried_call_sends_its_segments_again(procs: Make, tmp_path: Path) ->
         token.get(timeout=30)
     assert token.attempts == 2
     eventually(lambda: nothing_held(everyone(coordinator)), what="the segments to be freed")
+
+
+# -- share once, use many times --------------------------------------------------------------------
+def test_share_places_an_object_once_and_calls_pass_slices_of_it_without_a_copy(
+    procs: Make,
+) -> None:
+    coordinator = procs(workers_per_core=1, cores=1)
+    original = np.arange(4 * BIG, dtype=np.float64)
+    shared = coordinator.share(original)
+    assert np.array_equal(shared, original) and not shared.flags.writeable
+    snap = coordinator.stats()
+    assert (snap.shared_objects, snap.shared_bytes) == (1, original.nbytes)
+    assert "Shared    : 1 objects" in str(snap)
+    step = BIG // 2  # slices below the threshold are still sent as places in the segment
+    pieces = [shared[i * step : (i + 1) * step] for i in range(8)]
+    call = _wire.prepare_call(pt.array_info, (pieces[3],), {}, has_dependencies=False)
+    ((segment, offset, length, owned),) = call.parts
+    assert (offset, length, owned) == (3 * step * 8, step * 8, False)
+    assert segment.size == original.nbytes and call.size() < 1024  # nothing copied for it
+    call.close()
+    assert segment.fd >= 0  # the shared segment is not the call's to close
+    infos = [t.get(timeout=30) for t in [pt.array_info(p) for p in pieces]]
+    assert [i["sum"] for i in infos] == [float(p.sum()) for p in pieces]
+    assert all(i["mapped"] and not i["writeable"] for i in infos)
+    fds, maps = segments_held(os.getpid())  # one segment, one mapping, for the 8 calls
+    assert maps == 1 and fds <= 2  # (before Python 3.13 the mapping keeps a dup'd fd)
+    del shared, pieces, call, segment
+    assert coordinator.stats().shared_objects == 0
+    eventually(lambda: nothing_held(everyone(coordinator)), what="the shared segment to go")
+
+
+def test_a_shared_object_is_freed_once_its_handle_and_the_tokens_using_it_are_gone(
+    procs: Make, tmp_path: Path
+) -> None:
+    coordinator = procs(workers_per_core=1, cores=1, retry_policy=NO_CRASH_RETRY)
+    marker = tmp_path / "pid"
+    blocker = pt.hold_array(np.ones(BIG), str(marker))
+    eventually(marker.exists, what="the worker to be busy")
+    shared = coordinator.share(np.full(BIG, 2.0))
+    queued = pt.array_info(shared)
+    del shared  # the queued call holds the segment (and its token the object)
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    with pytest.raises(WorkerCrashed):
+        blocker.get(timeout=30)
+    assert queued.get(timeout=30)["sum"] == 2.0 * BIG
+    del queued
+    assert coordinator.stats().shared_objects == 0
+    eventually(lambda: nothing_held(everyone(coordinator)), what="the segments to be freed")
+
+
+def test_share_refuses_an_object_without_buffers(coordinator: OperationsCoordinator) -> None:
+    with pytest.raises(ValueError, match=r"found no buffer to share in a dict"):
+        coordinator.share({"a": 1})

@@ -28,10 +28,11 @@ import secrets
 import socket
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "SHARE_THRESHOLD",
+    "Part",
     "Segment",
     "map_segment",
     "open_channel",
@@ -89,6 +90,16 @@ class Segment:
 
     def __repr__(self) -> str:
         return f"Segment(fd={self.fd}, size={self.size})"
+
+
+class Part(NamedTuple):
+    """One out-of-band buffer of a message: ``length`` bytes at ``offset`` in ``segment``.
+    ``owned``: the segment was made for this message alone (else it is a shared object's)."""
+
+    segment: Segment
+    offset: int
+    length: int
+    owned: bool
 
 
 def share_buffer(buffer: Any) -> Segment:

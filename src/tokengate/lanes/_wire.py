@@ -15,14 +15,15 @@ its spec, so the worker runs the body and never re-submits it.
 
 **Big buffers.** Buffers of at least ``SHARE_THRESHOLD`` bytes that pickle protocol 5 hands
 over out of band (NumPy arrays, ``bytearray``, ``memoryview``) travel in shared memory, their
-descriptors over a Unix socket beside the pipes (:mod:`._segments`). A call message says how
-many there are and their sizes: ``!II`` (function length, buffer count), one ``!Q`` size per
-buffer, the function, the arguments. A call without big buffers is the same message with a
-count of 0, and costs what it did.
+descriptors over a Unix socket beside the pipes (:mod:`._segments`); a buffer inside an object
+shared with ``share()`` is sent as its segment and offset, without a copy (:mod:`._sharing`).
+A call message says where they are: ``!II`` (function length, buffer count), ``!QQQ`` per
+buffer (its segment's size, its offset and length there), the function, the arguments. A call
+without big buffers is the same message with a count of 0, and costs what it did.
 
 **Replies.** The first byte of a reply from a worker says what follows: ``R`` ready (its pid),
 ``B`` boot failure (traceback text), ``V`` a value, ``O`` a value with big buffers (a count,
-their sizes, then the pickle), ``E`` an exception (pickled with its traceback as text), ``S`` a
+their places, then the pickle), ``E`` an exception (pickled with its traceback as text), ``S`` a
 serialization failure inside the worker (text).
 """
 
@@ -41,8 +42,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._decorator import TaskFunction, _rebuild_task, resolves_by_name
 from .._errors import SerializationError
-from . import _segments
-from ._segments import Segment
+from . import _segments, _sharing
+from ._segments import Part
 
 if TYPE_CHECKING:
     import socket
@@ -61,17 +62,19 @@ __all__ = [
     "encode_value",
     "function_payload",
     "loads_shared",
+    "pack_places",
     "prepare_call",
     "receive_views",
     "send",
     "split_call",
+    "unpack_places",
 ]
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 _HEADER = struct.Struct("!Q")
 _CALL_HEAD = struct.Struct("!II")
 _COUNT = struct.Struct("!I")
-_SIZE = struct.Struct("!Q")
+_PLACE = struct.Struct("!QQQ")
 _READ_CHUNK = 1 << 16
 
 READY = ord("R")
@@ -172,8 +175,9 @@ def dumps(obj: Any) -> bytes:
 
 
 class _BigBuffers:
-    """A ``buffer_callback`` that keeps the out-of-band buffers of at least ``threshold`` bytes
-    (returning False: not in the pickle) and lets smaller ones stay in band."""
+    """A ``buffer_callback`` that keeps the out-of-band buffers of at least ``threshold`` bytes,
+    and smaller ones that lie in a shared object (returning False: not in the pickle), and lets
+    the others stay in band."""
 
     __slots__ = ("buffers", "threshold")
 
@@ -186,15 +190,24 @@ class _BigBuffers:
             raw = buffer.raw()
         except BufferError:  # not contiguous: pickle copies it in band
             return True
-        if raw.nbytes < self.threshold:
+        if raw.nbytes < self.threshold and _sharing.find(raw) is None:
             return True
         self.buffers.append(raw)
         return False
 
 
-def dumps_shared(obj: Any) -> tuple[bytes, list[Segment]]:
-    """:func:`dumps`, with the big out-of-band buffers copied into shared-memory segments
-    (in pickle order). No segment is made for a value without big buffers."""
+def _part(buffer: memoryview) -> Part:
+    found = _sharing.find(buffer)
+    if found is not None:
+        return Part(found[0], found[1], buffer.nbytes, False)
+    segment = _segments.share_buffer(buffer)
+    return Part(segment, 0, segment.size, True)
+
+
+def dumps_shared(obj: Any) -> tuple[bytes, list[Part]]:
+    """:func:`dumps`, with the big out-of-band buffers in shared memory (in pickle order):
+    copied into new segments, or found in a shared object's. No segment is made for a value
+    without big buffers."""
     keep = _BigBuffers(_segments.SHARE_THRESHOLD)
     try:
         data = _plain(obj, keep)
@@ -203,9 +216,17 @@ def dumps_shared(obj: Any) -> tuple[bytes, list[Segment]]:
         data = _cloud(obj, keep)
     if not keep.buffers:
         return data, []
-    segments = [_segments.share_buffer(b) for b in keep.buffers]
+    parts = [_part(b) for b in keep.buffers]
     keep.buffers.clear()
-    return data, segments
+    return data, parts
+
+
+def pack_places(parts: list[Part]) -> bytes:
+    return b"".join(_PLACE.pack(p.segment.size, p.offset, p.length) for p in parts)
+
+
+def unpack_places(data: memoryview, start: int, count: int) -> list[tuple[int, int, int]]:
+    return [_PLACE.unpack_from(data, start + i * _PLACE.size) for i in range(count)]
 
 
 def loads_shared(data: Any, views: list[memoryview]) -> Any:
@@ -213,13 +234,16 @@ def loads_shared(data: Any, views: list[memoryview]) -> Any:
     return pickle.loads(data, buffers=views) if views else pickle.loads(data)
 
 
-def receive_views(sock: socket.socket, sizes: list[int], *, writable: bool) -> list[memoryview]:
-    """Receive and map the segments of one message (their descriptors are closed once mapped)."""
-    fds = _segments.receive_fds(sock, len(sizes))
+def receive_views(
+    sock: socket.socket, places: list[tuple[int, int, int]], *, writable: bool
+) -> list[memoryview]:
+    """Receive and map the segments of one message, each view its buffer's place in its
+    segment (the descriptors are closed once mapped)."""
+    fds = _segments.receive_fds(sock, len(places))
     try:
         return [
-            _segments.map_segment(fd, size, writable=writable)
-            for fd, size in zip(fds, sizes, strict=True)
+            _segments.map_segment(fd, size, writable=writable)[offset : offset + length]
+            for fd, (size, offset, length) in zip(fds, places, strict=True)
         ]
     finally:
         for fd in fds:
@@ -281,7 +305,7 @@ def dumps_arguments(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 
 def dumps_arguments_shared(
     task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[bytes, list[Segment]]:
+) -> tuple[bytes, list[Part]]:
     """:func:`dumps_arguments`, big buffers in shared memory (:func:`dumps_shared`)."""
     try:
         return dumps_shared((args, kwargs))
@@ -339,57 +363,60 @@ def function_payload(task: TaskFunction[..., Any]) -> bytes:
 
 class ProcessCall:
     """A process token's call, pickled: the function and (once dependencies are resolved) the
-    arguments, their big buffers in shared-memory ``segments``. Pickled once at submit time;
+    arguments, their big buffers in shared memory (``parts``). Pickled once at submit time;
     retries send the same bytes and segments. ``held`` is what the call holds of the
     coordinator's byte budget while it is queued (``_byte_budget.py``). :meth:`close` lets the
     segments go (the last holder of a segment frees it)."""
 
-    __slots__ = ("args", "fn", "held", "segments", "task")
+    __slots__ = ("args", "fn", "held", "parts", "task")
 
     def __init__(
         self,
         task: TaskFunction[..., Any] | None,
         fn: bytes,
         args: bytes | None,
-        segments: list[Segment] | None = None,
+        parts: list[Part] | None = None,
     ) -> None:
         self.task = task
         self.fn = fn
         self.args = args
-        self.segments = segments or []
+        self.parts = parts or []
         self.held = 0
 
     def set_arguments(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Pickle the arguments now (their tokens resolved since the call was made)."""
-        self.args, self.segments = dumps_arguments_shared(task, args, kwargs)
+        self.args, self.parts = dumps_arguments_shared(task, args, kwargs)
 
     def size(self) -> int:
-        """The bytes this call holds of its own: its pickled arguments and shared buffers (the
-        function's bytes are made once per task and shared by every call)."""
+        """The bytes this call holds of its own: its pickled arguments and the segments made
+        for it (a shared object's segments are charged once, by ``share()``; the function's
+        bytes are made once per task and shared by every call)."""
         args = self.args
         own = 0 if args is None else len(args)
-        for segment in self.segments:
-            own += segment.size
+        for part in self.parts:
+            if part.owned:
+                own += part.segment.size
         return own
 
     def fds(self) -> list[int]:
         """The descriptors of the shared buffers, to pass before the message."""
-        return [segment.fd for segment in self.segments]
+        return [part.segment.fd for part in self.parts]
 
     def message(self) -> list[bytes]:
-        """The buffers of the task message (lengths and sizes, function, arguments)."""
+        """The buffers of the task message (lengths and places, function, arguments)."""
         assert self.args is not None
-        segments = self.segments
-        if not segments:
+        parts = self.parts
+        if not parts:
             return [_CALL_HEAD.pack(len(self.fn), 0), self.fn, self.args]
-        sizes = b"".join(_SIZE.pack(segment.size) for segment in segments)
-        return [_CALL_HEAD.pack(len(self.fn), len(segments)), sizes, self.fn, self.args]
+        return [_CALL_HEAD.pack(len(self.fn), len(parts)), pack_places(parts), self.fn, self.args]
 
     def close(self) -> None:
-        """Let the shared buffers go (a segment is freed once nobody holds it)."""
-        segments, self.segments = self.segments, []
-        for segment in segments:
-            segment.close()
+        """Let the shared buffers go: close the segments made for this call (a shared object's
+        stay with their other holders; the last holder of a segment frees it)."""
+        parts, self.parts = self.parts, []
+        for part in parts:
+            if part.owned:
+                part.segment.close()
 
 
 def prepare_call(
@@ -409,14 +436,14 @@ def prepare_call(
     return ProcessCall(task, fn, *dumps_arguments_shared(task, args, kwargs))
 
 
-def split_call(data: memoryview) -> tuple[memoryview, memoryview, list[int]]:
-    """The function and argument parts of a task message, and the sizes of its shared buffers
+def split_call(data: memoryview) -> tuple[memoryview, memoryview, list[tuple[int, int, int]]]:
+    """The function and argument parts of a task message, and the places of its shared buffers
     (worker side)."""
     n, count = _CALL_HEAD.unpack_from(data)
     start = _CALL_HEAD.size
-    sizes = [_SIZE.unpack_from(data, start + i * _SIZE.size)[0] for i in range(count)]
-    start += count * _SIZE.size
-    return data[start : start + n], data[start + n :], sizes
+    places = unpack_places(data, start, count)
+    start += count * _PLACE.size
+    return data[start : start + n], data[start + n :], places
 
 
 # -- replies (worker side) -------------------------------------------------------------------------
@@ -429,16 +456,16 @@ def encode_value(value: Any, what: str, channel: socket.socket | None = None) ->
     try:
         if channel is None:
             return [_V, dumps(value)]
-        data, segments = dumps_shared(value)
-        if not segments:
+        data, parts = dumps_shared(value)
+        if not parts:
             return [_V, data]
         try:
-            _segments.send_fds(channel, [segment.fd for segment in segments])
+            _segments.send_fds(channel, [part.segment.fd for part in parts])
         finally:
-            for segment in segments:
-                segment.close()  # the kernel holds them for the parent now
-        sizes = b"".join(_SIZE.pack(segment.size) for segment in segments)
-        return [_O, _COUNT.pack(len(segments)), sizes, data]
+            for part in parts:
+                if part.owned:
+                    part.segment.close()  # the kernel holds it for the parent now
+        return [_O, _COUNT.pack(len(parts)), pack_places(parts), data]
     except Exception as exc:
         message = (
             f"{what} returned a {_type_name(value)}, which cannot be pickled to come back from "
@@ -476,9 +503,8 @@ def decode_shared_value(body: memoryview, channel: socket.socket) -> Any:
     copy-on-write (writable, copied only where written)."""
     (count,) = _COUNT.unpack_from(body)
     start = _COUNT.size
-    sizes = [_SIZE.unpack_from(body, start + i * _SIZE.size)[0] for i in range(count)]
-    views = receive_views(channel, sizes, writable=True)
-    return loads_shared(body[start + count * _SIZE.size :], views)
+    views = receive_views(channel, unpack_places(body, start, count), writable=True)
+    return loads_shared(body[start + count * _PLACE.size :], views)
 
 
 class RemoteTraceback(Exception):

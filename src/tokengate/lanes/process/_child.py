@@ -161,11 +161,11 @@ def _serial_failure(what: str, exc: BaseException) -> list[bytes]:
 def _handle(
     message: memoryview, cache: dict[bytes, Callable[..., Any]], channel: socket.socket
 ) -> list[bytes]:
-    fn_part, args_part, sizes = _wire.split_call(message)
+    fn_part, args_part, places = _wire.split_call(message)
     views: list[memoryview] = []
-    if sizes:  # taken first, whatever happens next: the channel stays in step
+    if places:  # taken first, whatever happens next: the channel stays in step
         try:
-            views = _wire.receive_views(channel, sizes, writable=False)
+            views = _wire.receive_views(channel, places, writable=False)
         except BaseException as exc:
             return _serial_failure("the shared buffers of the arguments", exc)
     try:

@@ -394,7 +394,7 @@ class ProcessWorker(MailboxWorker):
                 continue
             message = call.message()
             try:
-                if call.segments:  # their descriptors first: the worker takes them with the call
+                if call.parts:  # their descriptors first: the worker takes them with the call
                     _segments.send_fds(child.channel, call.fds())
                 _wire.send(child.tasks, message)
             except OSError:

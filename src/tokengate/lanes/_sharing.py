@@ -1,0 +1,164 @@
+"""Share once, use many times: an object placed in shared memory once, then passed to any number
+of process-lane calls without a copy (``OperationsCoordinator.share``).
+
+:func:`share` pickles the object with its big buffers out of band, copies each buffer once into
+a segment (:mod:`._segments`), maps the segment here and rebuilds the object on the mapping:
+what it returns is an equal, read-only object whose big buffers *are* the shared memory. Each
+mapping is registered by its address range. When a call is pickled, a big buffer that lies in a
+registered mapping (the object, or a slice of it) is sent as that segment plus an offset: no
+bytes are copied, the worker maps the same pages. ::
+
+    share(array) ──copy once──> segment ──map──> read-only array (registered)
+    task(shared[i::16]) ──pickle──> buffer in a registered range ──> (segment, offset), fd only
+
+Lifetime: the registry holds a segment while the returned object (or any view of it) is alive
+here; a call holds the segments it uses until its token ends. The kernel frees a segment once
+neither holds it and no worker maps it. The shared bytes are shown in ``stats()``
+(``shared_objects``, ``shared_bytes``) but not charged to ``process_queue_bytes``: they are held
+once, whatever the number of queued calls that use them, and a bound on queued calls must not
+make every producer wait for as long as a shared object lives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import mmap
+import pickle
+import threading
+import weakref
+from typing import Any, NamedTuple, TypeVar
+
+from ._segments import Segment, share_buffer
+
+__all__ = ["SharedReading", "find", "reading", "share", "with_shared"]
+
+_S = TypeVar("_S")
+
+
+class SharedReading(NamedTuple):
+    """The objects shared now, and the bytes their segments hold."""
+
+    objects: int
+    bytes: int
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+
+
+def _address(buffer: Any) -> int:
+    """Where ``buffer``'s bytes start in this process's memory."""
+    view = _PyBuffer()
+    _get_buffer(buffer, ctypes.byref(view), 0)
+    try:
+        return view.buf or 0
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
+class _Entry:
+    """One registered mapping: its segment and its address range."""
+
+    __slots__ = ("end", "segment", "start")
+
+    def __init__(self, segment: Segment, start: int) -> None:
+        self.segment = segment
+        self.start = start
+        self.end = start + segment.size
+
+
+_lock = threading.Lock()
+_entries: dict[int, _Entry] = {}  # by start address
+
+
+def find(buffer: memoryview) -> tuple[Segment, int] | None:
+    """The registered segment ``buffer`` lies in, and its offset there; None if it lies in none
+    (the common case: no registered mapping at all costs one dict check)."""
+    if not _entries:
+        return None
+    start = _address(buffer)
+    end = start + buffer.nbytes
+    with _lock:
+        for entry in _entries.values():
+            if entry.start <= start and end <= entry.end:
+                return entry.segment, start - entry.start
+    return None
+
+
+def reading() -> SharedReading:
+    """What is shared now in this process."""
+    with _lock:
+        return SharedReading(len(_entries), sum(e.segment.size for e in _entries.values()))
+
+
+def with_shared(snapshot: _S) -> _S:
+    """``snapshot`` (a ``StatsSnapshot``) with the shared objects' count and bytes filled in."""
+    if not _entries:
+        return snapshot
+    now = reading()
+    return dataclasses.replace(  # type: ignore[type-var]
+        snapshot, shared_objects=now.objects, shared_bytes=now.bytes
+    )
+
+
+def _forget(start: int) -> None:
+    with _lock:
+        _entries.pop(start, None)  # the segment closes once the calls using it let it go
+
+
+def share(obj: _S, *, threshold: int = 0) -> _S:
+    """An equal copy of ``obj`` whose buffers of at least ``threshold`` bytes live in shared
+    memory, read-only, registered so that process-lane calls pass them without copying."""
+    buffers: list[memoryview] = []
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:
+            return True
+        if raw.nbytes < max(threshold, 1):
+            return True
+        buffers.append(raw)
+        return False
+
+    data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL, buffer_callback=keep)
+    if not buffers:
+        raise ValueError(
+            f"share() found no buffer to share in a {type(obj).__name__} (NumPy arrays, "
+            f"bytearray, memoryview and objects that pickle through them have buffers); pass "
+            f"the object itself to the task instead"
+        )
+    views = []
+    for raw in buffers:
+        segment = share_buffer(raw)
+        mapping = mmap.mmap(segment.fd, segment.size, access=mmap.ACCESS_COPY)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        entry = _Entry(segment, start)
+        with _lock:
+            _entries[start] = entry
+        weakref.finalize(mapping, _forget, start)
+        views.append(memoryview(mapping).toreadonly())
+    buffers.clear()
+    shared: _S = pickle.loads(data, buffers=views)
+    return shared
