@@ -393,3 +393,48 @@ def hold_array(array: Any, marker: str) -> str:
 @task_token_guard(operation_type="worker_mappings", tags={**HEAVY, "executor": "process"})
 def worker_mappings() -> list[str]:
     return shared_mappings()
+
+
+# -- worker set-up ---------------------------------------------------------------------------------
+WORKER_STATE: dict[str, Any] = {}
+
+
+def remember(key: str, value: Any, log: str | None = None) -> None:
+    """A process initializer: keep ``value`` for the tasks (and note each run in ``log``)."""
+    WORKER_STATE[key] = value
+    if log is not None:
+        with open(log, "a", encoding="utf-8") as out:
+            out.write(f"{os.getpid()}\n")
+
+
+def refuse_to_start() -> None:
+    raise RuntimeError("injected: this initializer always fails")
+
+
+@task_token_guard(operation_type="worker_state", tags=HEAVY)
+def worker_state() -> dict[str, Any]:
+    return dict(WORKER_STATE)
+
+
+@task_token_guard(operation_type="native_threads", tags=HEAVY)
+def native_threads() -> dict[str, Any]:
+    """The native thread-pool sizes a worker process runs NumPy with."""
+    import numpy
+
+    numpy.dot(numpy.ones((64, 64)), numpy.ones((64, 64)))  # load and start the BLAS
+    env = {
+        var: os.environ.get(var)
+        for var in (
+            "OMP_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "VECLIB_MAXIMUM_THREADS",
+            "NUMEXPR_NUM_THREADS",
+        )
+    }
+    pools: list[int] = []
+    with contextlib.suppress(ImportError):
+        from threadpoolctl import threadpool_info
+
+        pools = [info["num_threads"] for info in threadpool_info()]
+    return {"env": env, "pools": pools}

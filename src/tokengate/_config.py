@@ -6,7 +6,7 @@ value fails when the coordinator is made, not when the first token meets it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -73,6 +73,15 @@ class CoordinatorConfig:
     purpose: it keeps dozens of megabyte-sized calls queued per worker (a worker needs one to
     stay busy) while a flood of large arguments costs the caller at most that much beyond its
     own data, the same on a laptop as on a 1 TB server (a share of RAM would not be).
+    ``process_native_threads`` is how many threads each worker process lets native thread pools
+    (BLAS, OpenMP, MKL, numexpr) start, so that one worker per core does not start a pool per
+    core each: ``None`` (automatic) keeps those of ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
+    ``MKL_NUM_THREADS``, ``VECLIB_MAXIMUM_THREADS`` and ``NUMEXPR_NUM_THREADS`` already set in the
+    environment and sets the others to 1; a number sets them all to it.
+    ``process_initializer`` is called with ``process_initargs`` once in each worker process as
+    it starts, before it takes a task (as ``ProcessPoolExecutor``'s ``initializer``): set up
+    per-process state there (a loaded model, an opened file). One that raises makes that start
+    fail; after 3 such failures in a row the worker's tokens fail with its traceback.
     """
 
     workers_per_core: int = 4
@@ -104,6 +113,9 @@ class CoordinatorConfig:
     convergence_interval: float = 0.1
     process_lane: bool | None = None  # see lanes/process/
     process_queue_bytes: int | str | None = PROCESS_QUEUE_BYTES  # see _byte_budget.py
+    process_native_threads: int | None = None
+    process_initializer: Callable[..., object] | None = None
+    process_initargs: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         _positive_int("workers_per_core", self.workers_per_core, upper=_MAX_WORKERS_PER_CORE)
@@ -160,6 +172,16 @@ class CoordinatorConfig:
         if self.process_lane is not None and not isinstance(self.process_lane, bool):
             raise ConfigError(
                 f"process_lane must be True, False or None (automatic), got {self.process_lane!r}"
+            )
+        if self.process_native_threads is not None:
+            _positive_int("process_native_threads", self.process_native_threads)
+        if self.process_initializer is not None and not callable(self.process_initializer):
+            raise ConfigError(
+                f"process_initializer must be a callable or None, got {self.process_initializer!r}"
+            )
+        if not isinstance(self.process_initargs, tuple):
+            raise ConfigError(
+                f"process_initargs must be a tuple, got {type(self.process_initargs).__name__}"
             )
         object.__setattr__(
             self,

@@ -102,13 +102,13 @@ class StartGate:
         gate = self
 
         class Child(_handle.ChildProcess):
-            def __init__(self, cpu: int | None) -> None:
+            def __init__(self, cpu: int | None, setup: Any = None) -> None:
                 if gate.failing and threading.current_thread().name == gate.thread:
                     with gate.cond:
                         gate.count += 1
                         gate.cond.notify_all()
                     raise gate.error
-                super().__init__(cpu)
+                super().__init__(cpu, setup)
 
         monkeypatch.setattr(_handle, "ChildProcess", Child)
 

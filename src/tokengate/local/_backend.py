@@ -38,7 +38,7 @@ from ..lanes._base import Lane, LaneHost, Worker
 from ..lanes._io import IOLane
 from ..lanes._thread import ThreadLane
 from ..lanes._wire import ProcessCall, prepare_call
-from ..lanes.process import ProcessLane, check_process_lane_option
+from ..lanes.process import ProcessLane, WorkerSetup, check_process_lane_option
 from ._helping import Helper
 from ._router import Router
 
@@ -101,6 +101,8 @@ class LocalBackend(Backend):
         self._host = host
         cfg = host.config
         self._process_on = check_process_lane_option(cfg.process_lane)
+        # How its worker processes start (pickles the initializer: refused here, not at start).
+        self._worker_setup = WorkerSetup.from_config(cfg) if self._process_on else None
         self._mailbox_max = cfg.mailbox_max
         self._low_water = max(1, cfg.mailbox_max // 2)
         self._reject = cfg.admission == "reject"
@@ -171,6 +173,7 @@ class LocalBackend(Backend):
                 policies=host.policies,
                 allowed=host.affinity.allowed,
                 budget=host.byte_budget,
+                setup=self._worker_setup,
             )
         return lanes
 

@@ -50,7 +50,7 @@ table of moves between them), :mod:`._slot` (the proxy thread that runs a slot),
 (the slots together) and :mod:`._child` (the worker process's own loop).
 """
 
-from ._handle import describe_exit
+from ._handle import WorkerSetup, describe_exit
 from ._lane import ProcessLane
 from ._rules import check_process_lane_option, process_lane_supported, runs_in_process
 from ._slot import ProcessWorker, restart_delay
@@ -60,6 +60,7 @@ __all__ = [
     "ProcessLane",
     "ProcessWorker",
     "SlotState",
+    "WorkerSetup",
     "check_process_lane_option",
     "describe_exit",
     "process_lane_supported",

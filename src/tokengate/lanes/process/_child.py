@@ -38,7 +38,10 @@ from ..._dependencies import _dependency_error, find_dependencies, substitute
 from ..._token import Place, Token, next_seq
 from .. import _wire
 
-__all__ = ["main", "run_inline"]
+__all__ = ["INITIALIZER_FAILED", "main", "run_inline"]
+
+#: How the boot-failure reply of a worker whose initializer raised begins.
+INITIALIZER_FAILED = "its process_initializer raised"
 
 _PR_SET_PDEATHSIG = 1
 _CACHE_MAX = 256
@@ -197,6 +200,8 @@ def main(boot: dict[str, Any]) -> None:
     channel = socket.socket(fileno=boot["channel"])
     send = _wire.send
     cache: dict[bytes, Callable[..., Any]] = {}
+    if boot.get("init"):
+        _initialize(reader, results)
     send(results, [b"R", pickle.dumps(os.getpid())])
     while True:
         try:
@@ -208,6 +213,20 @@ def main(boot: dict[str, Any]) -> None:
         _flush()
         send(results, reply)
     _exit()
+
+
+def _initialize(reader: _wire.Reader, results: int) -> None:
+    """Run the lane's initializer (the first message); if it raises, say why and leave."""
+    try:
+        initializer, initargs = pickle.loads(reader.recv())
+        initializer(*initargs)
+    except BaseException as exc:
+        import traceback
+
+        text = "".join(traceback.format_exception(exc))
+        _wire.send(results, [b"B", f"{INITIALIZER_FAILED}:\n{text}".encode()])
+        _flush()
+        os._exit(1)
 
 
 def _exit() -> None:

@@ -16,10 +16,20 @@ import select
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
+from typing import Any
 
+from ..._errors import ConfigError
 from .. import _segments, _wire
 
-__all__ = ["BOOTSTRAP", "USE_LIFELINE", "USE_PDEATHSIG", "ChildProcess", "describe_exit"]
+__all__ = [
+    "BOOTSTRAP",
+    "USE_LIFELINE",
+    "USE_PDEATHSIG",
+    "ChildProcess",
+    "WorkerSetup",
+    "describe_exit",
+]
 
 _ENV = "TOKENGATE_PROCESS_WORKER"
 # How a worker notices its parent's death: the kernel's PR_SET_PDEATHSIG where there is one,
@@ -42,6 +52,53 @@ except BaseException:
     raise SystemExit(1)
 main(boot)
 """
+
+
+# -- what every worker process is started with ---------------------------------------------------
+#: The variables that size native thread pools (the ones joblib and loky set).
+NATIVE_THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """How every worker process of a lane starts: the size of its native thread pools (``None``:
+    1 where the environment does not say) and its initializer, pickled with its arguments."""
+
+    native_threads: int | None = None
+    initializer: bytes | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> WorkerSetup:
+        init: bytes | None = None
+        if config.process_initializer is not None:
+            try:
+                init = _wire.dumps((config.process_initializer, config.process_initargs))
+            except Exception as exc:
+                raise ConfigError(
+                    f"process_initializer {config.process_initializer!r} and its "
+                    f"process_initargs cannot be sent to a worker process "
+                    f"({type(exc).__name__}: {exc}); use a module-level function and picklable "
+                    f"arguments"
+                ) from exc
+        return cls(config.process_native_threads, init)
+
+    def apply(self, env: dict[str, str]) -> None:
+        """Size the native thread pools in a worker's environment ``env``."""
+        n = self.native_threads
+        for var in NATIVE_THREAD_VARS:
+            if n is not None:
+                env[var] = str(n)
+            else:
+                env.setdefault(var, "1")
+
+
+_DEFAULT_SETUP = WorkerSetup()
 
 
 # -- how a worker died -----------------------------------------------------------------------------
@@ -116,7 +173,8 @@ class ChildProcess:
         "tasks",
     )
 
-    def __init__(self, cpu: int | None) -> None:
+    def __init__(self, cpu: int | None, setup: WorkerSetup | None = None) -> None:
+        setup = setup or _DEFAULT_SETUP
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
         life_r: int | None = None
@@ -133,8 +191,10 @@ class ChildProcess:
             "pdeathsig": USE_PDEATHSIG,
             "cpu": cpu,
             "ppid": os.getpid(),
+            "init": setup.initializer is not None,
         }
         env = dict(os.environ)
+        setup.apply(env)
         env[_ENV] = json.dumps(boot)
         flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
         passed = [fd for fd in (task_r, result_w, life_r, theirs.fileno()) if fd is not None]
@@ -157,6 +217,17 @@ class ChildProcess:
         for fd in passed[:-1]:
             os.close(fd)
         self.channel = channel
+        if setup.initializer is not None:  # read first by the worker, before it says ready
+            try:
+                _wire.send(task_w, [setup.initializer])
+            except BaseException:
+                self.proc.kill()
+                self.proc.wait()
+                for fd in (task_w, result_r, life_w):
+                    if fd is not None:
+                        os.close(fd)
+                channel.close()
+                raise
         self.pid = self.proc.pid
         self.tasks = task_w
         self.results = result_r

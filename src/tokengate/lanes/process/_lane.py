@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._errors import WorkerCrashed
 from .._base import LaneHost
+from ._handle import WorkerSetup
 from ._slot import STOP_GRACE, ProcessWorker
 
 if TYPE_CHECKING:
@@ -35,8 +36,10 @@ class ProcessLane:
         policies: Mapping[str, RetryPolicy],
         allowed: Callable[[str], Iterable[int]] | None = None,
         budget: ByteBudget | None = None,
+        setup: WorkerSetup | None = None,
     ) -> None:
         self.host = host
+        self.setup = setup or WorkerSetup()  # how each worker process starts
         self.policies = policies
         # The bytes of queued calls: released here once a call is sent (see _byte_budget.py).
         if budget is None:  # imported here: a worker process imports this package, not this

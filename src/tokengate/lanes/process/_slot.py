@@ -24,6 +24,7 @@ from ..._errors import SerializationError, TaskTimeout, WorkerCrashed
 from .. import _segments, _wire
 from .._base import MailboxWorker
 from . import _handle
+from ._child import INITIALIZER_FAILED
 from ._handle import ChildProcess, describe_exit
 from ._state import SlotState, SlotStateMachine
 
@@ -204,7 +205,7 @@ class ProcessWorker(MailboxWorker):
         if self.machine.state is SlotState.COOLING_DOWN:
             self.machine.move(SlotState.STARTING)
         try:
-            self._child = _handle.ChildProcess(self.cpu)
+            self._child = _handle.ChildProcess(self.cpu, self.lane.setup)
         except OSError as exc:
             self._child = None
             self.pid = None
@@ -319,6 +320,8 @@ class ProcessWorker(MailboxWorker):
                         )
                     return None, False
                 text = bytes(data[1:]).decode("utf-8", "replace")
+                if text.startswith(INITIALIZER_FAILED):
+                    return text, True
                 return f"could not import tokengate:\n{text}", True
         if what == "timeout":
             return f"was not ready after {BOOT_TIMEOUT:.0f}s", False
