@@ -73,6 +73,20 @@ def run_script(script: Path) -> str:
     return done.stdout
 
 
+def run_code(code: str, *args: str, timeout: float = 50) -> str:
+    """Run ``python -c code args`` in a fresh interpreter and return what it printed; fail with
+    its stderr if it did not exit 0. For process-wide state (interpreter exit, fork, imports)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Wait until ``predicate()`` holds (a condition, not a fixed delay); fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -84,6 +98,8 @@ def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
 
 
 def assert_counts_add_up(coordinator: OperationsCoordinator) -> None:
+    """Nothing is lost: no token is still in flight, and every submitted one ended resolved,
+    failed or discarded."""
     snap = coordinator.stats()
     assert snap.in_flight == 0, str(snap)
     assert snap.submitted == snap.resolved + snap.failed + snap.discarded, str(snap)
@@ -120,6 +136,13 @@ def make_coordinator(
 @pytest.fixture
 def coordinator(make_coordinator: Callable[..., OperationsCoordinator]) -> OperationsCoordinator:
     return make_coordinator(workers_per_core=2)
+
+
+@pytest.fixture
+def one_worker(make_coordinator: Callable[..., OperationsCoordinator]) -> OperationsCoordinator:
+    """A started coordinator with a single worker (one core, one worker per core): tokens run one
+    at a time, in the order they reach it."""
+    return make_coordinator(workers_per_core=1, cores=1)
 
 
 @pytest.fixture

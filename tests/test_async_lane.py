@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -14,7 +12,7 @@ from typing import Any, assert_type
 
 import pytest
 
-from conftest import GATE, HEAVY_ON_THREADS, assert_counts_add_up, eventually
+from conftest import GATE, HEAVY_ON_THREADS, assert_counts_add_up, eventually, run_code
 from tokengate import (
     ConfigError,
     CoordinatorNotRunning,
@@ -533,11 +531,7 @@ def test_a_program_whose_event_loop_is_held_still_exits_after_stop() -> None:
         print(type(token.exception(timeout=0)).__name__, coordinator.stats().in_flight)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["TokenGateError", "0"]
+    assert run_code(script).split() == ["TokenGateError", "0"]
 
 
 @task_token_guard(operation_type="spins_until", tags={"weight": "light", "timeout": 0.05})

@@ -7,12 +7,11 @@ prints what the test checks after it exited.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from conftest import run_code
 from tokengate import CoordinatorNotRunning, task_token_guard
 
 PRELUDE = """
@@ -35,14 +34,9 @@ def held(n: int) -> int:
 """
 
 
-def run_script(body: str) -> str:
+def run_with_prelude(body: str) -> str:
     """Run PRELUDE + ``body`` in a fresh interpreter; its stdout (it must exit 0)."""
-    script = PRELUDE + textwrap.dedent(body)
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    return run_code(PRELUDE + textwrap.dedent(body))
 
 
 @task_token_guard("nobody_runs_me")
@@ -56,7 +50,7 @@ def test_a_call_with_no_coordinator_names_the_one_line_opt_in() -> None:
 
 
 def test_the_default_starts_on_first_use_and_explicit_coordinators_win() -> None:
-    out = run_script("""
+    out = run_with_prelude("""
         try:
             double(1)
         except CoordinatorNotRunning:
@@ -106,7 +100,7 @@ def test_the_default_starts_on_first_use_and_explicit_coordinators_win() -> None
 
 
 def test_use_default_checks_its_options_at_once() -> None:
-    out = run_script("""
+    out = run_with_prelude("""
         try:
             tokengate.use_default(workers_per_cor=2)
         except tokengate.TokenGateError as error:
@@ -120,7 +114,7 @@ def test_use_default_checks_its_options_at_once() -> None:
 
 
 def test_the_default_drains_at_interpreter_exit() -> None:
-    out = run_script("""
+    out = run_with_prelude("""
         def after_the_drain() -> None:  # registered first, so it runs after the drain
             stats = default.stats()
             print("exit", default.running, stats.submitted, stats.resolved, flush=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
-import subprocess
-import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 
 import process_tasks as pt
-from conftest import GATE, assert_counts_add_up, eventually
+from conftest import GATE, assert_counts_add_up, eventually, run_code
 from tokengate import (
     ConfigError,
     InitializerFailed,
@@ -302,15 +300,7 @@ print("ready", ex.submit(abs, -1).result(timeout=10))
 
 
 def test_submit_during_interpreter_shutdown_raises_runtime_error() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", ATEXIT_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
+    assert run_code(ATEXIT_SCRIPT).splitlines() == [
         "ready 1",
         "refused: cannot schedule new futures after interpreter shutdown",
     ]

@@ -20,7 +20,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import HEAVY_ON_THREADS, eventually
+from conftest import HEAVY_ON_THREADS, assert_counts_add_up, eventually
 from tokengate import (
     DependencyFailed,
     OperationsCoordinator,
@@ -181,8 +181,7 @@ def test_every_token_ends_once_counts_add_up_and_tiers_hold(
         states["failed"],
         states["discarded"],
     ), str(snap)
-    assert snap.in_flight == 0
-    assert snap.submitted == snap.resolved + snap.failed + snap.discarded
+    assert_counts_add_up(coordinator)
     for name, op in snap.operations.items():
         mine = [tok for tok in tokens if tok.operation_type == name]
         assert op.submitted == len(mine)

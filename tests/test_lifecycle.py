@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from conftest import run_code
 from tokengate import CoordinatorNotRunning, OperationsCoordinator, task_token_guard
 
 # Python 3.12+ warns when a process with threads forks (ours has the coordinator's workers):
@@ -224,15 +225,7 @@ threading.Thread(target=late).start()
 def test_nothing_starts_after_the_exit_drain() -> None:
     """Work accepted once running coordinators were drained at exit would be lost unrun: a
     coordinator (the default one included) refuses to start then."""
-    done = subprocess.run(
-        [sys.executable, "-c", LATE_START_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=LIMIT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = run_code(LATE_START_SCRIPT, timeout=LIMIT).splitlines()
     assert [line.split(" ")[:2] for line in lines] == [
         ["start", "refused:"],
         ["default", "refused:"],
@@ -443,15 +436,7 @@ print("parent:", square(5).get(timeout=30), os.waitstatus_to_exitcode(status), f
 
 
 def test_a_forked_child_refuses_calls_to_the_inherited_default_coordinator() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", FORK_DEFAULT_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    call, fresh, parent = done.stdout.splitlines()
+    call, fresh, parent = run_code(FORK_DEFAULT_SCRIPT).splitlines()
     assert call.startswith("child: 'lifecycle_square' was called: "), call
     assert_refused_for_fork(call)
     assert fresh == "child fresh: 16"

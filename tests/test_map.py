@@ -85,11 +85,6 @@ class Counted:
             yield i
 
 
-@pytest.fixture
-def one_worker(make_coordinator: Callable[..., OperationsCoordinator]) -> OperationsCoordinator:
-    return make_coordinator(workers_per_core=1, cores=1)
-
-
 def op_counts(coordinator: OperationsCoordinator, name: str) -> tuple[int, int, int, int]:
     op = coordinator.stats().operations[name]
     return op.submitted, op.resolved, op.failed, op.discarded

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import subprocess
 import sys
 import threading
 import urllib.error
@@ -15,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import GATE
+from conftest import GATE, run_code
 from tokengate import (
     CoordinatorNotRunning,
     OperationsCoordinator,
@@ -230,4 +229,4 @@ def test_importing_tokengate_does_not_import_prometheus_client() -> None:
         "bad = [m for m in sys.modules if m.startswith(('prometheus_client', 'wsgiref'))]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    run_code(code, timeout=60)

@@ -76,11 +76,6 @@ def add(a: int, b: int = 0) -> int:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-@pytest.fixture
-def one_worker(make_coordinator: Callable[..., OperationsCoordinator]) -> OperationsCoordinator:
-    return make_coordinator(workers_per_core=1, cores=1)
-
-
 class Blocked:
     """The single worker held by a ``hold`` token until :meth:`release`."""
 

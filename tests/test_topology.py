@@ -25,12 +25,8 @@ needs_affinity = pytest.mark.skipif(
 )
 
 
-def eight_cores() -> Topology:
-    return Topology(physical_cores=8, logical_cores=8, available_cpus=tuple(range(8)))
-
-
-def test_seed_example_properties() -> None:
-    topo = eight_cores()
+def test_seed_example_properties(eight_cores: Topology) -> None:
+    topo = eight_cores
     assert topo.smt_enabled is False
     assert topo.smt_ratio == 1.0
     assert topo.core_count == 8
@@ -51,8 +47,8 @@ def test_banner_gives_no_worker_advice_that_nothing_follows() -> None:
     assert not hasattr(topo, "recommended_workers")
 
 
-def test_banner_matches_seed_exactly() -> None:
-    assert eight_cores().banner() == SEED_TOPOLOGY_BANNER
+def test_banner_matches_seed_exactly(eight_cores: Topology) -> None:
+    assert eight_cores.banner() == SEED_TOPOLOGY_BANNER
 
 
 def test_available_cpus_are_sorted_and_deduplicated() -> None:

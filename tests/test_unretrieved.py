@@ -46,8 +46,9 @@ def plus_one(n: int) -> int:
 
 
 @pytest.fixture
-def coordinator(make_coordinator: Make) -> OperationsCoordinator:
-    return make_coordinator(workers_per_core=1, cores=1)
+def coordinator(one_worker: OperationsCoordinator) -> OperationsCoordinator:
+    """This module's tests run on a single worker (conftest's ``one_worker``)."""
+    return one_worker
 
 
 @pytest.fixture

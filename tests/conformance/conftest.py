@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from conftest import assert_counts_add_up
 from tokengate import OperationsCoordinator, Token
 
 from .probes import Gate, HighWater, Journal
@@ -30,12 +31,6 @@ try:
     import distributed
 except ImportError:  # pragma: no cover - the suite installs the dask extra
     distributed = None
-
-
-def assert_counts_add_up(coordinator: OperationsCoordinator) -> None:
-    snap = coordinator.stats()
-    assert snap.in_flight == 0, str(snap)
-    assert snap.submitted == snap.resolved + snap.failed + snap.discarded, str(snap)
 
 
 @pytest.fixture(scope="package")

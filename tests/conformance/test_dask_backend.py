@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import eventually
+from conftest import assert_counts_add_up, eventually
 from tokengate import (
     ConfigError,
     CoordinatorNotRunning,
@@ -26,7 +26,7 @@ from tokengate import (
 from tokengate.backends import Backend, BackendUnavailable, resolve_backend
 from tokengate.demos.cpu import fibonacci_operation
 
-from .conftest import DASK_WORKERS, Harness, assert_counts_add_up
+from .conftest import DASK_WORKERS, Harness
 from .probes import HighWater, Journal
 from .tasks import blocker, record, slow_write
 
