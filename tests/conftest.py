@@ -147,5 +147,6 @@ def one_worker(make_coordinator: Callable[..., OperationsCoordinator]) -> Operat
 
 @pytest.fixture
 def eight_cores() -> Topology:
-    """The seed's 8-core machine; pinning to CPUs this machine lacks fails softly (logged)."""
+    """The Quick-Proof's 8-core machine; pinning to CPUs this machine lacks fails softly
+    (logged)."""
     return Topology(physical_cores=8, logical_cores=8, available_cpus=tuple(range(8)))

@@ -1,4 +1,5 @@
-"""AffinityPolicy and the core-worker mapping: seed values, small-machine fallback, properties."""
+"""AffinityPolicy and the core-worker mapping: the Quick-Proof's values, small-machine fallback,
+properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Async tasks on the coordinator's event loop, awaitable tokens and ``submit_async`` (issue 4)."""
+"""Async tasks on the coordinator's event loop, awaitable tokens and ``submit_async``."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ SHORT = "0.3"
 
 
 def counts(text: str) -> dict[str, int]:
-    """Submitted / Resolved / Failed / Discarded from a closing report (stats block or seed's)."""
+    """Submitted / Resolved / Failed / Discarded from a closing report (stats block or the
+    Quick-Proof's)."""
     found: dict[str, int] = {}
     for key in ("Submitted", "Resolved", "Failed", "Discarded"):
         match = re.findall(rf"^\s*{key}\s*:\s*(\d+)", text, flags=re.MULTILINE)
@@ -117,7 +118,7 @@ def test_endurance_reports_tasks_per_phase(capsys: pytest.CaptureFixture[str]) -
     per_phase = dict(re.findall(r"^\s+(IDLE|NORMAL|SURGE)\s+: (\d+) submitted", out, re.MULTILINE))
     assert set(per_phase) == {"IDLE", "NORMAL", "SURGE"}
     assert sum(map(int, per_phase.values())) == counts(out)["submitted"]
-    for phase in ("NORMAL", "SURGE", "IDLE"):  # the seed's block at the end of each phase
+    for phase in ("NORMAL", "SURGE", "IDLE"):  # the Quick-Proof's block at the end of each phase
         assert f"── [{phase}] Stats at" in out
 
 

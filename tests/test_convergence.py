@@ -1,5 +1,5 @@
 """The convergence engine: pure decisions on samples, and the engine driven by hand (an injected
-clock and CPU counters, no timers) over a real coordinator's pools (issue 4)."""
+clock and CPU counters, no timers) over a real coordinator's pools."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Coordinator behaviour on the local backend only: lifecycle, routing, backpressure, retries,
-nesting, timeouts, stop semantics and logs (issue 2).
+nesting, timeouts, stop semantics and logs.
 
 What every backend must show (results, errors, chains, dependencies, deadlines, draining, restart)
 is in ``tests/conformance/test_coordinator_conformance.py``, which runs on the local backend too;
@@ -34,7 +34,7 @@ from tokengate import (
     task_token_guard,
 )
 from tokengate._middleware import Middleware
-from tokengate.demos.cpu import fibonacci_operation  # the seed's Proof 1 task, unchanged
+from tokengate.demos.cpu import fibonacci_operation  # the Quick-Proof's Proof 1 task, unchanged
 
 Make = Callable[..., OperationsCoordinator]
 RUNS: list[str] = []
@@ -89,8 +89,9 @@ def flaky(label: str, failures: int, exc_type: type[BaseException] = ConnectionE
 
 # -- lifecycle ----------------------------------------------------------------------------------
 def test_seed_proof_1_runs_unchanged() -> None:
-    """The seed's Proof 1 as written: its heavy tasks go to worker processes where the platform
-    has them (the process lane), to threads elsewhere; the results and counts are the same."""
+    """The Quick-Proof's Proof 1 as written: its heavy tasks go to worker processes where the
+    platform has them (the process lane), to threads elsewhere; the results and counts are the
+    same."""
     coordinator = OperationsCoordinator()
     coordinator.start()
     try:

@@ -1,4 +1,4 @@
-"""The demos as library code: public API only, the seed's functions, stop, and B6's waves."""
+"""The demos as library code: public API only, the Quick-Proof's functions, stop, and B6's waves."""
 
 from __future__ import annotations
 

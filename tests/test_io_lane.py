@@ -1,5 +1,5 @@
-"""The I/O lane (per-tier thread pools) and resizable pools: add, retire, hand back, steal
-(issue 4), plus the seed's Proof 2 I/O functions run as written."""
+"""The I/O lane (per-tier thread pools) and resizable pools: add, retire, hand back, steal,
+plus the Quick-Proof's Proof 2 I/O functions run as written."""
 
 from __future__ import annotations
 
@@ -262,7 +262,7 @@ def test_tokens_survive_workers_added_and_retired_under_load(
     assert_counts_add_up(coordinator)
 
 
-# -- the seed's Proof 2, as written (its functions: tokengate.demos.seed_io) ------------------
+# -- the Quick-Proof's Proof 2, as written (its functions: tokengate.demos.seed_io) ----------------
 def test_the_seeds_io_proof_runs_as_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

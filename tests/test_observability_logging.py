@@ -1,4 +1,5 @@
-"""The seed's Proof 4 log lines, each on its own ``tokengate.*`` logger, and the config knobs."""
+"""The Quick-Proof's Proof 4 log lines, each on its own ``tokengate.*`` logger, and the config
+knobs."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 UNRETRIEVED = "tokengate.token"
 
 
-# Proof 4's lines in the seed's order (a subsequence of what verbose=True prints). Worker start
-# lines come from the worker threads themselves, so only their presence is checked.
+# Proof 4's lines in the Quick-Proof's order (a subsequence of what verbose=True prints). Worker
+# start lines come from the worker threads themselves, so only their presence is checked.
 SEED_ORDER = [
     "Operations Coordinator - Initializing...",
     "Detecting CPU topology...",
@@ -111,7 +112,7 @@ def test_each_part_logs_on_its_own_logger(caplog: pytest.LogCaptureFixture, tmp_
 def test_info_shows_one_start_and_one_stop_line_not_the_banner(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # logging.basicConfig(level=INFO) must not print the seed's banner and a start/stop line
+    # logging.basicConfig(level=INFO) must not print the Quick-Proof's banner and a start/stop line
     # per worker: start-up detail is DEBUG (verbose=True still prints it, test above).
     caplog.set_level(logging.INFO)
     with OperationsCoordinator(workers_per_core=2, cores=2):

@@ -1,4 +1,4 @@
-"""Sharded stats: exact counts across threads, in-flight arithmetic, the seed's rendering."""
+"""Sharded stats: exact counts across threads, in-flight arithmetic, the Quick-Proof's rendering."""
 
 from __future__ import annotations
 

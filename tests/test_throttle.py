@@ -288,7 +288,7 @@ def light_cpu(value: int) -> int:
 
 
 def total_load(coordinator: OperationsCoordinator) -> int:
-    # Every lane's mailboxes: storage-tier tasks run on the I/O lane (issue 4).
+    # Every lane's mailboxes: storage-tier tasks run on the I/O lane.
     return sum(
         sum(loads)
         for lane in coordinator.lanes

@@ -1,7 +1,7 @@
 """Decorated functions of the conformance suite, importable by name on Dask workers.
 
-The seed's own Proof 1-3 tasks are not copied here: the tests import them from their one home,
-``tokengate.demos`` (``cpu``, ``mixed``, ``seed_io``).
+The Quick-Proof's own Proof 1-3 tasks are not copied here: the tests import them from their one
+home, ``tokengate.demos`` (``cpu``, ``mixed``, ``seed_io``).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def square(x: int) -> int:
     return x * x
 
 
-# -- the seed's chain, as written ---------------------------------------------------------------
+# -- the Quick-Proof's chain, as written -----------------------------------------------------------
 @task_token_guard(operation_type="chain_seed", tags={"weight": "light"})
 def chain_seed(value: int) -> int:
     return value * 3 + 7
@@ -130,7 +130,7 @@ def generate_medium_json(index: int) -> dict[str, Any]:
 
 @task_token_guard(operation_type="create_json_file", tags={"weight": "light"})
 def create_json_file(directory: str, index: int) -> dict[str, Any]:
-    """The seed's create_json_file as a task: it waits on a nested task's token."""
+    """The Quick-Proof's create_json_file as a task: it waits on a nested task's token."""
     import json
     import os
 

@@ -234,7 +234,7 @@ def test_nested_tasks_never_deadlock(harness: Harness) -> None:
 
 
 def test_a_task_may_wait_on_a_nested_tiered_task(harness: Harness) -> None:
-    """The seed's create_json_file: a plain step that needs a generated (tiered) document."""
+    """The Quick-Proof's create_json_file: a plain step that needs a generated (tiered) document."""
     coordinator = harness.coordinator()
     out = os.path.join(harness.tmp, "jsons")
     os.makedirs(out)
@@ -402,7 +402,7 @@ def test_reject_admission_raises_overloaded(harness: Harness) -> None:
     assert (snap.resolved, snap.discarded) == (len(accepted), 1)
 
 
-# -- the seed's I/O examples, unchanged ----------------------------------------------------------
+# -- the Quick-Proof's I/O examples, unchanged -----------------------------------------------------
 def test_seed_proof_3_mixed_load(harness: Harness) -> None:
     coordinator = harness.coordinator()
     log_path = os.path.join(harness.tmp, "logs", "out.log")

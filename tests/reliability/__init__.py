@@ -1,1 +1,1 @@
-"""Reliability suite (issue 8): faults, load, bad input and random schedules; see README.md."""
+"""Reliability suite: faults, load, bad input and random schedules; see README.md."""

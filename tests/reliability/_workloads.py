@@ -3,7 +3,7 @@
     python tests/reliability/_workloads.py flood --tokens 1000000
     python tests/reliability/_workloads.py soak --seconds 600
 
-Each prints one JSON object on its last line (the soak prints its tables and the seed's stats
+Each prints one JSON object on its last line (the soak prints its tables and the Quick-Proof's stats
 blocks before it). ``tests/reliability/test_load.py`` runs them and checks the figures.
 
 The flood submits N tokens of six kinds (light / medium / heavy, half of them with a storage
@@ -15,9 +15,9 @@ kind, 0.2 ms, is slower than the producer too, so they keep filling after that).
 alive at once is bounded by the mailboxes (workers x ``mailbox_max``) and the tier queues, so
 peak RSS must not depend on N.
 
-The soak follows the seed's endurance run: cycles of idle (a trickle), normal (a steady, closed
-loop of mixed work) and surge (four producers flooding mixed weights and tiers through bounded
-mailboxes) phases, sampling RSS and thread count as it goes.
+The soak follows the Quick-Proof's endurance run: cycles of idle (a trickle), normal (a steady,
+closed loop of mixed work) and surge (four producers flooding mixed weights and tiers through
+bounded mailboxes) phases, sampling RSS and thread count as it goes.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def flood(tokens: int) -> dict[str, Any]:
 # -- soak -----------------------------------------------------------------------------------------
 @task_token_guard(operation_type="normal_operation", tags={"weight": "light"})
 def normal_processing(items: list[int]) -> int:
-    """The seed's normal operation."""
+    """The Quick-Proof's normal operation."""
     return sum(x**2 for x in items)
 
 

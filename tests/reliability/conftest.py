@@ -22,7 +22,7 @@ def resources() -> Iterator[Resources]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not LEDGER:
         return
-    terminalreporter.section("tokengate fault ledger (issue 8)")
+    terminalreporter.section("tokengate fault ledger")
     terminalreporter.write_line(ledger_table())
     path = os.environ.get("TOKENGATE_FAULT_REPORT")
     if path:

@@ -1,4 +1,4 @@
-"""Bad input (issue 8, part 3): a clear error at the earliest point, and nothing else disturbed.
+"""Bad input: a clear error at the earliest point, and nothing else disturbed.
 
 The messages themselves are unit-tested in ``tests/test_spec_config.py`` and
 ``tests/test_coordinator.py``; here every bad input is thrown at a coordinator that is busy

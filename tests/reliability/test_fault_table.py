@@ -1,4 +1,4 @@
-"""Faults on the thread lane as a failure table (issue 8, part 1): after each, nothing is lost.
+"""Faults on the thread lane as a failure table: after each, nothing is lost.
 
 Each row injects one fault into a running coordinator. Then the same checks run for every row:
 every token is in exactly one terminal state, each failed token carries the right error, the

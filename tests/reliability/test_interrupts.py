@@ -1,4 +1,4 @@
-"""KeyboardInterrupt in the main thread while tokens are in flight (issue 8, part 1).
+"""KeyboardInterrupt in the main thread while tokens are in flight.
 
 A real SIGINT is delivered to the main thread by a helper (``signal.pthread_kill``) once the
 main thread is waiting: in ``get()``, at the admission gate, or in ``stop()``'s drain.

@@ -1,4 +1,4 @@
-"""Load (issue 8, part 2): a flood of tokens in bounded memory, and a soak that stays flat.
+"""Load: a flood of tokens in bounded memory, and a soak that stays flat.
 
 Both run in a fresh interpreter (``_workloads.py``) so that peak RSS is theirs alone
 (``VmHWM``, see the end). ``make test`` runs the short forms (a 100,000-token flood, a
@@ -32,7 +32,7 @@ Found by a mutation check: with tasks as fast as the producer, a coordinator who
 had no bound at all passed the 100,000-token flood (peak RSS stays low while the workers keep
 up); with the slow kind it holds 26,000 to 36,000 tokens in 27 mailboxes (bound: 11,560).
 
-**The soak's flatness.** The soak cycles through the seed's idle / normal / surge phases and
+**The soak's flatness.** The soak cycles through the Quick-Proof's idle / normal / surge phases and
 samples RSS and thread counts; at the end of every phase the work has drained. It runs with the
 convergence engine off (the engine rightly adds threads in a surge; its growth is tested in
 tests/test_convergence.py), so only a leak can move the thread count. The first cycles are the

@@ -1,4 +1,4 @@
-"""stop() under fire (issue 8, part 1): mid-surge from another thread, with a timeout while
+"""stop() under fire: mid-surge from another thread, with a timeout while
 producers are blocked, racing a submit, and with tasks still running after it gave up."""
 
 from __future__ import annotations

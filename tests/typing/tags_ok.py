@@ -1,4 +1,5 @@
-"""Typed tags: keywords, a checked dict display, a ``Tags`` value, and the seed's untyped dict."""
+"""Typed tags: keywords, a checked dict display, a ``Tags`` value, and the Quick-Proof's untyped
+dict."""
 
 from __future__ import annotations
 

@@ -80,8 +80,8 @@ _DEBUG = logging.DEBUG
 _perf = time.perf_counter
 _STOP = object()
 
-# Dask runs higher priorities first. Heavy first mirrors the seed's rule of thumb (heavy may use
-# every core, light only the last ones): on a saturated cluster a heavy token is never stuck
+# Dask runs higher priorities first. Heavy first mirrors the Quick-Proof's rule of thumb (heavy may
+# use every core, light only the last ones): on a saturated cluster a heavy token is never stuck
 # behind a flood of light ones. Within a weight Dask keeps submission order (FIFO).
 PRIORITIES = {"heavy": 2, "medium": 1, "light": 0}
 

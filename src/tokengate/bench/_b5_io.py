@@ -4,8 +4,8 @@
   convergence engine on and off, for a storage-tier task (I/O lane, tier FAST) and for an
   untagged light task (thread lane). Four tokengate rows, each with its ratio to the best peer:
   the engine's effect is the on row's ratio against the off row's.
-* B5: N (2,000) tasks each writing a ~50 KB JSON file (``json.dump(..., indent=2)`` of the seed's
-  ``generate_medium_json`` record), tier FAST (limit 50); files/s versus serial,
+* B5: N (2,000) tasks each writing a ~50 KB JSON file (``json.dump(..., indent=2)`` of the
+  Quick-Proof's ``generate_medium_json`` record), tier FAST (limit 50); files/s versus serial,
   ``ThreadPoolExecutor(50)`` and asyncio ``to_thread`` + ``Semaphore(50)``; ``max running`` is
   the largest number of writes seen running at once (never above 50). The work is CPU-bound: the
   engine must not add threads (``CPU-bound holds`` counts the times it declined).
@@ -107,7 +107,7 @@ def fsync_body(i: int) -> int:
 def _prepare_json() -> Body:
     random.seed(1)
     PAYLOAD.clear()
-    PAYLOAD.update(generate_medium_json.__wrapped__(0))  # the seed's body, called directly
+    PAYLOAD.update(generate_medium_json.__wrapped__(0))  # the Quick-Proof's body, called directly
     return json_body
 
 
@@ -294,7 +294,7 @@ SCENARIO_B5 = Scenario(
     id="B5",
     title="storage I/O",
     description=(
-        "tasks each writing a ~50 KB JSON file (json.dump indent=2 of the seed's "
+        "tasks each writing a ~50 KB JSON file (json.dump indent=2 of the Quick-Proof's "
         f"generate_medium_json record), tier FAST (limit {TIER_LIMIT}); max running must stay "
         f"<= {TIER_LIMIT}"
     ),

@@ -1,7 +1,7 @@
-"""B6 seed mixed orchestrator: the seed's Proof 3 load, replayed on tokengate and its peers.
+"""B6 mixed orchestrator: the Quick-Proof's Proof 3 load, replayed on tokengate and its peers.
 
 The waves are those of ``tokengate demo mixed``: every 0.1-1.0 s, 10-20 calls drawn from the
-seed's 11 operation types (CPU work and storage-tier file writes mixed), from
+Quick-Proof's 11 operation types (CPU work and storage-tier file writes mixed), from
 ``tokengate.demos.mixed.plan_wave`` with a fixed seed, on a fixed schedule (a wave that is
 submitted late does not shift the rest), for N seconds. Every system gets the same waves.
 
@@ -30,7 +30,7 @@ __all__ = ["SCENARIO", "SEED", "percentile"]
 SEED = 6
 THREADS = 8
 DRAIN_TIMEOUT_S = 60.0
-#: The seed document's Proof 3 runs (its own 8-core machine), p50 / p95 / max in ms:
+#: The Quick-Proof's Proof 3 runs (its own 8-core machine), p50 / p95 / max in ms:
 #: 60.6 s, 120 waves, 1,789 tasks; and 900.1 s, 1,731 waves, 26,189 tasks.
 SEED_60S_MS = (18.0, 36.0, 53.0)
 SEED_900S_MS = (16.0, 36.0, 72.0)
@@ -172,7 +172,7 @@ SCENARIO = Scenario(
     id="B6",
     title="seed mixed orchestrator",
     description=(
-        "the seed's Proof 3 load: waves every 0.1-1.0 s of 10-20 tasks drawn from its 11 "
+        "the Quick-Proof's Proof 3 load: waves every 0.1-1.0 s of 10-20 tasks drawn from its 11 "
         f"operation types (CPU and storage-tier writes mixed), the same waves (seed {SEED}) for "
         "every system; latency from submit to done-callback"
     ),
@@ -193,7 +193,7 @@ SCENARIO = Scenario(
     timeout=180.0,
     quick_timeout=90.0,
     notes=(
-        "The seed's published figures for this load, on its own 8-core machine: "
+        "The Quick-Proof's published figures for this load, on its own 8-core machine: "
         "p50 / p95 / max {} / {} / {} ms over 60.6 s (120 waves, 1,789 tasks) and "
         "{} / {} / {} ms over 900 s (1,731 waves, 26,189 tasks). Targets for tokengate: p50 "
         "under 2 ms, p95 under 10 ms on 2 cores.".format(

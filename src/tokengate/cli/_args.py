@@ -12,7 +12,9 @@ __all__ = ["DEMO_NAMES", "build_parser"]
 
 DEMO_NAMES = ("cpu", "io", "mixed", "chain", "endurance")
 DEMO_HELP = {
-    "cpu": "Proof 1: the seed's CPU functions in batches, every result checked (default 10 s)",
+    "cpu": (
+        "Proof 1: the Quick-Proof's CPU functions in batches, every result checked (default 10 s)"
+    ),
     "io": "Proof 2: JSON writes, log appends, blob writes by storage tier (default 5 s)",
     "mixed": "Proof 3: waves of 10-20 CPU and I/O tasks every 0.1-1.0 s (default 20 s)",
     "chain": "Proof 3: the five-step chain of dependent tasks, many in flight (default 5 s)",
@@ -52,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "info",
         help="topology, worker counts, affinity policy, core-worker mapping, storage tiers, GIL",
-        description="Print the seed's initialisation banner for this machine.",
+        description="Print the Quick-Proof's initialisation banner for this machine.",
     )
 
     demo = sub.add_parser(
         "demo",
-        help="run one of the seed's proofs with live stats",
-        description="Run one of the seed's proofs with live stats, then its closing report.\n\n"
-        + "\n".join(f"  {name:<10} {text}" for name, text in DEMO_HELP.items()),
+        help="run one of the Quick-Proof's proofs with live stats",
+        description="Run one of the Quick-Proof's proofs with live stats, then its closing "
+        "report.\n\n" + "\n".join(f"  {name:<10} {text}" for name, text in DEMO_HELP.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("name", choices=DEMO_NAMES, help="which demo")
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--verbose",
         action="store_true",
-        help="print the seed's log lines (banner, routing, completions); implies --plain",
+        help="print the Quick-Proof's log lines (banner, routing, completions); implies --plain",
     )
     demo.add_argument(
         "--plain",

@@ -141,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if problem:
         return _fail(problem)
     if args.verbose:
-        # The seed's log lines go to stdout from worker threads; if its reader goes away
+        # The Quick-Proof's log lines go to stdout from worker threads; if its reader goes away
         # (`| head`), the display notices and stops the demo: no traceback per log line meanwhile.
         logging.raiseExceptions = False
     options: dict[str, Any] = {"verbose": bool(args.verbose)}

@@ -1,4 +1,5 @@
-"""``tokengate info``: the seed's initialisation banner for this machine, without starting."""
+"""``tokengate info``: the Quick-Proof's initialisation banner for this machine, without
+starting."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Proof 3, chains of dependent tasks: the seed's five-step chain, many chains in flight.
+"""Proof 3, chains of dependent tasks: the Quick-Proof's five-step chain, many chains in flight.
 
 A token passed as an argument is a dependency: ``chain_finalize(chain_reduce(...(chain_seed(v))))``
 submits all five steps at once, and each step runs with the value of the one before it, routed
@@ -22,7 +22,7 @@ from typing import Any
 from tokengate import OperationsCoordinator, StatsSnapshot, Token, task_token_guard
 from tokengate.demos._standalone import run_standalone
 
-# -- the seed's chain, as written (the import changed, type hints added) ----------------------
+# -- the Quick-Proof's chain, as written (the import changed, type hints added) --------------------
 
 
 @task_token_guard(operation_type="chain_seed", tags={"weight": "light"})

@@ -1,8 +1,8 @@
-"""Proof 1, CPU-based operation scheduling: the seed's CPU functions as token-managed tasks.
+"""Proof 1, CPU-based operation scheduling: the Quick-Proof's CPU functions as token-managed tasks.
 
-First the seed's Fibonacci program (eight tokens, then ``Results: [...]``), then batches of the
-seed's CPU functions every 0.1-0.5 s for ``duration`` seconds, each result checked against a
-direct call of the undecorated function. Run it on its own::
+First the Quick-Proof's Fibonacci program (eight tokens, then ``Results: [...]``), then batches of
+the Quick-Proof's CPU functions every 0.1-0.5 s for ``duration`` seconds, each result checked
+against a direct call of the undecorated function. Run it on its own::
 
     python -m tokengate.demos.cpu 10
 
@@ -22,7 +22,7 @@ from typing import Any
 from tokengate import OperationsCoordinator, StatsSnapshot, Token, task_token_guard
 from tokengate.demos._standalone import run_standalone
 
-# -- the seed's functions, as written (the import changed, type hints added) -----------------
+# -- the Quick-Proof's functions, as written (the import changed, type hints added) ----------------
 
 
 @task_token_guard(operation_type="simple_loop", tags={"weight": "light"})
@@ -50,7 +50,7 @@ def complex_operation(dimension: int) -> int:
 def heavy_operation(iterations: int) -> int:
     """Slow: CPU-intensive calculation."""
     result = 0
-    for i in range(iterations):  # noqa: B007 (as the seed wrote it)
+    for i in range(iterations):  # noqa: B007 (as the Quick-Proof wrote it)
         result += sum(j**2 for j in range(100))
     return result
 
@@ -85,7 +85,7 @@ def normal_processing(items: list[int]) -> int:
 
 
 def cpu_call(rng: random.Random) -> tuple[Any, tuple[Any, ...]]:
-    """One of the seed's CPU functions with arguments of the seed's sizes."""
+    """One of the Quick-Proof's CPU functions with arguments of the Quick-Proof's sizes."""
     return rng.choice(
         [
             (simple_operation, (rng.randint(1_000, 5_000),)),

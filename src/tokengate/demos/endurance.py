@@ -1,10 +1,10 @@
-"""The seed's endurance run: CPU tasks through idle, normal and surge phases.
+"""The Quick-Proof's endurance run: CPU tasks through idle, normal and surge phases.
 
-The phases cycle NORMAL → SURGE → NORMAL → IDLE, each lasting an eighth of ``duration`` (at
-least 0.25 s, at most 60 s) and sending at least one wave. IDLE sends a trickle of 1-3 tasks
-every 0.5-1.0 s, NORMAL the seed's waves of 10-20 tasks every 0.1-1.0 s, SURGE 20-40 tasks every
-0.05-0.3 s. At the end of each phase the seed's stats block is printed under the phase's name;
-the closing report gives the tasks submitted in each phase. Run it on its own::
+The phases cycle NORMAL → SURGE → NORMAL → IDLE, each lasting an eighth of ``duration`` (at least
+0.25 s, at most 60 s) and sending at least one wave. IDLE sends a trickle of 1-3 tasks every
+0.5-1.0 s, NORMAL the Quick-Proof's waves of 10-20 tasks every 0.1-1.0 s, SURGE 20-40 tasks every
+0.05-0.3 s. At the end of each phase the Quick-Proof's stats block is printed under the phase's
+name; the closing report gives the tasks submitted in each phase. Run it on its own::
 
     python -m tokengate.demos.endurance 60
 """
@@ -40,7 +40,8 @@ def phase_length(duration: float) -> float:
 
 @dataclass
 class EnduranceRun:
-    """Cycle through the phases for ``duration`` seconds; ``report()`` is the seed's block."""
+    """Cycle through the phases for ``duration`` seconds; ``report()`` is the Quick-Proof's
+    block."""
 
     duration: float = 60.0
     seed: int | None = None

@@ -1,12 +1,11 @@
 """Proof 2, I/O-based workloads: file writes throttled by storage tier, under a temp directory.
 
-Each round submits the seed's three groups: 10 JSON writes (each payload a ~50 KB document made
-by ``generate_medium_json``, passed in as a token: the write waits for it without holding a
+Each round submits the Quick-Proof's three groups: 10 JSON writes (each payload a ~50 KB document
+made by ``generate_medium_json``, passed in as a token: the write waits for it without holding a
 worker), 10 log appends on the SLOW tier and 6 blob writes on the MODERATE tier, then waits for
-them. The first round prints the seed's lines; rounds repeat for ``duration`` seconds (over the
-same files, so the directory stays small); the report adds up every round and shows the most
-writes each tier ever ran at once (never over its limit).
-Run it on its own::
+them. The first round prints the Quick-Proof's lines; rounds repeat for ``duration`` seconds (over
+the same files, so the directory stays small); the report adds up every round and shows the most
+writes each tier ever ran at once (never over its limit). Run it on its own::
 
     python -m tokengate.demos.io 5
 """
@@ -38,7 +37,7 @@ GROUPS = ("JSON writes", "Log appends", "Blob writes")
 
 @dataclass
 class IoProof:
-    """Rounds of the seed's three I/O groups for ``duration`` seconds under ``workdir``."""
+    """Rounds of the Quick-Proof's three I/O groups for ``duration`` seconds under ``workdir``."""
 
     duration: float = 5.0
     seed: int | None = None

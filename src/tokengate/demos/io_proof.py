@@ -1,6 +1,6 @@
-"""The seed's Proof 2, I/O-based workloads: its functions as written, and its report.
+"""The Quick-Proof's Proof 2, I/O-based workloads: its functions as written, and its report.
 
-The functions are the seed's, from :mod:`tokengate.demos.seed_io` (``create_json_file`` with
+The functions are the Quick-Proof's, from :mod:`tokengate.demos.seed_io` (``create_json_file`` with
 the one change docs/guide/quick-proof.md explains: a decorated call returns a Token, so it reads
 ``generate_medium_json(index).get()``). The files go to a fresh temporary directory. Then a
 surge of 400 writes that each wait 20 ms on "the disk" shows the convergence engine growing the

@@ -1,11 +1,11 @@
 """Proof 3, mixed workload coordination: waves of CPU and I/O tasks under one coordinator.
 
-After the seed's small set-up (eight log appends and eight prime checks, resolved together),
-every 0.1-1.0 s a wave of 10-20 tasks is drawn from the seed's 11 operation types (the CPU ones
-of Proof 1, a prime check, three small string/arithmetic ones, and the three storage-tier writes
-of Proof 2) and submitted at once; nothing waits for a wave to finish before the next. At the end,
-the seed's "MIXED ORCHESTRATOR COMPLETE" report with the operations-dispatched bars. Run it on its
-own::
+After the Quick-Proof's small set-up (eight log appends and eight prime checks, resolved together),
+every 0.1-1.0 s a wave of 10-20 tasks is drawn from the Quick-Proof's 11 operation types (the CPU
+ones of Proof 1, a prime check, three small string/arithmetic ones, and the three storage-tier
+writes of Proof 2) and submitted at once; nothing waits for a wave to finish before the next. At the
+end, the Quick-Proof's "MIXED ORCHESTRATOR COMPLETE" report with the operations-dispatched bars. Run
+it on its own::
 
     python -m tokengate.demos.mixed 20
 
@@ -36,7 +36,7 @@ from tokengate.demos.cpu import (
 )
 from tokengate.demos.seed_io import append_log_slow, write_blob_moderate, write_json_fast
 
-# -- the seed's prime check (Proof 3), and three small operations named in its report ----------
+# -- the Quick-Proof's prime check (Proof 3), and three small operations named in its report -------
 
 
 @task_token_guard(operation_type="prime_check", tags={"weight": "medium"})
@@ -44,7 +44,7 @@ def prime_operation(n: int) -> bool:
     """Check if the number is prime (moderate complexity)."""
     if n < 2:
         return False
-    for i in range(2, int(n**0.5) + 1):  # noqa: SIM110 (as the seed wrote it)
+    for i in range(2, int(n**0.5) + 1):  # noqa: SIM110 (as the Quick-Proof wrote it)
         if n % i == 0:
             return False
     return True
@@ -113,7 +113,8 @@ def next_gap(rng: random.Random) -> float:
 
 @dataclass
 class MixedOrchestrator:
-    """Waves of mixed tasks for ``duration`` seconds; ``report()`` is the seed's closing block."""
+    """Waves of mixed tasks for ``duration`` seconds; ``report()`` is the Quick-Proof's closing
+    block."""
 
     duration: float = 20.0
     seed: int | None = None
@@ -128,7 +129,7 @@ class MixedOrchestrator:
         rng = random.Random(self.seed)
         base = self.workdir or tempfile.mkdtemp(prefix="tokengate_mixed_")
 
-        # The seed's Proof 3 set-up first: I/O and CPU tokens side by side, then resolve all.
+        # The Quick-Proof's Proof 3 set-up first: I/O and CPU tokens side by side, then resolve all.
         self.phase = "set-up"
         log_path = os.path.join(base, "logs", "out.log")
         log_tokens = [append_log_slow(log_path, f"entry {i}") for i in range(8)]

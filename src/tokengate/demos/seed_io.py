@@ -1,9 +1,9 @@
-"""The seed's Proof 2 I/O functions, as written (the import changed, type hints added).
+"""The Quick-Proof's Proof 2 I/O functions, as written (the import changed, type hints added).
 
-One copy, because the I/O demos, benchmark B5 and the tests all mean *the seed's* functions:
+One copy, because the I/O demos, benchmark B5 and the tests all mean *the Quick-Proof's* functions:
 ``write_json_fast`` (FAST tier), ``append_log_slow`` (SLOW), ``write_blob_moderate``
 (MODERATE), ``generate_medium_json`` (the ~50 KB record) and ``create_json_file``. Their
-operation types and tags are the seed's; B5 and the demos' reports count them by those names,
+operation types and tags are the Quick-Proof's; B5 and the demos' reports count them by those names,
 so they stay as they are. ``create_json_file`` takes the one change docs/guide/quick-proof.md
 explains: a decorated call returns a Token, so it reads ``generate_medium_json(index).get()``;
 it also takes the directory to write under instead of the current one.
@@ -106,12 +106,12 @@ def generate_medium_json(index: int) -> dict[str, Any]:
 
 
 def create_json_file(index: int, base: Path) -> dict[str, Any]:
-    """The seed's ``create_json_file``; the one change is the ``.get()``."""
+    """The Quick-Proof's ``create_json_file``; the one change is the ``.get()``."""
     _dir = base / "jsons"
     _dir.mkdir(exist_ok=True)
 
     # Generate data
-    data = generate_medium_json(index).get()  # the seed: data = generate_medium_json(index)
+    data = generate_medium_json(index).get()  # the Quick-Proof: data = generate_medium_json(index)
 
     # Write file - throttling happens automatically!
     timestamp = int(time.time() * 1000)
