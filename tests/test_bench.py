@@ -415,6 +415,8 @@ def test_registry_keys_and_headlines() -> None:
         "B5b",
         "B6",
         "B7",
+        "B8",
+        "B8b",
         "IOSURGE",
         "OBS",
         "OBSLOG",
@@ -617,6 +619,8 @@ def test_threadpool_nested_fanout_is_reported_deadlocked() -> None:
         ("IOSURGE", "tier-on", "20"),
         ("OBS", "full", "500"),
         ("OBSLOG", "log-debug", "200"),
+        ("B8", "tokengate", "4"),
+        ("B8b", "tokengate", "4"),
     ],
 )
 def test_tokengate_cases_run(scenario: str, system: str, n: str) -> None:

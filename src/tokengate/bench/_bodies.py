@@ -9,8 +9,17 @@ only what a task runs, and no scenario module is needed to unpickle a task.
 from __future__ import annotations
 
 import time
+from typing import Any
 
-__all__ = ["FLOOD_SLEEP_S", "burn", "flood_plain", "light_work", "noop_plain"]
+__all__ = [
+    "FLOOD_SLEEP_S",
+    "array_sum",
+    "burn",
+    "flood_plain",
+    "light_work",
+    "noop_plain",
+    "part_sum",
+]
 
 #: B4: how long the flood task's consumer takes per payload.
 FLOOD_SLEEP_S = 0.0001
@@ -38,3 +47,14 @@ def flood_plain(payload: bytes) -> int:
     """B4: a slow consumer of a payload, shared by tokengate's ``flood`` and the peers."""
     time.sleep(FLOOD_SLEEP_S)
     return len(payload)
+
+
+def array_sum(array: Any) -> float:
+    """B8 distinct: sum one whole array."""
+    return float(array.sum())
+
+
+def part_sum(array: Any, i: int, parts: int) -> float:
+    """B8 broadcast: sum the ``i``-th of ``parts`` equal parts of one array."""
+    step = len(array) // parts
+    return float(array[i * step : (i + 1) * step].sum())

@@ -14,6 +14,7 @@ from tokengate.bench import (
     _b5_io,
     _b6_mixed,
     _b7_nested,
+    _b8_data,
     _obs_overhead,
 )
 from tokengate.bench._model import Scenario
@@ -32,6 +33,8 @@ SCENARIOS: dict[str, Scenario] = {
         _b5_io.SCENARIO_B5B,
         _b6_mixed.SCENARIO,
         _b7_nested.SCENARIO,
+        _b8_data.SCENARIO_DISTINCT,
+        _b8_data.SCENARIO_BROADCAST,
         _b5_io.SCENARIO_SURGE,
         _obs_overhead.SCENARIO,
         _obs_overhead.SCENARIO_LOG,

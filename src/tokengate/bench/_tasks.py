@@ -7,8 +7,10 @@ system under test.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokengate import task_token_guard
-from tokengate.bench._bodies import burn, flood_plain, light_work
+from tokengate.bench._bodies import array_sum, burn, flood_plain, light_work, part_sum
 
 
 @task_token_guard(operation_type="noop", tags={"weight": "light"})
@@ -49,3 +51,15 @@ def light_task() -> int:
 def noop_process(i: int) -> int:
     """B2o: the smallest process task, so the figure is the process lane's overhead."""
     return i
+
+
+@task_token_guard(operation_type="array_sum", tags={"weight": "heavy", "executor": "process"})
+def array_sum_task(array: Any) -> float:
+    """B8 distinct: sum one big array in a worker process."""
+    return array_sum(array)
+
+
+@task_token_guard(operation_type="part_sum", tags={"weight": "heavy", "executor": "process"})
+def part_sum_task(array: Any, i: int, parts: int) -> float:
+    """B8 broadcast: sum one part of a shared array in a worker process."""
+    return part_sum(array, i, parts)
