@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tokengate needs Python 3.11+, found " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,cli,metrics,dask,docs]'
+	$(PY) -m pip install --quiet -e '.[dev,cli,metrics,dask,docs,dashboard]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(PY) -m tokengate demo mixed --duration 20
 
 test: $(STAMP)
+	@bash .ci/browser
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -383,3 +384,22 @@ def test_trace_metrics_and_backend_reach_the_coordinator_when_present(
     }
     assert "http://127.0.0.1:9464/metrics" in out
     assert f"Trace: 42 task spans written to {trace}" in out
+
+
+def test_dashboard_prints_its_url_and_stops_with_the_demo(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("uvicorn")
+    assert main(["demo", "chain", "--duration", SHORT, "--plain", "--dashboard"]) == 0
+    out = capsys.readouterr().out
+    assert "[DASHBOARD] Open http://127.0.0.1:" in out
+    assert "?token=" in out
+    assert not any(t.name.startswith("tokengate-dashboard") for t in threading.enumerate())
+
+
+def test_dashboard_without_the_extra_exits_2_and_says_how(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert main(["demo", "chain", "--duration", SHORT, "--dashboard", "0"]) == 2
+    assert "pip install 'tokengate[dashboard]'" in capsys.readouterr().err

@@ -36,10 +36,23 @@ COORDINATOR_API = {
     "guard_house",
     "overflow_guard",
     "serve_metrics",
+    "serve_dashboard",
+    "dashboard_url",
     "metrics_collector",
     "trace_spans",
     "export_trace",
     "live",
+    # operator controls
+    "pause",
+    "resume",
+    "drain",
+    "cancel_queued",
+    "kill",
+    "paused_operations",
+    "hold_when",
+    "quarantine",
+    "release",
+    "reject",
     # a documented test hook
     "rate_limiter",
 }

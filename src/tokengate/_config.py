@@ -56,7 +56,8 @@ class CoordinatorConfig:
     pauses admission while the process's RSS is over ``memory_budget`` (bytes, ``"512MB"``,
     ``"25%"``; ``None``: half the memory this process may use), sampled every
     ``memory_check_interval`` seconds. ``trace`` keeps the last ``trace_buffer`` task spans for
-    ``export_trace``.
+    ``export_trace``. ``dashboard`` serves the web dashboard on loopback from ``start()`` to
+    ``stop()`` (``True``: any free port; a number: that port); ``dashboard_url`` says where.
     I/O lane and convergence engine: ``io_workers`` threads per storage tier to start with;
     ``convergence`` turns the engine on, sampling every ``convergence_interval`` seconds and
     growing a backed-up core up to ``max_workers_per_core`` workers (a storage tier up to its
@@ -104,6 +105,7 @@ class CoordinatorConfig:
     memory_check_interval: float = 0.5
     trace: bool = False
     trace_buffer: int = 10_000
+    dashboard: bool | int = False
     # -- async tasks, the I/O lane and the convergence engine ----------------------------------
     io_workers: int = 4
     max_workers_per_core: int = 32

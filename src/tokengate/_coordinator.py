@@ -37,11 +37,13 @@ from ._backlog import Backlog
 from ._byte_budget import ByteBudget
 from ._completion import Completion
 from ._config import CoordinatorConfig
+from ._control import Controls
 from ._convergence import ConvergenceEngine
 from ._errors import ConfigError, CoordinatorNotRunning, TokenGateError
 from ._executor import TokenGateExecutor, make_executor
 from ._logging import attach_verbose_handlers, detach_verbose_handlers
 from ._middleware import HOOKS, Middleware, overridden
+from ._quarantine import HoldRule, Quarantine
 from ._rate import RateLimiter
 from ._retry import RetryPolicy
 from ._run_watch import watcher
@@ -53,6 +55,7 @@ from ._timers import TimerQueue
 from ._token import Token, check_timeout, in_done_callback
 from ._topology import Topology, detect_topology
 from .backends import Backend, resolve_backend
+from .dashboard._serving import Dashboards
 from .lanes._base import Lane, Worker
 from .lanes._sharing import share as share_object
 from .lanes._sharing import with_shared
@@ -120,8 +123,13 @@ class OperationsCoordinator:
     * observation: :meth:`stats`, :meth:`tier_stats`, :attr:`admission`, :meth:`queue_depths`,
       :attr:`lanes`, :meth:`iter_workers`, :attr:`convergence`, :attr:`backend`, and from the
       observability component :attr:`guard_house`, :attr:`overflow_guard`,
-      :meth:`serve_metrics`, :meth:`metrics_collector`, :meth:`trace_spans`,
+      :meth:`serve_metrics`, :meth:`serve_dashboard` (with :attr:`dashboard_url`),
+      :meth:`metrics_collector`, :meth:`trace_spans`,
       :meth:`export_trace`, and :meth:`live` (the demos' live view while a block runs);
+    * operator controls (``_control.py``): :meth:`pause` / :meth:`resume` (admission, or one
+      operation type), :meth:`drain`, :meth:`cancel_queued`, :meth:`kill`,
+      :attr:`paused_operations`; token interception (``_quarantine.py``): :meth:`hold_when`,
+      :attr:`quarantine`, :meth:`release`, :meth:`reject`;
     * for tests: :attr:`rate_limiter` (``rate_limiter.poll(now)`` steps the rate limits' clock);
     * read-only facts, set at construction: ``config`` (the :class:`CoordinatorConfig`),
       ``topology`` (the :class:`Topology` it sized itself from), ``core_count`` (cores used),
@@ -211,6 +219,14 @@ class OperationsCoordinator:
         self._observability = Observability(
             config, self._stats, self._gate, self.add_middleware, self._life
         )
+        # The web dashboard (dashboard/_serving.py): served at start with dashboard=True.
+        dash_port = None if config.dashboard is False else int(config.dashboard)
+        self._dashboards = Dashboards(dash_port, self.add_middleware)
+        self._controls = Controls(self._gate, self.add_middleware)  # pause, drain, kill...
+        # Hold rules and held tokens (_quarantine.py); submission reads the rules list directly.
+        self._quarantine = Quarantine()
+        self._submission.quarantine = self._quarantine
+        self._submission.hold_rules = self._quarantine.rules
         self._host = _BackendHost(self)
         self._backend.configure(self._host)  # a bad lane option raises here, not at start
 
@@ -353,6 +369,8 @@ class OperationsCoordinator:
         if life.move(S.DRAINING, allowed_from=frozenset((S.RUNNING,))) is not S.RUNNING:
             return
         try:
+            if self._quarantine.held:  # held for the operator: the drain must not wait
+                self._quarantine.discard_all()
             # Inside the try: a Ctrl-C landing from here on (while the engine's thread is
             # joined, say) must still shut the workers down, or the coordinator stays
             # stopping for good.
@@ -678,6 +696,89 @@ class OperationsCoordinator:
         stops with the coordinator. Needs ``pip install 'tokengate[metrics]'``.
         """
         return self._observability.serve_metrics(self, port, addr)
+
+    # -- operator controls (_control.py) and token interception (_quarantine.py) ------------
+    def pause(self, operation: str | None = None) -> None:
+        """Pause admission (or, given ``operation``, the calls of that operation type).
+
+        Callers block as under backpressure (``admission='reject'`` refuses them with
+        :class:`Overloaded` instead) until :meth:`resume`; work already admitted runs on and
+        nothing is dropped. Calls made by running tasks are not held. Logged on
+        ``tokengate.control``, as every control is.
+        """
+        self._controls.pause(operation)
+
+    def resume(self, operation: str | None = None) -> None:
+        """Undo :meth:`pause` (or, given ``operation``, its pause or :meth:`drain`)."""
+        self._controls.resume(operation)
+
+    def drain(self, operation: str) -> None:
+        """Refuse new calls of ``operation`` (:class:`OperationBlocked`, saying why) while the
+        tokens already queued finish; :meth:`resume` accepts calls again."""
+        self._controls.drain(operation)
+
+    @property
+    def paused_operations(self) -> dict[str, str]:
+        """Operation types paused or draining by the operator: name -> ``paused``/``draining``."""
+        return self._controls.paused_operations()
+
+    def cancel_queued(self, operation: str) -> int:
+        """Discard the tokens of ``operation`` waiting in a worker's mailbox; returns how many.
+
+        Each ends discarded with reason ``"cancelled by operator"``; running ones run on.
+        """
+        return self._controls.cancel_queued(self, operation)
+
+    def kill(self, token: Token[Any]) -> str:
+        """End one token now: one not yet running is discarded; one running on the process
+        lane has its worker process killed (and replaced) and ends discarded with reason
+        ``"killed by operator"``. A token running on a thread cannot be stopped safely, so
+        that is refused with :class:`TokenGateError` saying so. Returns what was done.
+        """
+        return self._controls.kill(self, token)
+
+    def hold_when(self, rule: HoldRule, *, operation: str | None = None) -> None:
+        """Send the calls ``rule(spec, args, kwargs)`` picks to quarantine before they run.
+
+        ``rule`` returns why to hold a call (a string shown to the operator, or ``True``), or a
+        false value to let it through; ``operation`` limits it to one operation type. Held
+        tokens are counted and wait in :attr:`quarantine` until :meth:`release` or
+        :meth:`reject`; ``stop()`` discards those still held. Calls from running tasks are
+        never held. An exception from ``rule`` reaches the caller, and nothing is counted.
+        """
+        self._quarantine.hold_when(rule, operation)
+
+    @property
+    def quarantine(self) -> Mapping[Token[Any], str]:
+        """The tokens held in quarantine now, each with why it was held, oldest first."""
+        return self._quarantine.tokens()
+
+    def release(self, token: Token[Any]) -> bool:
+        """Let a quarantined token run (admitted as if just called); False if it was not held."""
+        return self._quarantine.release(self, token)
+
+    def reject(self, token: Token[Any], reason: str = "rejected by operator") -> bool:
+        """End a quarantined token discarded with ``reason``; False if it was not held."""
+        return self._quarantine.reject(token, reason)
+
+    def serve_dashboard(self, port: int = 0, addr: str = "127.0.0.1") -> str:
+        """Serve the live web dashboard; returns its URL, access token included.
+
+        Open the URL in a browser: totals, rates and latencies, workers, storage tiers, the
+        Guard House and the Overflow Guard, the task stream, token look-up and the operator
+        controls, refreshed twice a second while a page is open (nothing is read while none
+        is). ``port=0`` picks a free port. Only loopback listens unless ``addr`` names another
+        address (e.g. ``"0.0.0.0"``), and every request needs the URL's token, so treat the URL
+        as a password. The server stops with the coordinator. Needs
+        ``pip install 'tokengate[dashboard]'``.
+        """
+        return self._dashboards.serve(self, port, addr)
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The URL of the first dashboard served (``serve_dashboard``, ``dashboard=True``),
+        access token included; None while none is served."""
+        return self._dashboards.url
 
     def metrics_collector(self, **options: Any) -> TokenGateCollector:
         """A :class:`TokenGateCollector` for this coordinator, to register with your registry."""

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ._byte_budget import ByteBudget
     from ._completion import Completion
     from ._decorator import TaskFunction
+    from ._quarantine import Quarantine
     from ._rate import RateLimiter
     from ._spec import TaskSpec
     from ._stats import StatsRecorder
@@ -82,6 +83,9 @@ class Submission:
         # Tokens counted but held back by their submitter (an executor's max_workers), with the
         # task each runs: they wait here, on no worker, until release_held admits them.
         self.held: dict[Token[Any], TaskFunction[..., Any]] = {}
+        # Hold rules (_quarantine.py): set by the coordinator; an empty list costs one check.
+        self.quarantine: Quarantine | None = None
+        self.hold_rules: list[Any] = []
 
     def submit(
         self,
@@ -106,6 +110,10 @@ class Submission:
         if self.before_submit:
             for hook in self.before_submit:
                 hook(spec)
+        quarantine = None  # hold rules: why this call waits for the operator (_quarantine.py)
+        if self.hold_rules and not internal and not hold and self.quarantine is not None:
+            quarantine = self.quarantine.reason(spec, args, kwargs)
+            hold = quarantine is not None
         backend = self.backend
         if payload is None and not hold:
             # Held calls are prepared when released (release_held), so that they hold no
@@ -122,6 +130,9 @@ class Submission:
                 token._deadline_at = token.submitted_at + spec.deadline
             if hold:
                 self._hold(token, task, internal)
+                if quarantine is not None and self.quarantine is not None:
+                    # Recorded once it is held: releasable from now on.
+                    self.quarantine.add(token, quarantine, accepting=lambda: life.accepting)
             else:
                 backend.submit(token, task, internal, payload)
         except BaseException:

@@ -494,11 +494,13 @@ class Token(Future[T], Generic[T]):
         """Discard the token if it has not started; True if it is (now) discarded."""
         return self._discard("cancelled")
 
-    def _discard(self, reason: str) -> bool:
+    def _discard(self, reason: str, *, running: bool = False) -> bool:
+        """Discard the token if it has not started (``running=True``: or if it is running, for
+        a run its lane has already ended, e.g. a worker process the operator killed)."""
         cond = self._lock()
         try:
             state = self._state
-            if state in (RUNNING, FINISHED):
+            if state == FINISHED or (state == RUNNING and not running):
                 return False
             if state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True

@@ -480,3 +480,22 @@ def test_high_water_probe_counts_across_processes(tmp_path: Any) -> None:
     high_water.enter()
     high_water.leave()
     assert high_water.read() == (1, 2)
+
+
+def test_the_dashboard_shows_the_coordinators_tokens_and_links_to_dasks(
+    dask_harness: Harness,
+) -> None:
+    pytest.importorskip("uvicorn")
+    from tokengate.dashboard._views import snapshot
+
+    from .tasks import echo
+
+    coordinator = dask_harness.coordinator()
+    coordinator.serve_dashboard()
+    assert echo(1).get(timeout=30) == ((1,), {})
+    snap = snapshot(coordinator)
+    assert snap["backend"] == "DaskBackend"
+    assert snap["stats"]["resolved"] == 1
+    assert snap["workers"] == []  # no local lanes
+    link = snap["backend_dashboard"]
+    assert link is not None and link.startswith("http://")

@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this port while the demo runs (0: any free port)",
     )
     demo.add_argument(
+        "--dashboard",
+        type=_port,
+        nargs="?",
+        const=0,
+        metavar="PORT",
+        help="serve the web dashboard on loopback while the demo runs and print its URL "
+        "(PORT: default any free port); needs the dashboard extra",
+    )
+    demo.add_argument(
         "--backend",
         choices=("local", "dask"),
         default="local",

@@ -80,6 +80,13 @@ def unavailable(args: argparse.Namespace) -> str | None:
             "--metrics-port is not available in this build: it needs the observability part "
             "(OperationsCoordinator.serve_metrics)"
         )
+    if args.dashboard is not None:
+        from ..dashboard._server import require
+
+        try:
+            require()
+        except ImportError as exc:
+            return f"--dashboard: {exc}"
     if args.backend != "local" and not accepts_backend():
         return (
             f"--backend {args.backend} is not available in this build: it needs the Dask "
@@ -179,6 +186,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 if args.metrics_port is not None:
                     port = observable.serve_metrics(args.metrics_port)
                     display.say(f"[METRICS] Prometheus metrics at http://127.0.0.1:{port}/metrics")
+                if args.dashboard is not None:
+                    url = observable.serve_dashboard(args.dashboard)
+                    display.say(f"[DASHBOARD] Open {url}")
                 display.start()
                 backend = getattr(coordinator, "backend", None)
                 if backend is not None and backend.name != "local":

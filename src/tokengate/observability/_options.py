@@ -124,4 +124,12 @@ def validate_observability(config: Any) -> None:
     _seconds("block_cooldown", config.block_cooldown)
     _seconds("memory_check_interval", config.memory_check_interval)
     _count("trace_buffer", config.trace_buffer)
+    dashboard = config.dashboard
+    if not isinstance(dashboard, bool) and not (
+        isinstance(dashboard, int) and 1 <= dashboard <= 65535
+    ):
+        raise ConfigError(
+            f"dashboard must be True (serve it on a free loopback port), False, or a port in "
+            f"1..65535, got {dashboard!r}"
+        )
     object.__setattr__(config, "memory_budget", parse_memory_budget(config.memory_budget))

@@ -60,6 +60,12 @@ def restart_delay(
     return min(cap, base * 2.0 ** min(failures - 2, 64))
 
 
+class _Killed(Exception):
+    """Marks a run ended by the operator's ``kill`` (never raised to the user)."""
+
+    reason = "killed by operator"
+
+
 class ProcessWorker(MailboxWorker):
     """One process worker slot: a worker process behind a proxy thread with its own mailbox,
     on one core. Its state is :attr:`state` (see :mod:`._state`); ``stopping`` and
@@ -74,6 +80,7 @@ class ProcessWorker(MailboxWorker):
         self.cpu = cpu
         super().__init__(f"process_{index}_core_{core}")
         self.restarts = 0
+        self.last_crash: str | None = None  # why the latest worker process was lost, if one was
         self.pid: int | None = None
         self.machine = SlotStateMachine(self.name)
         self.ready = self.machine.ready  # set while a worker process is ready (or broken)
@@ -82,6 +89,7 @@ class ProcessWorker(MailboxWorker):
         self._broken_why = ""  # while BROKEN: why tokens sent here fail
         self._next_start = 0.0  # time.monotonic() before which no new start is attempted
         self._child: ChildProcess | None = None
+        self._killed: Any = None  # the token whose worker process the operator killed
 
     @property
     def state(self) -> SlotState:
@@ -132,6 +140,19 @@ class ProcessWorker(MailboxWorker):
         child = self._child
         if child is not None:
             child.kill()
+
+    def kill_current(self, token: Any) -> bool:
+        """Kill the worker process running ``token`` (``coordinator.kill``): the proxy replaces
+        it and ends the token discarded. False if ``token`` is not what this slot runs."""
+        child = self._child
+        if self.current is not token or child is None:
+            return False
+        self._killed = token
+        if self.current is not token:  # it ended meanwhile: leave the worker alone
+            self._killed = None
+            return False
+        child.kill()
+        return True
 
     # -- the proxy thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -366,6 +387,11 @@ class ProcessWorker(MailboxWorker):
         except BaseException as error:  # pragma: no cover - a bug must still end the token
             value, exc = None, error
         self.current = None
+        if self._killed is token and isinstance(exc, _Killed):
+            self._killed = None
+            token._discard(_Killed.reason, running=True)
+            return
+        self._killed = None
         host.complete(token, run_id, value, exc)
         if token.done():  # no more runs: let the pickled call go (and its charge, if unsent)
             call = token._payload
@@ -459,6 +485,9 @@ class ProcessWorker(MailboxWorker):
 
     def _crashed(self, token: Any, child: ChildProcess) -> BaseException:
         pid = child.pid
+        if self._killed is token:  # the operator's kill(): not a crash of the task
+            self._replace(child, "process_killed")
+            return _Killed()
         code = self._replace(child, "process_crashes")
         what_happened, cause = describe_exit(code)
         if self.aborting:
@@ -469,6 +498,7 @@ class ProcessWorker(MailboxWorker):
             f"replaced; {self.lane.retry_note(token)}"
         )
         logger.warning("[%s] %s", self.name, message)
+        self.last_crash = f"{what_happened} ({cause})"
         return self._worker_crashed(message, code, pid)
 
     def _worker_crashed(self, message: str, exitcode: int | None, pid: int | None) -> WorkerCrashed:

@@ -182,6 +182,17 @@ class CircuitBreaker(Middleware):
         with self._lock:
             return set(self._circuits) | set(self._blocked)
 
+    def open(self, operation_type: str) -> None:
+        """Open the circuit of ``operation_type`` by hand, as ``block_after`` failures do."""
+        with self._lock:
+            circuit = self._circuits.get(operation_type)
+            if circuit is None:
+                circuit = self._circuits[operation_type] = _Circuit()
+            circuit.state = OPEN
+            circuit.opened_at = self.clock()
+            circuit.probe_at = None
+            circuit.last_error = "opened by the operator"
+
     def reset(self, operation_type: str | None = None) -> None:
         """Close the circuit of one operation type (or all) by hand."""
         with self._lock:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from ..._errors import TokenGateError
 from ..._histogram import LatencyHistogram
 from ..._middleware import Middleware
 from ..._run_watch import deliver, watcher
@@ -165,6 +166,17 @@ class GuardHouse:
     def breaker_state(self, operation_type: str) -> str:
         """``closed``, ``open`` or ``half-open`` (``off`` without auto_block)."""
         return self._breaker.state(operation_type) if self.auto_block else OFF
+
+    def open(self, operation_type: str) -> None:
+        """Open the circuit of ``operation_type`` by hand: its calls are refused with
+        :class:`OperationBlocked` for ``block_cooldown`` seconds, then one probe is let
+        through, as after ``block_after`` failures. Needs ``auto_block=True``."""
+        if not self.auto_block:
+            raise TokenGateError(
+                f"cannot open the circuit breaker of {operation_type!r}: the breaker is off; "
+                f"create the coordinator with auto_block=True"
+            )
+        self._breaker.open(operation_type)
 
     def reset(self, operation_type: str | None = None) -> None:
         """Close the circuit of one operation type (or all) by hand."""

@@ -1,0 +1,94 @@
+"""Recent tokens by id, failures with tracebacks, and the task stream, for the dashboard.
+
+A :class:`RecentTokens` middleware keeps the last ``capacity`` tokens that ran an attempt or were
+discarded, keyed by their sequence number (the number in the token's id), and the formatted
+traceback of the last ``failures`` errors. It is installed only when the first page connects,
+so a coordinator that is never looked at pays nothing; once installed, a token costs one hook
+call, an uncontended lock and a dict store. Tokens still queued or running are found by scanning
+the lanes at lookup time, so the hot path never records them.
+
+Holding the token (not a copy of its fields) keeps its result alive until it is evicted: the
+capacity bounds that, and a page reads the token's own, always current, state.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .._middleware import Middleware
+from .._token import _ID_BASE
+
+if TYPE_CHECKING:
+    from .._coordinator import OperationsCoordinator
+    from .._token import Token
+
+__all__ = ["RecentTokens", "parse_token_id"]
+
+
+def parse_token_id(token_id: str) -> int | None:
+    """The sequence number in ``<operation_type>_<number>``, or None if it is not one."""
+    _, sep, number = token_id.rpartition("_")
+    if not sep or not number.isdigit() or len(number) > 30:
+        return None
+    seq = int(number) - _ID_BASE
+    return seq if seq >= 0 else None
+
+
+class RecentTokens(Middleware):
+    """The last ``capacity`` ended (or retried) tokens and the last ``failures`` tracebacks."""
+
+    def __init__(self, capacity: int = 2_000, failures: int = 50) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._tokens: dict[int, Token[Any]] = {}
+        self.tracebacks: deque[tuple[str, str]] = deque(maxlen=failures)
+
+    def _keep(self, token: Token[Any]) -> None:
+        tokens = self._tokens
+        with self._lock:
+            tokens[token.seq] = token
+            if len(tokens) > self.capacity:
+                del tokens[next(iter(tokens))]
+
+    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        self._keep(token)
+
+    def after_discard(self, token: Token[Any]) -> None:
+        self._keep(token)
+
+    def after_failure(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
+        if exc is not None:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self.tracebacks.append((token.id, text[-8_000:]))
+
+    def recent(self, limit: int) -> list[Token[Any]]:
+        """The last ``limit`` tokens recorded, oldest first."""
+        with self._lock:
+            tokens = list(self._tokens.values())
+        return tokens[-limit:]
+
+    def find(self, coordinator: OperationsCoordinator, token_id: str) -> Token[Any] | None:
+        """The token with this id: running, queued in a mailbox, in quarantine, or recently
+        ended."""
+        seq = parse_token_id(token_id)
+        if seq is None:
+            return None
+        with self._lock:
+            token = self._tokens.get(seq)
+        if token is not None and token.id == token_id:
+            return token
+        for worker in coordinator.iter_workers():
+            current = worker.current
+            if current is not None and getattr(current, "seq", None) == seq:
+                return current if current.id == token_id else None
+        for held in coordinator.quarantine:
+            if held.seq == seq:
+                return held if held.id == token_id else None
+        for lane in coordinator.lanes.values():
+            for queued in lane.queued():
+                if queued.seq == seq:
+                    return queued if queued.id == token_id else None
+        return None

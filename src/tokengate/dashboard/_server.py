@@ -1,0 +1,421 @@
+"""The dashboard's HTTP server: Starlette on uvicorn, on a thread of its own.
+
+Security, checked on every request before any route runs (:class:`_Guard`):
+
+* it listens on loopback unless the caller passes another address explicitly;
+* every request carries the access token (``?token=`` in the URL it prints, then an HttpOnly,
+  SameSite=Strict cookie the first visit sets; or an ``X-TokenGate-Token`` header), compared
+  in constant time; without it the answer is 403;
+* on a loopback address the ``Host`` header must name loopback (a DNS-rebinding page cannot
+  reach it under another name);
+* a POST must come from the page's own origin (``Origin`` equal to the server's), carry JSON,
+  and be at most ``MAX_BODY`` bytes; anything else is a clear 4xx and the server keeps serving;
+* no CORS header is ever sent, and nothing from the network is unpickled or executed: a control
+  is a name looked up in a fixed table, with JSON arguments.
+
+Live views: ``/api/events`` streams a snapshot (``_views.snapshot``) every ``refresh`` seconds as
+server-sent events while a page is open; nothing is sampled while none is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.resources
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from .._errors import TokenGateError
+from ._registry import RecentTokens
+from ._views import snapshot, stats_json, token_view
+
+if TYPE_CHECKING:
+    from .._coordinator import OperationsCoordinator
+
+__all__ = ["MAX_BODY", "DashboardServer", "check_addr", "require"]
+
+log = logging.getLogger("tokengate.dashboard")
+
+MAX_BODY = 64 * 1024
+"""The largest POST body accepted, in bytes (controls are a few hundred)."""
+
+_STATIC = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; "
+     b"frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]  # fmt: skip
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def require() -> Any:
+    """Import the extra's modules, or say how to install them."""
+    try:
+        import starlette
+        import uvicorn
+    except ImportError as exc:
+        raise ImportError(
+            f"the dashboard needs Starlette and uvicorn ({exc.name} is missing): "
+            f"pip install 'tokengate[dashboard]'"
+        ) from None
+    return starlette, uvicorn
+
+
+def check_addr(addr: object) -> str:
+    """``addr`` if it is an IP address or ``localhost``; else a ValueError that says so."""
+    if not isinstance(addr, str) or not addr:
+        raise ValueError(f"addr must be an IP address such as '127.0.0.1', got {addr!r}")
+    if addr == "localhost":
+        return "127.0.0.1"
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        raise ValueError(
+            f"addr must be an IP address such as '127.0.0.1' (loopback, the default) or "
+            f"'0.0.0.0' (every interface: anyone who can reach it and has the URL's token can "
+            f"use the controls), got {addr!r}"
+        ) from None
+    return addr
+
+
+def is_loopback(addr: str) -> bool:
+    return ipaddress.ip_address(addr).is_loopback
+
+
+async def _plain(send: Send, status: int, text: str) -> None:
+    body = text.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                *_HEADERS,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Guard:
+    """ASGI wrapper: the security checks of the module docstring, then the app."""
+
+    def __init__(self, app: Any, server: DashboardServer) -> None:
+        self.app = app
+        self.server = server
+
+    def _token_of(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
+        raw: bytes = scope.get("query_string", b"")
+        query = parse_qs(raw.decode("latin-1"))
+        if "token" in query:
+            return query["token"][0]
+        header = headers.get(b"x-tokengate-token")
+        if header is not None:
+            return header.decode("latin-1")
+        for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.server.cookie:
+                return value
+        return ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        server = self.server
+        headers = dict(scope.get("headers", []))
+        host = headers.get(b"host", b"").decode("latin-1")
+        if server.loopback and _host_name(host) not in _LOOPBACK_NAMES:
+            await _plain(send, 403, f"host {host!r} refused: this dashboard serves loopback only")
+            return
+        given = self._token_of(scope, headers).encode("utf-8", "replace")
+        if not hmac.compare_digest(given, server.token.encode()):
+            await _plain(
+                send,
+                403,
+                "missing or wrong access token: open the URL that serve_dashboard() returned "
+                "(it ends with ?token=...)",
+            )
+            return
+        if scope["method"] not in ("GET", "HEAD", "POST"):
+            await _plain(send, 405, f"method {scope['method']} not allowed")
+            return
+        if scope["method"] == "POST":
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            if origin != f"http://{host}":
+                await _plain(send, 403, f"cross-origin request refused (Origin {origin!r})")
+                return
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip()
+            if kind != b"application/json":
+                await _plain(
+                    send, 415, "controls take a JSON body (Content-Type: application/json)"
+                )
+                return
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                await _plain(send, 413, f"request body over {MAX_BODY} bytes refused")
+                return
+            body = bytearray()
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > MAX_BODY:
+                    await _plain(send, 413, f"request body over {MAX_BODY} bytes refused")
+                    return
+            scope["tokengate.body"] = bytes(body)
+        server.touched()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _host_name(host: str) -> str:
+    """``host`` without its port (``[::1]:8000`` -> ``::1``)."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+class DashboardServer:
+    """One dashboard of one coordinator: the app, its uvicorn server and the thread running it.
+
+    ``controls`` maps a control's name to a function of (coordinator, arguments) returning a
+    message for the page; it is fixed when the server is made.
+    """
+
+    def __init__(
+        self,
+        coordinator: OperationsCoordinator,
+        port: int,
+        addr: str,
+        *,
+        refresh: float = 0.5,
+        controls: dict[str, Callable[[Any, dict[str, Any]], str]] | None = None,
+    ) -> None:
+        _, uvicorn = require()
+        self.coordinator = coordinator
+        self.addr = addr
+        self.loopback = is_loopback(addr)
+        self.refresh = refresh
+        self.token = secrets.token_urlsafe(32)
+        self.controls = controls or {}
+        self.registry = RecentTokens()
+        self._registry_installed = False
+        self._install_lock = threading.Lock()
+        self.clients = 0
+        self.samples = 0
+        self._closing = threading.Event()
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((addr, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(64)
+        self._sock = sock
+        self.port: int = sock.getsockname()[1]
+        self.cookie = f"tokengate-dashboard-{self.port}"
+        config = uvicorn.Config(
+            _Guard(self._app(), self),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            http="h11",
+            ws="none",
+            loop="asyncio",
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._serve, name=f"tokengate-dashboard-{self.port}", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self._sock])
+        except BaseException:  # pragma: no cover - uvicorn logs its own errors first
+            log.exception("the dashboard server on %s stopped with an error", self.url)
+
+    @property
+    def url(self) -> str:
+        """The page's address, with the access token (give it only to whom may use it)."""
+        host = f"[{self.addr}]" if ":" in self.addr else self.addr
+        return f"http://{host}:{self.port}/?token={self.token}"
+
+    def touched(self) -> None:
+        """An authenticated request came: from now on recent tokens are recorded."""
+        if self._registry_installed:
+            return
+        with self._install_lock:
+            if not self._registry_installed:
+                self._registry_installed = True
+                self.coordinator.add_middleware(self.registry)
+
+    def close(self) -> None:
+        """Stop serving: open pages see the stream end; waits up to 5 s for the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        self._server.should_exit = True
+        self._thread.join(5.0)
+        self._sock.close()
+
+    # -- the app --------------------------------------------------------------------------------
+    def _app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.concurrency import run_in_threadpool
+        from starlette.requests import Request
+        from starlette.responses import (
+            JSONResponse,
+            PlainTextResponse,
+            RedirectResponse,
+            Response,
+            StreamingResponse,
+        )
+        from starlette.routing import Route
+
+        coordinator = self.coordinator
+        files = importlib.resources.files(__package__).joinpath("static")
+
+        def page(request: Request) -> Response:
+            if "token" in request.query_params:  # the printed URL: keep the token in a cookie
+                response: Response = RedirectResponse("/", status_code=303)
+                response.set_cookie(
+                    self.cookie, self.token, httponly=True, samesite="strict", path="/"
+                )
+                return response
+            html = files.joinpath("index.html").read_text(encoding="utf-8")
+            return Response(html, media_type="text/html; charset=utf-8")
+
+        def static(request: Request) -> Response:
+            name = request.path_params["name"]
+            kind = _STATIC.get(name)
+            if kind is None:
+                return PlainTextResponse(f"no static file {name!r}", status_code=404)
+            return Response(files.joinpath(name).read_bytes(), media_type=kind)
+
+        def view(request: Request) -> Response:
+            self.samples += 1
+            return JSONResponse(snapshot(coordinator, self.registry))
+
+        def health(request: Request) -> Response:
+            return JSONResponse({"ok": True, "clients": self.clients, "samples": self.samples})
+
+        async def events(request: Request) -> Response:
+            async def stream() -> Any:
+                self.clients += 1
+                try:
+                    yield f"retry: 1000\ndata: {json.dumps({'hello': True})}\n\n"
+                    while not self._closing.is_set():
+                        self.samples += 1
+                        data = json.dumps(snapshot(coordinator, self.registry))
+                        yield f"data: {data}\n\n"
+                        await asyncio.sleep(self.refresh)
+                finally:
+                    self.clients -= 1
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        def token(request: Request) -> Response:
+            found = self.registry.find(coordinator, request.path_params["token_id"])
+            if found is None:
+                return JSONResponse(
+                    {
+                        "error": f"no token {request.path_params['token_id']!r} among the "
+                        f"running, queued and last {self.registry.capacity} ended tokens"
+                    },
+                    status_code=404,
+                )
+            return JSONResponse(token_view(found))
+
+        def stats(request: Request) -> Response:
+            return JSONResponse(
+                stats_json(coordinator),
+                headers={"content-disposition": 'attachment; filename="tokengate-stats.json"'},
+            )
+
+        def trace(request: Request) -> Response:
+            import tempfile
+            from pathlib import Path
+
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "trace.json"
+                    coordinator.export_trace(path)
+                    body = path.read_bytes()
+            except TokenGateError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=409)
+            return Response(
+                body,
+                media_type="application/json",
+                headers={"content-disposition": 'attachment; filename="tokengate-trace.json"'},
+            )
+
+        async def control(request: Request) -> Response:
+            try:
+                data = json.loads(request.scope.get("tokengate.body", b"") or b"null")
+            except (ValueError, UnicodeDecodeError) as exc:
+                return JSONResponse({"error": f"malformed JSON body: {exc}"}, status_code=400)
+            if not isinstance(data, dict) or not isinstance(data.get("action"), str):
+                return JSONResponse(
+                    {"error": 'the body must be a JSON object with an "action" string'},
+                    status_code=400,
+                )
+            action = data["action"]
+            handler = self.controls.get(action)
+            if handler is None:
+                known = ", ".join(sorted(self.controls)) or "none"
+                return JSONResponse(
+                    {"error": f"unknown action {action!r}; known actions: {known}"},
+                    status_code=400,
+                )
+            try:
+                message = await run_in_threadpool(handler, coordinator, data)
+            except (TokenGateError, ValueError, KeyError, TypeError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=409)
+            return JSONResponse({"ok": True, "message": message})
+
+        return Starlette(
+            routes=[
+                Route("/", page),
+                Route("/static/{name}", static),
+                Route("/api/health", health),
+                Route("/api/snapshot", view),
+                Route("/api/events", events),
+                Route("/api/token/{token_id}", token),
+                Route("/api/stats", stats),
+                Route("/api/trace", trace),
+                Route("/api/control", control, methods=["POST"]),
+            ]
+        )
