@@ -420,6 +420,8 @@ def test_registry_keys_and_headlines() -> None:
         "IOSURGE",
         "OBS",
         "OBSLOG",
+        "DASH",
+        "DASHB6",
     ]
     for sc in SCENARIOS.values():
         assert any(s.kind == "tokengate" for s in sc.systems), sc.id
@@ -436,6 +438,8 @@ def test_new_scenarios_headlines_and_any_case_ids() -> None:
         "IOSURGE": ("wall_s", False),
         "OBS": ("us_per_task", False),
         "OBSLOG": ("us_per_task", False),
+        "DASH": ("us_per_task", False),
+        "DASHB6": ("p95_ms", False),
     }
     for sid, (headline, higher) in expected.items():
         sc = get_scenario(sid.lower())
@@ -443,7 +447,12 @@ def test_new_scenarios_headlines_and_any_case_ids() -> None:
         assert sc.headline == headline
         assert sc.figure(headline).higher_is_better is higher
     # OBS / OBSLOG: the reference (everything off) is the one "peer", so the ratio is overhead
-    for sid, ref in (("OBS", "bare"), ("OBSLOG", "log-disabled")):
+    for sid, ref in (
+        ("OBS", "bare"),
+        ("OBSLOG", "log-disabled"),
+        ("DASH", "off"),
+        ("DASHB6", "off"),
+    ):
         assert [s.key for s in SCENARIOS[sid].systems if s.kind == "peer"] == [ref]
     assert SCENARIOS["B2"].system("serial").kind == "floor"
 
@@ -621,6 +630,8 @@ def test_threadpool_nested_fanout_is_reported_deadlocked() -> None:
         ("OBSLOG", "log-debug", "200"),
         ("B8", "tokengate", "4"),
         ("B8b", "tokengate", "4"),
+        ("DASH", "page-open", "500"),
+        ("DASHB6", "page-open", "1"),
     ],
 )
 def test_tokengate_cases_run(scenario: str, system: str, n: str) -> None:

@@ -15,6 +15,7 @@ from tokengate.bench import (
     _b6_mixed,
     _b7_nested,
     _b8_data,
+    _dash_overhead,
     _obs_overhead,
 )
 from tokengate.bench._model import Scenario
@@ -38,6 +39,8 @@ SCENARIOS: dict[str, Scenario] = {
         _b5_io.SCENARIO_SURGE,
         _obs_overhead.SCENARIO,
         _obs_overhead.SCENARIO_LOG,
+        _dash_overhead.SCENARIO,
+        _dash_overhead.SCENARIO_B6,
     )
 }
 

@@ -1,0 +1,163 @@
+"""DASH and DASHB6: what the web dashboard costs, on B1's load and on B6's (the seed's mixed load).
+
+Every row is tokengate; the reference row (shown as the "peer") has no dashboard, so "vs best
+peer" reads as the overhead (1.03x = 3 % slower). ``served`` serves the dashboard with nobody
+looking; ``page-open`` also has a page open: a separate process reading the live stream (a
+snapshot every 0.5 s, as the browser page does), so the page's own drawing is not charged to the
+coordinator's process. ``snapshots`` counts the snapshots the server took during the run.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, SystemKind
+
+__all__ = ["SCENARIO", "SCENARIO_B6", "measure_case"]
+
+WARM_UP = 1_000
+RESULT_TIMEOUT_S = 120.0
+
+# The page: reads the server-sent events until it is terminated.
+_READER = """
+import http.client, sys, urllib.parse
+url = urllib.parse.urlsplit(sys.argv[1])
+token = urllib.parse.parse_qs(url.query)["token"][0]
+conn = http.client.HTTPConnection(url.hostname, url.port)
+conn.request("GET", "/api/events", headers={"X-TokenGate-Token": token})
+response = conn.getresponse()
+while response.fp.readline():
+    pass
+"""
+
+
+def _health(url: str) -> dict[str, Any]:
+    parts = urllib.parse.urlsplit(url)
+    token = urllib.parse.parse_qs(parts.query)["token"][0]
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        conn.request("GET", "/api/health", headers={"X-TokenGate-Token": token})
+        data: dict[str, Any] = json.loads(conn.getresponse().read())
+        return data
+    finally:
+        conn.close()
+
+
+def _with_dashboard(case: str, body: Callable[[], Figures]) -> Figures:
+    """Run ``body`` under the case's dashboard set-up; add the snapshot count."""
+    from tokengate import OperationsCoordinator
+
+    with OperationsCoordinator() as coordinator:
+        if case == "off":
+            return {**body(), "snapshots": 0}
+        url = coordinator.serve_dashboard()
+        page = None
+        if case == "page-open":
+            page = subprocess.Popen([sys.executable, "-c", _READER, url])
+            deadline = time.monotonic() + 30
+            while _health(url)["clients"] < 1:  # the page is connected before the clock starts
+                if time.monotonic() > deadline or page.poll() is not None:
+                    raise AssertionError("the page never connected to the dashboard")
+                time.sleep(0.05)
+        before = _health(url)["samples"]
+        try:
+            figures = body()
+        finally:
+            if page is not None:
+                page.terminate()
+                page.wait(10)
+        return {**figures, "snapshots": _health(url)["samples"] - before}
+
+
+def measure_case(case: str, n: int) -> Figures:
+    """B1's load (``n`` noop tasks, submit all then gather) under the case's dashboard."""
+    from tokengate.bench._tasks import noop
+
+    def body() -> Figures:
+        for i in range(WARM_UP):
+            noop(i).get(timeout=60)
+        start = time.perf_counter()
+        tokens = [noop(i) for i in range(n)]
+        for token in tokens:
+            token.get(timeout=RESULT_TIMEOUT_S)
+        elapsed = time.perf_counter() - start
+        return {"tasks_per_s": n / elapsed, "us_per_task": elapsed * 1e6 / n}
+
+    return _with_dashboard(case, body)
+
+
+def measure_case_b6(case: str, seconds: int) -> Figures:
+    """B6's waves for ``seconds`` under the case's dashboard."""
+    from tokengate.bench._b6_mixed import drive
+
+    return _with_dashboard(case, lambda: drive(lambda fn, args: fn(*args), seconds))
+
+
+_CASES: tuple[tuple[str, str, SystemKind, str], ...] = (
+    ("off", "reference: no dashboard", "peer", "OperationsCoordinator() defaults"),
+    ("served", "dashboard served", "tokengate", "serve_dashboard(), no page open"),
+    (
+        "page-open",
+        "dashboard, page open",
+        "tokengate",
+        "serve_dashboard() and one page streaming snapshots (0.5 s) from another process",
+    ),
+)
+
+
+def _systems(measure: Callable[[str, int], Figures]) -> tuple[System, ...]:
+    def make(case: str, label: str, kind: SystemKind, note: str) -> System:
+        def run(p: CaseParams) -> Figures:
+            return measure(case, p.n)
+
+        return System(case, label, run, kind=kind, note=note)
+
+    return tuple(make(*case) for case in _CASES)
+
+
+SCENARIO = Scenario(
+    id="DASH",
+    title="dashboard overhead (B1 load)",
+    description=(
+        "noop(i) tasks, submit all then gather (1,000 warm-up tasks first); the reference row "
+        "(shown as the peer) has no dashboard, so the ratio on µs/task is the overhead"
+    ),
+    figures=(
+        Figure("tasks_per_s", "tasks/s", higher_is_better=True),
+        Figure("us_per_task", "µs/task", higher_is_better=False),
+        Figure("snapshots", "snapshots", kind="count"),
+    ),
+    headline="us_per_task",
+    n=100_000,
+    quick_n=10_000,
+    systems=_systems(measure_case),
+)
+
+SCENARIO_B6 = Scenario(
+    id="DASHB6",
+    title="dashboard overhead (B6 seed mixed load)",
+    description=(
+        "B6's waves (the seed's Proof 3 load); the reference row (shown as the peer) has no "
+        "dashboard, so the ratios on p50 and p95 are the overhead"
+    ),
+    figures=(
+        Figure("submitted", "submitted", kind="count"),
+        Figure("p50_ms", "p50 ms", higher_is_better=False),
+        Figure("p95_ms", "p95 ms", higher_is_better=False),
+        Figure("snapshots", "snapshots", kind="count"),
+    ),
+    headline="p95_ms",
+    n=60,
+    quick_n=10,
+    n_label="seconds",
+    timeout=180.0,
+    quick_timeout=90.0,
+    systems=_systems(measure_case_b6),
+)
