@@ -58,15 +58,17 @@ def _call_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]
 
 
 @pytest.fixture
-def one_worker(make_coordinator: Callable[..., OperationsCoordinator]) -> OperationsCoordinator:
+def one_thread(make_coordinator: Callable[..., OperationsCoordinator]) -> OperationsCoordinator:
+    """One worker thread that stays one (no convergence engine adding workers while a gated
+    task holds it): what is queued behind the gate stays queued until the test opens it."""
     return make_coordinator(cores=1, workers_per_core=1, process_lane=False, convergence=False)
 
 
 def test_pause_blocks_callers_until_resume_and_drops_nothing(
-    one_worker: OperationsCoordinator, caplog: pytest.LogCaptureFixture
+    one_thread: OperationsCoordinator, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tokengate.control")
-    c = one_worker
+    c = one_thread
     c.pause()
     assert c.admission.paused == {"operator": "paused by the operator"}
     thread, out = _call_in_thread(lambda: square(4))
@@ -81,8 +83,8 @@ def test_pause_blocks_callers_until_resume_and_drops_nothing(
     assert "Admission resumed by the operator" in caplog.text
 
 
-def test_pausing_one_operation_holds_only_its_calls(one_worker: OperationsCoordinator) -> None:
-    c = one_worker
+def test_pausing_one_operation_holds_only_its_calls(one_thread: OperationsCoordinator) -> None:
+    c = one_thread
     c.pause("ctl_square")
     assert c.paused_operations == {"ctl_square": "paused"}
     thread, out = _call_in_thread(lambda: square(3))
@@ -95,9 +97,9 @@ def test_pausing_one_operation_holds_only_its_calls(one_worker: OperationsCoordi
 
 
 def test_drain_refuses_new_calls_and_finishes_queued_ones(
-    one_worker: OperationsCoordinator,
+    one_thread: OperationsCoordinator,
 ) -> None:
-    c = one_worker
+    c = one_thread
     started = threading.Event()
     running = gated(started)
     assert started.wait(10)
@@ -113,9 +115,9 @@ def test_drain_refuses_new_calls_and_finishes_queued_ones(
 
 
 def test_cancel_queued_discards_only_that_operations_waiting_tokens(
-    one_worker: OperationsCoordinator,
+    one_thread: OperationsCoordinator,
 ) -> None:
-    c = one_worker
+    c = one_thread
     started = threading.Event()
     running = gated(started)
     assert started.wait(10)
@@ -130,9 +132,9 @@ def test_cancel_queued_discards_only_that_operations_waiting_tokens(
 
 
 def test_kill_discards_a_queued_token_and_refuses_a_running_thread(
-    one_worker: OperationsCoordinator,
+    one_thread: OperationsCoordinator,
 ) -> None:
-    c = one_worker
+    c = one_thread
     started = threading.Event()
     running = gated(started)
     assert started.wait(10)
@@ -191,12 +193,12 @@ def test_the_breaker_opens_and_closes_by_hand(
     assert square(3).get(timeout=10) == 9
 
 
-def test_opening_a_breaker_needs_auto_block(one_worker: OperationsCoordinator) -> None:
+def test_opening_a_breaker_needs_auto_block(one_thread: OperationsCoordinator) -> None:
     with pytest.raises(TokenGateError, match="auto_block=True"):
-        one_worker.guard_house.open("ctl_square")
+        one_thread.guard_house.open("ctl_square")
 
 
 @pytest.mark.parametrize("bad", [None, "", 3])
-def test_an_operation_must_be_named(one_worker: OperationsCoordinator, bad: Any) -> None:
+def test_an_operation_must_be_named(one_thread: OperationsCoordinator, bad: Any) -> None:
     with pytest.raises(ValueError, match="operation must be an operation type name"):
-        one_worker.drain(bad)
+        one_thread.drain(bad)
