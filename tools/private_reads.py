@@ -6,6 +6,8 @@ Run from the repository's root::
 
     python tools/private_reads.py            # the count, then each (module, attribute) and where
     python tools/private_reads.py --count    # the count only
+    python tools/private_reads.py --of src/tokengate/_coordinator.py   # only the attributes
+                                             # that file defines (e.g. the coordinator's)
 
 Attributes of standard-library modules (``threading._register_atexit``) and dunders are left
 out; so is ``tests/``.
@@ -80,8 +82,27 @@ def private_reads() -> dict[tuple[str, str], list[int]]:
     return found
 
 
+def _defined_in(paths: list[str]) -> set[str]:
+    names: set[str] = set()
+    for path in paths:
+        names |= _defined_here(ast.parse(Path(path).read_text(encoding="utf-8")))
+    return names
+
+
 def main() -> int:
     found = private_reads()
+    owners = [sys.argv[i + 1] for i, arg in enumerate(sys.argv) if arg == "--of"]
+    if owners:
+        mine = _defined_in(owners)
+        owner_modules = {
+            Path(o).resolve().relative_to(ROOT.parent).with_suffix("").as_posix().replace("/", ".")
+            for o in owners
+        }
+        found = {
+            (module, attr): lines
+            for (module, attr), lines in found.items()
+            if attr in mine and module not in owner_modules
+        }
     total = sum(len(lines) for lines in found.values())
     sys.stdout.write(f"{total}\n")
     if "--count" not in sys.argv:

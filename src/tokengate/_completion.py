@@ -131,10 +131,7 @@ class Completion:
             self._hand_on_permits(token)
         racy = None if token.spec.timeout is None else run_id
         if exc is None:
-            # ``ended`` only when something watches: a plain success wakes its waiters under
-            # the lock and pays for no further call.
-            ended = self.ended if self._after_attempt or self.watch_runs else None
-            if not token._finish(value, None, self.record, racy, ended):
+            if not token._finish(value, None, self.record, racy, self.ended):
                 self.late(token, "result")
                 return
             if _worker_answers.get(_DEBUG, True) and worker_log.isEnabledFor(_DEBUG):
@@ -172,8 +169,9 @@ class Completion:
         """Fail a token that never ran (a dependency failed, its call could not be sent)."""
         self.finish(token, None, exc)
 
-    def record_terminal(self, token: Token[Any], exc: BaseException | None) -> None:
-        """Called by ``Token._finish`` under the token's lock, before anyone is woken."""
+    def record_terminal(self, token: Token[Any], exc: BaseException | None) -> bool:
+        """Called by ``Token._finish`` under the token's lock, before anyone is woken; True if
+        middleware or a run watcher must hear of this end before its waiters are woken."""
         now = _perf()
         token.finished_at = now
         spec = token.spec
@@ -183,13 +181,17 @@ class Completion:
             counters = self.stats.counters(spec.operation_type, spec.weight)
         if exc is None:
             counters.resolved += 1
+            heard = self._after_attempt
         else:
             counters.failed += 1
+            heard = self._after_attempt or self._after_failure
         counters.latency.record(now - token.submitted_at)
         if self.watch_runs:
             started = token.started_at
             if started is not None and counters.record_run(now - started):
                 token._watched = (counters, now - started)  # shown outside the lock
+                return True
+        return bool(heard)
 
     def _attempt_ended(self, token: Token[Any], exc: BaseException | None) -> None:
         """A terminal end, after the token's lock and before its waiters are woken."""

@@ -547,16 +547,17 @@ class Token(Future[T], Generic[T]):
         self,
         result: Any,
         exception: BaseException | None,
-        record: Callable[[Token[Any], BaseException | None], None],
+        record: Callable[[Token[Any], BaseException | None], bool | None],
         run_id: int | None = None,
         ended: Ended | None = None,
     ) -> bool:
         """Make the token terminal exactly once; False if it already was (a late result).
 
-        ``record`` (the statistics) runs under the token's lock; ``ended`` (the run watcher and
-        middleware) after it, outside the lock; then waiters are woken and done-callbacks run.
-        So a caller returning from ``get()`` sees counts and middleware effects that include
-        this token, and a hook may itself wait on tokens.
+        ``record`` (the statistics) runs under the token's lock. If it returns True, someone
+        watches this end (middleware, the Guard House): ``ended`` runs after the lock, before
+        anyone is woken. So a caller woken by ``get()`` sees counts and middleware effects that
+        include this token, and a hook may itself wait on tokens. Otherwise waiters are woken
+        under the lock, as the standard library's futures do.
         """
         stripe = _STRIPES[self.seq & _STRIPE_MASK]  # _lock(), inline: once per token
         stripe.acquire()
@@ -564,6 +565,7 @@ class Token(Future[T], Generic[T]):
         if cond is not None and not cond.acquire(False):
             stripe.release()
             cond = self._lock()
+        waiters = sleepers = None
         try:
             if self._state in _TERMINAL or (run_id is not None and run_id != self._run_id):
                 return False
@@ -574,11 +576,10 @@ class Token(Future[T], Generic[T]):
                 if not self._observed:
                     self._unretrieved = Unretrieved(self.id, exception)
             self._state = FINISHED
-            record(self, exception)
-            if ended is None:
+            watched = record(self, exception) and ended is not None
+            if not watched:
                 if self._w or self._sleepers:
                     self._wake_all("add_result" if exception is None else "add_exception")
-                waiters = sleepers = None
             else:  # woken after ``ended``, outside the lock
                 waiters = list(self._w) if self._w else None
                 sleepers = self._sleepers
@@ -587,7 +588,8 @@ class Token(Future[T], Generic[T]):
             if cond is not None:
                 cond.release()
             stripe.release()
-        if ended is not None:
+        if watched:
+            assert ended is not None
             ended(self, exception)
             if waiters:
                 kind = "add_result" if exception is None else "add_exception"

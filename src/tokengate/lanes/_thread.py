@@ -126,7 +126,7 @@ class ThreadWorker(MailboxWorker):
                 if token is None:
                     if self.stopping or self.retiring:
                         break
-                    token = steal(self)  # io-lane: idle, so help a backed-up sibling
+                    token = steal(self)  # idle, so help a backed-up sibling
                     if token is None:
                         self.sleeping = True
                         if mailbox or self.stopping or self.retiring:
