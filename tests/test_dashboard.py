@@ -226,7 +226,7 @@ def test_a_token_is_found_by_id_with_its_error_and_traceback(
     served: tuple[OperationsCoordinator, Dash],
 ) -> None:
     _, dash = served
-    dash.get_json("/api/health")  # a page is looking from now on
+    dash.get_json("/api/snapshot")  # a page is looking from now on
     ok = square(5)
     bad = fails(3)
     assert ok.get(timeout=10) == 25

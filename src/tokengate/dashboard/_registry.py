@@ -1,10 +1,10 @@
 """Recent tokens by id, failures with tracebacks, and the task stream, for the dashboard.
 
-A :class:`RecentTokens` middleware keeps the last ``capacity`` tokens that ran an attempt or were
-discarded, keyed by their sequence number (the number in the token's id), and the formatted
-traceback of the last ``failures`` errors. It is installed only when the first page connects,
-so a coordinator that is never looked at pays nothing; once installed, a token costs one hook
-call, an uncontended lock and a dict store. Tokens still queued or running are found by scanning
+A :class:`RecentTokens` middleware keeps the last ``capacity`` attempts and discards (the tokens,
+in a bounded deque) and the formatted traceback of the last ``failures`` errors. It is installed
+only when the first page (or API read) looks, so a coordinator that is never looked at pays
+nothing; once installed, an attempt costs one hook call and one deque append. A look-up scans
+the deque, at request time. Tokens still queued or running are found by scanning
 the lanes at lookup time, so the hot path never records them.
 
 Holding the token (not a copy of its fields) keeps its result alive until it is evicted: the
@@ -13,7 +13,6 @@ capacity bounds that, and a page reads the token's own, always current, state.
 
 from __future__ import annotations
 
-import threading
 import traceback
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -42,33 +41,42 @@ class RecentTokens(Middleware):
 
     def __init__(self, capacity: int = 2_000, failures: int = 50) -> None:
         self.capacity = capacity
-        self._lock = threading.Lock()
-        self._tokens: dict[int, Token[Any]] = {}
+        # A bounded deque: appending is one atomic C call, no lock, the oldest falls out.
+        self._tokens: deque[Token[Any]] = deque(maxlen=capacity)
         self.tracebacks: deque[tuple[str, str]] = deque(maxlen=failures)
 
-    def _keep(self, token: Token[Any]) -> None:
-        tokens = self._tokens
-        with self._lock:
-            tokens[token.seq] = token
-            if len(tokens) > self.capacity:
-                del tokens[next(iter(tokens))]
-
     def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
-        self._keep(token)
+        self._tokens.append(token)
 
     def after_discard(self, token: Token[Any]) -> None:
-        self._keep(token)
+        self._tokens.append(token)
 
     def after_failure(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
         if exc is not None:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             self.tracebacks.append((token.id, text[-8_000:]))
 
+    def _snapshot(self) -> list[Token[Any]]:
+        for _ in range(100):
+            try:
+                return list(self._tokens)
+            except RuntimeError:  # appended to while copying: try again
+                continue
+        return []  # pragma: no cover - would need 100 appends racing 100 copies
+
     def recent(self, limit: int) -> list[Token[Any]]:
-        """The last ``limit`` tokens recorded, oldest first."""
-        with self._lock:
-            tokens = list(self._tokens.values())
-        return tokens[-limit:]
+        """The last ``limit`` runs recorded (a retried token once per attempt), oldest first,
+        each token once."""
+        seen: set[int] = set()
+        tokens = []
+        for token in reversed(self._snapshot()):
+            if token.seq not in seen:
+                seen.add(token.seq)
+                tokens.append(token)
+                if len(tokens) == limit:
+                    break
+        tokens.reverse()
+        return tokens
 
     def find(self, coordinator: OperationsCoordinator, token_id: str) -> Token[Any] | None:
         """The token with this id: running, queued in a mailbox, in quarantine, or recently
@@ -76,10 +84,9 @@ class RecentTokens(Middleware):
         seq = parse_token_id(token_id)
         if seq is None:
             return None
-        with self._lock:
-            token = self._tokens.get(seq)
-        if token is not None and token.id == token_id:
-            return token
+        for token in reversed(self._snapshot()):
+            if token.seq == seq:
+                return token if token.id == token_id else None
         for worker in coordinator.iter_workers():
             current = worker.current
             if current is not None and getattr(current, "seq", None) == seq:

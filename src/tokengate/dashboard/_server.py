@@ -185,7 +185,6 @@ class _Guard:
                     await _plain(send, 413, f"request body over {MAX_BODY} bytes refused")
                     return
             scope["tokengate.body"] = bytes(body)
-        server.touched()
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -273,7 +272,8 @@ class DashboardServer:
         return f"http://{host}:{self.port}/?token={self.token}"
 
     def touched(self) -> None:
-        """An authenticated request came: from now on recent tokens are recorded."""
+        """A page or an API read looks (``/api/health`` does not count): from now on recent
+        tokens are recorded."""
         if self._registry_installed:
             return
         with self._install_lock:
@@ -309,6 +309,7 @@ class DashboardServer:
         files = importlib.resources.files(__package__).joinpath("static")
 
         def page(request: Request) -> Response:
+            self.touched()
             if "token" in request.query_params:  # the printed URL: keep the token in a cookie
                 response: Response = RedirectResponse("/", status_code=303)
                 response.set_cookie(
@@ -326,6 +327,7 @@ class DashboardServer:
             return Response(files.joinpath(name).read_bytes(), media_type=kind)
 
         def view(request: Request) -> Response:
+            self.touched()
             self.samples += 1
             return JSONResponse(snapshot(coordinator, self.registry))
 
@@ -333,6 +335,8 @@ class DashboardServer:
             return JSONResponse({"ok": True, "clients": self.clients, "samples": self.samples})
 
         async def events(request: Request) -> Response:
+            self.touched()
+
             async def stream() -> Any:
                 self.clients += 1
                 try:
@@ -348,6 +352,7 @@ class DashboardServer:
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         def token(request: Request) -> Response:
+            self.touched()
             found = self.registry.find(coordinator, request.path_params["token_id"])
             if found is None:
                 return JSONResponse(
