@@ -149,7 +149,8 @@ def test_a_huge_generator_runs_with_bounded_in_flight(coordinator: OperationsCoo
     source = Counted(n)
     total = 0
     worst = 0
-    for received, value in enumerate(square.map(source, window=window)):
+    # chunksize=1: one token per call, so the operation's counts are the calls
+    for received, value in enumerate(square.map(source, window=window, chunksize=1)):
         worst = max(worst, source.pulled - received)
         total += value
     assert total == sum(x * x for x in range(n))

@@ -38,6 +38,7 @@ from ._throttle import StorageThrottle
 if TYPE_CHECKING:
     from ._rate import RateLimiter
     from ._retry import RetryPolicy
+    from ._spec import TaskSpec
     from ._timers import TimerQueue
     from ._token import Token
     from .backends import Backend
@@ -255,6 +256,16 @@ class Completion:
         if used >= policy.budget(exc, spec.retries):
             return None
         return policy.backoff(used + 1)
+
+    def retries_left(self, spec: TaskSpec, exc: BaseException) -> int:
+        """How many more attempts a call of ``spec`` gets after its first failed with ``exc``
+        outside a token (a call inside a batch): 0 when it must not be retried."""
+        if self.lifecycle.discarding:
+            return 0
+        policy = self.policies[spec.weight]
+        if not policy.is_retryable(exc, retry_on=spec.retry_on, dont_retry_on=spec.dont_retry_on):
+            return 0
+        return policy.budget(exc, spec.retries)
 
     def record_retried(self, token: Token[Any], exc: BaseException, delay: float) -> None:
         """Count a retry and say so (the local lanes and the Dask runner alike)."""

@@ -216,6 +216,7 @@ class OperationsCoordinator:
         self._submit_async = self._submission.submit_async
         self._release_held = self._submission.release_held
         self._failed_token = self._submission.failed_token
+        self._retries_left = self._completion.retries_left  # a call failed inside a batch
         self._observability = Observability(
             config, self._stats, self._gate, self.add_middleware, self._life
         )

@@ -14,6 +14,8 @@ body, and gets a name made from its type, since it has none of its own.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -23,7 +25,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sized
-from itertools import repeat
+from itertools import islice, repeat
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -37,6 +39,15 @@ from typing import (
 )
 
 from . import _runtime
+from ._batches import (
+    PROBE_S,
+    BatchSizer,
+    Failed,
+    batch_refusal,
+    check_chunksize,
+    run_batch,
+    twin_spec,
+)
 from ._errors import ConfigError, CoordinatorNotRunning
 from ._lifecycle import fork_refusal
 from ._spec import Tags, TaskSpec, check_priority, merge_tags
@@ -157,18 +168,25 @@ class TaskFunction(Generic[P, R]):
         timeout: float | None = None,
         window: int | None = None,
         progress: bool = False,
+        chunksize: int | None = None,
     ) -> Iterator[R]:
-        """Like ``Executor.map``, but lazy: at most ``window`` tokens are in flight at once.
+        """Like ``Executor.map``, but lazy: at most ``window`` calls are in flight at once.
 
         The standard library submits the whole input first; this streams it, so a huge
         generator runs in bounded memory. Results come in input order. ``timeout`` counts from
         this call, as in ``Executor.map``. Leaving the loop early cancels what has not started.
         ``progress=True`` shows how many results are in (``tokengate.progress`` explains
         where that is drawn); the total is known when every iterable has a ``len()``.
+
+        ``chunksize`` calls run per token (a *batch*, see ``_batches.py``): each call still
+        ends on its own, its exception raised at its position. ``None`` (the default) sizes
+        batches from the measured cost of a call, so cheap calls share tokens and expensive
+        ones run one per token; ``1`` never batches.
         """
         timeout = check_timeout(timeout)
         if not isinstance(progress, bool):
             raise ConfigError(f"progress must be True or False, got {progress!r}")
+        chunk = check_chunksize(chunksize)
         if window is not None and (
             isinstance(window, bool) or not isinstance(window, int) or window < 1
         ):
@@ -183,9 +201,120 @@ class TaskFunction(Generic[P, R]):
         end = None if timeout is None else time.monotonic() + timeout
         total = _total(iterables) if progress else None
         items = zip(*iterables, strict=False)
+        if chunk != 1 and coordinator is not None:
+            why = batch_refusal(self.spec)
+            if why is None and progress:
+                why = "progress=True counts tokens"
+            if why is None and self._call_priority is not None:
+                why = "options() apply per call"
+            if why is None:
+                return self._map_batched(coordinator, items, window, end, chunk)
+            if chunk is not None:
+                raise ConfigError(
+                    f"chunksize={chunk}: calls of {self.spec.operation_type!r} cannot share a "
+                    f"token ({why}); leave chunksize out or pass 1"
+                )
         if progress:
             return self._map_progress(items, window, end, total)
         return self._map(items, window, end)
+
+    def _map_batched(
+        self,
+        coordinator: Any,
+        items: Iterator[tuple[Any, ...]],
+        window: int,
+        end: float | None,
+        chunk: int | None,
+    ) -> Iterator[R]:
+        """``map`` with calls sharing tokens (see ``_batches.py``): ``window`` counts calls."""
+        sizer = None if chunk is not None else BatchSizer(window)
+        batch_task = self._batch_twin()
+        pending: deque[tuple[Token[Any], list[tuple[Any, ...]] | None]] = deque()
+        in_flight = 0
+        try:
+            if sizer is not None:  # a first call, briefly waited for: is a call cheap?
+                args = next(items, None)
+                if args is None:
+                    return
+                first = self.__call__(*args)  # type: ignore[call-arg]
+                pending.append((first, None))
+                in_flight = 1
+                with contextlib.suppress(TimeoutError):
+                    first.exception(PROBE_S)
+                sizer.probed(first)
+            while True:
+                # Never more than ``window`` calls in flight: the oldest results are taken
+                # until a whole batch fits (taking one at a time would keep batches at one).
+                size = min(sizer.size if sizer is not None else chunk or 1, window)
+                while in_flight + size > window:
+                    oldest, calls = pending.popleft()
+                    in_flight -= 1 if calls is None else len(calls)
+                    yield from self._batch_results(coordinator, oldest, calls, end, sizer)
+                if size == 1:
+                    args = next(items, None)
+                    if args is None:
+                        break
+                    token = self.__call__(*args)  # type: ignore[call-arg]
+                    if sizer is not None:  # measured as it ends: the size grows meanwhile
+                        token.add_done_callback(sizer.measured_one)
+                    pending.append((token, None))
+                    in_flight += 1
+                else:
+                    batch = list(islice(items, size))
+                    if not batch:
+                        break
+                    pending.append((batch_task(self.__wrapped__, batch), batch))
+                    in_flight += len(batch)
+            while pending:
+                oldest, calls = pending.popleft()
+                yield from self._batch_results(coordinator, oldest, calls, end, sizer)
+        finally:
+            for left, _ in pending:
+                left.cancel()
+
+    def _batch_results(
+        self,
+        coordinator: Any,
+        token: Token[Any],
+        batch: list[tuple[Any, ...]] | None,
+        end: float | None,
+        sizer: BatchSizer | None,
+    ) -> Iterator[R]:
+        """The results of one entry of a batched map, in order."""
+        if batch is None:
+            yield _wait(token, end)
+            return
+        values = _wait(token, end)
+        if sizer is not None:
+            sizer.measured(token, len(batch))
+        for args, value in zip(batch, values, strict=True):
+            if type(value) is Failed:
+                yield self._rerun(coordinator, args, value.exc, end)
+            else:
+                yield value
+
+    def _rerun(
+        self, coordinator: Any, args: tuple[Any, ...], exc: Exception, end: float | None
+    ) -> R:
+        """A call that failed inside a batch: raised at its position, or run again on its own
+        with the retries its task has left after that first attempt."""
+        left = coordinator._retries_left(self.spec, exc)
+        if not left:
+            raise exc
+        twins = self.__dict__.setdefault("_retry_twins", {})
+        task = twins.get(left)
+        if task is None:
+            spec = dataclasses.replace(self.spec, retries=left - 1)
+            task = twins[left] = TaskFunction(self.__wrapped__, spec, _BIND_NONE)
+        return _wait(task(*args), end)  # type: ignore[no-any-return]
+
+    def _batch_twin(self) -> TaskFunction[..., list[Any]]:
+        """The task whose tokens run batches of this one's calls (made once)."""
+        twin: TaskFunction[..., list[Any]] | None = self.__dict__.get("_batch_task")
+        if twin is None:
+            twin = TaskFunction(run_batch, twin_spec(self.spec), _BIND_NONE)
+            self.__dict__["_batch_task"] = twin
+        return twin
 
     def _map(
         self,
@@ -265,13 +394,18 @@ class BoundTask:
         timeout: float | None = None,
         window: int | None = None,
         progress: bool = False,
+        chunksize: int | None = None,
     ) -> Iterator[Any]:
         """``TaskFunction.map`` with the bound first argument in every call."""
+        opts: dict[str, Any] = {
+            "timeout": timeout,
+            "window": window,
+            "progress": progress,
+            "chunksize": chunksize,
+        }
         if not iterables:  # nothing to call it with (repeat() alone would never end)
-            return self.__func__.map(timeout=timeout, window=window, progress=progress)
-        return self.__func__.map(
-            repeat(self.__self__), *iterables, timeout=timeout, window=window, progress=progress
-        )
+            return self.__func__.map(**opts)
+        return self.__func__.map(repeat(self.__self__), *iterables, **opts)
 
     def options(self, *, priority: int) -> BoundTask:
         """``TaskFunction.options``, still bound: ``obj.method.options(priority=5)(x)``."""

@@ -4,6 +4,10 @@ Every system gets one warm-up task first (so worker start-up is not charged to t
 the clock runs from the first submit to the last result. Process pools, loky, Dask and Ray are
 scaled down to 5,000 tasks; the figures are per task, so they compare.
 
+``tokengate-map`` is ``noop.map(range(n))`` with its defaults (cheap calls share tokens: see
+``_batches.py``), compared with ``ProcessPoolExecutor(2).map(chunksize=256)``; its submit figure
+is near zero, since the map is lazy.
+
 ``tokengate-dask`` (``tokengate bench --backend dask``) is tokengate on its Dask backend, on a
 cluster of the same shape as the raw Dask peers (or the same scheduler, with ``--address``); its
 ratio is taken against ``dask-submit``, raw ``client.submit``: the Dask backend's own overhead.
@@ -53,6 +57,21 @@ def run_tokengate(p: CaseParams) -> Figures:
         tokens = [noop(i) for i in range(p.n)]
         t1 = time.perf_counter()
         results = [t.get(timeout=GATHER_TIMEOUT_S) for t in tokens]
+        t2 = time.perf_counter()
+    _check(results, p.n)
+    return _figures(p.n, t0, t1, t2)
+
+
+def run_tokengate_map(p: CaseParams) -> Figures:
+    from tokengate import OperationsCoordinator
+    from tokengate.bench._tasks import noop
+
+    with OperationsCoordinator():
+        list(noop.map(range(-4, 0)))
+        t0 = time.perf_counter()
+        it = noop.map(range(p.n))  # lazy: submits as results are taken
+        t1 = time.perf_counter()
+        results = list(it)
         t2 = time.perf_counter()
     _check(results, p.n)
     return _figures(p.n, t0, t1, t2)
@@ -264,6 +283,15 @@ SCENARIO = Scenario(
             run_tokengate,
             kind="tokengate",
             note="OperationsCoordinator() with its defaults",
+        ),
+        System(
+            "tokengate-map",
+            "tokengate fn.map",
+            run_tokengate_map,
+            kind="tokengate",
+            compare_to="processpool-2-map",
+            note="noop.map(range(n)) with its defaults (automatic batches); ratio to "
+            "ProcessPoolExecutor(2).map(chunksize=256)",
         ),
         System(
             "tokengate-dask",
