@@ -530,3 +530,74 @@ def test_a_failing_initializer_breaks_the_executor(
     assert CALLS == []  # no call ran
     with pytest.raises(BrokenExecutor, match="no database"):
         ex.submit(square, 2)
+
+
+# -- map: chunks, errors per item, the automatic chunk ---------------------------------------------
+def fails_at_3(x: int) -> int:
+    if x == 3:
+        raise KeyError(x)
+    return x
+
+
+def test_map_raises_an_item_error_at_its_position_in_a_chunk(
+    coordinator: OperationsCoordinator,
+) -> None:
+    results = coordinator.executor().map(fails_at_3, range(6), chunksize=6)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]  # the items before it still come
+    with pytest.raises(KeyError):
+        next(results)
+
+
+class FlakyOnce:
+    """Fails the first call of item ``bad`` with a retryable error; counts calls."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+        self.lock = threading.Lock()
+        self.calls: dict[int, int] = {}
+
+    def __call__(self, x: int) -> int:
+        with self.lock:
+            self.calls[x] = self.calls.get(x, 0) + 1
+            first = self.calls[x] == 1
+        if first and x == self.bad:
+            raise ConnectionError(f"item {x} failed once")
+        return x
+
+
+def test_map_reruns_an_item_that_failed_in_a_chunk_when_the_executor_retries(
+    coordinator: OperationsCoordinator,
+) -> None:
+    flaky = FlakyOnce(bad=2)
+    ex = coordinator.executor(retries=1, operation_type="flaky")
+    assert list(ex.map(flaky, range(5), chunksize=5)) == list(range(5))
+    assert flaky.calls == {0: 1, 1: 1, 2: 2, 3: 1, 4: 1}
+    once = FlakyOnce(bad=2)
+    with pytest.raises(ConnectionError):  # without retries: the error, at its position
+        list(coordinator.executor(operation_type="once").map(once, range(5), chunksize=5))
+    assert once.calls == {i: 1 for i in range(5)}
+
+
+def test_map_by_default_runs_calls_that_are_not_cheap_one_per_task(
+    coordinator: OperationsCoordinator,
+) -> None:
+    gate = threading.Event()
+
+    def gated(x: int) -> int:
+        if not gate.wait(30):
+            raise RuntimeError("the test never opened the gate")
+        return x
+
+    results = coordinator.executor(operation_type="gated").map(gated, range(20))
+    gate.set()  # the first call could not end while the map timed it: no chunks
+    assert list(results) == list(range(20))
+    ops = coordinator.stats().operations
+    assert "gated[chunk]" not in ops
+    assert ops["gated"].resolved == 20
+
+
+def test_map_by_default_keeps_order_whatever_it_chunks(coordinator: OperationsCoordinator) -> None:
+    n = 3000
+    assert list(coordinator.executor().map(square, range(n))) == [x * x for x in range(n)]
+    assert list(coordinator.executor().map(add, range(n), range(n))) == [2 * x for x in range(n)]
+    assert_counts_add_up(coordinator)

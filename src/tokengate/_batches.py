@@ -77,12 +77,13 @@ def run_batch(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[Any]
     return out
 
 
-def batch_refusal(spec: TaskSpec) -> str | None:
+def batch_refusal(spec: TaskSpec, *, processes: bool = False) -> str | None:
     """Why calls of ``spec`` cannot share a token, or None if they can.
 
     A batch holds one worker for all its calls, so per-call limits (a timeout, a deadline, a
     rate, a storage permit) would no longer mean per call; async tasks run on the event loop
-    and process-lane tasks in other processes, where a batch would need its body by value."""
+    and process-lane tasks in other processes, where a batch would need its body by value
+    (``processes=True``: the caller sends it so, as the executor adapter's chunks do)."""
     if spec.is_async:
         return "it is an async task"
     if spec.timeout is not None or spec.deadline is not None:
@@ -91,7 +92,7 @@ def batch_refusal(spec: TaskSpec) -> str | None:
         return "its rate is per call"
     if spec.storage_speed is not None:
         return "a storage tier's limit is per call"
-    if spec.weight == "heavy" or spec.executor == "process":
+    if not processes and (spec.weight == "heavy" or spec.executor == "process"):
         return "heavy calls may run in worker processes, one call each"
     return None
 
@@ -118,6 +119,15 @@ def twin_spec(spec: TaskSpec) -> TaskSpec:
         retry_on=None,
         dont_retry_on=(BaseException,),
     )
+
+
+def calls_in_target(token: Token[Any]) -> int:
+    """How many calls like ``token``'s (ended) one fit in :data:`TARGET_S`; 1 if it has not
+    ended or did not run."""
+    started, finished = token.started_at, token.finished_at
+    if not token.done() or started is None or finished is None:
+        return 1
+    return max(1, int(TARGET_S / max(finished - started, 1e-9)))
 
 
 class BatchSizer:

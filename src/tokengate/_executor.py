@@ -11,7 +11,8 @@ follows the standard library's documented semantics rather than the decorator's:
   scan does not look into;
 * ``map`` collects its iterables at once and yields results in order with a ``timeout`` counted
   from the call, holding no result the caller has already taken; ``chunksize`` batches items
-  into one task (as ``ProcessPoolExecutor`` does);
+  into one task (as ``ProcessPoolExecutor`` does; by default when a call is cheap), each item's
+  error raised at its own position;
 * ``max_workers`` caps how many of its calls run at once: a call over the cap is counted but
   held by the coordinator (``_submit(hold=True)``), on no worker, until one of the executor's
   running calls ends;
@@ -44,6 +45,7 @@ from concurrent.futures import Executor, Future, wait
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _runtime
+from ._batches import AUTO_MAX, PROBE_S, Failed, batch_refusal, calls_in_target, run_batch
 from ._decorator import BoundTask, TaskFunction
 from ._errors import ConfigError, InitializerFailed, SerializationError
 from ._spec import TaskSpec
@@ -159,8 +161,8 @@ def _run_call(call: _Call) -> Any:
     return call.fn(*call.args, **call.kwargs)
 
 
-def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:
-    return [fn(*args) for args in chunk]
+def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return run_batch(fn, chunk)  # each call's own outcome: an error stays at its position
 
 
 def _result_or_cancel(future: Future[T], end: float | None) -> T:
@@ -368,49 +370,102 @@ class TokenGateExecutor(Executor):
         fn: Callable[..., T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
     ) -> Iterator[T]:
         """Like ``Executor.map``: the iterables are collected at once, results come in order.
 
-        ``chunksize`` > 1 runs that many items per task (fewer, larger tokens: worth it when
-        each call is tiny or crosses a process boundary).
+        ``chunksize`` calls run per task (fewer, larger tokens: worth it when each call is tiny
+        or crosses a process boundary); each call still ends on its own, its error raised at
+        its position. ``None`` (the default) times the first call and chunks the rest when a
+        call is cheap (see ``_batches.py``); ``1`` never chunks.
         """
         timeout = check_timeout(timeout)
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
+        if chunksize is not None and (
+            isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1
+        ):
+            raise ValueError(f"chunksize must be >= 1 or None (automatic), got {chunksize!r}")
         end = None if timeout is None else time.monotonic() + timeout
-        items = zip(*iterables, strict=False)
+        items = list(zip(*iterables, strict=False))
+        entries: list[tuple[Future[Any], list[tuple[Any, ...]] | None]] = []
+        if chunksize is None:
+            chunksize = self._auto_chunksize(fn, items, entries)
+            del items[: len(entries)]  # the first call, submitted alone
         if chunksize == 1:
-            futures = [self.submit(fn, *args) for args in items]
-            return self._results(futures, end, chunked=False)
+            entries += [(self.submit(fn, *args), None) for args in items]
+            return self._results(fn, entries, end)
         if isinstance(fn, BoundTask):  # a decorated method: its task, with what it is bound to
             raw: Callable[..., Any] = functools.partial(fn.__func__.__wrapped__, fn.__self__)
             task = self._task_for(fn.__func__, "[chunk]")
         else:
             raw = fn.__wrapped__ if isinstance(fn, TaskFunction) else fn
             task = self._task_for(fn, "[chunk]")
-        chunks = iter(lambda: list(itertools.islice(items, chunksize)), [])
-        futures = [
-            self._submit(task, _Call(_run_chunk, (raw, chunk), {}, self._init)) for chunk in chunks
-        ]
-        return self._results(futures, end, chunked=True)
+        init = self._init
+        for at in range(0, len(items), chunksize):
+            chunk = items[at : at + chunksize]
+            entries.append((self._submit(task, _Call(_run_chunk, (raw, chunk), {}, init)), chunk))
+        return self._results(fn, entries, end)
 
-    @staticmethod
-    def _results(futures: list[Future[Any]], end: float | None, *, chunked: bool) -> Iterator[Any]:
+    def _auto_chunksize(
+        self,
+        fn: Callable[..., Any],
+        items: list[tuple[Any, ...]],
+        entries: list[tuple[Future[Any], list[tuple[Any, ...]] | None]],
+    ) -> int:
+        """The automatic chunk: the first call is submitted alone (into ``entries``) and waited
+        for up to ``PROBE_S``; if it ended, the rest go in chunks of about ``TARGET_S`` of
+        work, but at least four per core so that every worker gets some."""
+        if len(items) < 2:
+            return 1
+        task = fn.__func__ if isinstance(fn, BoundTask) else fn
+        if isinstance(task, TaskFunction):
+            spec = task.spec
+        else:
+            spec = TaskSpec.from_tags(self._operation_type or "executor", self._tags)
+        if batch_refusal(spec, processes=True) is not None:
+            return 1
+        first = self.submit(fn, *items[0])
+        entries.append((first, None))
+        with contextlib.suppress(TimeoutError):
+            first.exception(PROBE_S)
+        spread = (len(items) - 1) // (4 * max(1, self._coordinator.core_count))
+        return max(1, min(AUTO_MAX, spread, calls_in_target(cast("Token[Any]", first))))
+
+    def _results(
+        self,
+        fn: Callable[..., Any],
+        entries: list[tuple[Future[Any], list[tuple[Any, ...]] | None]],
+        end: float | None,
+    ) -> Iterator[Any]:
         # Reverse so that pop() takes the oldest first and the list releases each future (and
         # its result) once taken, as the standard library does.
-        futures.reverse()
+        entries.reverse()
+        rerun = None
+        if self._tags.get("retries") or self._tags.get("retry_on"):
+            rerun = self.submit  # a call failing in a chunk gets the executor's retries alone
         try:
-            while futures:
-                if chunked:
-                    chunk = _result_or_cancel(futures.pop(), end)
-                    chunk.reverse()
-                    while chunk:
-                        yield chunk.pop()
-                else:
-                    yield _result_or_cancel(futures.pop(), end)
+            # No local keeps a result the caller has taken (a suspended frame would hold it).
+            while entries:
+                if entries[-1][1] is None:
+                    yield _result_or_cancel(entries.pop()[0], end)
+                    continue
+                future, chunk = entries.pop()
+                values = _result_or_cancel(future, end)
+                del future
+                assert chunk is not None
+                values.reverse()
+                chunk.reverse()
+                while values:
+                    args = chunk.pop()
+                    if type(values[-1]) is not Failed:
+                        yield values.pop()
+                        continue
+                    exc = values.pop().exc
+                    if rerun is None:
+                        raise exc
+                    del exc
+                    yield _result_or_cancel(rerun(fn, *args), end)
         finally:
-            for future in futures:
+            for future, _ in entries:
                 future.cancel()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
