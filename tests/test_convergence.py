@@ -491,3 +491,20 @@ def test_policy_thresholds_are_validated() -> None:
 def test_io_lane_options_are_validated(options: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         OperationsCoordinator(process_lane=False, **options)
+
+
+def test_a_nudge_samples_at_once_instead_of_at_the_next_interval() -> None:
+    sampled = threading.Event()
+
+    def process_cpu() -> tuple[float, float]:
+        sampled.set()
+        return 0.0, 0.0
+
+    engine = ConvergenceEngine(lambda: {}, interval=600.0, process_cpu=process_cpu)
+    engine.start()
+    try:
+        assert not sampled.is_set()  # the first sample is 600 s away
+        engine.nudge()
+        assert sampled.wait(30), "a nudge did not make the engine sample"
+    finally:
+        engine.stop()

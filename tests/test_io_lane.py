@@ -301,3 +301,30 @@ def test_the_io_proof_demo_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[STORAGE_THROTTLE] Initialized with speed tiers:" in out
     assert "10/10 resolved  |  0 failed" in out
     assert "✓ I/O proof complete." in out
+
+
+@task_token_guard(operation_type="gated_fast", tags={"weight": "light", "storage_speed": "FAST"})
+def gated_fast(started: threading.Event, gate: threading.Event) -> None:
+    started.set()
+    if not gate.wait(30):
+        raise RuntimeError("the test never opened the gate")
+
+
+def test_a_token_queued_behind_a_busy_io_worker_reports_a_backlog(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1, cores=1, io_workers=1, convergence=False)
+    lane = coordinator.lanes["io"]
+    backlogs: list[int] = []
+    lane.on_backlog = lambda: backlogs.append(1)  # type: ignore[attr-defined]
+    started, gate = threading.Event(), threading.Event()
+    try:
+        first = gated_fast(started, gate)
+        assert started.wait(10)
+        assert backlogs == []  # an idle worker took it: no backlog
+        second = gated_fast(threading.Event(), gate)  # queues behind the first
+        assert backlogs == [1]
+    finally:
+        gate.set()
+    first.get(timeout=10)
+    second.get(timeout=10)

@@ -2,7 +2,9 @@
 
 The Quick-Proof's convergence detector "detects a surge and hot-swaps worker counts". Here that is::
 
-    sampler thread, every ``interval`` s (or a test calling ``engine.sample(now=...)``)
+    sampler thread, every ``interval`` s, and at once when a lane says a backlog began
+    (``nudge``: the I/O lane does, so a surge of waiting I/O is not left on the baseline for
+    an interval), or a test calling ``engine.sample(now=...)``
       └─> for every resizable pool (thread lane: one per core; I/O lane: one per storage tier)
             PoolSample: workers, busy, backlog (queued, not started), oldest queued wait,
                         CPU seconds its threads used (their thread CPU clocks)
@@ -381,6 +383,8 @@ class ConvergenceEngine:
         self._prev: tuple[float, float, float] | None = None  # now, user, total
         self._lock = threading.Lock()  # one sample at a time (thread vs a test)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop() and by nudge()
+        self._nudged = False  # a nudge is pending or its surge is not over yet
         self._thread: threading.Thread | None = None
         self.history: deque[Swap] = deque(maxlen=256)
 
@@ -388,18 +392,35 @@ class ConvergenceEngine:
     def start(self) -> None:
         """Start the low-frequency sampler thread."""
         self._stop.clear()
+        self._wake.clear()
+        self._nudged = False
         self._thread = threading.Thread(target=self._run, name="tokengate-convergence", daemon=True)
         self._thread.start()
 
+    def nudge(self) -> None:
+        """A backlog just began (a lane saw a token queue behind a busy worker): sample now
+        rather than at the next interval, so a surge is confirmed and answered within a
+        quarter of an interval of its start. Once per surge: the flag stays set until a sample
+        finds no backlog anywhere, so a flood of pushes costs one flag read each."""
+        if not self._nudged:
+            self._nudged = True
+            self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5.0)
         self._thread = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self._next_wait()):
+        wake = self._wake
+        while True:
+            wake.wait(self._next_wait())
+            wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.sample()
             except Exception:
@@ -470,6 +491,8 @@ class ConvergenceEngine:
                     max(0.0, total - prev[2]),
                     sum(waits.values()),
                 )
+            if not any(measured.backlog for *_, measured in pools):
+                self._nudged = False  # the surge is over: the next one may nudge again
             swaps: list[Swap] = []
             for lane_name, lane, key, members, state, measured in pools:
                 sample = self._pool_sample(lane_name, lane, key, members, state, measured, waits)

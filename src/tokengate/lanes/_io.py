@@ -22,7 +22,24 @@ from typing import Any
 from ._base import LaneHost
 from ._thread import ThreadLane, ThreadWorker, logger, thread_cpu_clock
 
-__all__ = ["IOLane"]
+__all__ = ["IOLane", "IOWorker"]
+
+
+class IOWorker(ThreadWorker):
+    """A tier pool's thread: a token queued behind a running one is the start of a backlog,
+    and the lane says so at once (``IOLane.on_backlog``), so the convergence engine judges a
+    surge of waiting I/O now rather than at its next low-frequency sample."""
+
+    lane: IOLane
+
+    def push(self, token: Any) -> None:
+        self.mailbox.append(token)
+        if self.sleeping:
+            self.wake()
+        else:
+            on_backlog = self.lane.on_backlog
+            if on_backlog is not None:
+                on_backlog()
 
 
 class IOLane(ThreadLane):
@@ -40,6 +57,8 @@ class IOLane(ThreadLane):
         limit: Callable[[str], int],
     ) -> None:
         super().__init__({}, 0, host)
+        # Called when a token queues behind a busy worker (the convergence engine's nudge).
+        self.on_backlog: Callable[[], None] | None = None
         self._limit = limit
         self._baseline = io_workers
         self._per_tier: dict[str, int] = {}
@@ -57,7 +76,7 @@ class IOLane(ThreadLane):
         number = self._per_tier.get(pool, 0)
         self._per_tier[pool] = number + 1
         local = len(self.pools.get(pool, ()))
-        return ThreadWorker(
+        return IOWorker(
             self, index, 0, None, local, name=f"io_{str(pool).lower()}_{number}", pool=pool
         )
 

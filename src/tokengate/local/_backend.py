@@ -194,6 +194,9 @@ class LocalBackend(Backend):
             on_change=router.invalidate,
             count_event=host.count_event,
         )
+        io_lane = self._lanes.get("io")
+        if isinstance(io_lane, IOLane):  # a tier's backlog is answered at once, not next sample
+            io_lane.on_backlog = engine.nudge
         engine.start()
         self._convergence = engine
 
