@@ -24,7 +24,7 @@ import sys
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Mapping, Sized
 from itertools import islice, repeat
 from typing import (
     TYPE_CHECKING,
@@ -115,7 +115,9 @@ class TaskFunction(Generic[P, R]):
     __wrapped__: Callable[P, R]
     __qualname__: str
     __name__: str
-    _call_priority: int | None = None  # set on the variants options() returns (_submit reads it)
+    # Set on the variants options() returns (the coordinator reads them at submit).
+    _call_priority: int | None = None
+    _call_locality: Hashable | None = None
 
     def __init__(self, fn: Callable[P, R], spec: TaskSpec, binding: str | None = None) -> None:
         fn, found = _unwrap_method(fn)
@@ -155,12 +157,41 @@ class TaskFunction(Generic[P, R]):
             raise _not_running(self.spec)
         return await coordinator._submit_async(self, args, kwargs)  # type: ignore[no-any-return]
 
-    def options(self, *, priority: int) -> TaskFunction[P, R]:
-        """This task with per-call options: ``fn.options(priority=5)(x)`` submits ``fn(x)``
-        with priority 5 instead of the operation's (its ``priority`` tag, default 0). Among
-        the tokens queued for a worker, higher priority runs first, FIFO within a priority.
-        Call it, ``submit_async`` or ``map`` it like ``fn``; keep it to reuse it."""
-        return _WithOptions(self, check_priority(priority, "options(priority=...)"))
+    def options(
+        self, *, priority: int | None = None, locality: Hashable | None = None
+    ) -> TaskFunction[P, R]:
+        """This task with per-call options; call it, ``submit_async`` or ``map`` it like
+        ``fn``, and keep it to reuse it.
+
+        ``fn.options(priority=5)(x)`` submits ``fn(x)`` with priority 5 instead of the
+        operation's (its ``priority`` tag, default 0): among the tokens queued for a worker,
+        higher priority runs first, FIFO within a priority.
+
+        ``fn.options(locality="model-a")(x)``: tokens with the same key (any hashable) run on
+        the same worker while it lives, so what that worker keeps (a model loaded by a
+        ``process_initializer``, an opened file, ``functools.cache`` in a worker process) is
+        there for each of them. The first token of a key goes to the least-loaded worker and
+        anchors the key there; the next ones queue behind it even when a sibling is idle, and
+        a producer waits while its mailbox is full. A worker process that crashes is replaced
+        in the same place, so the key stays (its state is rebuilt); a thread retired by the
+        convergence engine hands its keys to the least-loaded sibling. See docs/guide/data.md.
+        """
+        if priority is not None:
+            priority = check_priority(priority, "options(priority=...)")
+        if locality is not None:
+            try:
+                hash(locality)
+            except TypeError:
+                raise ConfigError(
+                    f"options(locality=...) must be hashable (a str, int or tuple naming what "
+                    f"the worker keeps), got {type(locality).__name__} {locality!r}"
+                ) from None
+        base = self._base if isinstance(self, _WithOptions) else self
+        if priority is None:
+            priority = self._call_priority
+        if locality is None:
+            locality = self._call_locality
+        return _WithOptions(base, priority, locality)
 
     def map(
         self,
@@ -205,7 +236,7 @@ class TaskFunction(Generic[P, R]):
             why = batch_refusal(self.spec)
             if why is None and progress:
                 why = "progress=True counts tokens"
-            if why is None and self._call_priority is not None:
+            if why is None and isinstance(self, _WithOptions):
                 why = "options() apply per call"
             if why is None:
                 return self._map_batched(coordinator, items, window, end, chunk)
@@ -407,9 +438,11 @@ class BoundTask:
             return self.__func__.map(**opts)
         return self.__func__.map(repeat(self.__self__), *iterables, **opts)
 
-    def options(self, *, priority: int) -> BoundTask:
+    def options(
+        self, *, priority: int | None = None, locality: Hashable | None = None
+    ) -> BoundTask:
         """``TaskFunction.options``, still bound: ``obj.method.options(priority=5)(x)``."""
-        return BoundTask(self.__func__.options(priority=priority), self.__self__)
+        return BoundTask(self.__func__.options(priority=priority, locality=locality), self.__self__)
 
     def __getattr__(self, name: str) -> Any:  # spec, __wrapped__, __name__... of the task
         return getattr(self.__func__, name)
@@ -435,18 +468,23 @@ class _WithOptions(TaskFunction[P, R]):
     """A task with per-call options (see :meth:`TaskFunction.options`): the same function and
     spec, so its calls share the operation's route, statistics and rate limit. TaskFunction's
     own code calls it (and ``submit_async``, ``map``); the coordinator reads ``_call_priority``
-    off the task it is given."""
+    and ``_call_locality`` off the task it is given."""
 
-    def __init__(self, base: TaskFunction[P, R], priority: int) -> None:
+    def __init__(
+        self, base: TaskFunction[P, R], priority: int | None, locality: Hashable | None
+    ) -> None:
         super().__init__(base.__wrapped__, base.spec, base._binding)
         self._base = base
         self._call_priority = priority
+        self._call_locality = locality
 
     def __reduce__(self) -> tuple[Any, ...]:
         return self._base.__reduce__()  # a worker process runs the body: the options stay here
 
     def __repr__(self) -> str:
-        return f"{self._base!r}.options(priority={self._call_priority})"
+        given = {"priority": self._call_priority, "locality": self._call_locality}
+        shown = ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
+        return f"{self._base!r}.options({shown})"
 
 
 def _total(iterables: tuple[Iterable[Any], ...]) -> int | None:

@@ -125,6 +125,9 @@ class Submission:
             token._priority = priority
             if priority:
                 backend.prioritize()
+        locality = task._call_locality
+        if locality is not None:  # fn.options(locality=...)
+            token._locality = locality
         try:
             if spec.deadline is not None:
                 token._deadline_at = token.submitted_at + spec.deadline

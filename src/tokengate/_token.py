@@ -160,6 +160,7 @@ class Token(Future[T], Generic[T]):
     _timer: Any = None
     _payload: Any = None  # process lane: the call, pickled at submit (lanes/_wire.py)
     _priority: int | None = None  # a per-call priority (fn.options); None: the spec's
+    _locality: Any = None  # a per-call locality key (fn.options): its worker is anchored
     _rate_passed: bool = False  # released by the RateLimiter: admitted once without a permit
     # Also class-level, to keep the token small (every slot is visited by each garbage
     # collection, and B1 keeps 100,000 tokens alive): the stdlib-facing lock (made only if a

@@ -60,6 +60,11 @@ def thread_cpu_clock() -> int | None:
     return clock
 
 
+def _anchored(token: Any) -> bool:
+    """Whether a queued token is anchored to its worker by a locality key (never stolen)."""
+    return getattr(token, "_locality", None) is not None
+
+
 class ThreadWorker(MailboxWorker):
     """One worker thread, its mailbox and its core."""
 
@@ -313,7 +318,8 @@ class ThreadLane:
         from the front of the queue, so the order tokens start in stays first come, first served
         (the stolen half goes *before* anything routed to the thief meanwhile). Taking half, not
         one, matters under the GIL: the worker holding it runs many short tokens in a row, and
-        one steal per token cost more than the token.
+        one steal per token cost more than the token. A token anchored to its worker by a
+        locality key is never taken: the steal stops at it.
         """
         victim = None
         most = 0
@@ -328,14 +334,21 @@ class ThreadLane:
             first = source.popleft()
         except IndexError:  # its owner (or another thief) took it first
             return None
+        if _anchored(first):  # anchored to its worker by a locality key
+            source.appendleft(first)
+            return None
         take = (most - 1) // 2
         if take:
             batch = []
             for _ in range(take):
                 try:
-                    batch.append(source.popleft())
+                    token = source.popleft()
                 except IndexError:
                     break
+                if _anchored(token):
+                    source.appendleft(token)
+                    break
+                batch.append(token)
             front = thief.mailbox.appendleft
             for token in reversed(batch):
                 front(token)

@@ -8,15 +8,21 @@ cores the spec's weight may use (``AffinityPolicy``), or the lane's own pick. Th
 cached per spec and rebuilt when a lane adds or retires workers (:meth:`Router.invalidate`).
 
 Each token then goes to the least-loaded candidate (queued + running); the first idle one wins
-at once. When every candidate's mailbox is full, an outside producer waits for room on the
-admission gate (or is refused with ``admission="reject"``), and a call made from inside a task
-overflows the soft bound instead of blocking a worker.
+at once. A token with a locality key (``fn.options(locality=...)``) goes instead to the worker
+its key is anchored to, set by the key's first token (the least-loaded candidate then) and kept
+while that worker stays a candidate: worker-local state is hit, at the price of queueing behind
+the key's earlier tokens.
+
+When every candidate's mailbox is full, an outside producer waits for room on the admission gate (or
+is refused with ``admission="reject"``), and a call made from inside a task overflows the soft bound
+instead of blocking a worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._errors import Overloaded
@@ -32,7 +38,11 @@ if TYPE_CHECKING:
     from .._state import Lifecycle
     from .._token import Token
 
-__all__ = ["Route", "Router"]
+__all__ = ["ANCHORS_MAX", "Route", "Router"]
+
+ANCHORS_MAX = 100_000
+"""Locality keys remembered at once; the oldest is forgotten beyond (its next token anchors
+again, possibly elsewhere)."""
 
 log = logging.getLogger("tokengate.coordinator")
 routing_log = logging.getLogger("tokengate.routing")
@@ -69,6 +79,9 @@ class Router:
         self._routes: dict[int, Route] = {}
         # Set once a token of non-zero priority is routed: from then on pushes keep order.
         self.prioritized = False
+        # (lane, locality key) -> the worker its tokens go to; the oldest keys are forgotten
+        # beyond ANCHORS_MAX (their next token anchors again), so keys cannot grow memory.
+        self._anchors: dict[tuple[str, Hashable], Worker] = {}
         self._warned_no_process: set[str] = set()
 
     def invalidate(self) -> None:
@@ -134,10 +147,16 @@ class Router:
         return best
 
     def push(self, token: Token[Any], internal: bool) -> None:
-        """Queue ``token`` on the least-loaded worker its route allows, waiting for room if
-        every mailbox is full (an outside producer) or overflowing (a call from a task)."""
-        candidates = self.route_for(token.spec)[2]
-        best = self.pick(candidates)
+        """Queue ``token`` on the least-loaded worker its route allows (or its locality key's
+        worker), waiting for room if every allowed mailbox is full (an outside producer) or
+        overflowing (a call from a task)."""
+        route = self.route_for(token.spec)
+        candidates = route[2]
+        if token._locality is None:
+            best = self.pick(candidates)
+        else:
+            candidates = [self._anchor(route[1], token._locality, candidates)]
+            best = self.pick(candidates)
         if best is None:
             best = self._when_full(token, internal, candidates)
             if best is None:  # stop() gave up on pending work while this producer waited
@@ -164,6 +183,20 @@ class Router:
                 best.core,
                 best.index,
             )
+
+    def _anchor(self, lane: str, key: Hashable, candidates: list[Worker]) -> Worker:
+        """The worker ``key``'s tokens go to on ``lane``: its anchor while that is still a
+        candidate, else (first token, or its worker retired) the least-loaded candidate."""
+        anchors = self._anchors
+        worker = anchors.get((lane, key))
+        if worker is not None and any(w is worker for w in candidates):
+            return worker
+        worker = min(candidates, key=lambda w: w.load())
+        if len(anchors) >= ANCHORS_MAX:
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                del anchors[next(iter(anchors))]  # the oldest key
+        anchors[(lane, key)] = worker
+        return worker
 
     def _when_full(
         self, token: Token[Any], internal: bool, candidates: list[Worker]

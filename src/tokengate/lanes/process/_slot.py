@@ -216,10 +216,13 @@ class ProcessWorker(MailboxWorker):
                 token = victim.mailbox.popleft()
             except IndexError:
                 continue
-            if allowed is None or self.core in allowed[token.spec.weight]:
+            if token._locality is None and (
+                allowed is None or self.core in allowed[token.spec.weight]
+            ):
                 lane.host.count_event("process_steals")
                 return token
-            victim.mailbox.appendleft(token)  # not for this core: back where it was
+            # Not for this core, or anchored to its worker by a locality key: back where it was.
+            victim.mailbox.appendleft(token)
         return None
 
     def _spawn(self) -> None:
