@@ -222,7 +222,7 @@ class OperationsCoordinator:
         )
         # The web dashboard (dashboard/_serving.py): served at start with dashboard=True.
         dash_port = None if config.dashboard is False else int(config.dashboard)
-        self._dashboards = Dashboards(dash_port, self.add_middleware)
+        self._dashboards = Dashboards(dash_port, self.add_middleware, self._life)
         self._controls = Controls(self._gate, self.add_middleware)  # pause, drain, kill...
         # Hold rules and held tokens (_quarantine.py); submission reads the rules list directly.
         self._quarantine = Quarantine()

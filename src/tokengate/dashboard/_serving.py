@@ -17,6 +17,7 @@ from .._middleware import Middleware
 
 if TYPE_CHECKING:
     from .._coordinator import OperationsCoordinator
+    from .._state import Lifecycle
     from ._server import DashboardServer
 
 __all__ = ["Dashboards"]
@@ -28,8 +29,14 @@ class Dashboards(Middleware):
     """The dashboards of one coordinator. ``port`` (from ``dashboard=``): serve one at start on
     that port (0: any free one); None: only when ``serve_dashboard`` is called."""
 
-    def __init__(self, port: int | None, add_middleware: Callable[[Middleware], None]) -> None:
+    def __init__(
+        self,
+        port: int | None,
+        add_middleware: Callable[[Middleware], None],
+        lifecycle: Lifecycle,
+    ) -> None:
         self.port = port
+        self._lifecycle = lifecycle  # serve() refuses a stopping coordinator
         self.servers: list[DashboardServer] = []
         self._add_middleware = add_middleware
         self._installed = False
@@ -54,7 +61,7 @@ class Dashboards(Middleware):
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535 (0: any free port), got {port!r}")
         addr = check_addr(addr)
-        status = coordinator._life.status
+        status = self._lifecycle.status
         if status in ("stopping", "stopped"):
             raise CoordinatorNotRunning(
                 f"serve_dashboard() on a coordinator that is {status}: the server "
