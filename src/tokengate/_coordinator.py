@@ -57,7 +57,6 @@ from ._topology import Topology, detect_topology
 from .backends import Backend, resolve_backend
 from .dashboard._serving import Dashboards
 from .lanes._base import Lane, Worker
-from .lanes._sharing import share as share_object
 from .lanes._sharing import with_shared
 from .local import LocalBackend
 from .observability._facade import Observability
@@ -581,11 +580,10 @@ class OperationsCoordinator:
         object built on them: pass it (or slices of it) to any number of process-lane calls
         and no bytes are copied per call; the worker maps the same memory. The memory is
         freed once the returned object is gone here and the last token using it has ended.
-        On a backend without worker processes of its own (Dask) ``obj`` is returned as it is.
-        See docs/guide/data.md."""
-        if not isinstance(self._backend, LocalBackend):
-            return obj
-        return share_object(obj)
+        On the Dask backend (started) ``obj`` is scattered to every worker once and returned
+        as it is: calls that pass it send its Dask key, not its bytes. See
+        docs/guide/data.md."""
+        return self._backend.share(obj)
 
     def tier_stats(self) -> Mapping[str, TierStats]:
         """Per storage tier: limit, running, waiting and the high-water mark of running."""

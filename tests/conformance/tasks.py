@@ -151,3 +151,27 @@ def rated(journal: Journal, label: str) -> str:
 @task_token_guard(operation_type="knob_probe", tags={"weight": "light"})
 def knob_probe() -> str:
     return "light"
+
+
+PICKLED: list[int] = []  # one entry each time this process pickles a Blob
+
+
+def _blob(data: bytes) -> Blob:
+    return Blob(data)
+
+
+class Blob:
+    """Bytes that note each time this process pickles them (to count what is sent)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        PICKLED.append(len(self.data))
+        return _blob, (self.data,)
+
+
+@task_token_guard(operation_type="blob_part_sum", tags={"weight": "light"})
+def blob_part_sum(blob: Blob | list[int], part: int, parts: int = 16) -> int:
+    data = blob.data if isinstance(blob, Blob) else blob
+    return sum(data[part::parts])

@@ -499,3 +499,74 @@ def test_the_dashboard_shows_the_coordinators_tokens_and_links_to_dasks(
     assert snap["workers"] == []  # no local lanes
     link = snap["backend_dashboard"]
     assert link is not None and link.startswith("http://")
+
+
+# -- share(): scatter once ---------------------------------------------------------------------
+def _shared_keys(cluster: Any, prefix: str) -> dict[str, int]:
+    """The scheduler's keys starting with ``prefix``, with how many workers hold each."""
+
+    def find(dask_scheduler: Any) -> dict[str, int]:
+        return {
+            key: len(ts.who_has)
+            for key, ts in dask_scheduler.tasks.items()
+            if str(key).startswith(prefix)
+        }
+
+    return cluster.probe_client.run_on_scheduler(find)  # type: ignore[no-any-return]
+
+
+def test_share_scatters_once_to_every_worker_and_calls_send_no_copy(
+    dask_harness: Harness,
+) -> None:
+    from .tasks import PICKLED, Blob, blob_part_sum
+
+    coordinator = dask_harness.coordinator()
+    blob = Blob(bytes(range(256)) * 4096)  # 1 MiB
+    del PICKLED[:]
+    shared = coordinator.share(blob)
+    assert shared is blob  # the caller keeps using it as before
+    assert len(PICKLED) <= 1  # scattered once
+    held = _shared_keys(dask_harness.cluster, "Blob-")
+    assert list(held.values()) == [DASK_WORKERS], held  # broadcast: every worker has it
+    del PICKLED[:]
+    tokens = [blob_part_sum(shared, i) for i in range(16)]
+    assert [t.result(timeout=30) for t in tokens] == [sum(blob.data[i::16]) for i in range(16)]
+    assert PICKLED == []  # no call pickled the object again
+    assert coordinator.share(blob) is blob and _shared_keys(dask_harness.cluster, "Blob-") == held
+
+
+def test_share_frees_the_workers_copies_once_the_object_is_gone(dask_harness: Harness) -> None:
+    import gc
+
+    from .tasks import Blob, blob_part_sum
+
+    coordinator = dask_harness.coordinator()
+    blob = coordinator.share(Blob(bytes(1 << 16)))
+    assert len(_shared_keys(dask_harness.cluster, "Blob-")) == 1
+    assert blob_part_sum(blob, 3, parts=4).result(timeout=30) == 0
+    del blob
+    gc.collect()
+    eventually(
+        lambda: not _shared_keys(dask_harness.cluster, "Blob-"),
+        what="the scheduler to forget the shared object",
+    )
+
+
+def test_share_holds_an_object_without_weak_references_until_stop(dask_harness: Harness) -> None:
+    from .tasks import blob_part_sum
+
+    coordinator = dask_harness.coordinator()
+    values = coordinator.share(list(range(64)))
+    assert blob_part_sum(values, 1).result(timeout=30) == sum(range(64)[1::16])
+    assert len(_shared_keys(dask_harness.cluster, "list-")) == 1
+    coordinator.stop()
+    eventually(
+        lambda: not _shared_keys(dask_harness.cluster, "list-"),
+        what="the scheduler to forget the shared list",
+    )
+
+
+def test_share_before_start_names_the_fix(dask_cluster: Any) -> None:
+    coordinator = OperationsCoordinator(backend=DaskBackend(address=dask_cluster.scheduler_address))
+    with pytest.raises(CoordinatorNotRunning, match="start the coordinator"):
+        coordinator.share(b"x")

@@ -24,6 +24,8 @@ The contract (anyio's backends, CPython's executors):
 * :meth:`retrying` / :meth:`readmit` / :meth:`stuck` / :meth:`help` serve the completion path
   of backends whose runs end through ``Completion.complete`` (the local lanes);
 * :meth:`has_room` tells ``submit_async`` whether a call would be taken without waiting;
+* :meth:`share` places an object once where every task reads it (shared memory, a cluster's
+  store);
 * :meth:`not_started` lists the tokens a ``stop(cancel_pending=True)`` may discard.
 """
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .._admission import AdmissionGate
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
     from .._topology import Topology
 
 __all__ = ["Backend", "BackendHost"]
+
+_S = TypeVar("_S")
 
 
 class BackendHost(Protocol):
@@ -182,6 +186,17 @@ class Backend(ABC):
     def help(self, token: Token[Any], end: float | None) -> None:
         """A thread is about to wait for ``token``; it may run work meanwhile."""
         return  # optional: nothing to do by default
+
+    def share(self, obj: _S) -> _S:
+        """Place ``obj`` where this backend's tasks read it without a copy per call, and return
+        what the caller passes to its calls instead (``OperationsCoordinator.share``).
+
+        By default: this machine's shared memory, which the local lanes' worker processes map
+        (an equal, read-only object built on it). A backend whose workers run elsewhere
+        overrides this with its own store (Dask: ``scatter``)."""
+        from ..lanes._sharing import share as share_locally
+
+        return share_locally(obj)
 
     @property
     def lanes(self) -> Mapping[str, Any]:

@@ -40,13 +40,14 @@ import itertools
 import logging
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._errors import ConfigError, Overloaded
+from .._errors import ConfigError, CoordinatorNotRunning, Overloaded
 from .._token import Token
 from ._base import Backend
 from ._dask_protocol import Context
 from ._dask_runner import Route, Runner
+from ._dask_shared import ClusterShares
 from ._dask_task import close_worker_runner, connect_worker_client, executing_keys, run_task
 
 try:
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from ._base import BackendHost
 
 __all__ = ["DaskBackend"]
+
+_S = TypeVar("_S")
 
 log = logging.getLogger("tokengate.dask")
 _INFO = logging.INFO
@@ -117,6 +120,7 @@ class DaskBackend(Backend):
             self._cluster_options["threads_per_worker"] = threads_per_worker
         self._cluster_options.update(cluster_options or {})
         self.client: Any = None
+        self._shares: ClusterShares | None = None
         self.cluster: Any = None
         self._host: BackendHost | None = None
         self._runner: Runner | None = None
@@ -126,6 +130,18 @@ class DaskBackend(Backend):
         self._bound = 1
         self._low_water = 1
         self._starts = itertools.count(1)
+
+    def share(self, obj: _S) -> _S:
+        """Scatter ``obj`` to every worker once (``client.scatter(obj, broadcast=True)``) and
+        return it as it is: calls that pass this very object send its Dask key instead of its
+        bytes; Dask frees the workers' copies once it is gone here and its tasks have ended."""
+        shares = self._shares
+        if shares is None:
+            raise CoordinatorNotRunning(
+                "share() on the Dask backend scatters to the cluster: start the coordinator "
+                "(coordinator.start(), or use it as a context manager) before sharing"
+            )
+        return shares.share(obj)
 
     def describe(self) -> str:
         if self.client is None:
@@ -164,7 +180,14 @@ class DaskBackend(Backend):
         self._topic = f"tokengate-{nonce}"
         self._routes = {}
         self._refresh_context()
-        self._runner = Runner(self.client, nonce, run_task, on_thread_start=host.on_internal_thread)
+        self._shares = ClusterShares(self.client)
+        self._runner = Runner(
+            self.client,
+            nonce,
+            run_task,
+            on_thread_start=host.on_internal_thread,
+            shares=self._shares,
+        )
         self._runner.subscribe(self._topic)
         nthreads = self.client.nthreads()
         self._connect_workers(list(nthreads), nonce)
@@ -222,12 +245,15 @@ class DaskBackend(Backend):
                     abandoned,
                 )
             runner.close()
+            if self._shares is not None:
+                self._shares.clear()
             if self.client is not None and self.cluster is None:  # workers outlive us
                 try:
                     self.client.run(close_worker_runner, self._topic)
                 except Exception:
                     log.debug("could not close the workers' runners", exc_info=True)
         self._runner = None
+        self._shares = None
         try:
             if self.client is not None and self._given_client is None:
                 self.client.close()

@@ -64,6 +64,7 @@ from ._dask_protocol import (
 if TYPE_CHECKING:
     from .._decorator import TaskFunction
     from .._spec import TaskSpec
+    from ._dask_shared import ClusterShares
 
 __all__ = ["Host", "Route", "Runner"]
 
@@ -187,8 +188,10 @@ class Runner:
         run_task: Callable[..., Any],
         *,
         on_thread_start: Callable[[], None] | None = None,
+        shares: ClusterShares | None = None,
     ) -> None:
         self.client = client
+        self.shares = shares
         self.tag = tag
         self._run_task = run_task
         self._inflight: dict[str, _Entry] = {}
@@ -274,7 +277,11 @@ class Runner:
             kwargs = {k: _remote(v, remote) for k, v in kwargs.items()}
         elif not host.acquire(token, internal):
             return
-        self._send(token, host, route, args, kwargs, deps)
+        remote_args = bool(deps)
+        if self.shares is not None:
+            args, kwargs, found = self.shares.substitute(args, kwargs)
+            remote_args = remote_args or found
+        self._send(token, host, route, args, kwargs, deps, remote_args)
 
     def _send(
         self,
@@ -284,12 +291,13 @@ class Runner:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         deps: list[Token[Any]],
+        remote_args: bool,
     ) -> None:
         key = self.key_of(token)
         deadline = token._deadline_at
         if deadline is not None:  # the worker's clock is wall time
             deadline = time.time() + (deadline - _perf())
-        if deps:  # Dask must see the futures among the arguments
+        if remote_args:  # Dask must see the futures among the arguments
             call = Call(key, route.ctx_blob, route.tier, deadline, route.spec_meta, None, None)
             parts: tuple[Any, ...] = (route.target, call, args, kwargs)
         else:
@@ -506,6 +514,9 @@ class Runner:
                     self._settle(entry, future, values.get(future.key))
                 except Exception:  # a bug here must not stop the collector
                     log.exception("ending token %s from its Dask future failed", entry.token.id)
+            # Hold nothing while waiting for the next batch: the last settled token (its
+            # arguments, a shared object among them) must be freed as soon as its owner lets go.
+            item = batch = values = future = entry = None
 
     def _settle(self, entry: _Entry, future: Any, outcome: Any) -> None:
         token, host, key = entry.token, entry.host, future.key
