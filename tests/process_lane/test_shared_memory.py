@@ -270,6 +270,21 @@ def test_a_shared_object_is_freed_once_its_handle_and_the_tokens_using_it_are_go
     eventually(lambda: nothing_held(everyone(coordinator)), what="the segments to be freed")
 
 
+def test_the_shared_objects_and_bytes_are_exported_to_prometheus(procs: Make) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from tokengate.observability import TokenGateCollector
+
+    coordinator = procs(workers_per_core=1, cores=1)
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(TokenGateCollector(coordinator))
+    read = registry.get_sample_value
+    assert (read("tokengate_shared_objects"), read("tokengate_shared_bytes")) == (0, 0)
+    shared = coordinator.share(np.ones(BIG))
+    assert (read("tokengate_shared_objects"), read("tokengate_shared_bytes")) == (1, shared.nbytes)
+    del shared
+    assert (read("tokengate_shared_objects"), read("tokengate_shared_bytes")) == (0, 0)
+
+
 def test_share_refuses_an_object_without_buffers(coordinator: OperationsCoordinator) -> None:
     with pytest.raises(ValueError, match=r"found no buffer to share in a dict"):
         coordinator.share({"a": 1})

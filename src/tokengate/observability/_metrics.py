@@ -72,6 +72,10 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "Most bytes of pickled arguments queued process-lane calls ever held at once."),
     ("tokengate_process_queue_limit_bytes", "gauge", (),
      "The byte budget of queued process-lane calls (process_queue_bytes; absent if None)."),
+    ("tokengate_shared_objects", "gauge", (),
+     "Objects placed in shared memory by share() and alive now."),
+    ("tokengate_shared_bytes", "gauge", (),
+     "Bytes of shared memory those objects hold (once, whatever the calls using them)."),
     ("tokengate_events", "counter", ("event",), "Every rare event the coordinator counted."),
     ("tokengate_admission_paused", "gauge", ("reason",),
      "1 while admission is paused for that reason (overflow_guard: memory)."),
@@ -197,6 +201,8 @@ class TokenGateCollector:
         limit = coordinator.config.process_queue_bytes
         if isinstance(limit, int):
             f["tokengate_process_queue_limit_bytes"].add_metric([], limit)
+        f["tokengate_shared_objects"].add_metric([], snap.shared_objects)
+        f["tokengate_shared_bytes"].add_metric([], snap.shared_bytes)
         f["tokengate_coordinator_running"].add_metric([], 1 if coordinator.running else 0)
 
     @staticmethod
