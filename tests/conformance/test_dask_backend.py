@@ -227,8 +227,14 @@ def test_weight_maps_onto_dask_priority(dask_harness: Harness) -> None:
     def priorities(dask_scheduler: Any) -> dict[str, int]:
         return {k: -dask_scheduler.tasks[k].priority[0] for k in keys if k in dask_scheduler.tasks}
 
-    eventually(lambda: len(dask_harness.cluster.probe_client.run_on_scheduler(priorities)) == 2)
-    assert dask_harness.cluster.probe_client.run_on_scheduler(priorities) == keys
+    seen: dict[str, int] = {}  # the light task may end, and be forgotten, before both are seen
+
+    def both_seen() -> bool:
+        seen.update(dask_harness.cluster.probe_client.run_on_scheduler(priorities))
+        return len(seen) == 2
+
+    eventually(both_seen)
+    assert seen == keys
     gate.set()
     assert heavy.get(timeout=10) == "released" and light.get(timeout=10) == "light"
 

@@ -49,8 +49,13 @@ def test_a_priority_orders_within_its_weight_on_dask(dask_harness: Harness) -> N
         return {k: -dask_scheduler.tasks[k].priority[0] for k in keys if k in dask_scheduler.tasks}
 
     probe = dask_harness.cluster.probe_client
-    eventually(lambda: len(probe.run_on_scheduler(priorities)) == 4)
-    sent = probe.run_on_scheduler(priorities)
+    sent: dict[str, float] = {}  # a light task may end, and be forgotten, before all are seen
+
+    def all_seen() -> bool:
+        sent.update(probe.run_on_scheduler(priorities))
+        return len(sent) == 4
+
+    eventually(all_seen)
     assert sent[keys[0]] == 2 and sent[keys[1]] == 0
     assert 0 < sent[keys[2]] < 0.5 and -0.5 < sent[keys[3]] < 0
     gate.set()
