@@ -191,12 +191,9 @@ class Backend(ABC):
         """Place ``obj`` where this backend's tasks read it without a copy per call, and return
         what the caller passes to its calls instead (``OperationsCoordinator.share``).
 
-        By default: this machine's shared memory, which the local lanes' worker processes map
-        (an equal, read-only object built on it). A backend whose workers run elsewhere
-        overrides this with its own store (Dask: ``scatter``)."""
-        from ..lanes._sharing import share as share_locally
-
-        return share_locally(obj)
+        By default ``obj`` itself (nothing is placed anywhere); the local backend uses this
+        machine's shared memory, the Dask backend ``scatter``."""
+        return obj
 
     @property
     def lanes(self) -> Mapping[str, Any]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._convergence import ConvergenceEngine, ConvergencePolicy
 from .._dependencies import DependencyTracker, find_dependencies
@@ -36,6 +36,7 @@ from ..backends._base import Backend, BackendHost
 from ..lanes._async import AsyncLane
 from ..lanes._base import Lane, LaneHost, Worker
 from ..lanes._io import IOLane
+from ..lanes._sharing import share as share_locally
 from ..lanes._thread import ThreadLane
 from ..lanes._wire import ProcessCall, prepare_call
 from ..lanes.process import ProcessLane, WorkerSetup, check_process_lane_option
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from .._spec import TaskSpec
 
 __all__ = ["LocalBackend"]
+
+_S = TypeVar("_S")
 
 log = logging.getLogger("tokengate.coordinator")
 _perf = time.perf_counter
@@ -360,6 +363,11 @@ class LocalBackend(Backend):
         tier permit, a rate) before an outside producer waits: as many as the mailboxes hold."""
         workers = sum(len(lane.workers) for lane in self._lanes.values())
         return self._mailbox_max * max(1, workers)
+
+    def share(self, obj: _S) -> _S:
+        """This machine's shared memory, which the worker processes map: an equal, read-only
+        object built on it (``lanes/_sharing.py``)."""
+        return share_locally(obj)
 
     # -- the completion path's requests ---------------------------------------------------------
     def granted(self, tokens: list[Token[Any]]) -> None:
