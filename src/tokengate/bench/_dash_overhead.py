@@ -1,4 +1,4 @@
-"""DASH and DASHB6: what the web dashboard costs, on B1's load and on B6's (the seed's mixed load).
+"""DASH and DASHB6: what the web dashboard costs, on B1's load and on B6's (the Quick-Proof's mix).
 
 Every row is tokengate; the reference row (shown as the "peer") has no dashboard, so "vs best
 peer" reads as the overhead (1.03x = 3 % slower). ``served`` serves the dashboard with nobody
@@ -144,7 +144,7 @@ SCENARIO_B6 = Scenario(
     id="DASHB6",
     title="dashboard overhead (B6 seed mixed load)",
     description=(
-        "B6's waves (the seed's Proof 3 load); the reference row (shown as the peer) has no "
+        "B6's waves (the Quick-Proof's Proof 3 load); the reference row (shown as the peer) has no "
         "dashboard, so the ratios on p50 and p95 are the overhead"
     ),
     figures=(
