@@ -245,17 +245,11 @@ class Completion:
     def retry_budget_left(self, token: Token[Any], exc: BaseException) -> float | None:
         """The back-off before another attempt of ``token`` after ``exc``, or None when it
         must not be retried (not retryable, budget used up, or stop() gave up on pending work).
-        The one retry decision, for the local lanes and the Dask runner alike."""
-        if self.lifecycle.discarding:  # stop() is not waiting for new attempts
-            return None
-        spec = token.spec
-        policy = self.policies[spec.weight]
-        if not policy.is_retryable(exc, retry_on=spec.retry_on, dont_retry_on=spec.dont_retry_on):
-            return None
+        The one retry decision of the local lanes (Dask retries through its own ``retries=``)."""
         used = token.attempts - 1
-        if used >= policy.budget(exc, spec.retries):
+        if used >= self.retries_left(token.spec, exc):
             return None
-        return policy.backoff(used + 1)
+        return self.policies[token.spec.weight].backoff(used + 1)
 
     def retries_left(self, spec: TaskSpec, exc: BaseException) -> int:
         """How many more attempts a call of ``spec`` gets after its first failed with ``exc``
@@ -268,7 +262,7 @@ class Completion:
         return policy.budget(exc, spec.retries)
 
     def record_retried(self, token: Token[Any], exc: BaseException, delay: float) -> None:
-        """Count a retry and say so (the local lanes and the Dask runner alike)."""
+        """Count a retry and say so."""
         spec = token.spec
         self.stats.record_retried(spec.operation_type, spec.weight)
         if retry_log.isEnabledFor(_INFO):
