@@ -283,6 +283,24 @@ class OperationsCoordinator:
             log.info("Operations Coordinator started successfully!")
         return self
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every worker can take a task at once; False if ``timeout`` seconds pass
+        first.
+
+        ``start()`` returns before the process lane's worker processes have started (each
+        takes a fraction of a second, more on a loaded machine): calls made meanwhile wait in
+        their mailboxes. Wait here first when the first calls' latency matters, as a
+        benchmark's clock or a server's readiness check does. On the Dask backend: until at
+        least one worker has joined the scheduler.
+        """
+        wait = check_timeout(timeout)
+        if self._life.state is not S.RUNNING:
+            raise CoordinatorNotRunning(
+                f"wait_ready() needs a running coordinator (this one is "
+                f"{self._life.state.name}): call start() first, or use it as a context manager"
+            )
+        return self._backend.wait_ready(wait)
+
     @property
     def backend(self) -> Backend:
         """The backend running the tokens: the local lanes (``backend.name == "local"``), or

@@ -70,6 +70,12 @@ def test_seed_proof_1_results(harness: Harness) -> None:
     assert all(t.state == "resolved" and t.attempts == 1 for t in tokens)
 
 
+def test_wait_ready_then_a_call_runs(harness: Harness) -> None:
+    coordinator = harness.coordinator()
+    assert coordinator.wait_ready(timeout=60)
+    assert square(6).get(timeout=30) == 36
+
+
 def test_positional_and_keyword_arguments(harness: Harness) -> None:
     harness.coordinator()
     assert echo(1, "two", key="v", n=None).get(timeout=10) == ((1, "two"), {"key": "v", "n": None})

@@ -195,6 +195,11 @@ class Backend(ABC):
         machine's shared memory, the Dask backend ``scatter``."""
         return obj
 
+    def wait_ready(self, timeout: float | None) -> bool:
+        """Block until this backend's workers can take tasks (``OperationsCoordinator.
+        wait_ready``); False at ``timeout``. By default True at once: nothing starts late."""
+        return True
+
     @property
     def lanes(self) -> Mapping[str, Any]:
         """The local lanes this backend runs (none elsewhere)."""

@@ -153,6 +153,17 @@ class DaskBackend(Backend):
             f"{sum(workers.values())} threads"
         )
 
+    def wait_ready(self, timeout: float | None) -> bool:
+        """At least one worker has joined the scheduler (a cluster given by ``address`` may
+        still be starting its workers)."""
+        if self.client is None:
+            return False
+        try:
+            self.client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
+
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, host: BackendHost) -> None:
         self._host = host

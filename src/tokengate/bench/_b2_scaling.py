@@ -20,10 +20,13 @@ import importlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokengate.bench._bodies import burn, noop_plain
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, usable_cores
+
+if TYPE_CHECKING:
+    from tokengate import OperationsCoordinator
 
 __all__ = ["SCENARIO", "SCENARIO_OVERHEAD", "quick_steps"]
 
@@ -41,9 +44,9 @@ def quick_steps(p: CaseParams, full: int) -> int:
     return full // 4 if p.quick else full
 
 
-def wait_process_lane(coordinator: Any) -> None:
+def wait_process_lane(coordinator: OperationsCoordinator) -> None:
     """Block until every tokengate worker process is ready to take a task."""
-    if not coordinator.lanes["process"].wait_ready(READY_TIMEOUT_S):
+    if not coordinator.wait_ready(READY_TIMEOUT_S):
         raise TimeoutError(f"tokengate's worker processes were not ready in {READY_TIMEOUT_S} s")
 
 

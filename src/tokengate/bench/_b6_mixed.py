@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
+from tokengate.bench._b2_scaling import wait_process_lane
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, usable_cores
 
 __all__ = ["SCENARIO", "SEED", "percentile"]
@@ -130,7 +131,8 @@ def drive(submit: Submit, duration: float) -> Figures:
 def run_tokengate(p: CaseParams) -> Figures:
     from tokengate import OperationsCoordinator
 
-    with OperationsCoordinator():
+    with OperationsCoordinator() as coordinator:
+        wait_process_lane(coordinator)  # before the clock, as for the process pool
         return drive(lambda fn, args: fn(*args), p.n)
 
 
@@ -206,7 +208,8 @@ SCENARIO = Scenario(
             "tokengate",
             run_tokengate,
             kind="tokengate",
-            note="OperationsCoordinator() defaults; the demo's decorated functions",
+            note="OperationsCoordinator() defaults, its worker processes started before the "
+            "clock (wait_ready()); the demo's decorated functions",
         ),
         System(
             "tokengate-dask",

@@ -240,6 +240,19 @@ class LocalBackend(Backend):
     def iter_workers(self) -> Iterator[Worker]:
         return iter([w for lane in self._lanes.values() for w in lane.workers])
 
+    def wait_ready(self, timeout: float | None) -> bool:
+        """Every lane whose workers start in the background (the process lane's worker
+        processes) is waited for, within one ``timeout`` for all of them."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for lane in self._lanes.values():
+            wait = getattr(lane, "wait_ready", None)
+            if wait is None:
+                continue
+            left = None if end is None else max(0.0, end - time.monotonic())
+            if not wait(left):
+                return False
+        return True
+
     def describe(self) -> str:
         return "local lanes: " + ", ".join(
             f"{name} ({len(lane.workers)})" for name, lane in self._lanes.items()
