@@ -29,6 +29,8 @@ from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System
 __all__ = ["SCENARIO", "SEED", "percentile"]
 
 SEED = 6
+#: The module of the waves' functions, imported by every worker process before the clock.
+BODIES = "tokengate.demos.mixed"
 THREADS = 8
 DRAIN_TIMEOUT_S = 60.0
 #: The Quick-Proof's Proof 3 runs (its own 8-core machine), p50 / p95 / max in ms:
@@ -131,8 +133,12 @@ def drive(submit: Submit, duration: float) -> Figures:
 def run_tokengate(p: CaseParams) -> Figures:
     from tokengate import OperationsCoordinator
 
-    with OperationsCoordinator() as coordinator:
-        wait_process_lane(coordinator)  # before the clock, as for the process pool
+    # Before the clock, as for the process pool: the worker processes are up and have imported
+    # the bodies.
+    with OperationsCoordinator(
+        process_initializer=importlib.import_module, process_initargs=(BODIES,)
+    ) as coordinator:
+        wait_process_lane(coordinator)
         return drive(lambda fn, args: fn(*args), p.n)
 
 
@@ -142,7 +148,7 @@ def run_tokengate_dask(p: CaseParams) -> Figures:
     with OperationsCoordinator(backend="dask", address=p.address) as coordinator:
         backend: Any = coordinator.backend
         # Before the clock, as for the process pool: every worker imports the bodies.
-        backend.client.run(importlib.import_module, "tokengate.demos.mixed")
+        backend.client.run(importlib.import_module, BODIES)
         return drive(lambda fn, args: fn(*args), p.n)
 
 
@@ -157,7 +163,7 @@ def call_by_name(module: str, name: str, args: tuple[Any, ...]) -> Any:
 
 
 def _ready(_: int) -> int:
-    importlib.import_module("tokengate.demos.mixed")
+    importlib.import_module(BODIES)
     return 0
 
 
@@ -208,8 +214,9 @@ SCENARIO = Scenario(
             "tokengate",
             run_tokengate,
             kind="tokengate",
-            note="OperationsCoordinator() defaults, its worker processes started before the "
-            "clock (wait_ready()); the demo's decorated functions",
+            note="OperationsCoordinator() defaults; its worker processes started and the "
+            "bodies' module imported before the clock (process_initializer, wait_ready()), as "
+            "for the process pool; the demo's decorated functions",
         ),
         System(
             "tokengate-dask",
