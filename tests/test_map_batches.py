@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tokengate import ConfigError, OperationsCoordinator, task_token_guard
-from tokengate._batches import AUTO_MAX, TARGET_S, BatchSizer
+from tokengate._batches import AUTO_MAX, TARGET_S, BatchSizer, Failed, WithFailures, run_batch
 
 
 @task_token_guard(operation_type="double", tags={"weight": "light"})
@@ -227,3 +227,20 @@ def test_automatic_batches_keep_at_most_window_calls_in_flight(
         total += value
     assert total == sum(2 * i for i in range(5000))
     assert 1 <= worst <= 16
+
+
+def test_tokens_among_a_batchs_items_are_waited_for_and_passed_as_values(
+    coordinator: OperationsCoordinator,
+) -> None:
+    first, second = double(1), double(5)
+    items = [first, 3, second, 4]
+    assert list(double.map(items, chunksize=4)) == [4, 6, 20, 8]
+    nested = [(first,), (7,)]  # a token inside one item's tuple, as zip builds them
+    assert list(double.map([t for (t,) in nested], chunksize=2)) == [4, 14]
+
+
+def test_run_batch_says_by_its_type_whether_any_call_failed() -> None:
+    assert type(run_batch(abs, [(-1,), (2,)])) is list  # handed on without a look at each
+    outcomes = run_batch(abs, [(-1,), ("x",)])
+    assert isinstance(outcomes, WithFailures) and outcomes[0] == 1
+    assert isinstance(outcomes[1], Failed) and isinstance(outcomes[1].exc, TypeError)

@@ -41,6 +41,7 @@ __all__ = [
     "PROBE_S",
     "TARGET_S",
     "BatchSizer",
+    "WithFailures",
     "batch_refusal",
     "run_batch",
     "twin_spec",
@@ -65,16 +66,25 @@ class Failed:
         self.exc = exc
 
 
+class WithFailures(list[Any]):
+    """A batch's outcomes of which at least one is :class:`Failed`. A plain ``list`` says that
+    none is, so the caller hands those values on as they are, without looking at each."""
+
+    __slots__ = ()
+
+
 def run_batch(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[Any]:
     """The body of a batch token: every call, in order, each outcome kept on its own."""
     out: list[Any] = []
     append = out.append
+    failed = False
     for args in items:
         try:
             append(fn(*args))
         except Exception as exc:  # this call's own error; the rest of the batch runs on
             append(Failed(exc))
-    return out
+            failed = True
+    return WithFailures(out) if failed else out
 
 
 def batch_refusal(spec: TaskSpec, *, processes: bool = False) -> str | None:

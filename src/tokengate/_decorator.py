@@ -310,14 +310,22 @@ class TaskFunction(Generic[P, R]):
         batch: list[tuple[Any, ...]] | None,
         end: float | None,
         sizer: BatchSizer | None,
-    ) -> Iterator[R]:
-        """The results of one entry of a batched map, in order."""
+    ) -> Iterable[R]:
+        """The results of one entry of a batched map, in order: a batch whose calls all
+        returned is its list of values as it is (no per-call step between it and the caller)."""
         if batch is None:
-            yield _wait(token, end)
-            return
+            return (_wait(token, end),)
         values = _wait(token, end)
         if sizer is not None:
             sizer.measured(token, len(batch))
+        if type(values) is list:
+            return values
+        return self._with_reruns(coordinator, batch, values, end)
+
+    def _with_reruns(
+        self, coordinator: Any, batch: list[tuple[Any, ...]], values: list[Any], end: float | None
+    ) -> Iterator[R]:
+        """A batch in which some calls failed: each failure raised, or re-run, at its place."""
         for args, value in zip(batch, values, strict=True):
             if type(value) is Failed:
                 yield self._rerun(coordinator, args, value.exc, end)

@@ -453,6 +453,10 @@ class TokenGateExecutor(Executor):
                 del future
                 assert chunk is not None
                 values.reverse()
+                if type(values) is list:  # every call returned (run_batch's plain list)
+                    while values:
+                        yield values.pop()
+                    continue
                 chunk.reverse()
                 while values:
                     args = chunk.pop()
