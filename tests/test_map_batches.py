@@ -244,3 +244,21 @@ def test_run_batch_says_by_its_type_whether_any_call_failed() -> None:
     outcomes = run_batch(abs, [(-1,), ("x",)])
     assert isinstance(outcomes, WithFailures) and outcomes[0] == 1
     assert isinstance(outcomes[1], Failed) and isinstance(outcomes[1].exc, TypeError)
+
+
+def test_a_batched_map_without_a_window_keeps_several_full_batches_in_flight(
+    coordinator: OperationsCoordinator,
+) -> None:
+    pulled = 0
+
+    def source() -> Any:
+        nonlocal pulled
+        for i in range(3000):
+            pulled += 1
+            yield i
+
+    ahead = []
+    for received, value in enumerate(double.map(source(), chunksize=AUTO_MAX)):
+        assert value == 2 * received
+        ahead.append(pulled - received)
+    assert coordinator.config.mailbox_max < max(ahead) <= 4 * AUTO_MAX

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTO_MAX",
+    "BATCH_WINDOW",
     "PROBE_S",
     "TARGET_S",
     "BatchSizer",
@@ -49,6 +50,9 @@ __all__ = [
 
 AUTO_MAX = 256
 """The largest automatic batch (ProcessPoolExecutor users know 256 as a good chunk)."""
+BATCH_WINDOW = 4 * AUTO_MAX
+"""The least default ``window`` of a map whose calls may share tokens: the largest automatic
+batch is a quarter of the window, and several batches stay in flight."""
 TARGET_S = 0.002
 """How long an automatic batch aims to run: long beside a token's overhead, short beside the
 latency anyone waits for."""

@@ -40,6 +40,7 @@ from typing import (
 
 from . import _runtime
 from ._batches import (
+    BATCH_WINDOW,
     PROBE_S,
     BatchSizer,
     Failed,
@@ -213,6 +214,10 @@ class TaskFunction(Generic[P, R]):
         ends on its own, its exception raised at its position. ``None`` (the default) sizes
         batches from the measured cost of a call, so cheap calls share tokens and expensive
         ones run one per token; ``1`` never batches.
+
+        ``window`` defaults to the coordinator's ``mailbox_max`` calls; when calls may share
+        tokens, to at least :data:`~tokengate._batches.BATCH_WINDOW` (four of the largest
+        automatic batches), so that batches of cheap calls reach their full size.
         """
         timeout = check_timeout(timeout)
         if not isinstance(progress, bool):
@@ -227,6 +232,7 @@ class TaskFunction(Generic[P, R]):
             coordinator = _runtime.default_for_call()
         if coordinator is None and _runtime.inline_runner is None:
             raise _not_running(self.spec)
+        given = window is not None
         if window is None:  # (1 inside a process-lane worker, where each call runs inline)
             window = 1 if coordinator is None else coordinator.config.mailbox_max
         end = None if timeout is None else time.monotonic() + timeout
@@ -239,6 +245,8 @@ class TaskFunction(Generic[P, R]):
             if why is None and isinstance(self, _WithOptions):
                 why = "options() apply per call"
             if why is None:
+                if not given:  # room for several full batches in flight
+                    window = max(window, BATCH_WINDOW)
                 return self._map_batched(coordinator, items, window, end, chunk)
             if chunk is not None:
                 raise ConfigError(
