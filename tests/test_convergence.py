@@ -81,7 +81,8 @@ POLICY = ConvergencePolicy(cores=2)
         (_pool(), IDLE, False, 0.0, "hold", 4),  # one backlogged sample is not a surge yet
         (_pool(cpu=0.095), GIL_BOUND, True, 0.0, "cpu-bound", 4),
         (_pool(), CPUS_BUSY, True, 0.0, "cpu-bound", 4),
-        (_pool(), STARVED, True, 0.0, "cpu-bound", 4),  # waiting for a CPU is not I/O
+        # waiting for a CPU (other processes load the machine) is not CPU demand of ours
+        (_pool(), STARVED, True, 0.0, "grow", 12),
         (_pool(workers=20, cpu=0.095), GIL_BOUND, True, 0.0, "contention", 12),  # 60% target
         (_pool(workers=20, cpu=0.001), GIL_BOUND, True, 0.0, "cpu-bound", 20),  # not its fault
         (_pool(workers=20, backlog=0, busy=3), IDLE, False, 1.0, "retire", 4),
@@ -108,8 +109,9 @@ def test_policy_verdicts(
         (0.1, 0.17, True, "probe", 8),  # kernel-bound (fsync): double and measure
         (0.1, 0.17, False, "cpu-bound", 4),  # not measurable, or held after a failed trial
         (0.4, 0.17, True, "cpu-bound", 4),  # the interpreter is not idle enough to gamble
-        # a starved Python-bound pool: little kernel time, the rest is waiting for a CPU
-        (0.25, 0.03, True, "cpu-bound", 4),
+        # little CPU of our own, the rest waiting for a CPU: the load is the machine's, so grow
+        # (the trial that follows retires the threads if throughput does not rise)
+        (0.25, 0.03, True, "grow", 9),
     ],
 )
 def test_probing_needs_kernel_bound_cores_an_idle_interpreter_and_a_way_to_measure(
@@ -129,6 +131,43 @@ def test_policy_growth_is_capped_by_interpreter_headroom() -> None:
     )
     assert (verdict.action, verdict.target) == ("grow", 12)
     assert "interpreter 20% busy" in verdict.reason
+
+
+# Per thread over a 0.1 s interval, four threads busy: a 20 ms sleep, or a 50 KB write and its
+# fsync, uses about 0.1 ms of CPU a task; on a machine loaded by other processes each thread
+# then waits a few ms for a CPU after every wake-up (schedstat's run-queue time).
+SLEEPING_ON_A_LOADED_MACHINE = ProcessSample(dt=0.1, user=0.003, total=0.004, stall=0.09)
+FSYNC_ON_A_LOADED_MACHINE = ProcessSample(dt=0.1, user=0.016, total=0.02, stall=0.33)
+JSON_ON_A_LOADED_MACHINE = ProcessSample(dt=0.1, user=0.06, total=0.062, stall=0.2)
+
+
+@pytest.mark.parametrize(
+    ("pool", "proc", "action", "target"),
+    [
+        (_pool(cpu=0.002, stall=0.09), SLEEPING_ON_A_LOADED_MACHINE, "grow", 50),
+        (_pool(cpu=0.008, stall=0.33), FSYNC_ON_A_LOADED_MACHINE, "grow", 15),
+        # json.dump keeps the interpreter busy whatever the load: no threads
+        (_pool(cpu=0.06, stall=0.2), JSON_ON_A_LOADED_MACHINE, "cpu-bound", 4),
+        (_pool(cpu=0.095), GIL_BOUND, "cpu-bound", 4),
+    ],
+)
+def test_waiting_for_a_cpu_is_the_machines_load_not_the_tasks_demand(
+    pool: PoolSample, proc: ProcessSample, action: str, target: int
+) -> None:
+    verdict = POLICY.decide(pool, proc, sustained=True, calm_for=0.0)
+    assert (verdict.action, verdict.target) == (action, target), verdict.reason
+
+
+def test_waiting_tasks_grow_at_least_by_doubling() -> None:
+    # some Python in each task (interpreter 35% busy): headroom alone would say 6 threads
+    proc = ProcessSample(dt=0.1, user=0.035, total=0.04)
+    verdict = POLICY.decide(_pool(cpu=0.03), proc, sustained=True, calm_for=0.0)
+    assert (verdict.action, verdict.target) == ("grow", 8), verdict.reason
+    # never past the queued work or the maximum
+    verdict = POLICY.decide(_pool(cpu=0.03, backlog=2), proc, sustained=True, calm_for=0.0)
+    assert (verdict.action, verdict.target) == ("grow", 6), verdict.reason
+    verdict = POLICY.decide(_pool(cpu=0.03, maximum=5), proc, sustained=True, calm_for=0.0)
+    assert (verdict.action, verdict.target) == ("grow", 5), verdict.reason
 
 
 def test_free_threaded_capacity_scales_with_cores() -> None:
@@ -264,10 +303,13 @@ def test_one_io_looking_sample_does_not_overturn_a_cpu_bound_verdict(
 
 
 class FakeWorker:
+    ids = iter(range(1000, 10**6))
+
     def __init__(self) -> None:
         self.mailbox: list[int] = []
         self.current: Any = None
         self.completed = 0
+        self.thread = type("Thread", (), {"native_id": next(self.ids)})()
 
 
 class FakeLane:
@@ -355,6 +397,38 @@ def test_busy_cores_with_an_idle_interpreter_are_probed_and_kept_while_it_pays()
         "workers_retired": 8,
         "convergence_cpu_bound": 1,
     }
+
+
+def test_a_surge_of_sleeping_tasks_on_a_loaded_machine_grows_to_the_limit_at_once() -> None:
+    """400 tasks of a 20 ms sleep, tier limit 50, on a machine whose other processes keep its
+    CPUs busy: each woken thread waits ~5 ms for a CPU. That wait is not the tasks' demand."""
+    lane, cpu, events = FakeLane(4, maximum=50), Counters(), {}
+    thread_cpu: dict[Any, float] = {}
+    run_queue: dict[int, float] = {}
+    engine = ConvergenceEngine(
+        lambda: {"io": lane},
+        count_event=lambda name, n: events.__setitem__(name, events.get(name, 0) + n),
+        process_cpu=cpu,
+        thread_cpu=lambda worker: thread_cpu.get(worker, 0.0),
+        run_queue_waits=lambda tids: {tid: run_queue.get(tid, 0.0) for tid in tids},
+        policy=ConvergencePolicy(cores=2),
+    )
+
+    def interval(now: float) -> list[Any]:
+        lane.run(4, backlog=48)
+        for worker in lane.pools["FAST"]:
+            thread_cpu[worker] = thread_cpu.get(worker, 0.0) + 0.0005  # 0.5% on a CPU
+            tid = worker.thread.native_id
+            run_queue[tid] = run_queue.get(tid, 0.0) + 0.02  # 20% waiting for one
+        cpu.add(0.1, interpreter=0.01, cores_busy=0.01)
+        return engine.sample(now=now)
+
+    assert interval(0.0) == []  # first sample: nothing to compare with yet
+    (swap,) = interval(0.1)
+    assert (swap.action, swap.before, swap.after) == ("grow", 4, 50), swap.reason
+    assert "waiting for a CPU 20%" in swap.reason
+    assert len(lane.pools["FAST"]) == 50
+    assert "convergence_cpu_bound" not in events
 
 
 def test_python_bound_work_is_never_probed() -> None:

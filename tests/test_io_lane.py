@@ -207,6 +207,34 @@ def test_retiring_a_busy_worker_hands_back_its_queue_then_it_exits(
     assert not lane.retire_worker(first)  # never the last worker of a pool
 
 
+def test_workers_added_together_start_each_other(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A growth to the tier's limit must not pay one thread start-up after another on the
+    engine's thread: the new threads start the pending ones too."""
+    coordinator = make_coordinator(workers_per_core=1, convergence=False)
+    lane = coordinator.lanes["io"]
+    starters: list[str] = []
+    start_pending = ThreadLane.start_pending
+
+    def recording(self: ThreadLane, pending: Any) -> None:
+        starters.append(threading.current_thread().name)
+        start_pending(self, pending)
+
+    monkeypatch.setattr(ThreadLane, "start_pending", recording)
+    tokens = [fast_write(str(i)) for i in range(50)]
+    eventually(lambda: RUNNING["now"] == 4, what="the 4 baseline FAST workers to be busy")
+    added = lane.add_workers("FAST", 46)
+    coordinator.backend.router.invalidate()
+    assert len(added) == 46 and len(lane.pools["FAST"]) == 50
+    eventually(lambda: RUNNING["now"] == 50, what="50 FAST writes running at once")
+    assert starters[0] == threading.current_thread().name
+    assert any(name.startswith("tokengate-io_fast_") for name in starters), starters
+    GATE.set()
+    assert sorted(int(t.get(timeout=10)) for t in tokens) == list(range(50))
+    assert_counts_add_up(coordinator)
+
+
 def test_a_push_racing_with_retirement_is_handed_back(make_coordinator: Make) -> None:
     coordinator = make_coordinator(workers_per_core=1, cores=1, io_workers=1, convergence=False)
     lane = coordinator.lanes["io"]
@@ -241,7 +269,10 @@ def test_tokens_survive_workers_added_and_retired_under_load(
         while not stop.is_set():
             lane, key = rng.choice(lanes)
             members = lane.pools[key]
-            if rng.random() < 0.5 or len(members) < 2:
+            roll = rng.random()
+            if roll < 0.2:  # as many added as retired, on average
+                lane.add_workers(key, rng.randint(1, 3))
+            elif roll < 0.4 or len(members) < 2:
                 lane.add_worker(key)
             else:
                 lane.retire_worker(rng.choice(members))

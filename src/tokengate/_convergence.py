@@ -10,7 +10,7 @@ The Quick-Proof's convergence detector "detects a surge and hot-swaps worker cou
                         CPU seconds its threads used (their thread CPU clocks)
           + ProcessSample: the process's user and total CPU seconds over the same interval
       └─> ConvergencePolicy.decide (pure arithmetic on the samples) -> Verdict
-      └─> grow: lane.add_worker / retire: lane.retire_worker; cached routes invalidated;
+      └─> grow: lane.add_workers / retire: lane.retire_worker; cached routes invalidated;
           every swap logged on ``tokengate.convergence`` and counted in the stats' events
 
 Why these signals. A pool whose backlog lasts a whole interval had every worker busy for that
@@ -26,7 +26,8 @@ interpreter is half busy or the cores are three-quarters busy, more threads cann
 work faster and only add GIL hand-offs and context switches: the engine holds, says so once per
 surge, and counts it (``convergence_cpu_bound``). Otherwise the pool grows toward the thread
 count that would keep both below their targets, bounded by the backlog and the pool's maximum
-(``max_workers_per_core``; a storage tier's limit). A grown pool whose own threads then
+(``max_workers_per_core``; a storage tier's limit), and at least doubles: a surge of waiting
+tasks reaches a tier's limit in a step or two. A grown pool whose own threads then
 saturate the interpreter sheds the extra ones (contention); a pool with no backlog for
 ``cooldown`` seconds retires its idle extra workers down to the baseline.
 
@@ -46,11 +47,19 @@ interval before; with long tasks (a few per interval) the CPU verdict stands alo
 Four rules keep it honest: a backlog must be seen at two consecutive samples before the engine
 acts (a CPU-bound surge that began just before a sample would otherwise look idle); a surge
 once judged CPU-bound grows only after two consecutive samples say otherwise; CPU is
-counted only for workers present at both ends of the interval; and time a thread spent runnable
-but *waiting for a CPU* (the machine is busy with other processes) counts as CPU demand, not as
-an I/O wait. That run-queue wait comes from ``/proc/self/task/<tid>/schedstat`` on Linux, read
-only for the threads of backed-up pools; where it is missing the engine decides on CPU time
-alone.
+counted only for workers present at both ends of the interval; and only CPU time this process
+used counts as demand. Time a thread spent runnable but *waiting for a CPU* measures the
+machine's load, not the task: on a machine other processes keep busy, a task that sleeps 20 ms
+or blocks in ``fsync`` waits a few milliseconds for a CPU after every wake-up, and counting that
+as demand made such tasks look CPU-bound and kept the baseline exactly when more threads
+helped most. Pure-Python work still reads as CPU-bound whatever the load (its user CPU keeps
+the interpreter busy); where the load starves it of a CPU, the throughput trial undoes a growth
+that did not pay. The run-queue wait (``/proc/self/task/<tid>/schedstat`` on Linux, read only
+for the threads of backed-up pools) is reported in the log lines, beside the threads' CPU share.
+
+The threads a growth adds join the pool at once and start each other
+(``ThreadLane.add_workers``): a thread start waits until the new thread is scheduled, and 46 of
+them in a row on a loaded machine took as long as the surge they were for.
 """
 
 from __future__ import annotations
@@ -260,13 +269,13 @@ class ConvergencePolicy:
             return Verdict("hold", n, "no backlog")
         if not sustained or proc.dt <= 0:
             return Verdict("hold", n, "backlog building")
-        # Waiting for a CPU is not waiting on I/O: run-queue time counts as CPU demand.
+        # Only CPU time this process used counts as demand. Time a thread spent runnable but
+        # waiting for a CPU measures the machine's load, not the task: a task that sleeps or
+        # blocks in fsync waits a little for a CPU after every wake-up on a loaded machine,
+        # and counting that as demand made waiting tasks look CPU-bound (it is reported only).
         gil = proc.user / proc.dt / self.gil_capacity
-        cpu = (proc.total + proc.stall) / proc.dt / max(1, self.cores)
-        share = None
-        if pool.cpu is not None and pool.tracked > 0:
-            share = (pool.cpu + pool.stall) / (pool.tracked * proc.dt)
-        figures = _figures(pool, share, gil, cpu, self.cores)
+        cpu = proc.total / proc.dt / max(1, self.cores)
+        figures = _figures(pool, proc.dt, gil, cpu, self.cores)
         if n > pool.baseline and gil >= self.gil_shrink_above:
             pool_rate = None if pool.cpu is None else pool.cpu / proc.dt
             if pool_rate is not None and pool_rate >= 0.5 * proc.user / proc.dt:
@@ -297,18 +306,25 @@ class ConvergencePolicy:
                     f"interpreter is not, so more threads may help ({figures})",
                 )
             return Verdict("cpu-bound", n, f"the CPUs are saturated ({figures})")
+        # The tasks wait (on I/O, a sleep, a lock): at least double, or straight to the count
+        # the interpreter and the cores have headroom for, bounded by the backlog and the
+        # maximum, so a surge reaches the tier's limit in a step or two; the trial that
+        # follows retires the threads again if throughput did not rise.
         scale = min(self.gil_target / max(gil, 0.01), self.cpu_target / max(cpu, 0.01))
-        target = min(pool.maximum, n + pool.backlog, max(n + 1, math.floor(n * scale)))
+        target = min(pool.maximum, n + pool.backlog, max(2 * n, math.floor(n * scale)))
         if target > n:
             return Verdict("grow", target, f"tasks wait on I/O ({figures})")
         return Verdict("hold", n, f"at its maximum of {pool.maximum}")
 
 
-def _figures(pool: PoolSample, share: float | None, gil: float, cpu: float, cores: int) -> str:
-    on_cpu = "unknown" if share is None else f"{share:.0%}"
+def _figures(pool: PoolSample, dt: float, gil: float, cpu: float, cores: int) -> str:
+    on_cpu = "unknown"
+    if pool.cpu is not None and pool.tracked > 0:
+        wall = pool.tracked * dt
+        on_cpu = f"{pool.cpu / wall:.0%} (waiting for a CPU {pool.stall / wall:.0%})"
     return (
-        f"backlog {pool.backlog}, oldest wait {pool.oldest_wait:.3f}s, tasks on or waiting for a "
-        f"CPU {on_cpu} of their time, interpreter {gil:.0%} busy, CPU demand {cpu:.0%} of "
+        f"backlog {pool.backlog}, oldest wait {pool.oldest_wait:.3f}s, tasks on a CPU {on_cpu} "
+        f"of their time, interpreter {gil:.0%} busy, CPU demand {cpu:.0%} of "
         f"{cores} core{'s' if cores != 1 else ''}"
     )
 
@@ -672,8 +688,13 @@ class ConvergenceEngine:
             return None
         before = sample.workers
         if action in ("grow", "probe"):
-            for _ in range(verdict.target - before):
-                worker = lane.add_worker(key)
+            count = verdict.target - before
+            add_many = getattr(lane, "add_workers", None)
+            if add_many is not None:  # started together: k threads in about log2(k) start-ups
+                added = list(add_many(key, count))
+            else:
+                added = [lane.add_worker(key) for _ in range(count)]
+            for worker in added:
                 # counted from zero, so the trial sees what the new threads finish
                 state.done_seen[worker] = getattr(worker, "completed", 0)
             after = len(lane.pools.get(key, ()))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -91,6 +92,9 @@ class ThreadWorker(MailboxWorker):
         self.pool: Hashable = core if pool is None else pool
         self.retiring = False
         self.cpu_clock: int | None = None
+        # Workers added together whose threads are not started yet: this one starts some of
+        # them before serving tokens (``ThreadLane.add_workers``).
+        self.pending: deque[ThreadWorker] | None = None
 
     def push(self, token: Any) -> None:
         self.mailbox.append(token)
@@ -109,6 +113,9 @@ class ThreadWorker(MailboxWorker):
 
     def _loop(self) -> None:
         lane = self.lane
+        pending, self.pending = self.pending, None
+        if pending:
+            lane.start_pending(pending)
         lane.on_worker_start(self)
         mailbox = self.mailbox
         pop = mailbox.popleft
@@ -284,6 +291,40 @@ class ThreadLane:
             if self._running:
                 worker.thread.start()
         return worker
+
+    def add_workers(self, pool: Any, count: int) -> list[ThreadWorker]:
+        """Start ``count`` more workers in ``pool`` at once; the caller invalidates routes.
+
+        ``Thread.start`` waits until the new thread has been scheduled: a millisecond or more
+        each on a loaded machine, with the GIL to win too, so starting 46 threads one after
+        another took a surge's whole duration. Here every new worker joins the pool at once and
+        the starts fan out: the caller starts one, and each new thread starts pending ones before
+        it serves tokens, so k threads take about log2(k) start-ups. A token routed to a worker
+        whose thread is not running yet waits in its mailbox, as it would behind a busy one.
+        """
+        added: list[ThreadWorker] = []
+        with self._lock:
+            for _ in range(count):
+                worker = self._make_worker(pool)
+                pools = dict(self.pools)
+                pools[pool] = [*pools.get(pool, ()), worker]
+                self._publish(pools)
+                added.append(worker)
+            running = self._running
+        if running and added:
+            self.start_pending(deque(added))
+        return added
+
+    def start_pending(self, pending: deque[ThreadWorker]) -> None:
+        """Start the threads of ``pending`` workers, sharing the work with each one started
+        (it calls this from its own thread first, see ``ThreadWorker._loop``)."""
+        while True:
+            try:
+                worker = pending.popleft()
+            except IndexError:
+                return
+            worker.pending = pending
+            worker.thread.start()
 
     def retire_worker(self, worker: ThreadWorker) -> bool:
         """Take ``worker`` out of its pool: it finishes its current token, hands back the rest
