@@ -88,6 +88,8 @@ POLICY = ConvergencePolicy(cores=2)
         (_pool(workers=20, backlog=0, busy=3), IDLE, False, 1.0, "retire", 4),
         (_pool(workers=20, backlog=0, busy=7), IDLE, False, 1.0, "retire", 7),
         (_pool(workers=20, backlog=0, busy=0), IDLE, False, 0.5, "hold", 20),  # cooling down
+        # at the tier's limit a steady flow leaves no backlog: still in use, not calm
+        (_pool(workers=50, backlog=0, busy=45), IDLE, False, 5.0, "hold", 50),
         (_pool(backlog=0, busy=0), IDLE, False, 9.0, "hold", 4),  # at baseline already
     ],
 )

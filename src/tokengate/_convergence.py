@@ -29,7 +29,8 @@ count that would keep both below their targets, bounded by the backlog and the p
 (``max_workers_per_core``; a storage tier's limit), and at least doubles: a surge of waiting
 tasks reaches a tier's limit in a step or two. A grown pool whose own threads then
 saturate the interpreter sheds the extra ones (contention); a pool with no backlog for
-``cooldown`` seconds retires its idle extra workers down to the baseline.
+``cooldown`` seconds and most of its threads idle retires its idle extra workers down to the
+baseline (at a tier's limit a steady flow leaves no backlog, yet every thread is in use).
 
 Every growth is then checked against what it was for: throughput. The next interval's
 completions per second must beat the interval before by ``min_gain`` (15%), or the added
@@ -262,7 +263,11 @@ class ConvergencePolicy:
         a try."""
         n = pool.workers
         if pool.backlog <= 0:
-            if n > pool.baseline and calm_for >= self.cooldown:
+            # A pool grown to its tier's limit has no backlog while the flow lasts (every
+            # permitted token has a thread), so "no backlog" alone is not calm: it retires
+            # only once most of its threads are idle, or it would shed threads mid-surge and
+            # grow them back an interval later.
+            if n > pool.baseline and calm_for >= self.cooldown and pool.busy <= n // 2:
                 target = max(pool.baseline, pool.busy)
                 if target < n:
                     return Verdict("retire", target, f"no backlog for {calm_for:.1f}s")
