@@ -235,6 +235,37 @@ def test_workers_added_together_start_each_other(
     assert_counts_add_up(coordinator)
 
 
+def test_a_worker_whose_thread_cannot_start_is_not_added(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1, convergence=False)
+    lane = coordinator.lanes["io"]
+    make_worker = type(lane)._make_worker
+    made: list[Any] = []
+
+    def fails_second(self: Any, pool: Any) -> Any:
+        worker = make_worker(self, pool)
+        made.append(worker)
+        if len(made) == 2:
+
+            def start() -> None:
+                raise RuntimeError("can't start new thread")
+
+            worker.thread.start = start
+        return worker
+
+    monkeypatch.setattr(type(lane), "_make_worker", fails_second)
+    added = lane.add_workers("FAST", 4)
+    coordinator.backend.router.invalidate()
+    assert made[1] in added
+    # whichever thread popped it from the pending starts retires it (maybe a new worker's)
+    eventually(lambda: made[1] not in lane.pools["FAST"], what="the unstarted worker retired")
+    assert len(lane.pools["FAST"]) == 4 + 3
+    tokens = [quick_fast(i) for i in range(100)]
+    assert [t.get(timeout=10) for t in tokens] == [i + 1 for i in range(100)]
+    assert_counts_add_up(coordinator)
+
+
 def test_a_push_racing_with_retirement_is_handed_back(make_coordinator: Make) -> None:
     coordinator = make_coordinator(workers_per_core=1, cores=1, io_workers=1, convergence=False)
     lane = coordinator.lanes["io"]

@@ -324,7 +324,16 @@ class ThreadLane:
             except IndexError:
                 return
             worker.pending = pending
-            worker.thread.start()
+            try:
+                worker.thread.start()
+            except RuntimeError as exc:  # out of threads: the pool stays as large as it got
+                logger.warning("[%s] could not start its thread (%s); not added", worker.name, exc)
+                self.retire_worker(worker)  # its queued tokens go to the siblings
+                with self._lock:
+                    self._retiring.discard(worker)
+                worker.closed = True  # a push that raced with this is handed back too
+                worker.sleeping = True
+                self.hand_back(worker)
 
     def retire_worker(self, worker: ThreadWorker) -> bool:
         """Take ``worker`` out of its pool: it finishes its current token, hands back the rest
