@@ -304,6 +304,49 @@ def test_snapshots_are_taken_only_while_a_page_streams(
     assert dash.get_json("/api/health")["samples"] == after
 
 
+class _Stream:
+    """One page's live stream, read event by event."""
+
+    def __init__(self, dash: Dash) -> None:
+        self.conn = http.client.HTTPConnection(dash.host, dash.port, timeout=10)
+        self.conn.request("GET", "/api/events", headers={"X-TokenGate-Token": dash.token})
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200
+
+    def next(self) -> dict[str, Any]:
+        while True:
+            line = self.response.fp.readline()
+            assert line, "the stream ended early"
+            if line.startswith(b"data: "):
+                data: dict[str, Any] = json.loads(line[6:])
+                return data
+
+
+def test_open_pages_share_one_snapshot_per_refresh(
+    served: tuple[OperationsCoordinator, Dash],
+) -> None:
+    _, dash = served
+    pages = [_Stream(dash) for _ in range(3)]
+    try:
+        for page in pages:
+            assert page.next().get("hello")
+        eventually(lambda: dash.get_json("/api/health")["clients"] == 3, what="three pages")
+        first = pages[0]
+        first.next()
+        shown = first.next()["time"]  # built after all three pages were streaming
+        for page in pages[1:]:
+            times = [page.next()["time"] for _ in range(2)]
+            while times[-1] < shown and len(times) < 20:
+                times.append(page.next()["time"])
+            assert shown in times, "each page got a snapshot of its own, not the shared one"
+    finally:
+        for page in pages:
+            page.conn.close()
+    eventually(lambda: dash.get_json("/api/health")["clients"] == 0, what="the streams to end")
+    after = dash.get_json("/api/health")["samples"]
+    assert dash.get_json("/api/health")["samples"] == after  # nobody streams: nothing built
+
+
 def test_the_dashboard_stops_with_the_coordinator() -> None:
     coordinator = OperationsCoordinator(workers_per_core=1, process_lane=False).start()
     dash = Dash(coordinator.serve_dashboard())

@@ -14,7 +14,9 @@ Security, checked on every request before any route runs (:class:`_Guard`):
   is a name looked up in a fixed table, with JSON arguments.
 
 Live views: ``/api/events`` streams a snapshot (``_views.snapshot``) every ``refresh`` seconds as
-server-sent events while a page is open; nothing is sampled while none is.
+server-sent events while a page is open; nothing is sampled while none is. One snapshot per
+refresh is built and serialized for every open page (:class:`_Feed`): a snapshot holds the GIL
+while it reads the coordinator, so each extra page would otherwise delay running tasks again.
 """
 
 from __future__ import annotations
@@ -201,6 +203,56 @@ def _host_name(host: str) -> str:
     return host.rpartition(":")[0] if ":" in host else host
 
 
+class _Feed:
+    """The live stream's snapshots: one built every ``refresh`` seconds while at least one page
+    streams, and the same text sent to every page. Runs on the server's event loop only."""
+
+    def __init__(self, build: Callable[[], str], refresh: float, closing: threading.Event) -> None:
+        self._build = build
+        self._refresh = refresh
+        self._closing = closing
+        self.clients = 0
+        self._data = ""
+        self._version = 0
+        self._changed: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def stream(self) -> Any:
+        """The text of each snapshot built while this page is open (the latest one first, if
+        one was built less than a refresh ago), until the server closes."""
+        self.clients += 1
+        try:
+            seen = 0  # a running producer's latest snapshot is less than a refresh old
+            if self._task is None:  # no await since the producer's last check: no race
+                seen = self._version  # the last one may be old: wait for a fresh one
+                self._changed = asyncio.Event()
+                self._task = asyncio.create_task(self._produce())
+            while True:
+                changed = self._changed
+                assert changed is not None
+                if self._version == seen:
+                    await changed.wait()
+                if self._closing.is_set():
+                    return
+                seen = self._version
+                yield self._data
+        finally:
+            self.clients -= 1
+
+    async def _produce(self) -> None:
+        while self.clients > 0 and not self._closing.is_set():
+            self._data = self._build()
+            self._version += 1
+            changed, self._changed = self._changed, asyncio.Event()
+            assert changed is not None
+            changed.set()  # wakes every page waiting for this one
+            await asyncio.sleep(self._refresh)
+        self._task = None
+        changed = self._changed
+        assert changed is not None
+        changed.set()  # on close: the pages see _closing and end
+
+
 class DashboardServer:
     """One dashboard of one coordinator: the app, its uvicorn server and the thread running it.
 
@@ -227,9 +279,9 @@ class DashboardServer:
         self.registry = RecentTokens()
         self._registry_installed = False
         self._install_lock = threading.Lock()
-        self.clients = 0
         self.samples = 0
         self._closing = threading.Event()
+        self._feed = _Feed(self._stream_snapshot, refresh, self._closing)
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -280,6 +332,15 @@ class DashboardServer:
             if not self._registry_installed:
                 self._registry_installed = True
                 self.coordinator.add_middleware(self.registry)
+
+    @property
+    def clients(self) -> int:
+        """Pages streaming now."""
+        return self._feed.clients
+
+    def _stream_snapshot(self) -> str:
+        self.samples += 1
+        return json.dumps(snapshot(self.coordinator, self.registry))
 
     def close(self) -> None:
         """Stop serving: open pages see the stream end; waits up to 5 s for the thread."""
@@ -338,16 +399,9 @@ class DashboardServer:
             self.touched()
 
             async def stream() -> Any:
-                self.clients += 1
-                try:
-                    yield f"retry: 1000\ndata: {json.dumps({'hello': True})}\n\n"
-                    while not self._closing.is_set():
-                        self.samples += 1
-                        data = json.dumps(snapshot(coordinator, self.registry))
-                        yield f"data: {data}\n\n"
-                        await asyncio.sleep(self.refresh)
-                finally:
-                    self.clients -= 1
+                yield f"retry: 1000\ndata: {json.dumps({'hello': True})}\n\n"
+                async for data in self._feed.stream():
+                    yield f"data: {data}\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
