@@ -3,8 +3,9 @@
 Every row is tokengate; the reference row (shown as the "peer") has no dashboard, so "vs best
 peer" reads as the overhead (1.03x = 3 % slower). ``served`` serves the dashboard with nobody
 looking; ``page-open`` also has a page open: a separate process reading the live stream (a
-snapshot every 0.5 s, as the browser page does), so the page's own drawing is not charged to the
-coordinator's process. ``snapshots`` counts the snapshots the server took during the run.
+snapshot every 0.9 s, the server's ``REFRESH``, as the browser page gets it), so the page's own
+drawing is not charged to the coordinator's process. ``snapshots`` counts the snapshots the
+server took during the run.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ _CASES: tuple[tuple[str, str, SystemKind, str], ...] = (
         "page-open",
         "dashboard, page open",
         "tokengate",
-        "serve_dashboard() and one page streaming snapshots (0.5 s) from another process",
+        "serve_dashboard() and one page streaming snapshots (every 0.9 s) from another process",
     ),
 )
 

@@ -41,12 +41,16 @@ from ._views import snapshot, stats_json, token_view
 if TYPE_CHECKING:
     from .._coordinator import OperationsCoordinator
 
-__all__ = ["MAX_BODY", "DashboardServer", "check_addr", "require"]
+__all__ = ["MAX_BODY", "REFRESH", "DashboardServer", "check_addr", "require"]
 
 log = logging.getLogger("tokengate.dashboard")
 
 MAX_BODY = 64 * 1024
 """The largest POST body accepted, in bytes (controls are a few hundred)."""
+REFRESH = 0.9
+"""Seconds between two snapshots of the live stream: what a page shows is at most a second old,
+counting the snapshot's build and delivery; each snapshot costs the coordinator a few ms of the
+GIL, so no more often than that."""
 
 _STATIC = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -266,7 +270,7 @@ class DashboardServer:
         port: int,
         addr: str,
         *,
-        refresh: float = 0.5,
+        refresh: float = REFRESH,
         controls: dict[str, Callable[[Any, dict[str, Any]], str]] | None = None,
     ) -> None:
         _, uvicorn = require()
