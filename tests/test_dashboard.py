@@ -347,6 +347,32 @@ def test_open_pages_share_one_snapshot_per_refresh(
     assert dash.get_json("/api/health")["samples"] == after  # nobody streams: nothing built
 
 
+def test_a_snapshot_that_fails_ends_the_streams_and_the_next_page_is_served(
+    served: tuple[OperationsCoordinator, Dash],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tokengate.dashboard import _server
+
+    _, dash = served
+
+    def broken(*args: object) -> dict[str, Any]:
+        raise RuntimeError("a view broke")
+
+    real = _server.snapshot
+    monkeypatch.setattr(_server, "snapshot", broken)
+    page = _Stream(dash)
+    try:
+        assert page.next().get("hello")
+        with pytest.raises(AssertionError, match="ended early"):
+            page.next()  # the stream ends instead of waiting for a snapshot that never comes
+    finally:
+        page.conn.close()
+    assert "could not build a snapshot" in caplog.text
+    monkeypatch.setattr(_server, "snapshot", real)
+    assert "stats" in _read_events(dash, 1)[0]
+
+
 def test_the_dashboard_stops_with_the_coordinator() -> None:
     coordinator = OperationsCoordinator(workers_per_core=1, process_lane=False).start()
     dash = Dash(coordinator.serve_dashboard())

@@ -236,25 +236,29 @@ class _Feed:
                 assert changed is not None
                 if self._version == seen:
                     await changed.wait()
-                if self._closing.is_set():
-                    return
+                if self._closing.is_set() or self._version == seen:
+                    return  # closing, or the producer failed: the page reconnects
                 seen = self._version
                 yield self._data
         finally:
             self.clients -= 1
 
     async def _produce(self) -> None:
-        while self.clients > 0 and not self._closing.is_set():
-            self._data = self._build()
-            self._version += 1
-            changed, self._changed = self._changed, asyncio.Event()
+        try:
+            while self.clients > 0 and not self._closing.is_set():
+                self._data = self._build()
+                self._version += 1
+                changed, self._changed = self._changed, asyncio.Event()
+                assert changed is not None
+                changed.set()  # wakes every page waiting for this one
+                await asyncio.sleep(self._refresh)
+        except Exception:
+            log.exception("the dashboard could not build a snapshot; open pages will reconnect")
+        finally:
+            self._task = None
+            changed = self._changed
             assert changed is not None
-            changed.set()  # wakes every page waiting for this one
-            await asyncio.sleep(self._refresh)
-        self._task = None
-        changed = self._changed
-        assert changed is not None
-        changed.set()  # on close: the pages see _closing and end
+            changed.set()  # the pages waiting see no new snapshot (or _closing) and end
 
 
 class DashboardServer:
