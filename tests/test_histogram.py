@@ -152,6 +152,22 @@ def test_merge_equals_recording_everything_into_one(
     assert filled(a).cumulative_buckets(bounds) == ha.cumulative_buckets(bounds)
 
 
+@settings(max_examples=100, deadline=None)
+@given(parts=st.lists(st.lists(any_duration, max_size=30), max_size=9))
+def test_merged_of_any_number_of_histograms_some_empty_equals_one(
+    parts: list[list[float]],
+) -> None:
+    # merged() adds a few histograms pair by pair and sums many bucket by bucket; both ways,
+    # and skipping the empty ones, give what recording everything into one gives.
+    one = filled([v for part in parts for v in part])
+    merged = LatencyHistogram.merged([filled(part) for part in parts])
+    assert (merged.count, merged.min, merged.max) == (one.count, one.min, one.max)
+    for q in (0, 1, 50, 95, 99, 100):
+        assert merged.percentile(q) == one.percentile(q)
+    bounds = [0.0, 1e-5, 1e-3, 0.1, 1.0, 1e3, math.inf]
+    assert merged.cumulative_buckets(bounds) == one.cumulative_buckets(bounds)
+
+
 def test_merged_of_nothing_is_empty_and_merge_rejects_other_types() -> None:
     assert LatencyHistogram.merged([]).count == 0
     with pytest.raises(TypeError, match="LatencyHistogram"):
