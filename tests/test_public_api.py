@@ -12,6 +12,7 @@ from tokengate import OperationsCoordinator
 COORDINATOR_API = {
     # lifecycle
     "start",
+    "wait_ready",
     "stop",
     "running",
     # work

@@ -115,7 +115,7 @@ class OperationsCoordinator:
 
     The public surface (a test keeps it to exactly these names):
 
-    * lifecycle: :meth:`start`, :meth:`stop`, :attr:`running`;
+    * lifecycle: :meth:`start`, :meth:`wait_ready`, :meth:`stop`, :attr:`running`;
     * work: :meth:`submit`, :meth:`submit_async`, :meth:`executor`, :meth:`share`;
     * policies: :meth:`add_middleware`, :attr:`middleware` (see :class:`Middleware`),
       :meth:`set_storage_limit`, :meth:`count_event` (an event of your own in the stats);
