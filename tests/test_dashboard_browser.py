@@ -21,6 +21,7 @@ import pytest
 import process_tasks as pt
 from conftest import GATE, eventually
 from tokengate import (
+    AnomalyRule,
     OperationBlocked,
     OperationsCoordinator,
     Token,
@@ -42,6 +43,11 @@ pytest.importorskip("uvicorn")
 @task_token_guard(operation_type="web_square")
 def square(x: int) -> int:
     return x * x
+
+
+@task_token_guard(operation_type="web_measure")
+def measure(data: bytes) -> int:
+    return len(data)
 
 
 @task_token_guard(operation_type="web_gated")
@@ -274,4 +280,21 @@ def test_release_and_reject_quarantined_tokens_from_the_page(
     with pytest.raises(TokenDiscarded):
         rejected.get(timeout=10)
     assert rejected.discard_reason == "rejected by operator"
+    page.wait_for_selector("#quarantine :text('nothing held')")
+
+
+def test_an_anomalous_call_is_held_and_released_from_the_page(
+    make_coordinator: Callable[..., OperationsCoordinator], open_page: Callable[..., Any]
+) -> None:
+    c = make_coordinator(workers_per_core=1, process_lane=False)
+    c.hold_when(AnomalyRule(min_runs=3, time_factor=None))
+    for _ in range(3):
+        assert measure(bytes(1000)).get(timeout=10) == 1000
+    page = open_page(c)
+    big = measure(bytes(100_000))
+    row = f"#quarantine tr[data-token='{big.id}']"
+    page.wait_for_selector(row + " :text('argument size 100 KB is 97x the operation')")
+    page.click(row + " button[data-action='release']")
+    page.wait_for_selector("#notice:has-text('released from quarantine')")
+    assert big.get(timeout=10) == 100_000
     page.wait_for_selector("#quarantine :text('nothing held')")

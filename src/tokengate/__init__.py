@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ._token import Token
     from ._topology import Topology, detect_topology
     from .observability import (
+        AnomalyRule,
         FailureRecord,
         GuardHouse,
         GuardHouseReport,
@@ -57,6 +58,7 @@ __all__ = [
     "DEFAULT_RETRY_ON",
     "MAILBOX_MAX",
     "AdmissionStatus",
+    "AnomalyRule",
     "ConfigError",
     "CoordinatorConfig",
     "CoordinatorNotRunning",
@@ -134,6 +136,7 @@ _HOMES: dict[str, str] = {
     "Token": "._token",
     "Topology": "._topology",
     "detect_topology": "._topology",
+    "AnomalyRule": ".observability",
     "FailureRecord": ".observability",
     "GuardHouse": ".observability",
     "GuardHouseReport": ".observability",

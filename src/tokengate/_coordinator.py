@@ -762,8 +762,14 @@ class OperationsCoordinator:
         tokens are counted and wait in :attr:`quarantine` until :meth:`release` or
         :meth:`reject`; ``stop()`` discards those still held. Calls from running tasks are
         never held. An exception from ``rule`` reaches the caller, and nothing is counted.
+
+        A rule that is also :class:`Middleware` (the Guard House's :class:`AnomalyRule`, which
+        learns each operation's history from its runs) is installed as middleware too.
         """
         self._quarantine.hold_when(rule, operation)
+        learner: object = rule  # a callable Middleware subclass, which HoldRule's type hides
+        if isinstance(learner, Middleware) and learner not in self._middleware:
+            self.add_middleware(learner)
 
     @property
     def quarantine(self) -> Mapping[Token[Any], str]:

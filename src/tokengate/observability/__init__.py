@@ -8,10 +8,18 @@ nothing. ``prometheus_client`` is imported only when metrics are asked for.
 from ._metrics import METRICS, TokenGateCollector
 from ._overflow import OverflowGuard, OverflowStatus
 from ._trace import Span
-from .guard_house import FailureRecord, GuardHouse, GuardHouseReport, OperationHealth, SlowRun
+from .guard_house import (
+    AnomalyRule,
+    FailureRecord,
+    GuardHouse,
+    GuardHouseReport,
+    OperationHealth,
+    SlowRun,
+)
 
 __all__ = [
     "METRICS",
+    "AnomalyRule",
     "FailureRecord",
     "GuardHouse",
     "GuardHouseReport",
