@@ -438,3 +438,15 @@ def native_threads() -> dict[str, Any]:
 
         pools = [info["num_threads"] for info in threadpool_info()]
     return {"env": env, "pools": pools}
+
+
+@task_token_guard(operation_type="keep_array", tags=HEAVY)
+def keep_array(array: Any) -> float:
+    """Keep the (mapped) argument in the worker after the task ends."""
+    WORKER_STATE["kept"] = array
+    return float(array.sum())
+
+
+@task_token_guard(operation_type="kept_sum", tags=HEAVY)
+def kept_sum() -> float:
+    return float(WORKER_STATE["kept"].sum())

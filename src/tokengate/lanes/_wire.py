@@ -24,7 +24,8 @@ without big buffers is the same message with a count of 0, and costs what it did
 **Replies.** The first byte of a reply from a worker says what follows: ``R`` ready (its pid),
 ``B`` boot failure (traceback text), ``V`` a value, ``O`` a value with big buffers (a count,
 their places, then the pickle), ``E`` an exception (pickled with its traceback as text), ``S`` a
-serialization failure inside the worker (text).
+serialization failure inside the worker (text). A reply to a call with big buffers may be
+preceded by ``F``: the worker maps the call's segments no more, so they may be reused.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     import socket
 
 __all__ = [
+    "RELEASED",
+    "RELEASED_MARK",
     "ProcessCall",
     "Reader",
     "RemoteTraceback",
@@ -84,6 +87,8 @@ SHARED_VALUE = ord("O")
 ERROR = ord("E")
 SERIAL = ord("S")
 _V, _O, _E, _S = b"V", b"O", b"E", b"S"
+RELEASED = ord("F")
+RELEASED_MARK = b"F"
 
 
 # -- pickling ------------------------------------------------------------------------------------
@@ -196,18 +201,19 @@ class _BigBuffers:
         return False
 
 
-def _part(buffer: memoryview) -> Part:
+def _part(buffer: memoryview, lent: bool) -> Part:
     found = _sharing.find(buffer)
     if found is not None:
         return Part(found[0], found[1], buffer.nbytes, False)
-    segment = _segments.share_buffer(buffer)
+    segment = _segments.lend(buffer) if lent else _segments.share_buffer(buffer)
     return Part(segment, 0, segment.size, True)
 
 
-def dumps_shared(obj: Any) -> tuple[bytes, list[Part]]:
+def dumps_shared(obj: Any, *, lent: bool = False) -> tuple[bytes, list[Part]]:
     """:func:`dumps`, with the big out-of-band buffers in shared memory (in pickle order):
-    copied into new segments, or found in a shared object's. No segment is made for a value
-    without big buffers."""
+    copied into new segments (``lent``: from :func:`._segments.lend`, to be handed back with
+    :func:`._segments.give_back`), or found in a shared object's. No segment is made for a
+    value without big buffers."""
     keep = _BigBuffers(_segments.SHARE_THRESHOLD)
     try:
         data = _plain(obj, keep)
@@ -216,9 +222,25 @@ def dumps_shared(obj: Any) -> tuple[bytes, list[Part]]:
         data = _cloud(obj, keep)
     if not keep.buffers:
         return data, []
-    parts = [_part(b) for b in keep.buffers]
-    keep.buffers.clear()
+    parts: list[Part] = []
+    try:
+        for buffer in keep.buffers:
+            parts.append(_part(buffer, lent))
+    except BaseException:
+        for part in parts:
+            if part.owned:
+                _close_owned(part.segment, lent)
+        raise
+    finally:
+        keep.buffers.clear()
     return data, parts
+
+
+def _close_owned(segment: _segments.Segment, lent: bool, reuse: bool = False) -> None:
+    if lent:
+        _segments.give_back(segment, reuse=reuse)
+    else:
+        segment.close()
 
 
 def pack_places(parts: list[Part]) -> bytes:
@@ -308,7 +330,7 @@ def dumps_arguments_shared(
 ) -> tuple[bytes, list[Part]]:
     """:func:`dumps_arguments`, big buffers in shared memory (:func:`dumps_shared`)."""
     try:
-        return dumps_shared((args, kwargs))
+        return dumps_shared((args, kwargs), lent=True)
     except Exception as exc:
         _unpicklable(task, args, kwargs, exc)
 
@@ -368,7 +390,7 @@ class ProcessCall:
     coordinator's byte budget while it is queued (``_byte_budget.py``). :meth:`close` lets the
     segments go (the last holder of a segment frees it)."""
 
-    __slots__ = ("args", "fn", "held", "parts", "task")
+    __slots__ = ("args", "fn", "held", "parts", "released", "task")
 
     def __init__(
         self,
@@ -382,6 +404,9 @@ class ProcessCall:
         self.args = args
         self.parts = parts or []
         self.held = 0
+        #: The last worker that ran the call said it no longer maps the call's segments (its
+        #: reply began with ``F``): they may be written over for another call.
+        self.released = False
 
     def set_arguments(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Pickle the arguments now (their tokens resolved since the call was made)."""
@@ -411,12 +436,13 @@ class ProcessCall:
         return [_CALL_HEAD.pack(len(self.fn), len(parts)), pack_places(parts), self.fn, self.args]
 
     def close(self) -> None:
-        """Let the shared buffers go: close the segments made for this call (a shared object's
-        stay with their other holders; the last holder of a segment frees it)."""
+        """Let the shared buffers go: hand back the segments made for this call, for reuse if
+        no worker maps them any more (a shared object's stay with their other holders; the last
+        holder of a segment frees it)."""
         parts, self.parts = self.parts, []
         for part in parts:
             if part.owned:
-                part.segment.close()
+                _segments.give_back(part.segment, reuse=self.released)
 
 
 def prepare_call(

@@ -23,12 +23,14 @@ call are replaced by their values, as dependencies are in the coordinator.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import pickle
 import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -164,6 +166,21 @@ def _serial_failure(what: str, exc: BaseException) -> list[bytes]:
 def _handle(
     message: memoryview, cache: dict[bytes, Callable[..., Any]], channel: socket.socket
 ) -> list[bytes]:
+    """Run one call; its reply begins with ``F`` when the call's segments are mapped here no
+    more (nothing the task kept holds a view of them), so the parent may write over them."""
+    mappings: list[weakref.ref[Any]] = []
+    reply = _serve(message, cache, channel, mappings)
+    if mappings and all(mapping() is None for mapping in mappings):
+        return [_wire.RELEASED_MARK, *reply]
+    return reply
+
+
+def _serve(
+    message: memoryview,
+    cache: dict[bytes, Callable[..., Any]],
+    channel: socket.socket,
+    mappings: list[weakref.ref[Any]],
+) -> list[bytes]:
     fn_part, args_part, places = _wire.split_call(message)
     views: list[memoryview] = []
     if places:  # taken first, whatever happens next: the channel stays in step
@@ -171,6 +188,7 @@ def _handle(
             views = _wire.receive_views(channel, places, writable=False)
         except BaseException as exc:
             return _serial_failure("the shared buffers of the arguments", exc)
+        mappings.extend(weakref.ref(v.obj) for v in views if isinstance(v.obj, mmap.mmap))
     try:
         fn = _load_function(fn_part, cache)
     except BaseException as exc:

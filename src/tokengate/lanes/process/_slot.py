@@ -425,6 +425,7 @@ class ProcessWorker(MailboxWorker):
                 waited = True
                 continue
             message = call.message()
+            call.released = False  # until this run's worker says otherwise
             try:
                 if call.parts:  # their descriptors first: the worker takes them with the call
                     _segments.send_fds(child.channel, call.fds())
@@ -461,6 +462,9 @@ class ProcessWorker(MailboxWorker):
         except BaseException as error:
             return None, self._retire(token, child, error, "waiting for its reply")
         if data is not None:
+            if data and data[0] == _wire.RELEASED:
+                call.released = True
+                data = data[1:]
             return self._decode(data, what, child)
         if event == "timeout":
             child.kill()
