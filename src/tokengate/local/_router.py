@@ -108,7 +108,8 @@ class Router:
         return "thread"
 
     def route_for(self, spec: TaskSpec) -> Route:
-        """The cached route of ``spec`` (worked out on first use, or after workers changed)."""
+        """The cached route of ``spec`` (worked out on first use, or after workers changed;
+        ``push`` inlines this and ``pick``)."""
         route = self._routes.get(id(spec))
         if route is None or route[0] is not spec:
             route = self._route_of(spec)
@@ -149,11 +150,24 @@ class Router:
     def push(self, token: Token[Any], internal: bool) -> None:
         """Queue ``token`` on the least-loaded worker its route allows (or its locality key's
         worker), waiting for room if every allowed mailbox is full (an outside producer) or
-        overflowing (a call from a task)."""
-        route = self.route_for(token.spec)
+        overflowing (a call from a task).
+
+        Once per token: ``route_for`` and ``pick`` are inlined (keep them in step)."""
+        spec = token.spec
+        route = self._routes.get(id(spec))
+        if route is None or route[0] is not spec:
+            route = self._route_of(spec)
         candidates = route[2]
         if token._locality is None:
-            best = self.pick(candidates)
+            best = None
+            best_load = self.mailbox_max
+            for worker in candidates:
+                load = len(worker.mailbox) + (worker.current is not None)
+                if load == 0:
+                    best = worker
+                    break
+                if load < best_load:
+                    best, best_load = worker, load
         else:
             candidates = [self._anchor(route[1], token._locality, candidates)]
             best = self.pick(candidates)
