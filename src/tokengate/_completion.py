@@ -189,9 +189,13 @@ class Completion:
         counters.latency.record(now - token.submitted_at)
         if self.watch_runs:
             started = token.started_at
-            if started is not None and counters.record_run(now - started):
-                token._watched = (counters, now - started)  # shown outside the lock
-                return True
+            if started is not None:
+                run = now - started  # OperationCounters.record_run, inline: once per token
+                runs = counters.runs
+                runs.record(run)
+                if run > counters.watch.slow_after or runs.count >= counters.next_check:
+                    token._watched = (counters, run)  # shown outside the lock
+                    return True
         return bool(heard)
 
     def _attempt_ended(self, token: Token[Any], exc: BaseException | None) -> None:

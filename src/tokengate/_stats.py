@@ -85,7 +85,8 @@ class OperationCounters:
         self.checks: list[int] = []  # each run watcher's next check-in (_run_watch.py)
 
     def record_run(self, seconds: float) -> bool:
-        """Add one run time; True if a run watcher must see it (``_run_watch.deliver``)."""
+        """Add one run time; True if a run watcher must see it (``_run_watch.deliver``).
+        ``Completion.record_terminal`` inlines this: keep the two in step."""
         runs = self.runs
         runs.record(seconds)
         return seconds > self.watch.slow_after or runs.count >= self.next_check
