@@ -389,19 +389,19 @@ class ThreadLane:
             return None
         take = (most - 1) // 2
         if take:
-            batch = []
-            for _ in range(take):
+            batch: list[Any] = []
+            append = batch.append
+            pop = source.popleft
+            for _ in range(take):  # half a token per token under B1's load: _anchored inline
                 try:
-                    token = source.popleft()
+                    token = pop()
                 except IndexError:
                     break
-                if _anchored(token):
+                if getattr(token, "_locality", None) is not None:
                     source.appendleft(token)
                     break
-                batch.append(token)
-            front = thief.mailbox.appendleft
-            for token in reversed(batch):
-                front(token)
+                append(token)
+            thief.mailbox.extendleft(reversed(batch))  # in their order, at the front
         return first
 
     def hand_back(self, worker: ThreadWorker) -> None:
