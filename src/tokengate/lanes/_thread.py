@@ -61,11 +61,6 @@ def thread_cpu_clock() -> int | None:
     return clock
 
 
-def _anchored(token: Any) -> bool:
-    """Whether a queued token is anchored to its worker by a locality key (never stolen)."""
-    return getattr(token, "_locality", None) is not None
-
-
 class ThreadWorker(MailboxWorker):
     """One worker thread, its mailbox and its core."""
 
@@ -384,7 +379,7 @@ class ThreadLane:
             first = source.popleft()
         except IndexError:  # its owner (or another thief) took it first
             return None
-        if _anchored(first):  # anchored to its worker by a locality key
+        if getattr(first, "_locality", None) is not None:  # anchored by a locality key
             source.appendleft(first)
             return None
         take = (most - 1) // 2
@@ -392,7 +387,7 @@ class ThreadLane:
             batch: list[Any] = []
             append = batch.append
             pop = source.popleft
-            for _ in range(take):  # half a token per token under B1's load: _anchored inline
+            for _ in range(take):
                 try:
                     token = pop()
                 except IndexError:
