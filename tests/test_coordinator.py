@@ -29,6 +29,7 @@ from tokengate import (
     TaskSpec,
     TaskTimeout,
     Token,
+    TokenDiscarded,
     TokenGateError,
     Topology,
     task_token_guard,
@@ -341,6 +342,43 @@ def test_a_deep_nested_tree_never_deadlocks_at_one_or_two_workers_per_core(
 
 
 # -- cancellation, deadlines, timeouts, stop ------------------------------------------------------
+@task_token_guard(operation_type="holds_the_worker")
+def holds_the_worker(started: threading.Event) -> str:
+    started.set()
+    GATE.wait(30)
+    return "released"
+
+
+LIGHT_RUNS: list[str] = []
+
+
+@task_token_guard(operation_type="light_with_deadline", tags={"deadline": 0.05})
+def light_with_deadline() -> str:
+    LIGHT_RUNS.append("ran")
+    return "ran"
+
+
+def test_a_thread_lane_token_past_its_deadline_in_a_mailbox_is_discarded_not_run(
+    make_coordinator: Make,
+) -> None:
+    """A light token queued on the thread lane is checked against its deadline by the worker
+    that reaches it (the conformance suite's deadline token waits as a dependency instead)."""
+    coordinator = make_coordinator(workers_per_core=1, cores=1, convergence=False)
+    LIGHT_RUNS.clear()
+    started = threading.Event()
+    running = holds_the_worker(started)
+    assert started.wait(10)
+    late = light_with_deadline()  # queued behind `running` on the only thread worker
+    threading.Event().wait(0.1)  # let the deadline pass: time itself is what is tested
+    GATE.set()
+    assert running.get(timeout=10) == "released"
+    with pytest.raises(TokenDiscarded) as info:
+        late.get(timeout=10)
+    assert info.value.reason == "deadline" == late.discard_reason
+    assert LIGHT_RUNS == []
+    assert coordinator.stats().discarded == 1
+
+
 @task_token_guard(
     operation_type="hangs", tags={"weight": "heavy", "timeout": 0.2, "executor": "thread"}
 )

@@ -119,7 +119,14 @@ class Submission:
             # Held calls are prepared when released (release_held), so that they hold no
             # pickled copies, only references, as a stdlib pool's queued calls do.
             payload = backend.prepare(task, args, kwargs)
-        token = self.new_token(task, args, kwargs)
+        # new_token, inline (once per call): keep the two in step.
+        token: Token[Any] = Token(
+            spec, task.__wrapped__, args, kwargs or NO_KWARGS, next_seq(), _perf(), self.completion
+        )
+        try:  # StatsRecorder.record_submitted, inline (see StatsRecorder.per_thread)
+            self.stats.per_thread.shard.ops[spec.operation_type].submitted += 1
+        except (AttributeError, KeyError):
+            self.stats.record_submitted(spec.operation_type, spec.weight)
         priority = task._call_priority
         if priority is not None:  # fn.options(priority=...)
             token._priority = priority
@@ -191,7 +198,8 @@ class Submission:
     def new_token(
         self, task: TaskFunction[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Token[Any]:
-        """A token for one call, counted as submitted (before it can possibly finish)."""
+        """A token for one call, counted as submitted (before it can possibly finish);
+        ``submit`` inlines this."""
         spec = task.spec
         # A call without keyword arguments shares one empty dict: the call's own (always made
         # for ``**kwargs``) is freed at once, so a token costs the garbage collector two
