@@ -35,7 +35,7 @@ docs: $(STAMP)
 # Optional peers: installed where the platform has them; a peer that is missing is reported
 # "not installed" in the tables, never an error.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet loky 'dask[distributed]' || echo "make bench: loky / dask could not be installed; their cases will say 'not installed'"
+	$(PY) -m pip install --quiet loky joblib 'dask[distributed]' || echo "make bench: loky / joblib / dask could not be installed; their cases will say 'not installed'"
 	$(PY) -m pip install --quiet ray >/dev/null 2>&1 || echo "make bench: ray is not available here (optional); its cases will say 'not installed'"
 	$(PY) -m tokengate bench --json benchmarks/latest.json --write-markdown BENCHMARKS.md
 
