@@ -41,13 +41,18 @@ def dask_cluster() -> Iterator[Any]:
         pytest.skip("dask.distributed is not installed: pip install 'tokengate[dask]'")
     # Workers log task failures the tests provoke on purpose; keep them out of the output.
     logging.getLogger("distributed").setLevel(logging.CRITICAL)
-    cluster = distributed.LocalCluster(
-        n_workers=DASK_WORKERS,
-        threads_per_worker=DASK_THREADS,
-        processes=True,
-        dashboard_address=":0",  # any free port: 8787 may be taken, and Dask warns
-        silence_logs=logging.CRITICAL,
-    )
+    # Without the Active Memory Manager: its ReduceReplicas policy drops, every 2 s, the extra
+    # replicas share() broadcasts, so what the tests read of them would depend on timing.
+    import dask
+
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
+        cluster = distributed.LocalCluster(
+            n_workers=DASK_WORKERS,
+            threads_per_worker=DASK_THREADS,
+            processes=True,
+            dashboard_address=":0",  # any free port: 8787 may be taken, and Dask warns
+            silence_logs=logging.CRITICAL,
+        )
     client = distributed.Client(cluster, set_as_default=False)
     cluster.probe_client = client  # for the gates the tests create
     try:
