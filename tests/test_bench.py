@@ -51,8 +51,11 @@ def _never(_: CaseParams) -> Figures:
     raise AssertionError("the fake executor should have run this case")
 
 
-def _scenario(*, higher: bool = True, systems: tuple[System, ...] | None = None) -> Scenario:
+def _scenario(
+    *, higher: bool = True, systems: tuple[System, ...] | None = None, min_runs: int = 1
+) -> Scenario:
     return Scenario(
+        min_runs=min_runs,
         id="BX",
         title="fake",
         description="a fake scenario",
@@ -240,6 +243,26 @@ def test_a_timed_out_case_is_not_repeated() -> None:
     assert [key for key, *_ in execute.calls].count("a") == 1
     assert _case(report, "a")["status"] == "timeout"
     assert [key for key, *_ in execute.calls].count("b") == 3
+
+
+def test_cases_run_in_rounds_so_drift_shifts_every_system_alike() -> None:
+    execute = FakeExecutor(_standard_runs())
+    _bench(_scenario(), execute)
+    # One run of each system per round (the missing peer never runs), not one system's in a row.
+    assert [key for key, *_ in execute.calls] == ["tg", "a", "b", "floor"] * 3
+
+
+def test_a_scenario_runs_each_case_at_least_its_min_runs() -> None:
+    runs = {key: records * 2 for key, records in _standard_runs().items()}
+    execute = FakeExecutor(runs)
+    report = _bench(_scenario(min_runs=5), execute, repeat=3)
+    assert [key for key, *_ in execute.calls].count("tg") == 5
+    assert _case(report, "tg")["runs_total"] == 5
+    execute = FakeExecutor(runs)
+    _bench(_scenario(min_runs=2), execute, repeat=4)  # --repeat above it wins
+    assert [key for key, *_ in execute.calls].count("b") == 4
+    with pytest.raises(ValueError, match="min_runs must be at least 1, got 0"):
+        _scenario(min_runs=0)
 
 
 def test_task_counts_timeouts_and_system_filter_reach_the_executor() -> None:

@@ -138,6 +138,7 @@ SCENARIO = Scenario(
     headline="us_per_task",
     n=100_000,
     quick_n=10_000,
+    min_runs=15,  # a 3 % target against ±10 % run-to-run noise: many short runs, interleaved
     systems=_systems(measure_case),
 )
 

@@ -140,8 +140,15 @@ class Scenario:
     quick_timeout: float | None = None
     notes: tuple[str, ...] = field(default=())
     n_label: str = "N"
+    #: Runs per case at least, whatever ``--repeat`` says: a scenario whose ratio is a small
+    #: overhead needs more runs than the run-to-run noise of a busy machine allows with three.
+    min_runs: int = 1
 
     def __post_init__(self) -> None:
+        if self.min_runs < 1:
+            raise ValueError(
+                f"scenario {self.id}: min_runs must be at least 1, got {self.min_runs}"
+            )
         keys = [f.key for f in self.all_figures()]
         if self.headline not in keys:
             raise ValueError(

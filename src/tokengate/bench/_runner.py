@@ -1,6 +1,6 @@
 """``tokengate bench``: run every (scenario, system) case in a fresh process, a few times.
 
-    for each scenario, for each system, repeat times:
+    for each scenario, repeat times (at least the scenario's min_runs), for each system:
         python -m tokengate.bench._case <scenario> <system> --n N [--quick]
             -> one JSON line (or a timeout: the case's process group is killed)
     -> median and [min–max] of each figure, tokengate's ratio to the best peer
@@ -9,6 +9,10 @@
 Nothing a case does can stop the run: a missing peer is "not installed", a crash is an error
 with its message, a hang is killed at the per-case timeout. A case that timed out or is not
 installed is not repeated (the outcome would only cost the same again).
+
+A scenario's cases run in rounds (each system once, then each again), not one system's runs in
+a row: a machine that slows down or speeds up during the scenario then shifts every system's
+runs alike, and the same-run ratios stay fair.
 """
 
 from __future__ import annotations
@@ -199,14 +203,14 @@ def run_benchmarks(
         chosen = [s for s in backend_systems(scenario, backend) if not systems or s.key in systems]
         if not chosen:
             continue
-        cases = []
-        for system in chosen:
-            n = system.task_count(scenario, quick=quick)
-            limit = timeout
-            if limit is None:
-                limit = system.time_limit(scenario, quick=quick, default=default_timeout)
-            runs = _run_case(scenario, system, n, quick, limit, repeat, execute, progress)
-            cases.append(summarize_case(scenario, system, n, limit, runs))
+        rounds = max(repeat, scenario.min_runs)
+        runs = _run_rounds(
+            scenario, chosen, quick, timeout, default_timeout, rounds, execute, progress
+        )
+        cases = [
+            summarize_case(scenario, system, n, limit, system_runs)
+            for system, (n, limit, system_runs) in zip(chosen, runs, strict=True)
+        ]
         report["scenarios"].append(
             {
                 "id": scenario.id,
@@ -232,45 +236,60 @@ def backend_systems(scenario: Scenario, backend: str) -> list[System]:
     return []
 
 
-def _run_case(
+def _run_rounds(
     scenario: Scenario,
-    system: System,
-    n: int,
+    systems: Sequence[System],
     quick: bool,
-    limit: float,
-    repeat: int,
+    timeout: float | None,
+    default_timeout: float,
+    rounds: int,
     execute: CaseExecutor,
     progress: Callable[[str], None],
+) -> list[tuple[int, float, list[Record]]]:
+    """Each system's (n, time limit, runs): ``rounds`` rounds of one run per system, a system
+    leaving the rounds once its outcome is final (not installed, timed out)."""
+    cases: list[tuple[int, float, list[Record]]] = []
+    for system in systems:
+        n = system.task_count(scenario, quick=quick)
+        limit = timeout
+        if limit is None:
+            limit = system.time_limit(scenario, quick=quick, default=default_timeout)
+        cases.append((n, limit, _not_installed(scenario, system, n, progress)))
+    for i in range(rounds):
+        for system, (n, limit, runs) in zip(systems, cases, strict=True):
+            if runs and runs[-1].get("status") in FINAL:
+                continue
+            record = execute(scenario, system, n, quick, limit)
+            runs.append(record)
+            status = record.get("status")
+            took = record.get("elapsed_s")
+            took_text = f" in {took:.1f} s" if isinstance(took, float) else ""
+            detail = f": {record.get('error')}" if status != "ok" else ""
+            progress(
+                f"[{scenario.id}] {system.label} run {i + 1}/{rounds}: {status}{took_text}{detail}"
+            )
+    return cases
+
+
+def _not_installed(
+    scenario: Scenario, system: System, n: int, progress: Callable[[str], None]
 ) -> list[Record]:
-    """The runs of one case: ``repeat`` of them, fewer if an outcome is final."""
+    """The one record of a system whose modules are missing (no run), or no record."""
     missing = [m for m in system.requires if importlib.util.find_spec(m) is None]
-    if missing:
-        error = f"needs {', '.join(missing)}"
-        progress(f"[{scenario.id}] {system.label}: not installed ({error})")
-        return [
-            {
-                "scenario": scenario.id,
-                "system": system.key,
-                "n": n,
-                "status": "not installed",
-                "figures": {},
-                "error": error,
-            }
-        ]
-    runs: list[Record] = []
-    for i in range(repeat):
-        record = execute(scenario, system, n, quick, limit)
-        runs.append(record)
-        status = record.get("status")
-        took = record.get("elapsed_s")
-        took_text = f" in {took:.1f} s" if isinstance(took, float) else ""
-        detail = f": {record.get('error')}" if status != "ok" else ""
-        progress(
-            f"[{scenario.id}] {system.label} run {i + 1}/{repeat}: {status}{took_text}{detail}"
-        )
-        if status in FINAL:
-            break
-    return runs
+    if not missing:
+        return []
+    error = f"needs {', '.join(missing)}"
+    progress(f"[{scenario.id}] {system.label}: not installed ({error})")
+    return [
+        {
+            "scenario": scenario.id,
+            "system": system.key,
+            "n": n,
+            "status": "not installed",
+            "figures": {},
+            "error": error,
+        }
+    ]
 
 
 def _figure_dict(scenario: Scenario, key: str) -> Record:
