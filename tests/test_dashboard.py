@@ -21,6 +21,7 @@ import pytest
 
 from conftest import eventually
 from tokengate import CoordinatorNotRunning, OperationsCoordinator, task_token_guard
+from tokengate._middleware import overridden
 from tokengate.dashboard._views import health_class
 
 pytest.importorskip("starlette")
@@ -242,6 +243,37 @@ def test_a_token_is_found_by_id_with_its_error_and_traceback(
     for missing in ("nope", "dash_square_1", f"other_{ok.id.rpartition('_')[2]}"):
         status, body, _ = dash.request("GET", f"/api/token/{missing}")
         assert status == 404 and b"no token" in body
+
+
+_flaky_calls: list[int] = []
+
+
+@task_token_guard(operation_type="dash_flaky", tags={"retries": 1})
+def flaky(x: int) -> int:
+    _flaky_calls.append(x)
+    if _flaky_calls.count(x) == 1:
+        raise ConnectionError(f"first try of {x}")
+    return x
+
+
+def test_retried_and_discarded_tokens_are_found_without_a_hook_per_attempt(
+    served: tuple[OperationsCoordinator, Dash],
+) -> None:
+    coordinator, dash = served
+    dash.get_json("/api/snapshot")  # a page is looking from now on
+    # Recording costs the hot path no middleware call: no installed hook hears every attempt.
+    assert not any(overridden(m, "after_attempt") for m in coordinator.middleware)
+    retried = flaky(4)
+    assert retried.get(timeout=10) == 4 and retried.attempts == 2
+    coordinator.hold_when(lambda spec, args, kwargs: "held for the test", operation="dash_square")
+    held = square(9)
+    assert coordinator.reject(held, "not today")
+    found = dash.get_json(f"/api/token/{retried.id}")
+    assert found["state"] == "resolved" and found["attempts"] == 2
+    found = dash.get_json(f"/api/token/{held.id}")
+    assert found["state"] == "discarded" and found["discard_reason"] == "not today"
+    stream = {span["token_id"] for span in dash.get_json("/api/snapshot")["stream"]}
+    assert retried.id in stream
 
 
 def test_stats_and_trace_download(

@@ -36,6 +36,8 @@ from ._stats import StatsRecorder
 from ._throttle import StorageThrottle
 
 if TYPE_CHECKING:
+    from collections import deque
+
     from ._rate import RateLimiter
     from ._retry import RetryPolicy
     from ._spec import TaskSpec
@@ -106,6 +108,9 @@ class Completion:
         # the runs they must see come to them here, without a middleware call per token.
         self.watch_runs = False
         self.run_watchers: tuple[Watcher, ...] = ()
+        # The dashboard's recent tokens (a bounded deque), once a page looks: every terminal
+        # end, retried attempt and discard is appended here, one C call, no middleware call.
+        self.recent: deque[Token[Any]] | None = None
         self._lock = threading.Lock()
         self.backing_off: set[Token[Any]] = set()  # retries waiting out their back-off
         self._drain_cond = threading.Condition(threading.Lock())
@@ -175,6 +180,9 @@ class Completion:
         middleware or a run watcher must hear of this end before its waiters are woken."""
         now = _perf()
         token.finished_at = now
+        recent = self.recent
+        if recent is not None:
+            recent.append(token)
         spec = token.spec
         try:  # StatsRecorder.counters, inline: once per token
             counters = self.stats.per_thread.shard.ops[spec.operation_type]
@@ -206,6 +214,8 @@ class Completion:
         """An attempt ended (``resolved``, ``failed`` or ``retried``): show its run to the run
         watcher if it must, then tell middleware (``after_attempt`` always, ``after_failure``
         for errors)."""
+        if outcome == "retried" and self.recent is not None:
+            self.recent.append(token)
         if outcome == "retried" and self.watch_runs and token.started_at is not None:
             spec = token.spec  # a retried attempt is not terminal: its run is recorded here
             counters = self.stats.counters(spec.operation_type, spec.weight)
@@ -342,6 +352,8 @@ class Completion:
         """Under the token's lock: count the discard."""
         spec = token.spec
         token.finished_at = _perf()
+        if self.recent is not None:
+            self.recent.append(token)
         self.stats.record_discarded(spec.operation_type, spec.weight)
 
     def after_discard(self, token: Token[Any]) -> None:

@@ -1,10 +1,11 @@
 """Recent tokens by id, failures with tracebacks, and the task stream, for the dashboard.
 
-A :class:`RecentTokens` middleware keeps the last ``capacity`` attempts and discards (the tokens,
-in a bounded deque) and the formatted traceback of the last ``failures`` errors. It is installed
-only when the first page (or API read) looks, so a coordinator that is never looked at pays
-nothing; once installed, an attempt costs one hook call and one deque append. A look-up scans
-the deque, at request time. Tokens still queued or running are found by scanning
+:class:`RecentTokens` keeps the last ``capacity`` attempts and discards (the tokens, in a bounded
+deque) and the formatted traceback of the last ``failures`` errors. It is attached only when the
+first page (or API read) looks, so a coordinator that is never looked at pays nothing. Once
+attached, the completion path appends each ended token to the deque itself (one C call, no
+middleware call per token); only failures reach the middleware hook, for their tracebacks. A
+look-up scans the deque, at request time. Tokens still queued or running are found by scanning
 the lanes at lookup time, so the hot path never records them.
 
 Holding the token (not a copy of its fields) keeps its result alive until it is evicted: the
@@ -45,11 +46,11 @@ class RecentTokens(Middleware):
         self._tokens: deque[Token[Any]] = deque(maxlen=capacity)
         self.tracebacks: deque[tuple[str, str]] = deque(maxlen=failures)
 
-    def after_attempt(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
-        self._tokens.append(token)
-
-    def after_discard(self, token: Token[Any]) -> None:
-        self._tokens.append(token)
+    def attach(self, coordinator: OperationsCoordinator) -> None:
+        """Start recording ``coordinator``'s ends: its completion path fills the deque, and
+        failures come to :meth:`after_failure` for their tracebacks."""
+        coordinator._completion.recent = self._tokens
+        coordinator.add_middleware(self)
 
     def after_failure(self, token: Token[Any], outcome: str, exc: BaseException | None) -> None:
         if exc is not None:

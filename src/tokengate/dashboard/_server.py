@@ -339,7 +339,7 @@ class DashboardServer:
         with self._install_lock:
             if not self._registry_installed:
                 self._registry_installed = True
-                self.coordinator.add_middleware(self.registry)
+                self.registry.attach(self.coordinator)
 
     @property
     def clients(self) -> int:
