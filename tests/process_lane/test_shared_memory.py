@@ -7,6 +7,7 @@ process's descriptors and memory map checked before and after)."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 import process_tasks as pt
 from conftest import eventually
 from tokengate import OperationsCoordinator, RetryPolicy, WorkerCrashed
-from tokengate.lanes import _segments, _wire
+from tokengate.lanes import _segments, _sharing, _wire
 
 from ._helpers import NO_CRASH_RETRY, POSIX_ONLY, Make, gone, lane_of
 
@@ -249,6 +250,48 @@ def test_share_places_an_object_once_and_calls_pass_slices_of_it_without_a_copy(
     del shared, pieces, call, segment
     assert coordinator.stats().shared_objects == 0
     eventually(lambda: nothing_held(everyone(coordinator)), what="the shared segment to go")
+
+
+def test_a_big_shared_object_is_filled_in_pieces_and_mapped_whole(
+    procs: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pieces as small as one threshold's worth, three fill threads: whatever the machine.
+    monkeypatch.setattr(_segments, "PIECE_BYTES", _segments.SHARE_THRESHOLD)
+    monkeypatch.setattr(_sharing, "fill_threads", lambda: 3)
+    coordinator = procs(workers_per_core=1, cores=1)
+    original = np.arange(5 * BIG, dtype=np.float64)
+    shared = coordinator.share(original)
+    assert np.array_equal(shared, original) and not shared.flags.writeable
+    found = _sharing.find(memoryview(shared))
+    assert found is not None and found[1] == 0
+    segment = found[0]
+    assert len(segment.fds) == 3 and segment.piece % mmap.ALLOCATIONGRANULARITY == 0
+    assert segments_held(os.getpid())[1] == 3  # the pieces, mapped side by side
+    # Slices across the pieces' borders reach the worker whole and read-only.
+    step = original.size // 7
+    slices = [shared[i * step : (i + 2) * step] for i in range(6)]
+    infos = [t.get(timeout=30) for t in [pt.array_info(s) for s in slices]]
+    assert [i["sum"] for i in infos] == [float(s.sum()) for s in slices]
+    assert all(i["mapped"] and not i["writeable"] for i in infos)
+    del shared, slices, found, segment
+    eventually(lambda: nothing_held(everyone(coordinator)), what="every piece to be freed")
+
+
+def test_pieces_mapped_copy_on_write_keep_their_writes_to_themselves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_segments, "PIECE_BYTES", _segments.SHARE_THRESHOLD)
+    data = bytes(range(256)) * (3 * _segments.SHARE_THRESHOLD // 256)
+    segment = _segments.share_buffer(data, pieces=3)
+    assert len(segment.fds) == 3
+    mine = _segments.map_segment(segment.fds, segment.size, segment.piece, writable=True)
+    theirs = _segments.map_segment(segment.fds, segment.size, segment.piece, writable=False)
+    assert mine == data and theirs == data and theirs.readonly
+    mine[segment.piece : segment.piece + 4] = b"DONE"
+    assert theirs == data  # the write stayed in this mapping
+    del mine, theirs
+    segment.close()
+    assert segments_held(os.getpid()) == (0, 0)
 
 
 def test_a_shared_object_is_freed_once_its_handle_and_the_tokens_using_it_are_gone(

@@ -18,6 +18,12 @@ A worker maps its arguments read-only (a task that writes to an argument array g
 "assignment destination is read-only"; copy it first). Results are mapped copy-on-write in the
 caller: writable, and still not copied until written.
 
+Big shared objects are filled in parallel: a buffer of at least :data:`PIECE_BYTES` × 2 given to
+``share()`` is split into page-aligned *pieces*, one segment descriptor each, written by several
+threads at once (a write into one descriptor holds its file's lock, so one descriptor cannot be
+filled by two threads), and the receiver maps the pieces side by side into one reserved range
+of addresses: one contiguous buffer again, still without a copy.
+
 Reuse: filling a fresh segment costs the kernel a page allocation per 4 KiB (and freeing it
 later as much again), more than the copy itself. So a call's segment whose worker said it no
 longer maps it (nothing kept a view of the argument) is kept as a *spare* and the next call's
@@ -29,24 +35,29 @@ comes back they are all closed, so an idle lane holds no shared memory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import secrets
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 __all__ = [
+    "PIECE_BYTES",
     "SHARE_THRESHOLD",
     "SPARE_BYTES",
     "Part",
     "Segment",
+    "fill_threads",
     "give_back",
     "lend",
     "map_segment",
     "open_channel",
+    "piece_count",
     "receive_fds",
     "send_fds",
     "share_buffer",
@@ -58,6 +69,9 @@ __all__ = [
 SHARE_THRESHOLD = 256 * 1024
 #: At most this many bytes of spare segments are kept for reuse (see the module's docstring).
 SPARE_BYTES = 128 * 1024 * 1024
+#: A shared object's buffer is cut into pieces of at least this size, filled by as many threads
+#: as there are cores (allocating the pages is what a fill mostly costs, and it scales).
+PIECE_BYTES = 32 * 1024 * 1024
 _FDS_PER_MESSAGE = 200  # below the kernel's SCM_MAX_FD (253)
 _NAME = "tokengate"
 # Before Python 3.13 a mapping keeps a duplicate of its descriptor until it is unmapped.
@@ -84,21 +98,32 @@ def _anonymous(size: int) -> int:
 
 
 class Segment:
-    """One shared-memory segment holding a copy of one buffer; owns its descriptor, which it
-    closes on :meth:`close` or when dropped (so a segment never outlives its last holder)."""
+    """One shared-memory segment holding a copy of one buffer; owns its descriptors, which it
+    closes on :meth:`close` or when dropped (so a segment never outlives its last holder).
 
-    __slots__ = ("__weakref__", "fd", "lent", "size")
+    Most segments are one descriptor (``fd``). A big shared object's is several pieces of
+    ``piece`` bytes each (the last may be shorter): ``fd`` and then ``more``."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    __slots__ = ("__weakref__", "fd", "lent", "more", "piece", "size")
+
+    def __init__(self, fd: int, size: int, more: tuple[int, ...] = (), piece: int = 0) -> None:
         self.fd = fd
         self.size = size
+        self.more = more
+        self.piece = piece if more else size
         self.lent = False  # from lend(), not yet given back
 
+    @property
+    def fds(self) -> list[int]:
+        """Every descriptor, in order (what a receiver needs to map the whole segment)."""
+        return [self.fd, *self.more]
+
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        fds, self.fd, self.more = self.fds, -1, ()
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if self.lent:  # closed without give_back (a discarded call): it is back all the same
             with contextlib.suppress(Exception):  # (at interpreter exit the pool may be gone)
                 _spares.back(self, False)
@@ -120,17 +145,67 @@ class Part(NamedTuple):
     owned: bool
 
 
-def share_buffer(buffer: Any) -> Segment:
-    """Copy ``buffer`` (anything with the buffer protocol) into a new segment."""
+def share_buffer(buffer: Any, *, pieces: int = 1) -> Segment:
+    """Copy ``buffer`` (anything with the buffer protocol) into a new segment: in up to
+    ``pieces`` pieces of at least :data:`PIECE_BYTES`, filled by as many threads."""
     view = memoryview(buffer).cast("B")
     size = view.nbytes
-    fd = _anonymous(size)
+    piece = _piece_size(size, pieces)
+    if piece >= size:
+        fd = _anonymous(size)
+        try:
+            _write(fd, view)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Segment(fd, size)
+    fds: list[int] = []
     try:
-        _write(fd, view)
+        for start in range(0, size, piece):
+            fds.append(_anonymous(min(piece, size - start)))
+        _fill(fds, view, piece)
     except BaseException:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         raise
-    return Segment(fd, size)
+    return Segment(fds[0], size, tuple(fds[1:]), piece)
+
+
+def fill_threads() -> int:
+    """How many threads fill a big shared object's pieces: one per core this process may use."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def _piece_size(size: int, pieces: int) -> int:
+    """Bytes per piece when ``size`` bytes are cut into at most ``pieces`` pieces of at least
+    :data:`PIECE_BYTES`, each a whole number of pages (so the pieces map side by side)."""
+    count = min(pieces, size // PIECE_BYTES)
+    if count < 2:
+        return size
+    granule = mmap.ALLOCATIONGRANULARITY
+    return -(-size // count // granule) * granule
+
+
+def _fill(fds: list[int], view: memoryview, piece: int) -> None:
+    """Write ``view`` into the pieces, one thread per piece (``pwrite`` lets go of the GIL)."""
+    errors: list[BaseException] = []
+
+    def write(index: int) -> None:
+        try:
+            start = index * piece
+            _write(fds[index], view[start : start + piece])
+        except BaseException as exc:
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=write, args=(i,), daemon=True) for i in range(1, len(fds))]
+    for helper in helpers:
+        helper.start()
+    write(0)
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
 
 
 def _write(fd: int, view: memoryview) -> None:
@@ -231,13 +306,75 @@ def spare_count() -> tuple[int, int]:
         return len(_spares.segments), _spares.lent
 
 
-def map_segment(fd: int, size: int, *, writable: bool) -> memoryview:
-    """Map a received segment: read-only, or copy-on-write when ``writable``. The mapping lives
-    as long as the returned view (and whatever is built on it); ``fd`` may be closed at once."""
+def map_segment(fds: list[int], size: int, piece: int, *, writable: bool) -> memoryview:
+    """Map a received segment (its pieces' descriptors, in order): read-only, or copy-on-write
+    when ``writable``. The mapping lives as long as the returned view (and whatever is built on
+    it); the descriptors may be closed at once."""
     if size == 0:
         return memoryview(b"")
+    if len(fds) > 1:
+        return _map_pieces(fds, size, piece, writable=writable)
     access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
-    return memoryview(mmap.mmap(fd, size, access=access, **_NO_DUP))
+    return memoryview(mmap.mmap(fds[0], size, access=access, **_NO_DUP))
+
+
+def piece_count(size: int, piece: int) -> int:
+    """How many descriptors a segment of ``size`` bytes in pieces of ``piece`` bytes has."""
+    return 1 if piece >= size or piece <= 0 else -(-size // piece)
+
+
+class _Libc:
+    """``mmap``/``munmap`` with ``MAP_FIXED``, which the ``mmap`` module does not offer: the
+    pieces of one segment are mapped side by side into one reserved range."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.mmap = libc.mmap
+        self.mmap.restype = ctypes.c_void_p
+        self.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        self.munmap = libc.munmap
+        self.munmap.restype = ctypes.c_int
+        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+    def map(self, address: int | None, size: int, prot: int, flags: int, fd: int) -> int:
+        got = self.mmap(address, size, prot, flags, fd, 0)
+        if got is None or got == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of a shared segment piece failed: {os.strerror(err)}")
+        return int(got)
+
+
+_libc: _Libc | None = None
+_MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
+
+
+def _map_pieces(fds: list[int], size: int, piece: int, *, writable: bool) -> memoryview:
+    global _libc
+    if _libc is None:
+        _libc = _Libc()
+    libc = _libc
+    base = libc.map(None, size, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)  # PROT_NONE
+    try:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        flags = (mmap.MAP_PRIVATE if writable else mmap.MAP_SHARED) | _MAP_FIXED
+        for index, fd in enumerate(fds):
+            start = index * piece
+            libc.map(base + start, min(piece, size - start), prot, flags, fd)
+        region = (ctypes.c_ubyte * size).from_address(base)
+    except BaseException:
+        libc.munmap(base, size)
+        raise
+    # Unmapped with the last view of it; never at interpreter exit, while views may be in use.
+    weakref.finalize(region, libc.munmap, base, size).atexit = False
+    view = memoryview(region).cast("B")
+    return view if writable else view.toreadonly()
 
 
 # -- passing descriptors ---------------------------------------------------------------------------

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import mmap
 import pickle
 import threading
 import weakref
 from typing import Any, NamedTuple, TypeVar
 
-from ._segments import Segment, share_buffer
+from ._segments import Segment, fill_threads, map_segment, share_buffer
 
 __all__ = ["SharedReading", "find", "reading", "share", "with_shared"]
 
@@ -151,14 +150,14 @@ def share(obj: _S, *, threshold: int = 0) -> _S:
         )
     views = []
     for raw in buffers:
-        segment = share_buffer(raw)
-        mapping = mmap.mmap(segment.fd, segment.size, access=mmap.ACCESS_COPY)
+        segment = share_buffer(raw, pieces=fill_threads())
+        mapping = map_segment(segment.fds, segment.size, segment.piece, writable=True)
         start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
         entry = _Entry(segment, start)
         with _lock:
             _entries[start] = entry
-        weakref.finalize(mapping, _forget, start)
-        views.append(memoryview(mapping).toreadonly())
+        weakref.finalize(mapping.obj, _forget, start)
+        views.append(mapping.toreadonly())
     buffers.clear()
     shared: _S = pickle.loads(data, buffers=views)
     return shared

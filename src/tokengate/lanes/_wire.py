@@ -17,8 +17,9 @@ its spec, so the worker runs the body and never re-submits it.
 over out of band (NumPy arrays, ``bytearray``, ``memoryview``) travel in shared memory, their
 descriptors over a Unix socket beside the pipes (:mod:`._segments`); a buffer inside an object
 shared with ``share()`` is sent as its segment and offset, without a copy (:mod:`._sharing`).
-A call message says where they are: ``!II`` (function length, buffer count), ``!QQQ`` per
-buffer (its segment's size, its offset and length there), the function, the arguments. A call
+A call message says where they are: ``!II`` (function length, buffer count), ``!QQQQ`` per
+buffer (its segment's size and piece size, its offset and length there), the function, the
+arguments; the descriptors of each segment's pieces come over the socket in the same order. A call
 without big buffers is the same message with a count of 0, and costs what it did.
 
 **Replies.** The first byte of a reply from a worker says what follows: ``R`` ready (its pid),
@@ -77,7 +78,7 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 _HEADER = struct.Struct("!Q")
 _CALL_HEAD = struct.Struct("!II")
 _COUNT = struct.Struct("!I")
-_PLACE = struct.Struct("!QQQ")
+_PLACE = struct.Struct("!QQQQ")
 _READ_CHUNK = 1 << 16
 
 READY = ord("R")
@@ -243,12 +244,20 @@ def _close_owned(segment: _segments.Segment, lent: bool, reuse: bool = False) ->
         segment.close()
 
 
+Place = tuple[int, int, int, int]  # a buffer's segment size and piece size, offset, length
+
+
 def pack_places(parts: list[Part]) -> bytes:
-    return b"".join(_PLACE.pack(p.segment.size, p.offset, p.length) for p in parts)
+    return b"".join(_PLACE.pack(p.segment.size, p.segment.piece, p.offset, p.length) for p in parts)
 
 
-def unpack_places(data: memoryview, start: int, count: int) -> list[tuple[int, int, int]]:
+def unpack_places(data: memoryview, start: int, count: int) -> list[Place]:
     return [_PLACE.unpack_from(data, start + i * _PLACE.size) for i in range(count)]
+
+
+def part_fds(parts: list[Part]) -> list[int]:
+    """The descriptors of the parts' segments, each segment's pieces in order."""
+    return [fd for part in parts for fd in part.segment.fds]
 
 
 def loads_shared(data: Any, views: list[memoryview]) -> Any:
@@ -256,17 +265,19 @@ def loads_shared(data: Any, views: list[memoryview]) -> Any:
     return pickle.loads(data, buffers=views) if views else pickle.loads(data)
 
 
-def receive_views(
-    sock: socket.socket, places: list[tuple[int, int, int]], *, writable: bool
-) -> list[memoryview]:
+def receive_views(sock: socket.socket, places: list[Place], *, writable: bool) -> list[memoryview]:
     """Receive and map the segments of one message, each view its buffer's place in its
     segment (the descriptors are closed once mapped)."""
-    fds = _segments.receive_fds(sock, len(places))
+    counts = [_segments.piece_count(size, piece) for size, piece, _, _ in places]
+    fds = _segments.receive_fds(sock, sum(counts))
     try:
-        return [
-            _segments.map_segment(fd, size, writable=writable)[offset : offset + length]
-            for fd, (size, offset, length) in zip(fds, places, strict=True)
-        ]
+        views = []
+        at = 0
+        for count, (size, piece, offset, length) in zip(counts, places, strict=True):
+            mapping = _segments.map_segment(fds[at : at + count], size, piece, writable=writable)
+            views.append(mapping[offset : offset + length])
+            at += count
+        return views
     finally:
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -425,7 +436,7 @@ class ProcessCall:
 
     def fds(self) -> list[int]:
         """The descriptors of the shared buffers, to pass before the message."""
-        return [part.segment.fd for part in self.parts]
+        return part_fds(self.parts)
 
     def message(self) -> list[bytes]:
         """The buffers of the task message (lengths and places, function, arguments)."""
@@ -462,7 +473,7 @@ def prepare_call(
     return ProcessCall(task, fn, *dumps_arguments_shared(task, args, kwargs))
 
 
-def split_call(data: memoryview) -> tuple[memoryview, memoryview, list[tuple[int, int, int]]]:
+def split_call(data: memoryview) -> tuple[memoryview, memoryview, list[Place]]:
     """The function and argument parts of a task message, and the places of its shared buffers
     (worker side)."""
     n, count = _CALL_HEAD.unpack_from(data)
@@ -486,7 +497,7 @@ def encode_value(value: Any, what: str, channel: socket.socket | None = None) ->
         if not parts:
             return [_V, data]
         try:
-            _segments.send_fds(channel, [part.segment.fd for part in parts])
+            _segments.send_fds(channel, part_fds(parts))
         finally:
             for part in parts:
                 if part.owned:

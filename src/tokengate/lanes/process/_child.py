@@ -23,6 +23,7 @@ call are replaced by their values, as dependencies are in the coordinator.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import pickle
@@ -47,6 +48,8 @@ INITIALIZER_FAILED = "its process_initializer raised"
 
 _PR_SET_PDEATHSIG = 1
 _CACHE_MAX = 256
+# What a mapped argument view is a view of: one mapping, or a segment's pieces mapped side by side.
+_MAPPINGS = (mmap.mmap, ctypes.Array)
 
 
 # -- inline calls ----------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def _serve(
             views = _wire.receive_views(channel, places, writable=False)
         except BaseException as exc:
             return _serial_failure("the shared buffers of the arguments", exc)
-        mappings.extend(weakref.ref(v.obj) for v in views if isinstance(v.obj, mmap.mmap))
+        mappings.extend(weakref.ref(v.obj) for v in views if isinstance(v.obj, _MAPPINGS))
     try:
         fn = _load_function(fn_part, cache)
     except BaseException as exc:
