@@ -271,13 +271,14 @@ def test_map_keeps_no_result_the_caller_dropped(
     coordinator: OperationsCoordinator, chunksize: int
 ) -> None:
     refs: list[weakref.ref[Box]] = []
-    alive: list[int] = []
     for box in coordinator.executor().map(Box, range(10), chunksize=chunksize):
         refs.append(weakref.ref(box))
         del box
         gc.collect()
-        alive.append(sum(ref() is not None for ref in refs))
-    assert alive == [0] * 10  # what the standard library keeps
+        # What the standard library keeps: nothing. (The worker thread that made the result
+        # may still be returning from its run for an instant: a condition, not a count now.)
+        eventually(lambda: all(ref() is None for ref in refs), what="the dropped results to go")
+    assert len(refs) == 10
 
 
 ATEXIT_SCRIPT = """
