@@ -258,6 +258,7 @@ def test_a_scenario_runs_each_case_at_least_its_min_runs() -> None:
     report = _bench(_scenario(min_runs=5), execute, repeat=3)
     assert [key for key, *_ in execute.calls].count("tg") == 5
     assert _case(report, "tg")["runs_total"] == 5
+    assert "repeats per case: 3 (BX 5: the scenario's minimum)" in render_markdown(report)
     execute = FakeExecutor(runs)
     _bench(_scenario(min_runs=2), execute, repeat=4)  # --repeat above it wins
     assert [key for key, *_ in execute.calls].count("b") == 4

@@ -358,11 +358,24 @@ def _md_escape(cell: str) -> str:
     return cell.replace("|", "\\|")
 
 
+def _repeats(report: Record) -> str:
+    """``--repeat``, and the scenarios that ran more rounds (their own minimum)."""
+    repeat = report["options"]["repeat"]
+    more = [
+        f"{sc['id']} {sc['rounds']}"
+        for sc in report["scenarios"]
+        if sc.get("rounds", repeat) > repeat
+    ]
+    return f"{repeat}" + (f" ({', '.join(more)}: the scenario's minimum)" if more else "")
+
+
 def render_markdown(report: Record) -> str:
     out = [
         "# tokengate — benchmark results",
         "",
-        "The latest full run of `tokengate bench`. Each case ran in a fresh process; figures are "
+        "The latest full run of `tokengate bench`. Each case ran in a fresh process, a "
+        "scenario's cases in rounds (each system once, then each again, so a machine that "
+        "drifts shifts them alike); figures are "
         "medians with the [min–max] range over the runs. Peak RSS is the case's own process "
         '(`VmHWM` on Linux), not worker processes it started. "vs best peer" is tokengate\'s '
         "median divided by the best peer's on the scenario's headline figure (floors are not "
@@ -371,7 +384,7 @@ def render_markdown(report: Record) -> str:
         f"- command: `{report['command']}`",
         f"- date: {report['date']}",
         f"- {machine_line(report['machine'])}",
-        f"- repeats per case: {report['options']['repeat']}"
+        f"- repeats per case: {_repeats(report)}"
         + (" (quick mode)" if report["options"]["quick"] else ""),
         f"- {versions_line(report['machine'])}",
         "",

@@ -217,6 +217,7 @@ def run_benchmarks(
                 "title": scenario.title,
                 "description": scenario.description,
                 "n_label": scenario.n_label,
+                "rounds": rounds,
                 "headline": _figure_dict(scenario, scenario.headline),
                 "figures": [_figure_dict(scenario, f.key) for f in scenario.all_figures()],
                 "notes": list(scenario.notes),
