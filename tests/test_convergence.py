@@ -16,6 +16,7 @@ import pytest
 from conftest import GATE, HEAVY_ON_THREADS, eventually
 from tokengate import ConfigError, OperationsCoordinator, task_token_guard
 from tokengate._convergence import (
+    CONFIRM_WAIT,
     ConvergenceEngine,
     ConvergencePolicy,
     PoolSample,
@@ -24,6 +25,7 @@ from tokengate._convergence import (
     read_run_queue_waits,
     read_thread_cpu,
 )
+from tokengate._convergence import _PoolState as PoolState
 
 COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
@@ -112,8 +114,9 @@ def test_policy_verdicts(
         (0.1, 0.17, False, "cpu-bound", 4),  # not measurable, or held after a failed trial
         (0.4, 0.17, True, "cpu-bound", 4),  # the interpreter is not idle enough to gamble
         # little CPU of our own, the rest waiting for a CPU: the load is the machine's, so grow
-        # (the trial that follows retires the threads if throughput does not rise)
-        (0.25, 0.03, True, "grow", 9),
+        # (the trial that follows retires the threads if throughput does not rise); the pool's
+        # threads use 0.02 s of the process's 0.025: only that part grows with them
+        (0.25, 0.03, True, "grow", 11),
     ],
 )
 def test_probing_needs_kernel_bound_cores_an_idle_interpreter_and_a_way_to_measure(
@@ -147,7 +150,8 @@ JSON_ON_A_LOADED_MACHINE = ProcessSample(dt=0.1, user=0.06, total=0.062, stall=0
     ("pool", "proc", "action", "target"),
     [
         (_pool(cpu=0.002, stall=0.09), SLEEPING_ON_A_LOADED_MACHINE, "grow", 50),
-        (_pool(cpu=0.008, stall=0.33), FSYNC_ON_A_LOADED_MACHINE, "grow", 15),
+        # the pool's threads use half the process's CPU: the other half does not grow with them
+        (_pool(cpu=0.008, stall=0.33), FSYNC_ON_A_LOADED_MACHINE, "grow", 26),
         # json.dump keeps the interpreter busy whatever the load: no threads
         (_pool(cpu=0.06, stall=0.2), JSON_ON_A_LOADED_MACHINE, "cpu-bound", 4),
         (_pool(cpu=0.095), GIL_BOUND, "cpu-bound", 4),
@@ -158,6 +162,26 @@ def test_waiting_for_a_cpu_is_the_machines_load_not_the_tasks_demand(
 ) -> None:
     verdict = POLICY.decide(pool, proc, sustained=True, calm_for=0.0)
     assert (verdict.action, verdict.target) == (action, target), verdict.reason
+
+
+def test_only_the_pools_own_demand_grows_with_its_threads() -> None:
+    # A surge just submitted: the submitting thread kept the interpreter 40% busy over the
+    # window, the pool's four sleeping threads used almost nothing. More sleeping threads add
+    # almost nothing either: straight to the tier's limit, not to 4 * 60% / 40% = 6.
+    proc = ProcessSample(dt=0.005, user=0.002, total=0.0021)
+    verdict = POLICY.decide(_pool(cpu=0.00001), proc, sustained=True, calm_for=0.0)
+    assert (verdict.action, verdict.target) == ("grow", 50), verdict.reason
+    # Without the threads' clocks the whole process's demand is taken as the pool's.
+    verdict = POLICY.decide(_pool(cpu=None, tracked=0), proc, sustained=True, calm_for=0.0)
+    assert (verdict.action, verdict.target) == ("grow", 8), verdict.reason
+
+
+def test_a_backlog_just_seen_is_confirmed_within_milliseconds() -> None:
+    engine = ConvergenceEngine(lambda: {}, interval=0.1)
+    engine._states[("io", "FAST")] = PoolState(backlogged=True)
+    assert engine._next_wait() == CONFIRM_WAIT < 0.1 / 4
+    engine._states[("io", "FAST")].confirmed = True
+    assert engine._next_wait() == 0.1
 
 
 def test_waiting_tasks_grow_at_least_by_doubling() -> None:

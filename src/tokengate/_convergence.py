@@ -25,8 +25,10 @@ system CPU plus time spent waiting for a CPU, against the cores the coordinator 
 interpreter is half busy or the cores are three-quarters busy, more threads cannot make the
 work faster and only add GIL hand-offs and context switches: the engine holds, says so once per
 surge, and counts it (``convergence_cpu_bound``). Otherwise the pool grows toward the thread
-count that would keep both below their targets, bounded by the backlog and the pool's maximum
-(``max_workers_per_core``; a storage tier's limit), and at least doubles: a surge of waiting
+count that would keep both below their targets (only the pool's own threads' CPU, read from
+their clocks, multiplies with them: a thread submitting the surge does not), bounded by the
+backlog and the pool's maximum (``max_workers_per_core``; a storage tier's limit), and at least
+doubles: a surge of waiting
 tasks reaches a tier's limit in a step or two. A grown pool whose own threads then
 saturate the interpreter sheds the extra ones (contention); a pool with no backlog for
 ``cooldown`` seconds and most of its threads idle retires its idle extra workers down to the
@@ -93,6 +95,10 @@ __all__ = [
 log = logging.getLogger("tokengate.convergence")
 _INFO = logging.INFO
 _DEBUG = logging.DEBUG
+#: How soon a backlog just seen is sampled again, to confirm it and read the CPU it used: thread
+#: and process CPU clocks count microseconds, so a few milliseconds tell waiting (sleep, I/O)
+#: from running, and every millisecond before a surge grows is spent on the baseline.
+CONFIRM_WAIT = 0.005
 
 
 # -- probes --------------------------------------------------------------------------------------
@@ -315,11 +321,27 @@ class ConvergencePolicy:
         # the interpreter and the cores have headroom for, bounded by the backlog and the
         # maximum, so a surge reaches the tier's limit in a step or two; the trial that
         # follows retires the threads again if throughput did not rise.
-        scale = min(self.gil_target / max(gil, 0.01), self.cpu_target / max(cpu, 0.01))
+        scale = self._headroom(pool, proc.dt, gil, cpu)
         target = min(pool.maximum, n + pool.backlog, max(2 * n, math.floor(n * scale)))
         if target > n:
             return Verdict("grow", target, f"tasks wait on I/O ({figures})")
         return Verdict("hold", n, f"at its maximum of {pool.maximum}")
+
+    def _headroom(self, pool: PoolSample, dt: float, gil: float, cpu: float) -> float:
+        """How many times its size the pool may grow before the interpreter or the cores
+        reach their targets. Only the pool's own threads bring more demand as they multiply:
+        the rest of the process's (a thread submitting the surge, other pools) stays what it
+        is, so it is subtracted from the headroom rather than scaled with the pool. Without
+        the pool's thread clocks, the whole process's demand is taken as the pool's."""
+        own_gil, own_cpu = gil, cpu
+        if pool.cpu is not None and pool.tracked > 0:
+            rate = pool.cpu / pool.tracked * pool.workers / dt  # CPUs the pool's threads use
+            own_gil = min(gil, rate / self.gil_capacity)
+            own_cpu = min(cpu, rate / max(1, self.cores))
+        return min(
+            (self.gil_target - (gil - own_gil)) / max(own_gil, 0.01),
+            (self.cpu_target - (cpu - own_cpu)) / max(own_cpu, 0.01),
+        )
 
 
 def _figures(pool: PoolSample, dt: float, gil: float, cpu: float, cores: int) -> str:
@@ -420,9 +442,10 @@ class ConvergenceEngine:
 
     def nudge(self) -> None:
         """A backlog just began (a lane saw a token queue behind a busy worker): sample now
-        rather than at the next interval, so a surge is confirmed and answered within a
-        quarter of an interval of its start. Once per surge: the flag stays set until a sample
-        finds no backlog anywhere, so a flood of pushes costs one flag read each."""
+        rather than at the next interval, so a surge is confirmed and answered within a few
+        milliseconds (:data:`CONFIRM_WAIT`) of its start. Once per surge: the flag stays set
+        until a sample finds no backlog anywhere, so a flood of pushes costs one flag read
+        each."""
         if not self._nudged:
             self._nudged = True
             self._wake.set()
@@ -448,12 +471,12 @@ class ConvergenceEngine:
                 log.exception("convergence sample failed; the engine keeps running")
 
     def _next_wait(self) -> float:
-        """``interval``, or a quarter of it when a backlog was just seen: confirming it (and
+        """``interval``, or :data:`CONFIRM_WAIT` when a backlog was just seen: confirming it (and
         reading the CPU counters over that short window) answers a surge sooner. A growth is
         always judged over a full interval: throughput over less is too noisy to act on."""
         states = list(self._states.values())
         if any(s.trial is None and s.backlogged and not s.confirmed for s in states):
-            return self.interval / 4
+            return min(self.interval / 4, CONFIRM_WAIT)
         return self.interval
 
     # -- observation ---------------------------------------------------------------------------
