@@ -151,17 +151,9 @@ def share_buffer(buffer: Any, *, pieces: int = 1) -> Segment:
     view = memoryview(buffer).cast("B")
     size = view.nbytes
     piece = _piece_size(size, pieces)
-    if piece >= size:
-        fd = _anonymous(size)
-        try:
-            _write(fd, view)
-        except BaseException:
-            os.close(fd)
-            raise
-        return Segment(fd, size)
     fds: list[int] = []
     try:
-        for start in range(0, size, piece):
+        for start in range(0, size, piece) if size else (0,):
             fds.append(_anonymous(min(piece, size - start)))
         _fill(fds, view, piece)
     except BaseException:
