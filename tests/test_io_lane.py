@@ -22,7 +22,7 @@ from tokengate.demos.seed_io import (
     write_blob_moderate,
     write_json_fast,
 )
-from tokengate.lanes._thread import ThreadLane
+from tokengate.lanes._thread import FAN_OUT, ThreadLane
 
 Make = Callable[..., OperationsCoordinator]
 LOCK = threading.Lock()
@@ -232,6 +232,42 @@ def test_workers_added_together_start_each_other(
     assert any(name.startswith("tokengate-io_fast_") for name in starters), starters
     GATE.set()
     assert sorted(int(t.get(timeout=10)) for t in tokens) == list(range(50))
+    assert_counts_add_up(coordinator)
+
+
+def test_new_threads_start_as_a_tree_so_the_first_serve_at_once(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's thread, and then each new thread, starts at most FAN_OUT of the pending
+    threads and goes on: none waits for all 46 start-ups before it serves (or returns)."""
+    coordinator = make_coordinator(workers_per_core=1, convergence=False)
+    lane = coordinator.lanes["io"]
+    make_worker = type(lane)._make_worker
+    starts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def counted(self: Any, pool: Any) -> Any:
+        worker = make_worker(self, pool)
+        start = worker.thread.start
+
+        def counting_start() -> None:
+            with lock:
+                name = threading.current_thread().name
+                starts[name] = starts.get(name, 0) + 1
+            start()
+
+        worker.thread.start = counting_start
+        return worker
+
+    monkeypatch.setattr(type(lane), "_make_worker", counted)
+    added = lane.add_workers("FAST", 46)
+    coordinator.backend.router.invalidate()
+    eventually(lambda: all(w.thread.is_alive() for w in added), what="46 new threads running")
+    assert sum(starts.values()) == 46
+    assert starts[threading.current_thread().name] == FAN_OUT
+    assert max(starts.values()) == FAN_OUT, starts
+    tokens = [quick_fast(i) for i in range(100)]
+    assert [t.get(timeout=10) for t in tokens] == [i + 1 for i in range(100)]
     assert_counts_add_up(coordinator)
 
 

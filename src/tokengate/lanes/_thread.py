@@ -43,6 +43,9 @@ from ._base import LaneHost, MailboxWorker
 __all__ = ["ThreadLane", "ThreadWorker", "thread_cpu_clock"]
 
 logger = logging.getLogger("tokengate.worker")
+#: Threads of workers added together that the caller, and then each new thread, starts
+#: (``ThreadLane.add_workers``): a tree that starts k threads in about log2(k) start-ups.
+FAN_OUT = 2
 
 
 def thread_cpu_clock() -> int | None:
@@ -293,9 +296,12 @@ class ThreadLane:
         ``Thread.start`` waits until the new thread has been scheduled: a millisecond or more
         each on a loaded machine, with the GIL to win too, so starting 46 threads one after
         another took a surge's whole duration. Here every new worker joins the pool at once and
-        the starts fan out: the caller starts one, and each new thread starts pending ones before
-        it serves tokens, so k threads take about log2(k) start-ups. A token routed to a worker
-        whose thread is not running yet waits in its mailbox, as it would behind a busy one.
+        the starts fan out as a tree: the caller starts :data:`FAN_OUT` of them, and each new
+        thread starts as many pending ones before it serves tokens, so k threads are running
+        after about log2(k) start-ups and the first ones serve from the first start-up on (had
+        each started pending ones until none were left, none would serve before the last had
+        started). A token routed to a worker whose thread is not running yet waits in its
+        mailbox, as it would behind a busy one.
         """
         added: list[ThreadWorker] = []
         with self._lock:
@@ -311,9 +317,11 @@ class ThreadLane:
         return added
 
     def start_pending(self, pending: deque[ThreadWorker]) -> None:
-        """Start the threads of ``pending`` workers, sharing the work with each one started
-        (it calls this from its own thread first, see ``ThreadWorker._loop``)."""
-        while True:
+        """Start the threads of up to :data:`FAN_OUT` of the ``pending`` workers; each one
+        started starts more from its own thread (``ThreadWorker._loop``) until none are left.
+        A thread that cannot be started does not count, so failures cannot strand the rest."""
+        started = 0
+        while started < FAN_OUT:
             try:
                 worker = pending.popleft()
             except IndexError:
@@ -321,6 +329,7 @@ class ThreadLane:
             worker.pending = pending
             try:
                 worker.thread.start()
+                started += 1
             except RuntimeError as exc:  # out of threads: the pool stays as large as it got
                 logger.warning("[%s] could not start its thread (%s); not added", worker.name, exc)
                 self.retire_worker(worker)  # its queued tokens go to the siblings
