@@ -664,6 +664,8 @@ def test_tokengate_cases_run(scenario: str, system: str, n: str) -> None:
     assert record["figures"]["peak_rss_mb"] > 0
     if scenario == "B7":
         assert record["figures"]["completed"] is True
+    if scenario.startswith("DASH"):  # the server thread's CPU clock was read over the run
+        assert 0 < record["figures"]["server_cpu_pct"] < 100
 
 
 @pytest.mark.parametrize(("scenario", "n"), [("B1", "100"), ("B6", "1")])
