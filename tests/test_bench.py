@@ -666,6 +666,18 @@ def test_tokengate_cases_run(scenario: str, system: str, n: str) -> None:
         assert record["figures"]["completed"] is True
     if scenario.startswith("DASH"):  # the server thread's CPU clock was read over the run
         assert 0 < record["figures"]["server_cpu_pct"] < 100
+    if scenario == "DASH":
+        assert record["figures"]["snapshot_cost_pct"] is not None
+
+
+def test_snapshot_cost_is_the_excess_of_the_bursts_a_snapshot_fell_in() -> None:
+    from tokengate.bench._dash_overhead import snapshot_cost
+
+    # 3.2 s in all; the one burst with a snapshot took 0.2 s more than the mean of the others
+    assert snapshot_cost([(1.0, False), (1.2, True), (1.0, False)]) == pytest.approx(6.25)
+    assert snapshot_cost([(1.1, False), (0.9, False), (1.0, True)]) == pytest.approx(0.0)
+    assert snapshot_cost([(1.0, False), (1.0, False)]) == 0.0  # nothing to compare
+    assert snapshot_cost([(1.0, True)]) == 0.0
 
 
 @pytest.mark.parametrize(("scenario", "n"), [("B1", "100"), ("B6", "1")])

@@ -7,7 +7,10 @@ snapshot every 0.9 s, the server's ``REFRESH``, as the browser page gets it), so
 drawing is not charged to the coordinator's process. ``snapshots`` counts the snapshots the
 server took during the run; ``server CPU %`` is the CPU time of the server's thread (where every
 request and snapshot runs) over the run's wall time: the dashboard's direct cost, read from a
-clock rather than from two noisy wall times.
+clock rather than from two noisy wall times. On B1's load the run is cut into bursts, and
+``snapshot cost %`` is what the page's snapshots cost that run, measured inside it: each burst a
+snapshot was taken in, against the mean burst of the same run without one (the page costs
+nothing else: without a snapshot, serving it is the ``served`` row's idle server).
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System
 __all__ = ["SCENARIO", "SCENARIO_B6", "measure_case"]
 
 WARM_UP = 1_000
-#: B1 bursts per DASH run. One burst's time varies ±10-15 % from burst to burst on a 2-core
-#: machine (four worker threads and the producer trade the GIL), in one process as much as
-#: across processes: a 3 % difference is read from the median of many bursts, and the page's
-#: snapshots (one per 0.9 s) fall on a run of several seconds in steady state.
-BURSTS, QUICK_BURSTS = 5, 3
+#: A DASH run submits its tasks in this many bursts (submit a burst, gather it, the next).
+#: B1-length runs vary ±10-15 % from one process to the next on a 2-core machine, as much as the
+#: dashboard could cost ten times over; bursts within one run let the run compare itself: the
+#: bursts during which the page's snapshot was taken against those without one
+#: (``snapshot_cost_pct``), on the same process, machine state and moment.
+BURSTS = 60
 RESULT_TIMEOUT_S = 120.0
 
 # The page: reads the server-sent events until it is terminated.
@@ -70,16 +74,21 @@ def _server_clock() -> int:
     raise AssertionError(f"no {THREAD_NAME}-* thread: the dashboard is not served")
 
 
-def _with_dashboard(case: str, body: Callable[[], Figures]) -> Figures:
+Body = Callable[[Callable[[], int]], Figures]
+
+
+def _with_dashboard(case: str, body: Body) -> Figures:
     """Run ``body`` under the case's dashboard set-up; add the snapshot count and the share of
     the run's wall time the server thread spent on a CPU (its direct cost, free of the
-    machine's run-to-run noise that the wall-time ratio carries)."""
+    machine's run-to-run noise that the wall-time ratio carries). ``body`` gets a function
+    that returns how many snapshots the server has taken so far (always 0 without one)."""
     from tokengate import OperationsCoordinator
 
     with OperationsCoordinator() as coordinator:
         if case == "off":
-            return {**body(), "snapshots": 0, "server_cpu_pct": 0.0}
+            return {**body(lambda: 0), "snapshots": 0, "server_cpu_pct": 0.0}
         url = coordinator.serve_dashboard()
+        server = coordinator._dashboards.servers[0]
         page = None
         if case == "page-open":
             page = subprocess.Popen([sys.executable, "-c", _READER, url])
@@ -92,7 +101,7 @@ def _with_dashboard(case: str, body: Callable[[], Figures]) -> Figures:
         clock = _server_clock()
         cpu0, wall0 = time.clock_gettime(clock), time.perf_counter()
         try:
-            figures = body()
+            figures = body(lambda: server.samples)
             cpu, wall = time.clock_gettime(clock) - cpu0, time.perf_counter() - wall0
         finally:
             if page is not None:
@@ -106,31 +115,51 @@ def _with_dashboard(case: str, body: Callable[[], Figures]) -> Figures:
 
 
 def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
-    """B1's load (``n`` noop tasks, submit all then gather) ``bursts`` times in a row under the
-    case's dashboard; the figures are the median burst's."""
+    """B1's load, ``n`` noop tasks in ``bursts`` bursts (submit a burst, gather it) under the
+    case's dashboard: the run's rate, and what the bursts a snapshot fell in cost beyond the
+    others (:func:`snapshot_cost`)."""
     from tokengate.bench._tasks import noop
 
-    def burst() -> float:
-        start = time.perf_counter()
-        tokens = [noop(i) for i in range(n)]
-        for token in tokens:
-            token.get(timeout=RESULT_TIMEOUT_S)
-        return time.perf_counter() - start
+    size = max(1, n // bursts)
 
-    def body() -> Figures:
+    def body(snapshots: Callable[[], int]) -> Figures:
         for i in range(WARM_UP):
             noop(i).get(timeout=60)
-        elapsed = statistics.median(burst() for _ in range(bursts))
-        return {"tasks_per_s": n / elapsed, "us_per_task": elapsed * 1e6 / n}
+        times: list[tuple[float, bool]] = []
+        for _ in range(bursts):
+            seen, start = snapshots(), time.perf_counter()
+            tokens = [noop(i) for i in range(size)]
+            for token in tokens:
+                token.get(timeout=RESULT_TIMEOUT_S)
+            times.append((time.perf_counter() - start, snapshots() != seen))
+            del tokens
+        elapsed, tasks = sum(t for t, _ in times), size * bursts
+        return {
+            "tasks_per_s": tasks / elapsed,
+            "us_per_task": elapsed * 1e6 / tasks,
+            "snapshot_cost_pct": snapshot_cost(times),
+        }
 
     return _with_dashboard(case, body)
+
+
+def snapshot_cost(times: list[tuple[float, bool]]) -> float:
+    """The share of a run's time (%) the snapshots cost: every burst a snapshot was taken in
+    (``True``) counted as its excess over the mean burst without one; 0.0 if there is no burst
+    of either kind to compare."""
+    hit = [t for t, snapped in times if snapped]
+    miss = [t for t, snapped in times if not snapped]
+    if not hit or not miss:
+        return 0.0
+    excess = len(hit) * (statistics.fmean(hit) - statistics.fmean(miss))
+    return 100.0 * excess / sum(t for t, _ in times)
 
 
 def measure_case_b6(case: str, seconds: int) -> Figures:
     """B6's waves for ``seconds`` under the case's dashboard."""
     from tokengate.bench._b6_mixed import drive
 
-    return _with_dashboard(case, lambda: drive(lambda fn, args: fn(*args), seconds))
+    return _with_dashboard(case, lambda _: drive(lambda fn, args: fn(*args), seconds))
 
 
 _CASES: tuple[tuple[str, str, SystemKind, str], ...] = (
@@ -146,7 +175,7 @@ _CASES: tuple[tuple[str, str, SystemKind, str], ...] = (
 
 
 def _measure_b1(case: str, p: CaseParams) -> Figures:
-    return measure_case(case, p.n, QUICK_BURSTS if p.quick else BURSTS)
+    return measure_case(case, p.n)
 
 
 def _measure_b6(case: str, p: CaseParams) -> Figures:
@@ -167,20 +196,22 @@ SCENARIO = Scenario(
     id="DASH",
     title="dashboard overhead (B1 load)",
     description=(
-        f"noop(i) tasks, submit all then gather, {BURSTS} bursts in a row per run (1,000 warm-up "
-        "tasks first), the median burst's figures; the reference row (shown as the peer) has no "
-        "dashboard, so the ratio on µs/task is the overhead"
+        f"noop(i) tasks in {BURSTS} bursts per run (submit a burst, gather it; 1,000 warm-up "
+        "tasks first); the reference row (shown as the peer) has no dashboard, so the ratio on "
+        "µs/task is the overhead across runs; snapshot cost % compares, within each run, the "
+        "bursts a snapshot was taken in with the others"
     ),
     figures=(
         Figure("tasks_per_s", "tasks/s", higher_is_better=True),
         Figure("us_per_task", "µs/task", higher_is_better=False),
         Figure("snapshots", "snapshots", kind="count"),
         Figure("server_cpu_pct", "server CPU %", higher_is_better=False),
+        Figure("snapshot_cost_pct", "snapshot cost %", higher_is_better=False),
     ),
     headline="us_per_task",
-    n=100_000,
-    quick_n=10_000,
-    min_runs=15,  # a 3 % target against ±10 % run-to-run noise: many short runs, interleaved
+    n=300_000,  # 60 bursts of 5,000: a few seconds, a few snapshots per run
+    quick_n=30_000,
+    min_runs=15,  # a 3 % target against ±10 % run-to-run noise: many runs, interleaved
     systems=_systems(_measure_b1),
 )
 
