@@ -5,12 +5,13 @@ peer" reads as the overhead (1.03x = 3 % slower). ``served`` serves the dashboar
 looking; ``page-open`` also has a page open: a separate process reading the live stream (a
 snapshot every 0.9 s, the server's ``REFRESH``, as the browser page gets it), so the page's own
 drawing is not charged to the coordinator's process. ``snapshots`` counts the snapshots the
-server took during the run; ``server CPU %`` is the CPU time of the server's thread (where every
-request and snapshot runs) over the run's wall time: the dashboard's direct cost, read from a
-clock rather than from two noisy wall times. On B1's load the run is cut into bursts, and
-``snapshot cost %`` is what the page's snapshots cost that run, measured inside it: each burst a
-snapshot was taken in, against the mean burst of the same run without one (the page costs
-nothing else: without a snapshot, serving it is the ``served`` row's idle server).
+server took during the run; ``server CPU %`` is the CPU time of the server's thread (where the
+stream's snapshots are built and every request is read and answered) over the run's wall time:
+the dashboard's direct cost, read from a clock rather than from two noisy wall times. On B1's
+load the run is cut into bursts, and ``snapshot cost %`` is what the page's snapshots cost that
+run, measured inside it: each burst a snapshot was taken in, against the mean burst of the same
+run without one (the page costs nothing else: between snapshots an open page's server is the
+``served`` row's idle one).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _health(url: str) -> dict[str, Any]:
 
 
 def _server_clock() -> int:
-    """The CPU clock of the dashboard's server thread (every request and snapshot runs there)."""
+    """The CPU clock of the dashboard's server thread (where the live stream's snapshots are
+    built and every request is read and answered)."""
     from tokengate.dashboard._server import THREAD_NAME
 
     for thread in threading.enumerate():

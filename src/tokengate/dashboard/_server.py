@@ -48,8 +48,9 @@ log = logging.getLogger("tokengate.dashboard")
 MAX_BODY = 64 * 1024
 """The largest POST body accepted, in bytes (controls are a few hundred)."""
 REFRESH = 0.9
-#: The server thread's name, its port after it: every request and snapshot runs on it, so its
-#: CPU clock is what serving the dashboard costs (the DASH benchmark reads it).
+#: The server thread's name, its port after it. Its event loop builds the live stream's snapshots
+#: and reads and answers every request (plain endpoints run on a small thread pool beside it), so
+#: its CPU clock is what serving an open page costs (the DASH benchmark reads it).
 THREAD_NAME = "tokengate-dashboard"
 """Seconds between two snapshots of the live stream: what a page shows is at most a second old,
 counting the snapshot's build and delivery; each snapshot costs the coordinator a few ms of the
