@@ -148,8 +148,10 @@ def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
 def snapshot_cost(times: list[tuple[float, bool]]) -> float:
     """The share of a run's time (%) the snapshots cost: every burst a snapshot was taken in
     (``True``) counted as its excess over the mean burst without one; 0.0 if there is no burst
-    of either kind to compare. It overstates the cost a little, never understates it: a burst
-    that ran long for any reason is likelier to have a snapshot fall in it."""
+    of either kind to compare. Two small biases pull opposite ways: a burst that ran long for any
+    reason is likelier to have a snapshot start in it (overstating), and a snapshot that starts
+    near a burst's end spills into the next one, counted as without (understating); with bursts
+    of tens of milliseconds against snapshots of a few, both are small."""
     hit = [t for t, snapped in times if snapped]
     miss = [t for t, snapped in times if not snapped]
     if not hit or not miss:

@@ -48,13 +48,13 @@ log = logging.getLogger("tokengate.dashboard")
 MAX_BODY = 64 * 1024
 """The largest POST body accepted, in bytes (controls are a few hundred)."""
 REFRESH = 0.9
+"""Seconds between two snapshots of the live stream: what a page shows is at most a second old,
+counting the snapshot's build and delivery; each snapshot costs the coordinator a few ms of the
+GIL, so no more often than that."""
 #: The server thread's name, its port after it. Its event loop builds the live stream's snapshots
 #: and reads and answers every request (plain endpoints run on a small thread pool beside it), so
 #: its CPU clock is what serving an open page costs (the DASH benchmark reads it).
 THREAD_NAME = "tokengate-dashboard"
-"""Seconds between two snapshots of the live stream: what a page shows is at most a second old,
-counting the snapshot's build and delivery; each snapshot costs the coordinator a few ms of the
-GIL, so no more often than that."""
 
 _STATIC = {
     "dashboard.js": "text/javascript; charset=utf-8",
