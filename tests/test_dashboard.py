@@ -388,11 +388,12 @@ def test_a_snapshot_that_fails_ends_the_streams_and_the_next_page_is_served(
 
     _, dash = served
 
-    def broken(*args: object) -> dict[str, Any]:
+    def broken(*args: object) -> Iterator[None]:
         raise RuntimeError("a view broke")
+        yield  # a generator, as the real sections are
 
-    real = _server.snapshot
-    monkeypatch.setattr(_server, "snapshot", broken)
+    real = _server.snapshot_sections
+    monkeypatch.setattr(_server, "snapshot_sections", broken)
     page = _Stream(dash)
     try:
         assert page.next().get("hello")
@@ -401,8 +402,23 @@ def test_a_snapshot_that_fails_ends_the_streams_and_the_next_page_is_served(
     finally:
         page.conn.close()
     assert "could not build a snapshot" in caplog.text
-    monkeypatch.setattr(_server, "snapshot", real)
+    monkeypatch.setattr(_server, "snapshot_sections", real)
     assert "stats" in _read_events(dash, 1)[0]
+
+
+def test_the_live_snapshot_is_built_in_sections_with_the_same_data(
+    served: tuple[OperationsCoordinator, Dash],
+) -> None:
+    """The stream lets other threads have the GIL between sections: the sections together
+    give what one snapshot() gives."""
+    from tokengate.dashboard._views import snapshot, snapshot_sections
+
+    coordinator, _ = served
+    out: dict[str, Any] = {}
+    steps = sum(1 for _ in snapshot_sections(coordinator, None, out))
+    assert steps >= 3
+    assert set(out) == set(snapshot(coordinator))
+    assert out["stats"]["submitted"] == coordinator.stats().submitted
 
 
 def test_the_dashboard_stops_with_the_coordinator() -> None:

@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 
 from .._errors import TokenGateError
 from ._registry import RecentTokens
-from ._views import snapshot, stats_json, token_view
+from ._views import snapshot, snapshot_sections, stats_json, token_view
 
 if TYPE_CHECKING:
     from .._coordinator import OperationsCoordinator
@@ -55,6 +55,9 @@ GIL, so no more often than that."""
 #: and reads and answers every request (plain endpoints run on a small thread pool beside it), so
 #: its CPU clock is what serving an open page costs (the DASH benchmark reads it).
 THREAD_NAME = "tokengate-dashboard"
+SECTION_PAUSE = 0.0005
+"""Seconds the live stream's snapshot pauses between its sections, so that tasks running
+meanwhile get the GIL (``snapshot_sections``); a handful per snapshot, well inside a refresh."""
 
 _STATIC = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -215,7 +218,9 @@ class _Feed:
     """The live stream's snapshots: one built every ``refresh`` seconds while at least one page
     streams, and the same text sent to every page. Runs on the server's event loop only."""
 
-    def __init__(self, build: Callable[[], str], refresh: float, closing: threading.Event) -> None:
+    def __init__(
+        self, build: Callable[[], Awaitable[str]], refresh: float, closing: threading.Event
+    ) -> None:
         self._build = build
         self._refresh = refresh
         self._closing = closing
@@ -250,7 +255,7 @@ class _Feed:
     async def _produce(self) -> None:
         try:
             while self.clients > 0 and not self._closing.is_set():
-                self._data = self._build()
+                self._data = await self._build()
                 self._version += 1
                 changed, self._changed = self._changed, asyncio.Event()
                 assert changed is not None
@@ -350,9 +355,12 @@ class DashboardServer:
         """Pages streaming now."""
         return self._feed.clients
 
-    def _stream_snapshot(self) -> str:
+    async def _stream_snapshot(self) -> str:
         self.samples += 1
-        return json.dumps(snapshot(self.coordinator, self.registry))
+        data: dict[str, Any] = {}
+        for _ in snapshot_sections(self.coordinator, self.registry, data):
+            await asyncio.sleep(SECTION_PAUSE)  # the loop's wait lets go of the GIL meanwhile
+        return json.dumps(data)
 
     def close(self) -> None:
         """Stop serving: open pages see the stream end; waits up to 5 s for the thread."""

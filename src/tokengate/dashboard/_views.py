@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -199,32 +200,49 @@ def snapshot(
     coordinator: OperationsCoordinator, registry: RecentTokens | None = None
 ) -> dict[str, Any]:
     """Everything the page shows, at this instant."""
-    now = time.perf_counter()
+    out: dict[str, Any] = {}
+    for _ in snapshot_sections(coordinator, registry, out):
+        pass
+    return out
+
+
+def snapshot_sections(
+    coordinator: OperationsCoordinator, registry: RecentTokens | None, out: dict[str, Any]
+) -> Iterator[None]:
+    """Fill ``out`` with :func:`snapshot`'s data, a section at a time, yielding between them.
+
+    Under a real mix a snapshot is several milliseconds of Python (every operation's histograms,
+    the Guard House table, the task stream), and any task running meanwhile waits for the GIL:
+    the live stream lets the other threads run between sections rather than hold it in one
+    piece."""
     stats = stats_json(coordinator)
-    overflow = coordinator.overflow_guard.status()
+    out.update(time=time.time(), running=coordinator.running, stats=stats)
+    yield
     admission = coordinator.admission
-    backend = coordinator.backend
-    tracebacks = list(registry.tracebacks) if registry is not None else []
-    return {
-        "time": time.time(),
-        "running": coordinator.running,
-        "stats": stats,
-        "admission": {"waiters": admission.waiters, "paused": dict(admission.paused)},
-        "paused_operations": coordinator.paused_operations,
-        "quarantine": [
+    overflow = coordinator.overflow_guard.status()
+    out.update(
+        admission={"waiters": admission.waiters, "paused": dict(admission.paused)},
+        paused_operations=coordinator.paused_operations,
+        quarantine=[
             {"token_id": t.id, "operation_type": t.operation_type, "reason": reason}
             for t, reason in list(coordinator.quarantine.items())[:200]
         ],
-        "workers": _workers(coordinator),
-        "tiers": [_plain(t) for t in coordinator.tier_stats().values()],
-        "guard_house": _guard_house(coordinator, list(stats["operations"])),
-        "overflow": {**_plain(overflow), "enabled": coordinator.overflow_guard.enabled},
-        "convergence": _convergence(coordinator),
-        "tracebacks": [{"token_id": tid, "traceback": text} for tid, text in tracebacks[-10:]],
-        "stream": _stream(registry, now),
-        "backend": None if backend is None else type(backend).__name__,
-        "backend_dashboard": _backend_dashboard(backend),
-    }
+        workers=_workers(coordinator),
+        tiers=[_plain(t) for t in coordinator.tier_stats().values()],
+        overflow={**_plain(overflow), "enabled": coordinator.overflow_guard.enabled},
+        convergence=_convergence(coordinator),
+    )
+    yield
+    out["guard_house"] = _guard_house(coordinator, list(stats["operations"]))
+    yield
+    tracebacks = list(registry.tracebacks) if registry is not None else []
+    backend = coordinator.backend
+    out.update(
+        tracebacks=[{"token_id": tid, "traceback": text} for tid, text in tracebacks[-10:]],
+        stream=_stream(registry, time.perf_counter()),
+        backend=None if backend is None else type(backend).__name__,
+        backend_dashboard=_backend_dashboard(backend),
+    )
 
 
 def token_view(token: Token[Any]) -> dict[str, Any]:
