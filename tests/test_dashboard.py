@@ -421,6 +421,35 @@ def test_the_live_snapshot_is_built_in_sections_with_the_same_data(
     assert out["stats"]["submitted"] == coordinator.stats().submitted
 
 
+def test_the_stream_pauses_between_the_snapshot_sections(
+    served: tuple[OperationsCoordinator, Dash], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pause is an await on the event loop, whose wait lets go of the GIL."""
+    import asyncio
+
+    from tokengate.dashboard import _server
+    from tokengate.dashboard._views import snapshot_sections
+
+    coordinator, _ = served
+    server = coordinator._dashboards.servers[0]
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    here = threading.current_thread()
+
+    async def recording(delay: float, *args: Any) -> Any:
+        if threading.current_thread() is not here:  # the server's own loop sleeps too
+            return await real_sleep(delay, *args)
+        pauses.append(delay)
+        return await real_sleep(0)
+
+    monkeypatch.setattr(_server.asyncio, "sleep", recording)
+    text = asyncio.run(server._stream_snapshot())
+    sections = sum(1 for _ in snapshot_sections(coordinator, None, {}))
+    assert pauses == [_server.SECTION_PAUSE] * sections
+    assert "stats" in json.loads(text)
+
+
 def test_the_dashboard_stops_with_the_coordinator() -> None:
     coordinator = OperationsCoordinator(workers_per_core=1, process_lane=False).start()
     dash = Dash(coordinator.serve_dashboard())
