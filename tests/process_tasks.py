@@ -11,6 +11,7 @@ import resource
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +360,21 @@ def array_info(array: Any) -> dict[str, Any]:
         "mapped": bool(shared_mappings()),
         "pid": os.getpid(),
     }
+
+
+_MAPPINGS_SEEN: list[weakref.ref[Any]] = []
+
+
+@task_token_guard(operation_type="mapped_before", tags=HEAVY)
+def mapped_before(array: Any) -> bool:
+    """Whether the mapping ``array`` lies in is one an earlier call in this worker got too."""
+    view = array.base
+    while not isinstance(view, memoryview):  # a view of a view of the mapped buffer
+        view = view.base
+    mapping = view.obj
+    seen = any(ref() is mapping for ref in _MAPPINGS_SEEN)
+    _MAPPINGS_SEEN.append(weakref.ref(mapping))
+    return seen
 
 
 @task_token_guard(operation_type="make_array", tags=HEAVY)

@@ -98,7 +98,7 @@ def _reply(task: object, array: object) -> list[bytes]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         _segments.send_fds(ours, call.fds())
-        return _child._handle(memoryview(b"".join(call.message())), {}, theirs)
+        return _child._handle(memoryview(b"".join(call.message())), {}, theirs, {})
     finally:
         call.close()
         ours.close()

@@ -47,6 +47,12 @@ def segments_held(pid: int) -> tuple[int, int]:
     return fds, maps
 
 
+def mapped_bytes(line: str) -> int:
+    """The size of the region a line of ``/proc/<pid>/maps`` describes."""
+    start, end = line.split(maxsplit=1)[0].split("-")
+    return int(end, 16) - int(start, 16)
+
+
 def nothing_held(pids: list[int]) -> bool:
     return all(segments_held(pid) == (0, 0) for pid in pids if not gone(pid))
 
@@ -237,8 +243,9 @@ def test_share_places_an_object_once_and_calls_pass_slices_of_it_without_a_copy(
     step = BIG // 2  # slices below the threshold are still sent as places in the segment
     pieces = [shared[i * step : (i + 1) * step] for i in range(8)]
     call = _wire.prepare_call(pt.array_info, (pieces[3],), {}, has_dependencies=False)
-    ((segment, offset, length, owned),) = call.parts
-    assert (offset, length, owned) == (3 * step * 8, step * 8, False)
+    ((segment, offset, length, key),) = call.parts
+    assert (offset, length, call.parts[0].owned) == (3 * step * 8, step * 8, False)
+    assert key == _sharing.find(memoryview(shared))[2] != 0  # type: ignore[index]
     assert segment.size == original.nbytes and call.size() < 1024  # nothing copied for it
     call.close()
     assert segment.fd >= 0  # the shared segment is not the call's to close
@@ -250,6 +257,35 @@ def test_share_places_an_object_once_and_calls_pass_slices_of_it_without_a_copy(
     del shared, pieces, call, segment
     assert coordinator.stats().shared_objects == 0
     eventually(lambda: nothing_held(everyone(coordinator)), what="the shared segment to go")
+
+
+def test_a_worker_maps_a_shared_object_once_for_every_call_that_uses_it(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1, cores=1)
+    shared = coordinator.share(np.arange(4 * BIG, dtype=np.float64))
+    quarter = shared.size // 4
+    parts = [shared[i * quarter : (i + 1) * quarter] for i in range(4)]
+    # One worker: the first call maps the object, the next ones find that mapping kept.
+    assert [pt.mapped_before(p).get(timeout=30) for p in parts] == [False, True, True, True]
+    assert len(pt.worker_mappings().get(timeout=30)) == 1
+    # A call's own big argument is mapped for that call alone, as before.
+    own = [pt.mapped_before(np.ones(BIG)).get(timeout=30) for _ in range(2)]
+    assert own == [False, False]
+
+
+def test_a_worker_lets_go_of_a_shared_object_once_it_is_forgotten(procs: Make) -> None:
+    coordinator = procs(workers_per_core=1, cores=1)
+    shared = coordinator.share(np.arange(2 * BIG, dtype=np.float64))
+    kept = coordinator.share(np.ones(BIG))
+    tokens = [pt.array_info(shared), pt.array_info(kept)]
+    assert [t.get(timeout=30)["sum"] for t in tokens] == [float(shared.sum()), float(BIG)]
+    assert len(pt.worker_mappings().get(timeout=30)) == 2  # both kept for the next calls
+    del shared, tokens
+    # The worker hears of it before its next call: only the object still shared stays mapped.
+    (left,) = pt.worker_mappings().get(timeout=30)
+    assert mapped_bytes(left) == -(-kept.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    del kept
+    assert pt.worker_mappings().get(timeout=30) == []
+    eventually(lambda: nothing_held(everyone(coordinator)), what="the shared segments to go")
 
 
 def test_a_big_shared_object_is_filled_in_pieces_and_mapped_whole(

@@ -137,12 +137,17 @@ class Segment:
 
 class Part(NamedTuple):
     """One out-of-band buffer of a message: ``length`` bytes at ``offset`` in ``segment``.
-    ``owned``: the segment was made for this message alone (else it is a shared object's)."""
+    ``key``: the shared object's the segment is (0: it was made for this message alone)."""
 
     segment: Segment
     offset: int
     length: int
-    owned: bool
+    key: int
+
+    @property
+    def owned(self) -> bool:
+        """The segment was made for this message alone: the message closes it."""
+        return self.key == 0
 
 
 def share_buffer(buffer: Any, *, pieces: int = 1) -> Segment:

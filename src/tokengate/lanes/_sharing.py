@@ -11,26 +11,34 @@ bytes are copied, the worker maps the same pages. ::
     share(array) ──copy once──> segment ──map──> read-only array (registered)
     task(shared[i::16]) ──pickle──> buffer in a registered range ──> (segment, offset), fd only
 
+Each worker maps a shared object once, at the first call that uses it, and keeps that mapping
+for the calls after it: a task that reads the whole object faults its pages in once per worker,
+not once per call, and no call pays for unmapping it. The worker lets it go when this process
+forgets the object (the worker's proxy sends it the keys of the objects gone, :func:`watch`).
+
 Lifetime: the registry holds a segment while the returned object (or any view of it) is alive
-here; a call holds the segments it uses until its token ends. The kernel frees a segment once
-neither holds it and no worker maps it. The shared bytes are shown in ``stats()``
-(``shared_objects``, ``shared_bytes``) but not charged to ``process_queue_bytes``: they are held
-once, whatever the number of queued calls that use them, and a bound on queued calls must not
-make every producer wait for as long as a shared object lives.
+here; a call holds the segments it uses until its token ends; a worker holds the ones it mapped
+until it hears they were forgotten. The kernel frees a segment once none of them holds it.
+
+The shared bytes are shown in ``stats()`` (``shared_objects``, ``shared_bytes``) but not charged
+to ``process_queue_bytes``: they are held once, whatever the number of queued calls that use
+them, and a bound on queued calls must not make every producer wait for as long as a shared
+object lives.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import pickle
 import threading
 import weakref
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from ._segments import Segment, fill_threads, map_segment, share_buffer
 
-__all__ = ["SharedReading", "find", "reading", "share", "with_shared"]
+__all__ = ["SharedReading", "Watcher", "alive", "find", "reading", "share", "watch", "with_shared"]
 
 _S = TypeVar("_S")
 
@@ -77,23 +85,35 @@ def _address(buffer: Any) -> int:
 
 
 class _Entry:
-    """One registered mapping: its segment and its address range."""
+    """One registered mapping: its segment, its address range and its key (a number never given
+    to another entry in this process, by which workers know the segment they already map)."""
 
-    __slots__ = ("end", "segment", "start")
+    __slots__ = ("end", "key", "segment", "start")
 
-    def __init__(self, segment: Segment, start: int) -> None:
+    def __init__(self, segment: Segment, start: int, key: int) -> None:
         self.segment = segment
         self.start = start
         self.end = start + segment.size
+        self.key = key
+
+
+class Watcher(Protocol):
+    """What :func:`watch` tells when a shared object is forgotten (called on whichever thread
+    let go of it: must only take note and return)."""
+
+    def shared_forgotten(self) -> None: ...
 
 
 _lock = threading.Lock()
 _entries: dict[int, _Entry] = {}  # by start address
+_live: set[int] = set()  # the keys of the entries
+_keys = itertools.count(1)  # 0 is no shared object's
+_watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
 
 
-def find(buffer: memoryview) -> tuple[Segment, int] | None:
-    """The registered segment ``buffer`` lies in, and its offset there; None if it lies in none
-    (the common case: no registered mapping at all costs one dict check)."""
+def find(buffer: memoryview) -> tuple[Segment, int, int] | None:
+    """The registered segment ``buffer`` lies in, its offset there and the entry's key; None if
+    it lies in none (the common case: no registered mapping at all costs one dict check)."""
     if not _entries:
         return None
     start = _address(buffer)
@@ -101,8 +121,20 @@ def find(buffer: memoryview) -> tuple[Segment, int] | None:
     with _lock:
         for entry in _entries.values():
             if entry.start <= start and end <= entry.end:
-                return entry.segment, start - entry.start
+                return entry.segment, start - entry.start, entry.key
     return None
+
+
+def alive(key: int) -> bool:
+    """Whether the shared object of ``key`` is still registered here."""
+    return key in _live
+
+
+def watch(watcher: Watcher) -> None:
+    """Have ``watcher.shared_forgotten()`` called each time a shared object is forgotten (until
+    ``watcher`` is garbage; a worker's proxy watches once its worker maps a shared object)."""
+    with _lock:
+        _watchers.add(watcher)
 
 
 def reading() -> SharedReading:
@@ -123,7 +155,13 @@ def with_shared(snapshot: _S) -> _S:
 
 def _forget(start: int) -> None:
     with _lock:
-        _entries.pop(start, None)  # the segment closes once the calls using it let it go
+        entry = _entries.pop(start, None)  # the segment closes once the calls using it let it go
+        if entry is None:
+            return
+        _live.discard(entry.key)
+        watchers = list(_watchers)
+    for watcher in watchers:
+        watcher.shared_forgotten()
 
 
 def share(obj: _S, *, threshold: int = 0) -> _S:
@@ -153,9 +191,10 @@ def share(obj: _S, *, threshold: int = 0) -> _S:
         segment = share_buffer(raw, pieces=fill_threads())
         mapping = map_segment(segment.fds, segment.size, segment.piece, writable=True)
         start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        entry = _Entry(segment, start)
         with _lock:
+            entry = _Entry(segment, start, next(_keys))
             _entries[start] = entry
+            _live.add(entry.key)
         weakref.finalize(mapping.obj, _forget, start)
         views.append(mapping.toreadonly())
     buffers.clear()

@@ -64,6 +64,8 @@ __all__ = [
     "dumps_shared",
     "encode_exception",
     "encode_value",
+    "forget_message",
+    "forgotten_keys",
     "function_payload",
     "loads_shared",
     "pack_places",
@@ -78,7 +80,8 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 _HEADER = struct.Struct("!Q")
 _CALL_HEAD = struct.Struct("!II")
 _COUNT = struct.Struct("!I")
-_PLACE = struct.Struct("!QQQQ")
+_PLACE = struct.Struct("!QQQQQ")
+_KEY = struct.Struct("!Q")
 _READ_CHUNK = 1 << 16
 
 READY = ord("R")
@@ -205,9 +208,9 @@ class _BigBuffers:
 def _part(buffer: memoryview, lent: bool) -> Part:
     found = _sharing.find(buffer)
     if found is not None:
-        return Part(found[0], found[1], buffer.nbytes, False)
+        return Part(found[0], found[1], buffer.nbytes, found[2])
     segment = _segments.lend(buffer) if lent else _segments.share_buffer(buffer)
-    return Part(segment, 0, segment.size, True)
+    return Part(segment, 0, segment.size, 0)
 
 
 def dumps_shared(obj: Any, *, lent: bool = False) -> tuple[bytes, list[Part]]:
@@ -244,11 +247,14 @@ def _close_owned(segment: _segments.Segment, lent: bool, reuse: bool = False) ->
         segment.close()
 
 
-Place = tuple[int, int, int, int]  # a buffer's segment size and piece size, offset, length
+#: A buffer's segment size and piece size, offset, length, and its shared object's key (or 0).
+Place = tuple[int, int, int, int, int]
 
 
 def pack_places(parts: list[Part]) -> bytes:
-    return b"".join(_PLACE.pack(p.segment.size, p.segment.piece, p.offset, p.length) for p in parts)
+    return b"".join(
+        _PLACE.pack(p.segment.size, p.segment.piece, p.offset, p.length, p.key) for p in parts
+    )
 
 
 def unpack_places(data: memoryview, start: int, count: int) -> list[Place]:
@@ -265,16 +271,31 @@ def loads_shared(data: Any, views: list[memoryview]) -> Any:
     return pickle.loads(data, buffers=views) if views else pickle.loads(data)
 
 
-def receive_views(sock: socket.socket, places: list[Place], *, writable: bool) -> list[memoryview]:
+def receive_views(
+    sock: socket.socket,
+    places: list[Place],
+    *,
+    writable: bool,
+    kept: dict[int, memoryview] | None = None,
+) -> list[memoryview]:
     """Receive and map the segments of one message, each view its buffer's place in its
-    segment (the descriptors are closed once mapped)."""
-    counts = [_segments.piece_count(size, piece) for size, piece, _, _ in places]
+    segment (the descriptors are closed once mapped).
+
+    ``kept`` (a worker's): the mappings of shared objects, by key, kept across calls. A shared
+    object's segment found there is not mapped again; one not found is mapped and kept."""
+    counts = [_segments.piece_count(size, piece) for size, piece, _, _, _ in places]
     fds = _segments.receive_fds(sock, sum(counts))
     try:
         views = []
         at = 0
-        for count, (size, piece, offset, length) in zip(counts, places, strict=True):
-            mapping = _segments.map_segment(fds[at : at + count], size, piece, writable=writable)
+        for count, (size, piece, offset, length, key) in zip(counts, places, strict=True):
+            mapping = kept.get(key) if kept is not None and key else None
+            if mapping is None:
+                mapping = _segments.map_segment(
+                    fds[at : at + count], size, piece, writable=writable
+                )
+                if kept is not None and key:
+                    kept[key] = mapping
             views.append(mapping[offset : offset + length])
             at += count
         return views
@@ -282,6 +303,21 @@ def receive_views(sock: socket.socket, places: list[Place], *, writable: bool) -
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def forget_message(keys: list[int]) -> list[bytes]:
+    """A message telling a worker to let go of the mappings of these shared objects' keys (it
+    has no function, which no call lacks, and gets no reply)."""
+    return [_CALL_HEAD.pack(0, len(keys)), b"".join(_KEY.pack(key) for key in keys)]
+
+
+def forgotten_keys(message: memoryview) -> list[int] | None:
+    """The keys of a :func:`forget_message`; None for a call (worker side)."""
+    n, count = _CALL_HEAD.unpack_from(message)
+    if n:
+        return None
+    start = _CALL_HEAD.size
+    return [_KEY.unpack_from(message, start + i * _KEY.size)[0] for i in range(count)]
 
 
 def _type_name(obj: Any) -> str:
@@ -437,6 +473,10 @@ class ProcessCall:
     def fds(self) -> list[int]:
         """The descriptors of the shared buffers, to pass before the message."""
         return part_fds(self.parts)
+
+    def shared_keys(self) -> list[int]:
+        """The keys of the shared objects whose segments the call passes."""
+        return [part.key for part in self.parts if part.key]
 
     def message(self) -> list[bytes]:
         """The buffers of the task message (lengths and places, function, arguments)."""

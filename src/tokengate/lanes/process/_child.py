@@ -167,12 +167,16 @@ def _serial_failure(what: str, exc: BaseException) -> list[bytes]:
 
 
 def _handle(
-    message: memoryview, cache: dict[bytes, Callable[..., Any]], channel: socket.socket
+    message: memoryview,
+    cache: dict[bytes, Callable[..., Any]],
+    channel: socket.socket,
+    kept: dict[int, memoryview],
 ) -> list[bytes]:
-    """Run one call; its reply begins with ``F`` when the call's segments are mapped here no
-    more (nothing the task kept holds a view of them), so the parent may write over them."""
+    """Run one call; its reply begins with ``F`` when the call's own segments are mapped here no
+    more (nothing the task kept holds a view of them), so the parent may write over them.
+    (Shared objects' mappings are ``kept`` for the next calls until the parent forgets them.)"""
     mappings: list[weakref.ref[Any]] = []
-    reply = _serve(message, cache, channel, mappings)
+    reply = _serve(message, cache, channel, kept, mappings)
     if mappings and all(mapping() is None for mapping in mappings):
         return [_wire.RELEASED_MARK, *reply]
     return reply
@@ -182,16 +186,21 @@ def _serve(
     message: memoryview,
     cache: dict[bytes, Callable[..., Any]],
     channel: socket.socket,
+    kept: dict[int, memoryview],
     mappings: list[weakref.ref[Any]],
 ) -> list[bytes]:
     fn_part, args_part, places = _wire.split_call(message)
     views: list[memoryview] = []
     if places:  # taken first, whatever happens next: the channel stays in step
         try:
-            views = _wire.receive_views(channel, places, writable=False)
+            views = _wire.receive_views(channel, places, writable=False, kept=kept)
         except BaseException as exc:
             return _serial_failure("the shared buffers of the arguments", exc)
-        mappings.extend(weakref.ref(v.obj) for v in views if isinstance(v.obj, _MAPPINGS))
+        mappings.extend(
+            weakref.ref(view.obj)
+            for view, place in zip(views, places, strict=True)
+            if not place[4] and isinstance(view.obj, _MAPPINGS)
+        )
     try:
         fn = _load_function(fn_part, cache)
     except BaseException as exc:
@@ -221,6 +230,7 @@ def main(boot: dict[str, Any]) -> None:
     channel = socket.socket(fileno=boot["channel"])
     send = _wire.send
     cache: dict[bytes, Callable[..., Any]] = {}
+    kept: dict[int, memoryview] = {}  # shared objects' mappings, by key, while the parent has them
     if boot.get("init"):
         _initialize(reader, results)
     send(results, [b"R", pickle.dumps(os.getpid())])
@@ -229,7 +239,12 @@ def main(boot: dict[str, Any]) -> None:
             message = reader.recv()
         except EOFError:
             break
-        reply = _handle(message, cache, channel)
+        forgotten = _wire.forgotten_keys(message)
+        if forgotten is not None:  # no reply: the parent does not wait for one
+            for key in forgotten:
+                kept.pop(key, None)
+            continue
+        reply = _handle(message, cache, channel, kept)
         del message
         _flush()
         send(results, reply)

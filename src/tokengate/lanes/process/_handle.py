@@ -159,10 +159,12 @@ def _executable() -> str:
 
 class ChildProcess:
     """A running worker process: its pipes, the socket that passes shared-memory descriptors
-    both ways (``channel``), its pidfd and one ``poll`` object over the result pipe and pidfd."""
+    both ways (``channel``), its pidfd and one ``poll`` object over the result pipe and pidfd.
+    ``kept``: the keys of the shared objects it maps (it keeps them until told to forget them)."""
 
     __slots__ = (
         "channel",
+        "kept",
         "lifeline",
         "pid",
         "pidfd",
@@ -229,6 +231,7 @@ class ChildProcess:
                 channel.close()
                 raise
         self.pid = self.proc.pid
+        self.kept: set[int] = set()
         self.tasks = task_w
         self.results = result_r
         self.lifeline = life_w

@@ -14,6 +14,7 @@ shorten the cool-down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import signal
@@ -21,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import SerializationError, TaskTimeout, WorkerCrashed
-from .. import _segments, _wire
+from .. import _segments, _sharing, _wire
 from .._base import MailboxWorker
 from . import _handle
 from ._child import INITIALIZER_FAILED
@@ -90,6 +91,7 @@ class ProcessWorker(MailboxWorker):
         self._next_start = 0.0  # time.monotonic() before which no new start is attempted
         self._child: ChildProcess | None = None
         self._killed: Any = None  # the token whose worker process the operator killed
+        self._sweep = False  # a shared object was forgotten: tell the worker, if it maps it
 
     @property
     def state(self) -> SlotState:
@@ -127,6 +129,12 @@ class ProcessWorker(MailboxWorker):
             self._discard_left()
 
     # -- control from other threads ------------------------------------------------------------
+    def shared_forgotten(self) -> None:
+        """A shared object was forgotten (``_sharing.watch``): the proxy thread tells its worker
+        to let go of the mappings of every forgotten object it keeps, before its next call."""
+        self._sweep = True
+        self.wake()
+
     def request_stop(self) -> None:
         self.stopping = True
         self.wake()
@@ -165,6 +173,8 @@ class ProcessWorker(MailboxWorker):
         try:
             self._spawn()
             while True:
+                if self._sweep:
+                    self._forget_shared()
                 if self.machine.state is not _READY and not self._await_ready() and self.stopping:
                     break  # else ready, or broken with tokens waiting: handed over or failed
                 try:
@@ -177,7 +187,7 @@ class ProcessWorker(MailboxWorker):
                     token = self._steal()
                     if token is None:
                         self.sleeping = True
-                        if mailbox or self.stopping:
+                        if mailbox or self.stopping or self._sweep:
                             self.sleeping = False
                             continue
                         self._wake.acquire()
@@ -194,6 +204,21 @@ class ProcessWorker(MailboxWorker):
             raise
         finally:
             self._shutdown()
+
+    def _forget_shared(self) -> None:
+        """Tell the worker to let go of its mappings of the shared objects forgotten here (it
+        keeps a shared object's mapping for the next calls until told; nothing is awaited)."""
+        self._sweep = False
+        child = self._child
+        if child is None or not child.kept:
+            return
+        gone = [key for key in child.kept if not _sharing.alive(key)]
+        if not gone:
+            return
+        child.kept.difference_update(gone)
+        # A worker that died meanwhile took its mappings with it; the next call finds it dead.
+        with contextlib.suppress(OSError):
+            _wire.send(child.tasks, _wire.forget_message(gone))
 
     def _steal(self) -> Any:
         """Take the oldest token waiting behind a busy sibling, if this core may run it.
@@ -444,6 +469,12 @@ class ProcessWorker(MailboxWorker):
             except BaseException as error:  # part of the call may be in the pipe: out of step
                 return None, self._retire(token, child, error, "sending its call")
             self.lane.budget.release(call)  # handed to the worker: no longer queued
+            keys = call.shared_keys()
+            if keys:  # the worker keeps these mapped: it must hear when they are forgotten
+                child.kept.update(keys)
+                _sharing.watch(self)
+                if not all(_sharing.alive(key) for key in keys):
+                    self._sweep = True  # forgotten while the call waited: let go after it
             if self.failed_starts:
                 self.failed_starts = 0  # it took a task: the slot is healthy again
             if waited:  # its run (and its timeout) starts now, not before the restart
