@@ -701,6 +701,37 @@ def test_snapshot_cost_is_the_excess_of_the_bursts_a_snapshot_fell_in() -> None:
     assert snapshot_cost([(1.0, True)]) == 0.0
 
 
+def test_snapshot_tail_cost_compares_untouched_tasks_with_those_stand_in_windows_spare() -> None:
+    from tokengate.bench._dash_overhead import snapshot_tail_cost
+
+    period = 0.9
+    windows = [(0.5 + i * period, 0.505 + i * period) for i in range(10)]
+
+    def spans(delay: float) -> list[tuple[float, float]]:
+        """A task every ms, latencies cycling through 1-100 ms every 0.1 s (so the stand-in
+        windows, a third and two thirds of a period later, spare the same latencies the real
+        ones do, and a long task is likelier to overlap a window than a short one); the tasks
+        a real window overlaps take ``delay`` longer."""
+        out = []
+        for i in range(9_000):
+            start = i / 1000
+            end = start + (i % 100 + 1) / 1000
+            if any(a < end and start < b for a, b in windows):
+                end += delay
+            out.append((start, end))
+        return out
+
+    calm = snapshot_tail_cost(spans(0.0), windows, period)
+    # No cost, and no bias: the real and stand-in windows spare the same latencies.
+    assert calm["p50_cost_pct"] == pytest.approx(0.0, abs=1e-6)
+    assert calm["p95_cost_pct"] == pytest.approx(0.0, abs=1e-6)
+    assert 1 < calm["touched_pct"] < 10
+    slowed = snapshot_tail_cost(spans(0.2), windows, period)
+    assert slowed["p95_cost_pct"] > 0 and slowed["p50_cost_pct"] > 0
+    assert slowed["touched_pct"] == calm["touched_pct"]
+    assert snapshot_tail_cost(spans(0.0), [], period) == {}  # no snapshot: nothing to say
+
+
 @pytest.mark.parametrize(("scenario", "n"), [("B1", "100"), ("B6", "1")])
 def test_tokengate_dask_backend_cases_run(scenario: str, n: str) -> None:
     pytest.importorskip("distributed", reason="the Dask backend needs tokengate[dask]")

@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -444,10 +445,16 @@ def test_the_stream_pauses_between_the_snapshot_sections(
         return await real_sleep(0)
 
     monkeypatch.setattr(_server.asyncio, "sleep", recording)
+    server.snapshot_windows.clear()
+    before = time.perf_counter()
     text = asyncio.run(server._stream_snapshot())
+    after = time.perf_counter()
     sections = sum(1 for _ in snapshot_sections(coordinator, None, {}))
     assert pauses == [_server.SECTION_PAUSE] * sections
     assert "stats" in json.loads(text)
+    # Its build time, pauses included, is kept for measuring what snapshots cost.
+    ((start, end),) = server.snapshot_windows
+    assert before <= start < end <= after
 
 
 def test_the_dashboard_stops_with_the_coordinator() -> None:

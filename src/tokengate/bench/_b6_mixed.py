@@ -26,7 +26,7 @@ from typing import Any
 from tokengate.bench._b2_scaling import wait_process_lane
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, usable_cores
 
-__all__ = ["SCENARIO", "SEED", "percentile"]
+__all__ = ["SCENARIO", "SEED", "Span", "percentile"]
 
 SEED = 6
 #: The module of the waves' functions, imported by every worker process before the clock.
@@ -64,11 +64,15 @@ def schedule(
         wave += 1
 
 
+Span = tuple[float, float]  # a task's submit and done-callback times, time.perf_counter()
+
+
 class _Outcomes:
-    """Done-callbacks: latency of each finished future, resolved / failed counts."""
+    """Done-callbacks: latency and span of each finished future, resolved / failed counts."""
 
     def __init__(self) -> None:
         self.latencies: list[float] = []
+        self.spans: list[Span] = []
         self.resolved = 0
         self.failed = 0
         self._lock = threading.Lock()
@@ -76,10 +80,11 @@ class _Outcomes:
 
     def track(self, future: Future[Any], t0: float) -> None:
         def done(f: Future[Any]) -> None:
-            latency = time.perf_counter() - t0
+            end = time.perf_counter()
             ok = not f.cancelled() and f.exception() is None
             with self._lock:
-                self.latencies.append(latency)
+                self.latencies.append(end - t0)
+                self.spans.append((t0, end))
                 if ok:
                     self.resolved += 1
                 else:
@@ -99,8 +104,9 @@ class _Outcomes:
                 )
 
 
-def drive(submit: Submit, duration: float) -> Figures:
-    """Replay the waves through ``submit``; wait for every task; return the figures."""
+def drive(submit: Submit, duration: float, spans: list[Span] | None = None) -> Figures:
+    """Replay the waves through ``submit``; wait for every task; return the figures (and add
+    every task's span to ``spans``, if given)."""
     outcomes = _Outcomes()
     pause = threading.Event()
     submitted = waves = 0
@@ -117,6 +123,8 @@ def drive(submit: Submit, duration: float) -> Figures:
             waves += 1
         outcomes.wait(submitted)
         wall = time.perf_counter() - start
+    if spans is not None:
+        spans.extend(outcomes.spans)
     lat = outcomes.latencies
     return {
         "waves": waves,

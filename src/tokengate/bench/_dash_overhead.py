@@ -11,11 +11,13 @@ the dashboard's direct cost, read from a clock rather than from two noisy wall t
 load the run is cut into bursts, and ``snapshot cost %`` is what the page's snapshots cost that
 run, measured inside it: each burst a snapshot was taken in, against the mean burst of the same
 run without one (the page costs nothing else: between snapshots an open page's server is the
-``served`` row's idle one).
+``served`` row's idle one). On B6's load, ``snapshot p50/p95 cost %`` is the same question asked
+of the latencies inside each run (:func:`snapshot_tail_cost`).
 """
 
 from __future__ import annotations
 
+import bisect
 import http.client
 import json
 import statistics
@@ -24,12 +26,16 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
+from tokengate.bench._b6_mixed import Span, percentile
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, SystemKind
 
-__all__ = ["SCENARIO", "SCENARIO_B6", "measure_case"]
+if TYPE_CHECKING:
+    from tokengate.dashboard._server import DashboardServer
+
+__all__ = ["SCENARIO", "SCENARIO_B6", "measure_case", "snapshot_cost", "snapshot_tail_cost"]
 
 WARM_UP = 1_000
 #: A DASH run submits its tasks in this many bursts (submit a burst, gather it, the next).
@@ -39,6 +45,8 @@ WARM_UP = 1_000
 #: (``snapshot_cost_pct``), on the same process, machine state and moment.
 BURSTS = 60
 RESULT_TIMEOUT_S = 120.0
+#: Where the stand-in windows of :func:`snapshot_tail_cost` lie, in periods after the real ones.
+PHANTOM_SHIFTS = (1 / 3, 2 / 3)
 
 # The page: reads the server-sent events until it is terminated.
 _READER = """
@@ -76,19 +84,19 @@ def _server_clock() -> int:
     raise AssertionError(f"no {THREAD_NAME}-* thread: the dashboard is not served")
 
 
-Body = Callable[[Callable[[], int]], Figures]
+Body = Callable[["DashboardServer | None"], Figures]
 
 
 def _with_dashboard(case: str, body: Body) -> Figures:
     """Run ``body`` under the case's dashboard set-up; add the snapshot count and the share of
     the run's wall time the server thread spent on a CPU (its direct cost, free of the
-    machine's run-to-run noise that the wall-time ratio carries). ``body`` gets a function
-    that returns how many snapshots the server has taken so far (always 0 without one)."""
+    machine's run-to-run noise that the wall-time ratio carries). ``body`` gets the dashboard's
+    server (None without one)."""
     from tokengate import OperationsCoordinator
 
     with OperationsCoordinator() as coordinator:
         if case == "off":
-            return {**body(lambda: 0), "snapshots": 0, "server_cpu_pct": 0.0}
+            return {**body(None), "snapshots": 0, "server_cpu_pct": 0.0}
         url = coordinator.serve_dashboard()
         server = coordinator._dashboards.servers[0]
         page = None
@@ -103,7 +111,7 @@ def _with_dashboard(case: str, body: Body) -> Figures:
         clock = _server_clock()
         cpu0, wall0 = time.clock_gettime(clock), time.perf_counter()
         try:
-            figures = body(lambda: server.samples)
+            figures = body(server)
             cpu, wall = time.clock_gettime(clock) - cpu0, time.perf_counter() - wall0
         finally:
             if page is not None:
@@ -124,7 +132,8 @@ def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
 
     size = max(1, n // bursts)
 
-    def body(snapshots: Callable[[], int]) -> Figures:
+    def body(server: DashboardServer | None) -> Figures:
+        snapshots: Callable[[], int] = (lambda: server.samples) if server else (lambda: 0)
         for i in range(WARM_UP):
             noop(i).get(timeout=60)
         times: list[tuple[float, bool]] = []
@@ -161,10 +170,57 @@ def snapshot_cost(times: list[tuple[float, bool]]) -> float:
 
 
 def measure_case_b6(case: str, seconds: int) -> Figures:
-    """B6's waves for ``seconds`` under the case's dashboard."""
+    """B6's waves for ``seconds`` under the case's dashboard; with a page open, what its
+    snapshots cost the latencies inside the run (:func:`snapshot_tail_cost`)."""
     from tokengate.bench._b6_mixed import drive
 
-    return _with_dashboard(case, lambda _: drive(lambda fn, args: fn(*args), seconds))
+    def body(server: DashboardServer | None) -> Figures:
+        spans: list[Span] = []
+        figures = drive(lambda fn, args: fn(*args), seconds, spans)
+        if server is None or case != "page-open":
+            return figures
+        windows = list(server.snapshot_windows)
+        return {**figures, **snapshot_tail_cost(spans, windows, server.refresh)}
+
+    return _with_dashboard(case, body)
+
+
+def _untouched(spans: Sequence[Span], windows: Sequence[Span]) -> list[float]:
+    """The latencies of the tasks that no window overlapped (``windows`` in order, disjoint)."""
+    starts = [start for start, _ in windows]
+    latencies = []
+    for submitted, done in spans:
+        last = bisect.bisect_left(starts, done) - 1  # the last window that began before the end
+        if last >= 0 and windows[last][1] > submitted:
+            continue
+        latencies.append(done - submitted)
+    return latencies
+
+
+def snapshot_tail_cost(spans: Sequence[Span], windows: Sequence[Span], period: float) -> Figures:
+    """What a page's snapshots cost B6's latencies, measured inside one run: a task a snapshot
+    was built during (its window overlapped the task's span) may have waited for it.
+
+    The tasks no snapshot overlapped stand for the run without the page; but they are not an
+    unbiased sample of it, since a long task is likelier to overlap a window than a short one.
+    So the same tasks are also filtered by stand-in windows of the same lengths a third and two
+    thirds of a ``period`` later, where no snapshot was built: the excess of their p50/p95 over
+    the p50/p95 of the tasks no real window overlapped is the cost (``p50_cost_pct``,
+    ``p95_cost_pct``, in %), the bias cancelling. ``touched_pct``: the share of tasks a
+    snapshot overlapped. Empty without windows or tasks."""
+    if not spans or not windows:
+        return {}
+    real = _untouched(spans, windows)
+    stand_ins = [
+        _untouched(spans, [(a + k * period, b + k * period) for a, b in windows])
+        for k in PHANTOM_SHIFTS
+    ]
+    figures: Figures = {"touched_pct": 100.0 * (1 - len(real) / len(spans))}
+    for q in (50, 95):
+        mine = percentile(real, q)
+        reference = statistics.fmean(percentile(s, q) for s in stand_ins)
+        figures[f"p{q}_cost_pct"] = 100.0 * (reference / mine - 1) if mine else 0.0
+    return figures
 
 
 _CASES: tuple[tuple[str, str, SystemKind, str], ...] = (
@@ -225,7 +281,9 @@ SCENARIO_B6 = Scenario(
     title="dashboard overhead (B6 seed mixed load)",
     description=(
         "B6's waves (the Quick-Proof's Proof 3 load); the reference row (shown as the peer) has no "
-        "dashboard, so the ratios on p50 and p95 are the overhead"
+        "dashboard, so the ratios on p50 and p95 are the overhead across runs; snapshot p50/p95 "
+        "cost % compares, within each run, the tasks no snapshot overlapped with the tasks no "
+        "stand-in window of the same lengths overlapped"
     ),
     figures=(
         Figure("submitted", "submitted", kind="count"),
@@ -233,6 +291,9 @@ SCENARIO_B6 = Scenario(
         Figure("p95_ms", "p95 ms", higher_is_better=False),
         Figure("snapshots", "snapshots", kind="count"),
         Figure("server_cpu_pct", "server CPU %", higher_is_better=False),
+        Figure("touched_pct", "tasks touched %", higher_is_better=False),
+        Figure("p50_cost_pct", "snapshot p50 cost %", higher_is_better=False),
+        Figure("p95_cost_pct", "snapshot p95 cost %", higher_is_better=False),
     ),
     headline="p95_ms",
     n=60,

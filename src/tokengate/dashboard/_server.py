@@ -30,6 +30,8 @@ import logging
 import secrets
 import socket
 import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -51,6 +53,7 @@ REFRESH = 0.9
 """Seconds between two snapshots of the live stream: what a page shows is at most a second old,
 counting the snapshot's build and delivery; each snapshot costs the coordinator a few ms of the
 GIL, so no more often than that."""
+SNAPSHOT_WINDOWS = 1_000  # the live snapshots' build times kept: 15 min at one per 0.9 s
 #: The server thread's name, its port after it. Its event loop builds the live stream's snapshots
 #: and reads and answers every request (plain endpoints run on a small thread pool beside it), so
 #: its CPU clock is what serving an open page costs (the DASH benchmark reads it).
@@ -297,6 +300,9 @@ class DashboardServer:
         self._registry_installed = False
         self._install_lock = threading.Lock()
         self.samples = 0
+        #: When the live stream's latest snapshots were built: (start, end) in
+        #: ``time.perf_counter()`` seconds, so what they cost can be measured (``tokengate bench``).
+        self.snapshot_windows: deque[tuple[float, float]] = deque(maxlen=SNAPSHOT_WINDOWS)
         self._closing = threading.Event()
         self._feed = _Feed(self._stream_snapshot, refresh, self._closing)
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -357,10 +363,13 @@ class DashboardServer:
 
     async def _stream_snapshot(self) -> str:
         self.samples += 1
+        start = time.perf_counter()
         data: dict[str, Any] = {}
         for _ in snapshot_sections(self.coordinator, self.registry, data):
             await asyncio.sleep(SECTION_PAUSE)  # the loop's wait lets go of the GIL meanwhile
-        return json.dumps(data)
+        text = json.dumps(data)
+        self.snapshot_windows.append((start, time.perf_counter()))
+        return text
 
     def close(self) -> None:
         """Stop serving: open pages see the stream end; waits up to 5 s for the thread."""
