@@ -246,6 +246,28 @@ def test_a_token_is_found_by_id_with_its_error_and_traceback(
         assert status == 404 and b"no token" in body
 
 
+def test_a_failed_token_is_found_after_later_tokens_push_it_out_of_the_recent_ones(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    from tokengate.dashboard._registry import RecentTokens
+
+    coordinator = make_coordinator(workers_per_core=1, process_lane=False)
+    registry = RecentTokens(capacity=3)  # as if thousands had ended since
+    registry.attach(coordinator)
+    bad = fails(7)
+    with pytest.raises(ValueError):
+        bad.get(timeout=10)
+    for token in [square(i) for i in range(5)]:
+        token.get(timeout=10)
+    assert bad not in registry.recent(3)  # out of the recent ones, still found
+    assert registry.find(coordinator, bad.id) is bad
+    early = square(99)
+    early.get(timeout=10)
+    for token in [square(i) for i in range(5)]:
+        token.get(timeout=10)
+    assert registry.find(coordinator, early.id) is None
+
+
 _flaky_calls: list[int] = []
 
 

@@ -1,15 +1,16 @@
 """Recent tokens by id, failures with tracebacks, and the task stream, for the dashboard.
 
 :class:`RecentTokens` keeps the last ``capacity`` attempts and discards (the tokens, in a bounded
-deque) and the formatted traceback of the last ``failures`` errors. It is attached only when the
-first page (or API read) looks, so a coordinator that is never looked at pays nothing. Once
-attached, the completion path appends each ended token to the deque itself (one C call, no
-middleware call per token); only failures reach the middleware hook, for their tracebacks. A
-look-up scans the deque, at request time. Tokens still queued or running are found by scanning
-the lanes at lookup time, so the hot path never records them.
+deque), and the last ``failures`` failed tokens with their formatted tracebacks. It is attached
+only when the first page (or API read) looks, so a coordinator that is never looked at pays
+nothing. Once attached, the completion path appends each ended token to the deque itself (one C
+call, no middleware call per token); only failures reach the middleware hook, for their
+tracebacks. A look-up scans the deques, at request time. Tokens still queued or running are
+found by scanning the lanes at lookup time, so the hot path never records them.
 
 Holding the token (not a copy of its fields) keeps its result alive until it is evicted: the
-capacity bounds that, and a page reads the token's own, always current, state.
+capacity bounds that, and a page reads the token's own, always current, state. Failed tokens
+are kept apart as well, so the last ``failures`` stay found however many tokens end after them.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class RecentTokens(Middleware):
 
     def __init__(self, capacity: int = 2_000, failures: int = 50) -> None:
         self.capacity = capacity
+        self.failures = failures
         # A bounded deque: appending is one atomic C call, no lock, the oldest falls out.
         self._tokens: deque[Token[Any]] = deque(maxlen=capacity)
+        self._failed: deque[Token[Any]] = deque(maxlen=failures)
         self.tracebacks: deque[tuple[str, str]] = deque(maxlen=failures)
 
     def attach(self, coordinator: OperationsCoordinator) -> None:
@@ -56,14 +59,10 @@ class RecentTokens(Middleware):
         if exc is not None:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             self.tracebacks.append((token.id, text[-8_000:]))
+            self._failed.append(token)
 
     def _snapshot(self) -> list[Token[Any]]:
-        for _ in range(100):
-            try:
-                return list(self._tokens)
-            except RuntimeError:  # appended to while copying: try again
-                continue
-        return []  # pragma: no cover - would need 100 appends racing 100 copies
+        return _copy(self._tokens)
 
     def recent(self, limit: int) -> list[Token[Any]]:
         """The last ``limit`` runs recorded (a retried token once per attempt), oldest first,
@@ -85,7 +84,7 @@ class RecentTokens(Middleware):
         seq = parse_token_id(token_id)
         if seq is None:
             return None
-        for token in reversed(self._snapshot()):
+        for token in (*reversed(self._snapshot()), *reversed(_copy(self._failed))):
             if token.seq == seq:
                 return token if token.id == token_id else None
         for worker in coordinator.iter_workers():
@@ -100,3 +99,13 @@ class RecentTokens(Middleware):
                 if queued.seq == seq:
                     return queued if queued.id == token_id else None
         return None
+
+
+def _copy(tokens: deque[Token[Any]]) -> list[Token[Any]]:
+    """A copy of a deque other threads append to."""
+    for _ in range(100):
+        try:
+            return list(tokens)
+        except RuntimeError:  # appended to while copying: try again
+            continue
+    return []  # pragma: no cover - would need 100 appends racing 100 copies

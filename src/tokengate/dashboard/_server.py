@@ -441,7 +441,8 @@ class DashboardServer:
                 return JSONResponse(
                     {
                         "error": f"no token {request.path_params['token_id']!r} among the "
-                        f"running, queued and last {self.registry.capacity} ended tokens"
+                        f"running, queued, last {self.registry.capacity} ended and last "
+                        f"{self.registry.failures} failed tokens"
                     },
                     status_code=404,
                 )
