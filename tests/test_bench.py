@@ -680,6 +680,7 @@ def test_dash_reads_the_cpu_clock_of_the_thread_that_serves_requests(
     coordinator = make_coordinator()
     url = coordinator.serve_dashboard()
     clock = _server_clock()
+    assert _health(url)["ok"]  # the server has started (its start-up is its own CPU too)
     before = time.clock_gettime(clock)
     spin_until = time.thread_time() + 0.05  # this thread's CPU is not the server's
     while time.thread_time() < spin_until:
