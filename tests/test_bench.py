@@ -656,6 +656,7 @@ def test_threadpool_nested_fanout_is_reported_deadlocked() -> None:
         ("B8", "tokengate", "4"),
         ("B8b", "tokengate", "4"),
         ("DASH", "page-open", "500"),
+        ("DASH", "recent-tokens", "500"),
         ("DASHB6", "page-open", "1"),
     ],
 )
@@ -665,9 +666,11 @@ def test_tokengate_cases_run(scenario: str, system: str, n: str) -> None:
     assert record["figures"]["peak_rss_mb"] > 0
     if scenario == "B7":
         assert record["figures"]["completed"] is True
-    if scenario.startswith("DASH"):  # a short run may not see the server thread use any CPU
+    if system == "recent-tokens":  # no dashboard: the deque alone
+        assert isinstance(record["figures"]["recent_cost_pct"], float)
+    elif scenario.startswith("DASH"):  # a short run may not see the server thread use any CPU
         assert 0 <= record["figures"]["server_cpu_pct"] < 100
-    if scenario == "DASH":
+    if scenario == "DASH" and system == "page-open":
         assert record["figures"]["snapshot_cost_pct"] is not None
 
 
@@ -700,6 +703,20 @@ def test_snapshot_cost_is_the_excess_of_the_bursts_a_snapshot_fell_in() -> None:
     assert snapshot_cost([(1.1, False), (0.9, False), (1.0, True)]) == pytest.approx(0.0)
     assert snapshot_cost([(1.0, False), (1.0, False)]) == 0.0  # nothing to compare
     assert snapshot_cost([(1.0, True)]) == 0.0
+
+
+def test_the_recent_tokens_case_switches_the_deque_on_for_every_other_burst() -> None:
+    from collections import deque
+
+    from tokengate.bench._dash_overhead import measure_recent_tokens
+
+    recent: deque[object] = deque()
+    figures = measure_recent_tokens("recent-tokens", 400, bursts=4, recent=recent)
+    assert len(recent) == 200  # the 2nd and 4th bursts' 100 tokens each
+    assert figures["recent_cost_pct"] > -100 and figures["us_per_task"] > 0
+    recent.clear()
+    measure_recent_tokens("recent-null", 400, bursts=4, recent=recent)
+    assert not recent
 
 
 def test_snapshot_tail_cost_compares_untouched_tasks_with_those_stand_in_windows_spare() -> None:

@@ -11,8 +11,10 @@ the dashboard's direct cost, read from a clock rather than from two noisy wall t
 load the run is cut into bursts, and ``snapshot cost %`` is what the page's snapshots cost that
 run, measured inside it: each burst a snapshot was taken in, against the mean burst of the same
 run without one (the page costs nothing else: between snapshots an open page's server is the
-``served`` row's idle one). On B6's load, ``snapshot p50/p95 cost %`` is the same question asked
-of the latencies inside each run (:func:`snapshot_tail_cost`).
+``served`` row's idle one but for the deque of ended tokens a page's first look switches on,
+which the ``recent-tokens`` row measures on its own: :func:`measure_recent_tokens`). On B6's
+load, ``snapshot p50/p95 cost %`` is the same question asked of the latencies inside each run
+(:func:`snapshot_tail_cost`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +38,14 @@ from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System
 if TYPE_CHECKING:
     from tokengate.dashboard._server import DashboardServer
 
-__all__ = ["SCENARIO", "SCENARIO_B6", "measure_case", "snapshot_cost", "snapshot_tail_cost"]
+__all__ = [
+    "SCENARIO",
+    "SCENARIO_B6",
+    "measure_case",
+    "measure_recent_tokens",
+    "snapshot_cost",
+    "snapshot_tail_cost",
+]
 
 WARM_UP = 1_000
 #: A DASH run submits its tasks in this many bursts (submit a burst, gather it, the next).
@@ -154,6 +164,46 @@ def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
     return _with_dashboard(case, body)
 
 
+def measure_recent_tokens(
+    case: str, n: int, bursts: int = BURSTS, recent: deque[Any] | None = None
+) -> Figures:
+    """B1's load in ``bursts`` bursts, no dashboard, with the deque of ended tokens that a page's
+    first look switches on (``RecentTokens``) switched on for every other burst: its cost
+    (``recent_cost_pct``) is the median burst with it over the median burst without, in one
+    process. ``recent-null`` never switches it on: the same reading where there is nothing to
+    find (bursts alternate, and the second of a pair may differ from the first). ``recent``: the
+    deque to switch on (a new one of the dashboard's capacity by default)."""
+    from tokengate import OperationsCoordinator
+    from tokengate.bench._tasks import noop
+    from tokengate.dashboard._registry import RECENT_CAPACITY
+
+    size = max(1, n // bursts)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with OperationsCoordinator() as coordinator:
+        completion = coordinator._completion
+        if recent is None:
+            recent = deque(maxlen=RECENT_CAPACITY)
+        for i in range(WARM_UP):
+            noop(i).get(timeout=60)
+        for burst in range(bursts):
+            second = burst % 2 == 1
+            completion.recent = recent if second and case == "recent-tokens" else None
+            start = time.perf_counter()
+            tokens = [noop(i) for i in range(size)]
+            for token in tokens:
+                token.get(timeout=RESULT_TIMEOUT_S)
+            times[second].append(time.perf_counter() - start)
+            del tokens
+        completion.recent = None
+    elapsed, tasks = sum(times[False]) + sum(times[True]), size * bursts
+    cost = statistics.median(times[True]) / statistics.median(times[False]) - 1
+    return {
+        "tasks_per_s": tasks / elapsed,
+        "us_per_task": elapsed * 1e6 / tasks,
+        "recent_cost_pct": 100.0 * cost,
+    }
+
+
 def snapshot_cost(times: list[tuple[float, bool]]) -> float:
     """The share of a run's time (%) the snapshots cost: every burst a snapshot was taken in
     (``True``) counted as its excess over the mean burst without one; 0.0 if there is no burst
@@ -243,14 +293,38 @@ def _measure_b6(case: str, p: CaseParams) -> Figures:
     return measure_case_b6(case, p.n)
 
 
-def _systems(measure: Callable[[str, CaseParams], Figures]) -> tuple[System, ...]:
+_RECENT_CASES: tuple[tuple[str, str, SystemKind, str], ...] = (
+    (
+        "recent-tokens",
+        "recent-tokens deque, every other burst",
+        "tokengate",
+        "no dashboard; the deque of ended tokens a page's first look switches on, on for every "
+        "other burst: recent cost % is its cost in that run",
+    ),
+    (
+        "recent-null",
+        "recent-tokens deque, never (the measure's null)",
+        "tokengate",
+        "as recent-tokens with the deque never on: what recent cost % reads with nothing to find",
+    ),
+)
+
+
+def _measure_recent(case: str, p: CaseParams) -> Figures:
+    return measure_recent_tokens(case, p.n)
+
+
+def _systems(
+    measure: Callable[[str, CaseParams], Figures],
+    cases: tuple[tuple[str, str, SystemKind, str], ...] = _CASES,
+) -> tuple[System, ...]:
     def make(case: str, label: str, kind: SystemKind, note: str) -> System:
         def run(p: CaseParams) -> Figures:
             return measure(case, p)
 
         return System(case, label, run, kind=kind, note=note)
 
-    return tuple(make(*case) for case in _CASES)
+    return tuple(make(*case) for case in cases)
 
 
 SCENARIO = Scenario(
@@ -260,7 +334,8 @@ SCENARIO = Scenario(
         f"noop(i) tasks in {BURSTS} bursts per run (submit a burst, gather it; 1,000 warm-up "
         "tasks first); the reference row (shown as the peer) has no dashboard, so the ratio on "
         "µs/task is the overhead across runs; snapshot cost % compares, within each run, the "
-        "bursts a snapshot was taken in with the others"
+        "bursts a snapshot was taken in with the others; recent cost % the bursts with the "
+        "page's deque of ended tokens on with those without, in one process"
     ),
     figures=(
         Figure("tasks_per_s", "tasks/s", higher_is_better=True),
@@ -268,12 +343,13 @@ SCENARIO = Scenario(
         Figure("snapshots", "snapshots", kind="count"),
         Figure("server_cpu_pct", "server CPU %", higher_is_better=False),
         Figure("snapshot_cost_pct", "snapshot cost %", higher_is_better=False),
+        Figure("recent_cost_pct", "recent cost %", higher_is_better=False),
     ),
     headline="us_per_task",
     n=300_000,  # 60 bursts of 5,000: a few seconds, a few snapshots per run
     quick_n=30_000,
     min_runs=15,  # a 3 % target against ±10 % run-to-run noise: many runs, interleaved
-    systems=_systems(_measure_b1),
+    systems=_systems(_measure_b1) + _systems(_measure_recent, _RECENT_CASES),
 )
 
 SCENARIO_B6 = Scenario(

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from .._coordinator import OperationsCoordinator
     from .._token import Token
 
-__all__ = ["RecentTokens", "parse_token_id"]
+__all__ = ["RECENT_CAPACITY", "RecentTokens", "parse_token_id"]
+
+#: How many ended tokens a dashboard keeps for look-up and the task stream.
+RECENT_CAPACITY = 2_000
 
 
 def parse_token_id(token_id: str) -> int | None:
@@ -41,7 +44,7 @@ def parse_token_id(token_id: str) -> int | None:
 class RecentTokens(Middleware):
     """The last ``capacity`` ended (or retried) tokens and the last ``failures`` tracebacks."""
 
-    def __init__(self, capacity: int = 2_000, failures: int = 50) -> None:
+    def __init__(self, capacity: int = RECENT_CAPACITY, failures: int = 50) -> None:
         self.capacity = capacity
         self.failures = failures
         # A bounded deque: appending is one atomic C call, no lock, the oldest falls out.
