@@ -705,14 +705,14 @@ def test_snapshot_cost_is_the_excess_of_the_bursts_a_snapshot_fell_in() -> None:
     assert snapshot_cost([(1.0, True)]) == 0.0
 
 
-def test_the_recent_tokens_case_switches_the_deque_on_for_every_other_burst() -> None:
+def test_the_recent_tokens_case_switches_the_deque_on_for_one_burst_of_each_pair() -> None:
     from collections import deque
 
     from tokengate.bench._dash_overhead import measure_recent_tokens
 
     recent: deque[object] = deque()
     figures = measure_recent_tokens("recent-tokens", 400, bursts=4, recent=recent)
-    assert len(recent) == 200  # the 2nd and 4th bursts' 100 tokens each
+    assert len(recent) == 200  # one burst of 100 tokens in each of the two pairs
     assert figures["recent_cost_pct"] > -100 and figures["us_per_task"] > 0
     recent.clear()
     measure_recent_tokens("recent-null", 400, bursts=4, recent=recent)
