@@ -264,8 +264,11 @@ def test_new_threads_start_as_a_tree_so_the_first_serve_at_once(
     coordinator.backend.router.invalidate()
     eventually(lambda: all(w.thread.is_alive() for w in added), what="46 new threads running")
     assert sum(starts.values()) == 46
-    assert starts[threading.current_thread().name] == FAN_OUT
-    assert max(starts.values()) == FAN_OUT, starts
+    # At most FAN_OUT each: fewer when the tree below took the pending ones first (the caller
+    # may get the GIL back only after its first thread's descendants emptied the queue).
+    assert 1 <= starts[threading.current_thread().name] <= FAN_OUT, starts
+    assert max(starts.values()) <= FAN_OUT, starts
+    assert len(starts) > 1  # the new threads started the rest
     tokens = [quick_fast(i) for i in range(100)]
     assert [t.get(timeout=10) for t in tokens] == [i + 1 for i in range(100)]
     assert_counts_add_up(coordinator)
