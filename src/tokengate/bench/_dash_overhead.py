@@ -135,6 +135,17 @@ def _with_dashboard(case: str, body: Body) -> Figures:
         }
 
 
+def _burst(size: int) -> float:
+    """Seconds to submit ``size`` no-op tasks and gather them all (one burst of B1's load)."""
+    from tokengate.bench._tasks import noop
+
+    start = time.perf_counter()
+    tokens = [noop(i) for i in range(size)]
+    for token in tokens:
+        token.get(timeout=RESULT_TIMEOUT_S)
+    return time.perf_counter() - start
+
+
 def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
     """B1's load, ``n`` noop tasks in ``bursts`` bursts (submit a burst, gather it) under the
     case's dashboard: the run's rate, and what the bursts a snapshot fell in cost beyond the
@@ -149,12 +160,9 @@ def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
             noop(i).get(timeout=60)
         times: list[tuple[float, bool]] = []
         for _ in range(bursts):
-            seen, start = snapshots(), time.perf_counter()
-            tokens = [noop(i) for i in range(size)]
-            for token in tokens:
-                token.get(timeout=RESULT_TIMEOUT_S)
-            times.append((time.perf_counter() - start, snapshots() != seen))
-            del tokens
+            seen = snapshots()
+            seconds = _burst(size)
+            times.append((seconds, snapshots() != seen))
         elapsed, tasks = sum(t for t, _ in times), size * bursts
         return {
             "tasks_per_s": tasks / elapsed,
@@ -195,12 +203,7 @@ def measure_recent_tokens(
             noop(i).get(timeout=60)
         for on in chosen:
             completion.recent = recent if on and case == "recent-tokens" else None
-            start = time.perf_counter()
-            tokens = [noop(i) for i in range(size)]
-            for token in tokens:
-                token.get(timeout=RESULT_TIMEOUT_S)
-            times[on].append(time.perf_counter() - start)
-            del tokens
+            times[on].append(_burst(size))
         completion.recent = None
     elapsed, tasks = sum(times[False]) + sum(times[True]), size * len(chosen)
     cost = statistics.median(times[True]) / statistics.median(times[False]) - 1
