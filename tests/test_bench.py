@@ -705,6 +705,29 @@ def test_snapshot_cost_is_the_excess_of_the_bursts_a_snapshot_fell_in() -> None:
     assert snapshot_cost([(1.0, True)]) == 0.0
 
 
+def test_paired_cost_stays_between_the_clusters_of_bimodal_pairs() -> None:
+    from tokengate.bench._dash_overhead import paired_cost
+
+    assert paired_cost([(1.02, 1.0)] * 5) == pytest.approx(2.0)
+    # Costless, but a slow burst landed on the side with it in 6 pairs and without it in 5: the
+    # median ratio reads +5 %, the trimmed geometric mean about +0.5 %.
+    bimodal = [(1.05, 1.0)] * 6 + [(1.0, 1.05)] * 5
+    assert abs(paired_cost(bimodal)) < 1.0
+    # The highest and lowest tenth are left out: one burst slowed threefold does not count.
+    assert paired_cost([(1.01, 1.0)] * 10 + [(3.0, 1.0)]) == pytest.approx(1.0)
+    assert paired_cost([]) == 0.0
+
+
+def test_a_snapshot_is_marked_in_every_burst_its_build_overlapped() -> None:
+    from tokengate.bench._dash_overhead import overlapped
+
+    bursts = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
+    # One build from the end of the first burst into the second, one inside the last.
+    marked = overlapped(bursts, [(0.9, 1.5), (3.2, 3.4)])
+    assert marked == [(1.0, True), (1.0, True), (1.0, False), (1.0, True)]
+    assert overlapped(bursts, []) == [(1.0, False)] * 4
+
+
 def test_the_recent_tokens_case_switches_the_deque_on_for_one_burst_of_each_pair() -> None:
     from collections import deque
 

@@ -13,6 +13,7 @@ name (so it pickles) and are started before the clock.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import random
@@ -21,10 +22,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokengate.bench._b2_scaling import wait_process_lane
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, usable_cores
+
+if TYPE_CHECKING:
+    from tokengate import OperationsCoordinator
 
 __all__ = ["SCENARIO", "SEED", "Span", "percentile"]
 
@@ -138,15 +142,21 @@ def drive(submit: Submit, duration: float, spans: list[Span] | None = None) -> F
     }
 
 
-def run_tokengate(p: CaseParams) -> Figures:
+@contextlib.contextmanager
+def started_coordinator() -> Iterator[OperationsCoordinator]:
+    """A coordinator as B6 runs on it: before the clock, as for the process pool, its worker
+    processes are up and have imported the bodies."""
     from tokengate import OperationsCoordinator
 
-    # Before the clock, as for the process pool: the worker processes are up and have imported
-    # the bodies.
     with OperationsCoordinator(
         process_initializer=importlib.import_module, process_initargs=(BODIES,)
     ) as coordinator:
         wait_process_lane(coordinator)
+        yield coordinator
+
+
+def run_tokengate(p: CaseParams) -> Figures:
+    with started_coordinator():
         return drive(lambda fn, args: fn(*args), p.n)
 
 

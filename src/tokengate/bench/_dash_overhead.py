@@ -9,8 +9,8 @@ server took during the run; ``server CPU %`` is the CPU time of the server's thr
 stream's snapshots are built and every request is read and answered) over the run's wall time:
 the dashboard's direct cost, read from a clock rather than from two noisy wall times. On B1's
 load the run is cut into bursts, and ``snapshot cost %`` is what the page's snapshots cost that
-run, measured inside it: each burst a snapshot was taken in, against the mean burst of the same
-run without one (the page costs nothing else: between snapshots an open page's server is the
+run, measured inside it: each burst a snapshot's build overlapped, against the mean burst of the
+same run without one (the page costs nothing else: between snapshots an open page's server is the
 ``served`` row's idle one but for the deque of ended tokens a page's first look switches on,
 which the ``recent-tokens`` row measures on its own: :func:`measure_recent_tokens`). On B6's
 load, ``snapshot p50/p95 cost %`` is the same question asked of the latencies inside each run
@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import http.client
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -37,6 +38,9 @@ from tokengate.bench._b6_mixed import Span, percentile
 from tokengate.bench._model import CaseParams, Figure, Figures, Scenario, System, SystemKind
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager as ContextManager
+
+    from tokengate import OperationsCoordinator
     from tokengate.dashboard._server import DashboardServer
 
 __all__ = [
@@ -44,6 +48,8 @@ __all__ = [
     "SCENARIO_B6",
     "measure_case",
     "measure_recent_tokens",
+    "overlapped",
+    "paired_cost",
     "snapshot_cost",
     "snapshot_tail_cost",
 ]
@@ -52,7 +58,7 @@ WARM_UP = 1_000
 #: A DASH run submits its tasks in this many bursts (submit a burst, gather it, the next).
 #: B1-length runs vary ±10-15 % from one process to the next on a 2-core machine, as much as the
 #: dashboard could cost ten times over; bursts within one run let the run compare itself: the
-#: bursts during which the page's snapshot was taken against those without one
+#: bursts a page's snapshot was built during against those without one
 #: (``snapshot_cost_pct``), on the same process, machine state and moment.
 BURSTS = 60
 RESULT_TIMEOUT_S = 120.0
@@ -98,14 +104,17 @@ def _server_clock() -> int:
 Body = Callable[["DashboardServer | None"], Figures]
 
 
-def _with_dashboard(case: str, body: Body) -> Figures:
+def _with_dashboard(
+    case: str, body: Body, start: Callable[[], ContextManager[OperationsCoordinator]] | None = None
+) -> Figures:
     """Run ``body`` under the case's dashboard set-up; add the snapshot count and the share of
     the run's wall time the server thread spent on a CPU (its direct cost, free of the
     machine's run-to-run noise that the wall-time ratio carries). ``body`` gets the dashboard's
-    server (None without one)."""
+    server (None without one). ``start``: the coordinator, started as the scenario the load
+    comes from starts it (a default one if None)."""
     from tokengate import OperationsCoordinator
 
-    with OperationsCoordinator() as coordinator:
+    with (start or OperationsCoordinator)() as coordinator:
         if case == "off":
             return {**body(None), "snapshots": 0, "server_cpu_pct": 0.0}
         url = coordinator.serve_dashboard()
@@ -155,19 +164,18 @@ def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
     size = max(1, n // bursts)
 
     def body(server: DashboardServer | None) -> Figures:
-        snapshots: Callable[[], int] = (lambda: server.samples) if server else (lambda: 0)
         for i in range(WARM_UP):
             noop(i).get(timeout=60)
-        times: list[tuple[float, bool]] = []
+        spans: list[Span] = []
         for _ in range(bursts):
-            seen = snapshots()
-            seconds = _burst(size)
-            times.append((seconds, snapshots() != seen))
-        elapsed, tasks = sum(t for t, _ in times), size * bursts
+            start = time.perf_counter()
+            spans.append((start, start + _burst(size)))
+        windows = list(server.snapshot_windows) if server is not None else []
+        elapsed, tasks = sum(end - start for start, end in spans), size * bursts
         return {
             "tasks_per_s": tasks / elapsed,
             "us_per_task": elapsed * 1e6 / tasks,
-            "snapshot_cost_pct": snapshot_cost(times),
+            "snapshot_cost_pct": snapshot_cost(overlapped(spans, windows)),
         }
 
     return _with_dashboard(case, body)
@@ -179,10 +187,9 @@ def measure_recent_tokens(
     """B1's load in ``bursts`` bursts, no dashboard, with the deque of ended tokens that a page's
     first look switches on (``RecentTokens``) switched on for one burst of each pair, which one
     drawn at random (so nothing that recurs every other burst, or every few, counts as its cost):
-    ``recent_cost_pct`` is the median burst with it over the median burst without, in one
-    process. ``recent-null`` draws the same bursts but never switches it on: what the reading is
-    with nothing to find. ``recent``: the deque to switch on (one of the dashboard's capacity by
-    default)."""
+    ``recent_cost_pct`` is :func:`paired_cost` over the pairs, in one process. ``recent-null``
+    draws the same bursts but never switches it on: what the reading is with nothing to find.
+    ``recent``: the deque to switch on (one of the dashboard's capacity by default)."""
     from tokengate import OperationsCoordinator
     from tokengate.bench._tasks import noop
     from tokengate.dashboard._registry import RECENT_CAPACITY
@@ -194,7 +201,7 @@ def measure_recent_tokens(
         for _ in range(bursts // 2)
         for on in ((True, False) if draw.random() < 0.5 else (False, True))
     ]
-    times: dict[bool, list[float]] = {False: [], True: []}
+    times: list[float] = []
     with OperationsCoordinator() as coordinator:
         completion = coordinator._completion
         if recent is None:
@@ -203,24 +210,54 @@ def measure_recent_tokens(
             noop(i).get(timeout=60)
         for on in chosen:
             completion.recent = recent if on and case == "recent-tokens" else None
-            times[on].append(_burst(size))
+            times.append(_burst(size))
         completion.recent = None
-    elapsed, tasks = sum(times[False]) + sum(times[True]), size * len(chosen)
-    cost = statistics.median(times[True]) / statistics.median(times[False]) - 1
+    # Each pair as (the burst with the deque, the burst without), whichever ran first.
+    pairs = [
+        (times[i], times[i + 1]) if chosen[i] else (times[i + 1], times[i])
+        for i in range(0, len(chosen), 2)
+    ]
+    elapsed, tasks = sum(times), size * len(chosen)
     return {
         "tasks_per_s": tasks / elapsed,
         "us_per_task": elapsed * 1e6 / tasks,
-        "recent_cost_pct": 100.0 * cost,
+        "recent_cost_pct": paired_cost(pairs),
     }
 
 
+def paired_cost(pairs: Sequence[tuple[float, float]], trim: float = 0.1) -> float:
+    """What the change costs (%), from pairs of adjacent bursts ``(with it, without it)``: the
+    geometric mean of the pairs' ratios, leaving out the ``trim`` share of the lowest and of the
+    highest. A pair compares bursts a moment apart, so slow drift cancels. Not the median ratio:
+    the bursts' times are bimodal (a full garbage collection, or the machine's neighbour, lands
+    in some bursts and not others), so the ratios cluster around 1 + g and 1 / (1 + g), and
+    their median jumps from one cluster to the other with the luck of the draw, where their
+    mean, trimmed of the rare outliers, stays between them. 0.0 without pairs."""
+    if not pairs:
+        return 0.0
+    logs = sorted(math.log(with_it / without) for with_it, without in pairs)
+    cut = int(len(logs) * trim)
+    kept = logs[cut : len(logs) - cut] or logs
+    return 100.0 * (math.exp(statistics.fmean(kept)) - 1)
+
+
+def overlapped(spans: Sequence[Span], windows: Sequence[Span]) -> list[tuple[float, bool]]:
+    """Each span's length, and whether any of ``windows`` (in order, disjoint) overlapped it."""
+    starts = [start for start, _ in windows]
+    marked = []
+    for start, end in spans:
+        last = bisect.bisect_left(starts, end) - 1  # the last window that began before the end
+        marked.append((end - start, last >= 0 and windows[last][1] > start))
+    return marked
+
+
 def snapshot_cost(times: list[tuple[float, bool]]) -> float:
-    """The share of a run's time (%) the snapshots cost: every burst a snapshot was taken in
-    (``True``) counted as its excess over the mean burst without one; 0.0 if there is no burst
-    of either kind to compare. Two small biases pull opposite ways: a burst that ran long for any
-    reason is likelier to have a snapshot start in it (overstating), and a snapshot that starts
-    near a burst's end spills into the next one, counted as without (understating); with bursts
-    of tens of milliseconds against snapshots of a few, both are small."""
+    """The share of a run's time (%) the snapshots cost: every burst a snapshot was built
+    during (``True``) counted as its excess over the mean burst without one; 0.0 if there is no
+    burst of either kind to compare. A snapshot is marked in every burst its build overlapped,
+    not only the one it began in: under B1's load a build waits for the interpreter between its
+    sections and spans tens of milliseconds, as long as a burst. A burst that ran long for any
+    reason is likelier to be overlapped (overstating the cost a little)."""
     hit = [t for t, snapped in times if snapped]
     miss = [t for t, snapped in times if not snapped]
     if not hit or not miss:
@@ -232,7 +269,7 @@ def snapshot_cost(times: list[tuple[float, bool]]) -> float:
 def measure_case_b6(case: str, seconds: int) -> Figures:
     """B6's waves for ``seconds`` under the case's dashboard; with a page open, what its
     snapshots cost the latencies inside the run (:func:`snapshot_tail_cost`)."""
-    from tokengate.bench._b6_mixed import drive
+    from tokengate.bench._b6_mixed import drive, started_coordinator
 
     def body(server: DashboardServer | None) -> Figures:
         spans: list[Span] = []
@@ -242,19 +279,12 @@ def measure_case_b6(case: str, seconds: int) -> Figures:
         windows = list(server.snapshot_windows)
         return {**figures, **snapshot_tail_cost(spans, windows, server.refresh)}
 
-    return _with_dashboard(case, body)
+    return _with_dashboard(case, body, started_coordinator)
 
 
 def _untouched(spans: Sequence[Span], windows: Sequence[Span]) -> list[float]:
     """The latencies of the tasks that no window overlapped (``windows`` in order, disjoint)."""
-    starts = [start for start, _ in windows]
-    latencies = []
-    for submitted, done in spans:
-        last = bisect.bisect_left(starts, done) - 1  # the last window that began before the end
-        if last >= 0 and windows[last][1] > submitted:
-            continue
-        latencies.append(done - submitted)
-    return latencies
+    return [latency for latency, touched in overlapped(spans, windows) if not touched]
 
 
 def snapshot_tail_cost(spans: Sequence[Span], windows: Sequence[Span], period: float) -> Figures:
@@ -344,8 +374,9 @@ SCENARIO = Scenario(
         f"noop(i) tasks in {BURSTS} bursts per run (submit a burst, gather it; 1,000 warm-up "
         "tasks first); the reference row (shown as the peer) has no dashboard, so the ratio on "
         "µs/task is the overhead across runs; snapshot cost % compares, within each run, the "
-        "bursts a snapshot was taken in with the others; recent cost % the bursts with the "
-        "page's deque of ended tokens on with those without, in one process"
+        "bursts a snapshot's build overlapped with the others; recent cost % each burst with "
+        "the page's deque of ended tokens on against its pair's burst without (trimmed "
+        "geometric mean of the pairs), in one process"
     ),
     figures=(
         Figure("tasks_per_s", "tasks/s", higher_is_better=True),
