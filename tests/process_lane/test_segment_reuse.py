@@ -135,3 +135,24 @@ def test_a_worker_s_segment_is_reused_for_the_next_call_once_let_go(
     eventually(settled, what="the call's segment to come back")
     assert _segments.spare_count() == (0, 1)  # the worker keeps it: closed, never written over
     assert pt.kept_sum().get(timeout=30) == 5.0 * BIG
+
+
+def test_a_big_call_buffer_is_filled_in_pieces_and_such_a_spare_serves_only_its_own_size(
+    in_flight: _segments.Segment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_segments, "LEND_PIECE_BYTES", SIZE)
+    monkeypatch.setattr(_segments, "fill_threads", lambda: 2)
+    first = _segments.lend(b"\x01" * (2 * SIZE))
+    assert len(first.fds) == 2 and first.piece == SIZE  # two threads filled it
+    inodes = [os.fstat(fd).st_ino for fd in first.fds]
+    _segments.give_back(first, reuse=True)
+    other = _segments.lend(b"\x02" * SIZE)  # another size: pieces cannot be resized
+    assert _inode(other) not in inodes and _segments.spare_count() == (1, 2)
+    again = _segments.lend(b"\x03" * SIZE + b"\x04" * SIZE)  # its size: written over, piecewise
+    assert [os.fstat(fd).st_ino for fd in again.fds] == inodes
+    assert _segments.spare_count() == (0, 3)
+    whole = _segments.map_segment(again.fds, again.size, again.piece, writable=False)
+    assert whole == b"\x03" * SIZE + b"\x04" * SIZE
+    del whole
+    for segment in (other, again):
+        _segments.give_back(segment, reuse=False)

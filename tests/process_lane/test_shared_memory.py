@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -367,3 +368,25 @@ def test_the_shared_objects_and_bytes_are_exported_to_prometheus(procs: Make) ->
 def test_share_refuses_an_object_without_buffers(coordinator: OperationsCoordinator) -> None:
     with pytest.raises(ValueError, match=r"found no buffer to share in a dict"):
         coordinator.share({"a": 1})
+
+
+def test_a_call_argument_filled_in_pieces_reaches_the_worker_whole(
+    procs: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_segments, "LEND_PIECE_BYTES", _segments.SHARE_THRESHOLD)
+    monkeypatch.setattr(_segments, "fill_threads", lambda: 3)
+    pieces: list[int] = []  # of each call buffer made, when made (a segment closes when done)
+    lend = _segments.lend
+
+    def counted(buffer: Any) -> _segments.Segment:
+        segment = lend(buffer)
+        pieces.append(len(segment.fds))
+        return segment
+
+    monkeypatch.setattr(_segments, "lend", counted)
+    coordinator = procs(workers_per_core=1, cores=1)
+    original = np.arange(4 * BIG, dtype=np.float64)
+    info = pt.array_info(original).get(timeout=30)
+    assert pieces == [3]  # the argument went in three pieces
+    assert info["sum"] == float(original.sum()) and info["mapped"] and not info["writeable"]
+    eventually(lambda: nothing_held(everyone(coordinator)), what="every piece to be freed")
