@@ -80,7 +80,7 @@ PIECE_BYTES = 32 * 1024 * 1024
 #: The same for a call's own big argument or result that no spare segment can take: from
 #: twice this size it is filled in pieces too (16 fresh 32 MB buffers: 265 ms by one thread,
 #: 150 ms in two pieces each, on a 2-core machine; one call with a 128 MB array, call to
-#: result: 106 → 90 ms). Smaller, a fill's threads cost more than they save.
+#: result: 106 → 92 ms). Smaller, a fill's threads cost more than they save.
 LEND_PIECE_BYTES = 8 * 1024 * 1024
 _FDS_PER_MESSAGE = 200  # below the kernel's SCM_MAX_FD (253)
 _NAME = "tokengate"
