@@ -244,6 +244,11 @@ def test_a_token_is_found_by_id_with_its_error_and_traceback(
     for missing in ("nope", "dash_square_1", f"other_{ok.id.rpartition('_')[2]}"):
         status, body, _ = dash.request("GET", f"/api/token/{missing}")
         assert status == 404 and b"no token" in body
+    # A control on an ended token says so (it is found, but there is nothing to act on).
+    status, body = dash.post(json.dumps({"action": "kill", "token": ok.id}).encode())
+    assert status == 409 and b"has ended (resolved)" in body, body
+    status, body = dash.post(json.dumps({"action": "kill", "token": "nope_1"}).encode())
+    assert status == 409 and b"no token 'nope_1'" in body, body
 
 
 def test_a_failed_token_is_found_after_later_tokens_push_it_out_of_the_recent_ones(
@@ -254,17 +259,26 @@ def test_a_failed_token_is_found_after_later_tokens_push_it_out_of_the_recent_on
     coordinator = make_coordinator(workers_per_core=1, process_lane=False)
     registry = RecentTokens(capacity=3)  # as if thousands had ended since
     registry.attach(coordinator)
+
+    def one_per_period(calls: range) -> None:
+        for i in calls:  # a period each, as the server runs them: none goes unrecorded
+            steps = registry.cycle(period=1.0)
+            next(steps)
+            square(i).get(timeout=10)
+            next(steps, None)
+
     bad = fails(7)
     with pytest.raises(ValueError):
         bad.get(timeout=10)
-    for token in [square(i) for i in range(5)]:
-        token.get(timeout=10)
-    assert bad not in registry.recent(3)  # out of the recent ones, still found
-    assert registry.find(coordinator, bad.id) is bad
+    one_per_period(range(5))
+    assert bad.seq not in {record.seq for record in registry.recent(3)}  # pushed out
+    found = registry.find(coordinator, bad.id)  # still found, among the failures
+    assert found is not None and (found.id, found.state) == (bad.id, "failed")
+    assert found.error == "ValueError: bad input 7"
     early = square(99)
     early.get(timeout=10)
-    for token in [square(i) for i in range(5)]:
-        token.get(timeout=10)
+    assert registry.find(coordinator, early.id) is not None
+    one_per_period(range(5))
     assert registry.find(coordinator, early.id) is None
 
 

@@ -108,9 +108,13 @@ class Completion:
         # the runs they must see come to them here, without a middleware call per token.
         self.watch_runs = False
         self.run_watchers: tuple[Watcher, ...] = ()
-        # The dashboard's recent tokens (a bounded deque), once a page looks: every terminal
-        # end, retried attempt and discard is appended here, one C call, no middleware call.
+        # The dashboard's recent tokens (a bounded deque), while a page looks: runs ending
+        # (terminal or retried) are appended to ``recent`` until it holds ``recent_limit``,
+        # which switches it off until the dashboard takes them (dashboard/_registry.py); every
+        # discard to ``recent_discards``. One C call, no middleware call.
         self.recent: deque[Token[Any]] | None = None
+        self.recent_limit = 0
+        self.recent_discards: deque[Token[Any]] | None = None
         self._lock = threading.Lock()
         self.backing_off: set[Token[Any]] = set()  # retries waiting out their back-off
         self._drain_cond = threading.Condition(threading.Lock())
@@ -183,6 +187,8 @@ class Completion:
         recent = self.recent
         if recent is not None:
             recent.append(token)
+            if len(recent) >= self.recent_limit:
+                self.recent = None  # enough for this period: the dashboard switches it on
         spec = token.spec
         try:  # StatsRecorder.counters, inline: once per token
             counters = self.stats.per_thread.shard.ops[spec.operation_type]
@@ -214,8 +220,11 @@ class Completion:
         """An attempt ended (``resolved``, ``failed`` or ``retried``): show its run to the run
         watcher if it must, then tell middleware (``after_attempt`` always, ``after_failure``
         for errors)."""
-        if outcome == "retried" and self.recent is not None:
-            self.recent.append(token)
+        recent = self.recent
+        if outcome == "retried" and recent is not None:
+            recent.append(token)
+            if len(recent) >= self.recent_limit:
+                self.recent = None
         if outcome == "retried" and self.watch_runs and token.started_at is not None:
             spec = token.spec  # a retried attempt is not terminal: its run is recorded here
             counters = self.stats.counters(spec.operation_type, spec.weight)
@@ -352,8 +361,8 @@ class Completion:
         """Under the token's lock: count the discard."""
         spec = token.spec
         token.finished_at = _perf()
-        if self.recent is not None:
-            self.recent.append(token)
+        if self.recent_discards is not None:
+            self.recent_discards.append(token)
         self.stats.record_discarded(spec.operation_type, spec.weight)
 
     def after_discard(self, token: Token[Any]) -> None:

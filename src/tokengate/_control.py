@@ -185,10 +185,14 @@ def _find(coordinator: Any, data: dict[str, Any]) -> Token[Any]:
         raise ValueError('"token" must be a token id string')
     servers = coordinator._dashboards.servers
     registry = servers[0].registry if servers else None
-    found = registry.find(coordinator, token_id) if registry is not None else None
-    if found is None:
-        raise ValueError(f"no token {token_id!r} among the running, queued and recent tokens")
-    return cast("Token[Any]", found)
+    if registry is not None:
+        live = registry.find_live(coordinator, token_id)
+        if live is not None:
+            return cast("Token[Any]", live)
+        ended = registry.find(coordinator, token_id)
+        if ended is not None:
+            raise ValueError(f"token {token_id!r} has ended ({ended.state}): nothing to act on")
+    raise ValueError(f"no token {token_id!r} among the running, queued and held tokens")
 
 
 def _pause(c: Any, data: dict[str, Any]) -> str:

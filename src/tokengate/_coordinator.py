@@ -789,8 +789,8 @@ class OperationsCoordinator:
 
         Open the URL in a browser: totals, rates and latencies, workers, storage tiers, the
         Guard House and the Overflow Guard, the task stream, token look-up and the operator
-        controls, refreshed twice a second while a page is open (nothing is read while none
-        is). ``port=0`` picks a free port. Only loopback listens unless ``addr`` names another
+        controls, refreshed about once a second while a page is open (nothing is read while
+        none is). ``port=0`` picks a free port. Only loopback listens unless ``addr`` names another
         address (e.g. ``"0.0.0.0"``), and every request needs the URL's token, so treat the URL
         as a password. The server stops with the coordinator. Needs
         ``pip install 'tokengate[dashboard]'``.

@@ -58,6 +58,13 @@ SNAPSHOT_WINDOWS = 1_000  # the live snapshots' build times kept: 15 min at one 
 #: and reads and answers every request (plain endpoints run on a small thread pool beside it), so
 #: its CPU clock is what serving an open page costs (the DASH benchmark reads it).
 THREAD_NAME = "tokengate-dashboard"
+ABSORB_EVERY = 0.25
+"""Seconds between two absorbs of the ended tokens recorded for the page: how long a token is
+held for the page at most, and the period in which at most its share of ``SAMPLE_BUDGET`` runs
+are recorded (dashboard/_registry.py)."""
+IDLE_AFTER = 30.0
+"""Seconds without a page streaming or a read after which ended tokens are no longer recorded
+(the next look starts again)."""
 SECTION_PAUSE = 0.0005
 """Seconds the live stream's snapshot pauses between its sections, so that tasks running
 meanwhile get the GIL (``snapshot_sections``); a handful per snapshot, well inside a refresh."""
@@ -297,8 +304,12 @@ class DashboardServer:
         self.token = secrets.token_urlsafe(32)
         self.controls = controls or {}
         self.registry = RecentTokens()
-        self._registry_installed = False
-        self._install_lock = threading.Lock()
+        self.absorb_every = ABSORB_EVERY
+        self.idle_after = IDLE_AFTER
+        self._last_look = 0.0
+        self._recording_lock = threading.Lock()
+        self._keeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.samples = 0
         #: When the live stream's latest snapshots were built: (start, end) in
         #: ``time.perf_counter()`` seconds, so what they cost can be measured (``tokengate bench``).
@@ -331,14 +342,18 @@ class DashboardServer:
         self._thread = threading.Thread(
             target=self._serve, name=f"{THREAD_NAME}-{self.port}", daemon=True
         )
-        self._thread.start()
         self._closed = False
+        self._thread.start()
 
     def _serve(self) -> None:
         try:
-            self._server.run(sockets=[self._sock])
+            asyncio.run(self._run())
         except BaseException:  # pragma: no cover - uvicorn logs its own errors first
             log.exception("the dashboard server on %s stopped with an error", self.url)
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()  # before the first request can look
+        await self._server.serve(sockets=[self._sock])
 
     @property
     def url(self) -> str:
@@ -347,14 +362,31 @@ class DashboardServer:
         return f"http://{host}:{self.port}/?token={self.token}"
 
     def touched(self) -> None:
-        """A page or an API read looks (``/api/health`` does not count): from now on recent
-        tokens are recorded."""
-        if self._registry_installed:
-            return
-        with self._install_lock:
-            if not self._registry_installed:
-                self._registry_installed = True
-                self.registry.attach(self.coordinator)
+        """A page or an API read looks (``/api/health`` does not count): ended tokens are
+        recorded from now until nobody has looked for :attr:`idle_after` seconds."""
+        with self._recording_lock:
+            self._last_look = time.monotonic()
+            if self.registry.recording or self._closed or self._loop is None:
+                return
+            self.registry.attach(self.coordinator)
+            self._loop.call_soon_threadsafe(self._start_keeper)
+
+    def _start_keeper(self) -> None:
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_recording())
+
+    async def _keep_recording(self) -> None:
+        """While tokens are recorded: one :meth:`RecentTokens.cycle` every :attr:`absorb_every`
+        seconds (runs recorded up to the period's share of the budget, then absorbed, so that
+        no token is held longer), until nobody looks."""
+        registry = self.registry
+        while not self._closing.is_set():
+            for pause in registry.cycle(self.absorb_every):
+                await asyncio.sleep(pause)
+            with self._recording_lock:
+                if self.clients == 0 and time.monotonic() - self._last_look > self.idle_after:
+                    registry.detach()
+                    self._keeper = None
+                    return
 
     @property
     def clients(self) -> int:
@@ -380,6 +412,8 @@ class DashboardServer:
         self._server.should_exit = True
         self._thread.join(5.0)
         self._sock.close()
+        with self._recording_lock:
+            self.registry.detach()  # the coordinator holds no token for a closed page
 
     # -- the app --------------------------------------------------------------------------------
     def _app(self) -> Any:

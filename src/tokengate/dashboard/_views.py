@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .._coordinator import OperationsCoordinator
-    from .._token import Token
-    from ._registry import RecentTokens
+    from ._registry import RecentTokens, TokenRecord
 
 __all__ = ["health_class", "snapshot", "stats_json", "token_view"]
 
@@ -189,6 +188,13 @@ def _stream(registry: RecentTokens | None, now: float) -> list[dict[str, Any]]:
     return spans
 
 
+def _sampled(registry: RecentTokens | None) -> dict[str, float] | None:
+    """How the task stream was sampled in the last period (None: every run is in it)."""
+    if registry is None or not registry.limited:
+        return None
+    return {"runs": registry.per_period, "every_s": registry.period}
+
+
 def _backend_dashboard(backend: Any) -> str | None:
     """The Dask dashboard's address, for a backend with a Dask client (else None)."""
     client = getattr(backend, "client", None)
@@ -240,34 +246,31 @@ def snapshot_sections(
     out.update(
         tracebacks=[{"token_id": tid, "traceback": text} for tid, text in tracebacks[-10:]],
         stream=_stream(registry, time.perf_counter()),
+        stream_sampled=_sampled(registry),
         backend=None if backend is None else type(backend).__name__,
         backend_dashboard=_backend_dashboard(backend),
     )
 
 
-def token_view(token: Token[Any]) -> dict[str, Any]:
+def token_view(record: TokenRecord) -> dict[str, Any]:
     """One token: state, attempts, where and when it ran, its error or discard reason."""
-    error = None
-    if token.state == "failed":
-        exc = token._exception  # not exception(): that would mark the error as retrieved
-        error = f"{type(exc).__name__}: {exc}"
     now = time.perf_counter()
 
     def ago(at: float | None) -> float | None:
         return None if at is None else round(now - at, 4)
 
     return {
-        "id": token.id,
-        "operation_type": token.operation_type,
-        "weight": token.weight,
-        "state": token.state,
-        "attempts": token.attempts,
-        "lane": token.lane,
-        "worker": token.worker,
-        "core": token.core,
-        "submitted_ago": ago(token.submitted_at),
-        "started_ago": ago(token.started_at),
-        "finished_ago": ago(token.finished_at),
-        "error": error,
-        "discard_reason": token.discard_reason,
+        "id": record.id,
+        "operation_type": record.operation_type,
+        "weight": record.weight,
+        "state": record.state,
+        "attempts": record.attempts,
+        "lane": record.lane,
+        "worker": record.worker,
+        "core": record.core,
+        "submitted_ago": ago(record.submitted_at),
+        "started_ago": ago(record.started_at),
+        "finished_ago": ago(record.finished_at),
+        "error": record.error,
+        "discard_reason": record.discard_reason,
     }

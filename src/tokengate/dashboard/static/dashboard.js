@@ -210,7 +210,10 @@ function renderStream(s) {
     workers.forEach((name, i) => { ctx.fillStyle = "#8a96a3"; ctx.fillText(name, 2, 8 + i * rowH + rowH / 2); });
   }
   ctx.fillStyle = "#8a96a3";
-  ctx.fillText(`last ${windowS.toFixed(2)} s · ${spans.length} runs · ${workers.length} workers`, 2, h - 2);
+  // Under load the server records the first runs of each short period (failures and discards
+  // always): say so, rather than let the gaps look like idle workers.
+  const sampled = s.stream_sampled ? ` (the first ${s.stream_sampled.runs} of every ${s.stream_sampled.every_s} s recorded)` : "";
+  ctx.fillText(`last ${windowS.toFixed(2)} s · ${spans.length} runs${sampled} · ${workers.length} workers`, 2, h - 2);
   const left = 130;
   for (const x of spans) {
     if (!(x.operation_type in colors)) colors[x.operation_type] = palette[Object.keys(colors).length % palette.length];
