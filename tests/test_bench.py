@@ -728,18 +728,22 @@ def test_a_snapshot_is_marked_in_every_burst_its_build_overlapped() -> None:
     assert overlapped(bursts, []) == [(1.0, False)] * 4
 
 
-def test_the_recent_tokens_case_switches_the_deque_on_for_one_burst_of_each_pair() -> None:
-    from collections import deque
-
+def test_the_recent_tokens_case_switches_recording_on_for_one_burst_of_each_pair() -> None:
+    from tokengate._token import next_seq
     from tokengate.bench._dash_overhead import measure_recent_tokens
+    from tokengate.dashboard._registry import RecentTokens
 
-    recent: deque[object] = deque()
-    figures = measure_recent_tokens("recent-tokens", 400, bursts=4, recent=recent)
-    assert len(recent) == 200  # one burst of 100 tokens in each of the two pairs
-    assert figures["recent_cost_pct"] > -100 and figures["us_per_task"] > 0
-    recent.clear()
-    measure_recent_tokens("recent-null", 400, bursts=4, recent=recent)
-    assert not recent
+    def recorded_in_bursts(case: str) -> int:
+        registry = RecentTokens(capacity=100_000, budget=1e12)  # records every token
+        figures = measure_recent_tokens(case, 400, bursts=4, registry=registry)
+        assert figures["recent_cost_pct"] > -100 and figures["us_per_task"] > 0
+        assert not registry.recording  # switched off at the end
+        end = next_seq()
+        bursts = range(end - 400, end)  # the run's last 400 tokens
+        return sum(1 for record in registry.recent(100_000) if record.seq in bursts)
+
+    assert recorded_in_bursts("recent-tokens") == 200  # one burst of 100 in each pair
+    assert recorded_in_bursts("recent-null") == 0
 
 
 def test_snapshot_tail_cost_compares_untouched_tasks_with_those_stand_in_windows_spare() -> None:

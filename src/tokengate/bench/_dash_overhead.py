@@ -11,10 +11,9 @@ the dashboard's direct cost, read from a clock rather than from two noisy wall t
 load the run is cut into bursts, and ``snapshot cost %`` is what the page's snapshots cost that
 run, measured inside it: each burst a snapshot's build overlapped, against the mean burst of the
 same run without one. Between snapshots an open page's server is the ``served`` row's idle one,
-but for the deque of ended tokens a page's first look switches on, which the ``recent-tokens``
-row measures on its own (:func:`measure_recent_tokens`). Across runs a page open has read B1
-slower than those two parts add up to, for a cause not yet found (the dashboard guide gives the
-figures): the in-run figures are what a page is known to cost, not a bound on it. On B6's
+but for the recording of ended tokens a page's look switches on (a slice of runs each quarter
+second), which the ``recent-tokens`` row measures on its own (:func:`measure_recent_tokens`).
+The cross-run ratio is the page's whole cost; the in-run figures say where it goes. On B6's
 load, ``snapshot p50/p95 cost %`` is the same question asked of the latencies inside each run
 (:func:`snapshot_tail_cost`).
 """
@@ -32,7 +31,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +41,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager as ContextManager
 
     from tokengate import OperationsCoordinator
+    from tokengate.dashboard._registry import RecentTokens
     from tokengate.dashboard._server import DashboardServer
 
 __all__ = [
@@ -57,6 +56,10 @@ __all__ = [
 ]
 
 WARM_UP = 1_000
+#: Seconds of B1's load before a run's clock starts, in every case: with a page open, the server
+#: has recorded this load in slices for two absorb periods by then, as on a program already
+#: running when the page opened (a page's first period records up to the deque's capacity).
+WARM_UP_S = 0.6
 #: A DASH run submits its tasks in this many bursts (submit a burst, gather it, the next).
 #: B1-length runs vary ±10-15 % from one process to the next on a 2-core machine, as much as the
 #: dashboard could cost ten times over; bursts within one run let the run compare itself: the
@@ -159,17 +162,24 @@ def _burst(size: int) -> float:
     return time.perf_counter() - start
 
 
+def _warm_up(size: int) -> None:
+    """B1's load, the clock not running: :data:`WARM_UP` tasks, then bursts of ``size`` until
+    :data:`WARM_UP_S` seconds have passed."""
+    deadline = time.perf_counter() + WARM_UP_S
+    _burst(WARM_UP)
+    while time.perf_counter() < deadline:
+        _burst(size)
+
+
 def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
     """B1's load, ``n`` noop tasks in ``bursts`` bursts (submit a burst, gather it) under the
     case's dashboard: the run's rate, and what the bursts a snapshot fell in cost beyond the
     others (:func:`snapshot_cost`)."""
-    from tokengate.bench._tasks import noop
 
     size = max(1, n // bursts)
 
     def body(server: DashboardServer | None) -> Figures:
-        for i in range(WARM_UP):
-            noop(i).get(timeout=60)
+        _warm_up(size)
         spans: list[Span] = []
         for _ in range(bursts):
             start = time.perf_counter()
@@ -186,17 +196,18 @@ def measure_case(case: str, n: int, bursts: int = BURSTS) -> Figures:
 
 
 def measure_recent_tokens(
-    case: str, n: int, bursts: int = BURSTS, recent: deque[Any] | None = None
+    case: str, n: int, bursts: int = BURSTS, registry: RecentTokens | None = None
 ) -> Figures:
-    """B1's load in ``bursts`` bursts, no dashboard, with the deque of ended tokens that a page's
-    first look switches on (``RecentTokens``) switched on for one burst of each pair, which one
-    drawn at random (so nothing that recurs every other burst, or every few, counts as its cost):
-    ``recent_cost_pct`` is :func:`paired_cost` over the pairs, in one process. ``recent-null``
-    draws the same bursts but never switches it on: what the reading is with nothing to find.
-    ``recent``: the deque to switch on (one of the dashboard's capacity by default)."""
+    """B1's load in ``bursts`` bursts, no dashboard, with the recording of ended tokens that a
+    page's look switches on (``RecentTokens``, run by a thread as the server runs it: a slice
+    of runs each quarter second, absorbed) switched on for one burst of each pair, which one
+    drawn at random (so nothing that recurs every other burst, or every few, counts as its
+    cost): ``recent_cost_pct`` is :func:`paired_cost` over the pairs, in one process.
+    ``recent-null`` draws the same bursts but never switches it on: what the reading is with
+    nothing to find. ``registry``: the one to switch on (one of the dashboard's defaults if
+    None)."""
     from tokengate import OperationsCoordinator
-    from tokengate.bench._tasks import noop
-    from tokengate.dashboard._registry import RECENT_CAPACITY
+    from tokengate.dashboard._registry import RecentTokens
 
     size = max(1, n // bursts)
     draw = random.Random()
@@ -206,17 +217,21 @@ def measure_recent_tokens(
         for on in ((True, False) if draw.random() < 0.5 else (False, True))
     ]
     times: list[float] = []
+    registry = registry if registry is not None else RecentTokens()
     with OperationsCoordinator() as coordinator:
-        completion = coordinator._completion
-        if recent is None:
-            recent = deque(maxlen=RECENT_CAPACITY)
-        for i in range(WARM_UP):
-            noop(i).get(timeout=60)
+        registry.attach(coordinator)
+        with _Recording(registry):  # as a page's server samples it, through the warm-up
+            _warm_up(size)
+        registry.pause()
         for on in chosen:
-            completion.recent = recent if on and case == "recent-tokens" else None
-            times.append(_burst(size))
-        completion.recent = None
-    # Each pair as (the burst with the deque, the burst without), whichever ran first.
+            registry.absorb()
+            if on and case == "recent-tokens":
+                with _Recording(registry):
+                    times.append(_burst(size))
+            else:
+                times.append(_burst(size))
+        registry.detach()
+    # Each pair as (the burst with the recording, the burst without), whichever ran first.
     pairs = [
         (times[i], times[i + 1]) if chosen[i] else (times[i + 1], times[i])
         for i in range(0, len(chosen), 2)
@@ -227,6 +242,34 @@ def measure_recent_tokens(
         "us_per_task": elapsed * 1e6 / tasks,
         "recent_cost_pct": paired_cost(pairs),
     }
+
+
+class _Recording:
+    """A thread recording runs into ``registry`` as the dashboard's server does while a page
+    looks (:meth:`RecentTokens.cycle`), from ``with`` to its end."""
+
+    def __init__(self, registry: RecentTokens) -> None:
+        from tokengate.dashboard._server import ABSORB_EVERY
+
+        self._registry = registry
+        self._period = ABSORB_EVERY
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dash-recording", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pause in self._registry.cycle(self._period):
+                if self._stop.wait(pause):
+                    break
+
+    def __enter__(self) -> _Recording:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._registry.pause()
 
 
 def paired_cost(pairs: Sequence[tuple[float, float]], trim: float = 0.1) -> float:
@@ -340,16 +383,17 @@ def _measure_b6(case: str, p: CaseParams) -> Figures:
 _RECENT_CASES: tuple[tuple[str, str, SystemKind, str], ...] = (
     (
         "recent-tokens",
-        "recent-tokens deque, half the bursts",
+        "recent-tokens recording, half the bursts",
         "tokengate",
-        "no dashboard; the deque of ended tokens a page's first look switches on, on for one "
+        "no dashboard; the recording of ended tokens a page's look switches on, on for one "
         "burst of each pair (drawn at random): recent cost % is its cost in that run",
     ),
     (
         "recent-null",
-        "recent-tokens deque, never (the measure's null)",
+        "recent-tokens recording, never (the measure's null)",
         "tokengate",
-        "as recent-tokens with the deque never on: what recent cost % reads with nothing to find",
+        "as recent-tokens with the recording never on: what recent cost % reads with nothing "
+        "to find",
     ),
 )
 
@@ -375,11 +419,12 @@ SCENARIO = Scenario(
     id="DASH",
     title="dashboard overhead (B1 load)",
     description=(
-        f"noop(i) tasks in {BURSTS} bursts per run (submit a burst, gather it; 1,000 warm-up "
-        "tasks first); the reference row (shown as the peer) has no dashboard, so the ratio on "
-        "µs/task is the overhead across runs; snapshot cost % compares, within each run, the "
+        f"noop(i) tasks in {BURSTS} bursts per run (submit a burst, gather it; {WARM_UP_S} s "
+        "of the same load first, clock stopped); the reference row (shown as the peer) has no "
+        "dashboard, so the ratio on µs/task is the overhead across runs; snapshot cost % "
+        "compares, within each run, the "
         "bursts a snapshot's build overlapped with the others; recent cost % each burst with "
-        "the page's deque of ended tokens on against its pair's burst without (trimmed "
+        "the page's recording of ended tokens on against its pair's burst without (trimmed "
         "geometric mean of the pairs), in one process"
     ),
     figures=(
