@@ -104,6 +104,29 @@ def test_counts_move_while_a_workload_runs(
     assert "/?token=" not in page.url  # the token went into a cookie, out of the address bar
 
 
+def test_the_task_stream_says_when_a_busy_program_is_sampled(
+    make_coordinator: Callable[..., OperationsCoordinator], open_page: Callable[..., Any]
+) -> None:
+    c = make_coordinator(workers_per_core=1, process_lane=False)
+    page = open_page(c)
+    page.wait_for_selector("#stream[data-sampled='no']")
+    c._dashboards.servers[0].registry.budget = 4.0  # one run per quarter second: busy
+    busy = threading.Event()
+
+    def load() -> None:
+        while not busy.is_set():
+            square(2).get(timeout=10)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        page.wait_for_selector("#stream[data-sampled='yes']")
+    finally:
+        busy.set()
+        thread.join(10)
+    page.wait_for_selector("#stream[data-sampled='no']")  # calm again: every run recorded
+
+
 def test_the_page_refuses_without_the_token(
     make_coordinator: Callable[..., OperationsCoordinator], browser: Any
 ) -> None:

@@ -120,7 +120,8 @@ class RecentTokens(Middleware):
         #: Runs recorded at most per absorb period of ``period`` seconds (set by :meth:`cycle`).
         self.per_period = capacity
         self.period = 0.0
-        #: Whether the last period recorded as many runs as it could (more ended unrecorded).
+        #: Whether the last whole period recorded as many runs as it could (more ended
+        #: unrecorded), so the task stream is a sample.
         self.limited = False
         # Filled by the completion path (one atomic C call, no lock, the oldest falls out) and
         # emptied by absorb(); only the records outlive an absorb.
@@ -174,7 +175,11 @@ class RecentTokens(Middleware):
         self.per_period = max(1, min(self.capacity, round(self.budget * period)))
         self._resume()
         yield period
+        with self._lock:
+            coordinator = self._coordinator
+            hit = coordinator is not None and coordinator._completion.recent is None
         self.absorb()
+        self.limited = hit
 
     def detach(self) -> None:
         """Stop recording: the completion path forgets the deque, and what it holds is absorbed
@@ -202,11 +207,9 @@ class RecentTokens(Middleware):
                 tokens.append(popleft())
             self._records.extend(record_of(token) for token in tokens)
             coordinator = self._coordinator
-            if coordinator is not None:
-                completion = coordinator._completion
-                self.limited = completion.recent is None
-                if completion.recent is not None:  # still recording: count from what is left
-                    completion.recent_limit = len(fresh) + self.per_period
+            if coordinator is not None and coordinator._completion.recent is not None:
+                # Still recording: the limit counts from what is left in the deque.
+                coordinator._completion.recent_limit = len(fresh) + self.per_period
         return len(tokens)
 
     def recent(self, limit: int) -> list[TokenRecord]:

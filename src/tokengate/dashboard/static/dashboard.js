@@ -223,6 +223,7 @@ function renderStream(s) {
     ctx.fillRect(x0, 4 + workers.indexOf(x.worker) * rowH, Math.max(1, x1 - x0), rowH - 2);
   }
   canvas.dataset.spans = String(spans.length);
+  canvas.dataset.sampled = s.stream_sampled ? "yes" : "no";
 }
 
 function render(s) {
