@@ -131,3 +131,23 @@ def test_recording_stops_once_nobody_looks_and_the_next_look_starts_it_again(
     assert completion.recent is not None and server.registry.recording
     coordinator.stop()  # closing the server lets go of the deque
     assert completion.recent is None and not server.registry.recording
+
+
+def test_an_absorb_inside_a_period_does_not_give_it_more_runs_to_record(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    coordinator = make_coordinator(workers_per_core=1, process_lane=False)
+    registry = RecentTokens(capacity=1_000, budget=5.0)  # five runs a second
+    registry.attach(coordinator)
+    steps = registry.cycle(period=1.0)
+    next(steps)
+    first = [payload(i) for i in range(3)]
+    for token in first:
+        token.get(timeout=10)
+    assert registry.absorb() == 3  # a snapshot's absorb, in the middle of the period
+    rest = [payload(i) for i in range(10)]
+    for token in rest:
+        token.get(timeout=10)
+    next(steps, None)
+    recorded = {record.seq for record in registry.recent(1_000)}
+    assert recorded == {t.seq for t in first + rest[:2]}  # five in all, as in any period

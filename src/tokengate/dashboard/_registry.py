@@ -168,8 +168,8 @@ class RecentTokens(Middleware):
                 self._coordinator._completion.recent = None
 
     def cycle(self, period: float) -> Iterator[float]:
-        """One absorb period of ``period`` seconds: record up to about :data:`SAMPLE_BUDGET`
-        runs a second's share of them, then absorb. Yields the seconds to wait, so that the
+        """One absorb period of ``period`` seconds: record at most ``budget * period`` runs
+        (every run, below that rate), then absorb. Yields the seconds to wait, so that the
         server's event loop (or a thread) runs it without holding anything while it waits."""
         self.period = period
         self.per_period = max(1, min(self.capacity, round(self.budget * period)))
@@ -208,8 +208,8 @@ class RecentTokens(Middleware):
             self._records.extend(record_of(token) for token in tokens)
             coordinator = self._coordinator
             if coordinator is not None and coordinator._completion.recent is not None:
-                # Still recording: the limit counts from what is left in the deque.
-                coordinator._completion.recent_limit = len(fresh) + self.per_period
+                # Still recording: the period's allowance left, counted from the shorter deque.
+                coordinator._completion.recent_limit -= len(tokens)
         return len(tokens)
 
     def recent(self, limit: int) -> list[TokenRecord]:
