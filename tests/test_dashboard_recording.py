@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -41,6 +41,19 @@ def blocks(x: int) -> int:
     return x
 
 
+def _in_a_period(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> tuple[OperationsCoordinator, RecentTokens, Iterator[float]]:
+    """A one-worker coordinator recording five runs a second, one second's period just begun
+    (``next(steps, None)`` ends it)."""
+    coordinator = make_coordinator(workers_per_core=1, process_lane=False)
+    registry = RecentTokens(capacity=1_000, budget=5.0)
+    registry.attach(coordinator)
+    steps = registry.cycle(period=1.0)
+    assert next(steps) == 1.0
+    return coordinator, registry, steps
+
+
 def test_an_absorbed_token_keeps_no_result_alive(
     make_coordinator: Callable[..., OperationsCoordinator],
 ) -> None:
@@ -62,12 +75,9 @@ def test_an_absorbed_token_keeps_no_result_alive(
 def test_a_busy_period_records_its_first_runs_and_every_failure_and_discard(
     make_coordinator: Callable[..., OperationsCoordinator],
 ) -> None:
-    coordinator = make_coordinator(workers_per_core=1, process_lane=False)
-    registry = RecentTokens(capacity=1_000, budget=5.0)  # five runs a second
-    registry.attach(coordinator)
+    coordinator, registry, steps = _in_a_period(make_coordinator)
     completion = coordinator._completion
-    steps = registry.cycle(period=1.0)
-    assert next(steps) == 1.0 and registry.per_period == 5
+    assert registry.per_period == 5
     ran = [payload(i) for i in range(12)]  # one worker: they end in this order
     for token in ran:
         token.get(timeout=10)
@@ -136,11 +146,7 @@ def test_recording_stops_once_nobody_looks_and_the_next_look_starts_it_again(
 def test_an_absorb_inside_a_period_does_not_give_it_more_runs_to_record(
     make_coordinator: Callable[..., OperationsCoordinator],
 ) -> None:
-    coordinator = make_coordinator(workers_per_core=1, process_lane=False)
-    registry = RecentTokens(capacity=1_000, budget=5.0)  # five runs a second
-    registry.attach(coordinator)
-    steps = registry.cycle(period=1.0)
-    next(steps)
+    _, registry, steps = _in_a_period(make_coordinator)
     first = [payload(i) for i in range(3)]
     for token in first:
         token.get(timeout=10)
