@@ -262,3 +262,26 @@ def test_a_batched_map_without_a_window_keeps_several_full_batches_in_flight(
         assert value == 2 * received
         ahead.append(pulled - received)
     assert coordinator.config.mailbox_max < max(ahead) <= 4 * AUTO_MAX
+
+
+def test_a_map_without_a_window_keeps_in_flight_what_its_batches_need(
+    coordinator: OperationsCoordinator,
+) -> None:
+    """Small batches keep the coordinator's ``mailbox_max`` calls in flight (a map of big
+    arguments stays bounded by it); large ones make room for four batches."""
+    pulled = 0
+
+    def source() -> Any:
+        nonlocal pulled
+        for i in range(2000):
+            pulled += 1
+            yield i
+
+    for chunksize, most in ((4, coordinator.config.mailbox_max), (512, 4 * 512)):
+        pulled = 0
+        ahead = [
+            pulled - received
+            for received, _ in enumerate(double.map(source(), chunksize=chunksize))
+        ]
+        assert max(ahead) <= most, (chunksize, max(ahead))
+    assert max(ahead) > coordinator.config.mailbox_max

@@ -40,7 +40,7 @@ from typing import (
 
 from . import _runtime
 from ._batches import (
-    BATCH_WINDOW,
+    BATCHES_IN_FLIGHT,
     PROBE_S,
     BatchSizer,
     Failed,
@@ -215,9 +215,11 @@ class TaskFunction(Generic[P, R]):
         batches from the measured cost of a call, so cheap calls share tokens and expensive
         ones run one per token; ``1`` never batches.
 
-        ``window`` defaults to the coordinator's ``mailbox_max`` calls; when calls may share
-        tokens, to at least :data:`~tokengate._batches.BATCH_WINDOW` (four of the largest
-        automatic batches), so that batches of cheap calls reach their full size.
+        ``window`` defaults to the coordinator's ``mailbox_max`` calls; when calls share tokens,
+        it grows with the batches to room for four of them
+        (:data:`~tokengate._batches.BATCHES_IN_FLIGHT`), so that batches of cheap calls reach
+        their full size. An explicit ``window`` is kept, and caps automatic batches at a quarter
+        of it.
         """
         timeout = check_timeout(timeout)
         if not isinstance(progress, bool):
@@ -245,9 +247,7 @@ class TaskFunction(Generic[P, R]):
             if why is None and isinstance(self, _WithOptions):
                 why = "options() apply per call"
             if why is None:
-                if not given:  # room for several full batches in flight
-                    window = max(window, BATCH_WINDOW)
-                return self._map_batched(coordinator, items, window, end, chunk)
+                return self._map_batched(coordinator, items, window, given, end, chunk)
             if chunk is not None:
                 raise ConfigError(
                     f"chunksize={chunk}: calls of {self.spec.operation_type!r} cannot share a "
@@ -261,12 +261,15 @@ class TaskFunction(Generic[P, R]):
         self,
         coordinator: Any,
         items: Iterator[tuple[Any, ...]],
-        window: int,
+        least: int,
+        given: bool,
         end: float | None,
         chunk: int | None,
     ) -> Iterator[R]:
-        """``map`` with calls sharing tokens (see ``_batches.py``): ``window`` counts calls."""
-        sizer = None if chunk is not None else BatchSizer(window)
+        """``map`` with calls sharing tokens (see ``_batches.py``): the window counts calls;
+        one not ``given`` grows with the batches, to room for :data:`BATCHES_IN_FLIGHT`."""
+        sizer = None if chunk is not None else BatchSizer(least if given else None)
+        window = least
         batch_task = self._batch_twin()
         pending: deque[tuple[Token[Any], list[tuple[Any, ...]] | None]] = deque()
         in_flight = 0
@@ -284,7 +287,11 @@ class TaskFunction(Generic[P, R]):
             while True:
                 # Never more than ``window`` calls in flight: the oldest results are taken
                 # until a whole batch fits (taking one at a time would keep batches at one).
-                size = min(sizer.size if sizer is not None else chunk or 1, window)
+                size = sizer.size if sizer is not None else chunk or 1
+                if given:
+                    size = min(size, window)
+                else:
+                    window = max(least, BATCHES_IN_FLIGHT * size)
                 while in_flight + size > window:
                     oldest, calls = pending.popleft()
                     in_flight -= 1 if calls is None else len(calls)
