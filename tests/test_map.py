@@ -139,7 +139,7 @@ def test_default_window_is_the_mailbox_bound(
     make_coordinator(workers_per_core=2, mailbox_max=8)
     source = Counted(40)
     worst = 0
-    # chunksize=1: one call per token (a batched map's default window is BATCH_WINDOW calls)
+    # chunksize=1: one call per token (a batched map's window grows to four of its batches)
     for received, _ in enumerate(square.map(source, chunksize=1)):
         worst = max(worst, source.pulled - received)
     assert worst == 8
