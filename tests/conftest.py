@@ -87,6 +87,20 @@ def run_code(code: str, *args: str, timeout: float = 50) -> str:
     return done.stdout
 
 
+class Counted:
+    """A generator of ``0..n-1`` that counts how many items were pulled from it (how far a
+    lazy map has read ahead of the results it handed over)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pulled = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(self.n):
+            self.pulled += 1
+            yield i
+
+
 def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Wait until ``predicate()`` holds (a condition, not a fixed delay); fail after ``timeout``."""
     deadline = time.monotonic() + timeout

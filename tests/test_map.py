@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from conftest import eventually
+from conftest import Counted, eventually
 from tokengate import (
     ConfigError,
     CoordinatorNotRunning,
@@ -70,19 +70,6 @@ def fails_at(i: int, bad: int) -> int:
     if i == bad:
         raise KeyError(i)
     return i
-
-
-class Counted:
-    """A generator of ``0..n-1`` that counts how many items were pulled from it."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.pulled = 0
-
-    def __iter__(self) -> Iterator[int]:
-        for i in range(self.n):
-            self.pulled += 1
-            yield i
 
 
 def op_counts(coordinator: OperationsCoordinator, name: str) -> tuple[int, int, int, int]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
 
+from conftest import Counted
 from tokengate import ConfigError, OperationsCoordinator, task_token_guard
 from tokengate._batches import AUTO_MAX, TARGET_S, BatchSizer, Failed, WithFailures, run_batch
 
@@ -15,6 +16,16 @@ from tokengate._batches import AUTO_MAX, TARGET_S, BatchSizer, Failed, WithFailu
 @task_token_guard(operation_type="double", tags={"weight": "light"})
 def double(x: int) -> int:
     return 2 * x
+
+
+def read_ahead(source: Counted, results: Iterable[int]) -> list[int]:
+    """For each result handed over, how many items the map had pulled beyond it (checking
+    each value on the way: ``double`` of the item at its position)."""
+    ahead = []
+    for received, value in enumerate(results):
+        assert value == 2 * received
+        ahead.append(source.pulled - received)
+    return ahead
 
 
 class Calls:
@@ -87,18 +98,9 @@ def test_automatic_batches_keep_order(coordinator: OperationsCoordinator) -> Non
 
 
 def test_a_batch_keeps_at_most_window_calls_in_flight(coordinator: OperationsCoordinator) -> None:
-    pulled = 0
-
-    def source() -> Any:
-        nonlocal pulled
-        for i in range(50):
-            pulled += 1
-            yield i
-
-    worst = 0
-    for received, _ in enumerate(double.map(source(), window=6, chunksize=4)):
-        worst = max(worst, pulled - received)
-    assert worst == 4  # a second batch of 4 would make 8: the first one's results come first
+    source = Counted(50)
+    # a second batch of 4 would make 8: the first one's results come first
+    assert max(read_ahead(source, double.map(source, window=6, chunksize=4))) == 4
 
 
 def test_an_item_failing_in_a_batch_raises_at_its_position_after_the_earlier_items(
@@ -212,21 +214,10 @@ def test_a_cheap_first_call_starts_the_batches_at_sixteen() -> None:
 def test_automatic_batches_keep_at_most_window_calls_in_flight(
     coordinator: OperationsCoordinator,
 ) -> None:
-    pulled = 0
-
-    def source() -> Any:
-        nonlocal pulled
-        for i in range(5000):
-            pulled += 1
-            yield i
-
-    worst = 0
-    total = 0
-    for received, value in enumerate(double.map(source(), window=16)):
-        worst = max(worst, pulled - received)
-        total += value
-    assert total == sum(2 * i for i in range(5000))
-    assert 1 <= worst <= 16
+    source = Counted(5000)
+    ahead = read_ahead(source, double.map(source, window=16))
+    assert len(ahead) == 5000
+    assert 1 <= max(ahead) <= 16
 
 
 def test_tokens_among_a_batchs_items_are_waited_for_and_passed_as_values(
@@ -249,18 +240,8 @@ def test_run_batch_says_by_its_type_whether_any_call_failed() -> None:
 def test_a_batched_map_without_a_window_keeps_several_full_batches_in_flight(
     coordinator: OperationsCoordinator,
 ) -> None:
-    pulled = 0
-
-    def source() -> Any:
-        nonlocal pulled
-        for i in range(3000):
-            pulled += 1
-            yield i
-
-    ahead = []
-    for received, value in enumerate(double.map(source(), chunksize=AUTO_MAX)):
-        assert value == 2 * received
-        ahead.append(pulled - received)
+    source = Counted(3000)
+    ahead = read_ahead(source, double.map(source, chunksize=AUTO_MAX))
     assert coordinator.config.mailbox_max < max(ahead) <= 4 * AUTO_MAX
 
 
@@ -269,19 +250,7 @@ def test_a_map_without_a_window_keeps_in_flight_what_its_batches_need(
 ) -> None:
     """Small batches keep the coordinator's ``mailbox_max`` calls in flight (a map of big
     arguments stays bounded by it); large ones make room for four batches."""
-    pulled = 0
-
-    def source() -> Any:
-        nonlocal pulled
-        for i in range(2000):
-            pulled += 1
-            yield i
-
-    for chunksize, most in ((4, coordinator.config.mailbox_max), (512, 4 * 512)):
-        pulled = 0
-        ahead = [
-            pulled - received
-            for received, _ in enumerate(double.map(source(), chunksize=chunksize))
-        ]
-        assert max(ahead) <= most, (chunksize, max(ahead))
-    assert max(ahead) > coordinator.config.mailbox_max
+    small, large = Counted(2000), Counted(2000)
+    assert max(read_ahead(small, double.map(small, chunksize=4))) <= coordinator.config.mailbox_max
+    most = max(read_ahead(large, double.map(large, chunksize=512)))
+    assert coordinator.config.mailbox_max < most <= 4 * 512
