@@ -55,7 +55,7 @@ AUTO_MAX = 2048
 many calls' arguments and results one holds. It is well above ``ProcessPoolExecutor``'s usual
 256 because every batch is a hand-off between threads under one GIL, and where waking a thread
 on another CPU is slow (virtual machines), 256 calls of a no-op (~25 µs of work) do not pay
-for it: on two vCPUs a map of no-ops ran 1.0-1.2 µs a call at 256 and 0.4-0.5 at 2,048."""
+for it: on two vCPUs a map of no-ops ran 1.0-1.2 µs a call at 256 and 0.4-0.6 at 2,048."""
 BATCHES_IN_FLIGHT = 4
 """How many batches a map keeps in flight: its default window grows to this many of its
 current batch size, and an explicit window caps the automatic size at this fraction of it."""
