@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from conftest import GATE, HEAVY_ON_THREADS, eventually
 from tokengate import ConfigError, OperationsCoordinator, task_token_guard
 from tokengate._convergence import (
     CONFIRM_WAIT,
+    QUICK_WAIT,
     ConvergenceEngine,
     ConvergencePolicy,
     PoolSample,
@@ -26,6 +28,7 @@ from tokengate._convergence import (
     read_thread_cpu,
 )
 from tokengate._convergence import _PoolState as PoolState
+from tokengate._convergence import _QuietMark as QuietMark
 
 COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
@@ -182,6 +185,76 @@ def test_a_backlog_just_seen_is_confirmed_within_milliseconds() -> None:
     assert engine._next_wait() == CONFIRM_WAIT < 0.1 / 4
     engine._states[("io", "FAST")].confirmed = True
     assert engine._next_wait() == 0.1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an exact process CPU clock")
+def test_a_backlog_that_began_is_looked_at_again_after_a_millisecond(
+    make_coordinator: Make,
+) -> None:
+    coordinator = make_coordinator(workers_per_core=2, cores=1, convergence=False)
+    lane = coordinator.lanes["thread"]
+    engine = _engine(coordinator, FakeCPU())
+    tokens = [waits_on_io(i) for i in range(20)]
+    eventually(lambda: sum(w.current is not None for w in lane.pools[1]) == 2, what="2 busy")
+    assert engine._next_wait() == engine.interval
+    assert engine.sample(now=0.0) == []  # the backlog begins
+    assert engine._next_wait() == QUICK_WAIT < CONFIRM_WAIT
+    engine._mark = None  # the run loop took the quick look and found the process busy
+    assert engine._next_wait() == CONFIRM_WAIT
+    (swap,) = engine.sample(now=CONFIRM_WAIT)  # confirmed: the tasks wait, so it grows
+    assert swap.action == "grow"
+    assert engine._mark is None  # a backlog that goes on is no new beginning
+    GATE.set()
+    assert [t.get(timeout=10) for t in tokens] == list(range(20))
+
+
+def test_quiet_means_no_thread_but_the_sampler_used_a_cpu() -> None:
+    wall, process, own = time.perf_counter(), time.process_time(), time.thread_time()
+    assert not QuietMark(wall - 1.0, process - 0.5, own).quiet()  # others: half a CPU
+    assert QuietMark(wall - 1.0, process - 0.5, own - 0.5).quiet()  # that was the sampler
+    assert QuietMark(wall - 1.0, process, own).quiet()
+
+
+def test_the_sampler_confirms_a_quiet_backlog_at_once_and_a_busy_one_after_the_window() -> None:
+    """The run loop, with its waits recorded instead of waited: a quiet beginning is sampled
+    after QUICK_WAIT; otherwise the loop waits out the rest of CONFIRM_WAIT first."""
+    engine = ConvergenceEngine(lambda: {}, interval=600.0)
+    waits: list[float | None] = []
+
+    class Wake:
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            return True
+
+        def clear(self) -> None:
+            pass
+
+        def set(self) -> None:
+            pass
+
+    class Mark:
+        def __init__(self, quiet: bool) -> None:
+            self.at = time.perf_counter()
+            self._quiet = quiet
+
+        def quiet(self) -> bool:
+            return self._quiet
+
+    script: list[Any] = [Mark(True), Mark(False), None]
+
+    def sample(now: float | None = None) -> list[Any]:
+        if not script:
+            engine._stop.set()
+        else:
+            engine._mark = script.pop(0)
+        return []
+
+    engine._wake = Wake()  # type: ignore[assignment]
+    engine.sample = sample  # type: ignore[method-assign]
+    engine._run()
+    assert waits[:3] == [600.0, QUICK_WAIT, QUICK_WAIT], waits
+    assert 0.0 <= (waits[3] or 0.0) <= CONFIRM_WAIT, waits  # the rest of the full window
+    assert waits[4:] == [600.0, 600.0], waits
 
 
 def test_waiting_tasks_grow_at_least_by_doubling() -> None:
