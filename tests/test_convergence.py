@@ -641,6 +641,16 @@ def test_probes_read_this_machine() -> None:
     assert read_thread_cpu(NoClock()) is None
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU accounts")
+def test_the_sampler_does_not_count_its_own_cpu_as_demand() -> None:
+    _, before = read_process_cpu()
+    own = time.thread_time()
+    while time.thread_time() - own < 0.2:  # the calling thread (the sampler) works
+        pass
+    _, after = read_process_cpu()
+    assert after - before < 0.1, (before, after)
+
+
 def test_policy_thresholds_are_validated() -> None:
     with pytest.raises(ConfigError, match="gil_grow_below must be in"):
         ConvergencePolicy(gil_grow_below=0)
