@@ -559,6 +559,47 @@ def test_a_growth_that_does_not_raise_throughput_is_reverted() -> None:
     assert events["convergence_reverted"] == 1
 
 
+def test_a_growth_too_early_to_measure_is_reverted_if_the_interpreter_is_then_busy() -> None:
+    """Judged over the first milliseconds of a surge, Python-bound writers can read idle (caught
+    between GIL hand-offs, or creating files in the kernel); the full interval after the growth
+    is its check, and a busy interpreter there takes the threads back."""
+    lane, cpu, events = FakeLane(4, maximum=50), Counters(), {}
+    engine = _fake_engine(lane, cpu, events)
+    lane.run(0)  # nothing finished yet: no throughput to compare a growth with
+    cpu.add(0.005, interpreter=0.3, cores_busy=0.3)
+    engine.sample(now=0.0)
+    lane.run(1)
+    cpu.add(0.005, interpreter=0.3, cores_busy=0.3)
+    (grow,) = engine.sample(now=0.005)
+    assert (grow.action, grow.after) == ("grow", 8)
+    lane.run(5)
+    cpu.add(0.1, interpreter=0.8, cores_busy=0.5)
+    (swap,) = engine.sample(now=0.105)
+    assert (swap.action, swap.before, swap.after) == ("revert", 8, 4), swap
+    assert "the interpreter is busy with them" in swap.reason
+    assert events["convergence_reverted"] == 1
+    lane.run(5)
+    cpu.add(0.1, interpreter=0.3, cores_busy=0.3)
+    assert engine.sample(now=0.205) == []  # held after the revert, as after a failed trial
+    assert len(lane.pools["FAST"]) == 4
+
+
+def test_a_growth_too_early_to_measure_stays_while_its_tasks_wait() -> None:
+    lane, cpu, events = FakeLane(4, maximum=50), Counters(), {}
+    engine = _fake_engine(lane, cpu, events)
+    lane.run(0)
+    cpu.add(0.005, interpreter=0.01, cores_busy=0.01)
+    engine.sample(now=0.0)
+    lane.run(0)
+    cpu.add(0.005, interpreter=0.01, cores_busy=0.01)
+    (grow,) = engine.sample(now=0.005)
+    assert (grow.action, grow.after) == ("grow", 50)
+    lane.run(2)
+    cpu.add(0.1, interpreter=0.05, cores_busy=0.05)
+    assert engine.sample(now=0.105) == []
+    assert len(lane.pools["FAST"]) == 50 and "convergence_reverted" not in events
+
+
 def test_real_cpu_bound_tasks_are_recognised(make_coordinator: Make) -> None:
     """Spinning threads measured by the real probes. The wall clock is the process's CPU clock,
     as if the machine were otherwise idle, so other load on the machine cannot blur it."""

@@ -45,7 +45,10 @@ CPU time (the kernel's work for the tasks' syscalls) fills at least a quarter of
 exceeds user time, the engine then *probes*: it doubles the pool and
 keeps the threads only if throughput rose (``convergence_probe``). Python-bound work is never
 probed. Throughput is only trusted when at least ``min_completions`` tasks finished in the
-interval before; with long tasks (a few per interval) the CPU verdict stands alone.
+interval before; with long tasks (a few per interval), and for a growth made in the first
+milliseconds of a surge, the CPU verdict of the interval after the growth is its check: if the
+interpreter is busy then, the added threads go again (Python-bound writers can read idle over
+a few milliseconds, caught between GIL hand-offs or creating their files in the kernel).
 
 Four rules keep it honest: a backlog must be seen at two consecutive samples before the engine
 acts (a CPU-bound surge that began just before a sample would otherwise look idle); a surge
@@ -400,6 +403,7 @@ class _PoolState:
     doubted: bool = False  # a grow verdict seen once after a CPU-bound one: wait for a second
     done_seen: dict[Any, int] = field(default_factory=dict)
     trial: tuple[int, float] | None = None  # (workers before, throughput before) of a growth
+    unproven: int | None = None  # workers before a growth too early to measure throughput for
     hold_until: float = 0.0  # no growth before this time (after a trial that did not pay)
     peak: int = 0
 
@@ -632,11 +636,36 @@ class ConvergenceEngine:
         verdict = policy.decide(
             sample, proc, sustained=sustained, calm_for=calm_for, may_probe=measurable and not held
         )
+        unproven, state.unproven = state.unproven, None
+        gil = proc.user / proc.dt / policy.gil_capacity if proc.dt > 0 else 0.0
+        if (
+            unproven is not None
+            and sustained
+            and sample.workers > unproven
+            and verdict.action == "cpu-bound"
+            and gil >= policy.gil_grow_below
+        ):
+            # A growth judged on a window too short to measure throughput in: the interval
+            # after it is its check. Python-bound work reads busy there (a short window can
+            # catch it between GIL hand-offs, or creating its files in the kernel).
+            state.hold_until = now + policy.trial_hold
+            self._count("convergence_reverted", 1)
+            cpu = proc.total / proc.dt / max(1, policy.cores)
+            figures = _figures(sample, proc.dt, gil, cpu, policy.cores)
+            verdict = Verdict(
+                "revert",
+                unproven,
+                f"the interpreter is busy with them ({figures}); "
+                f"leaving it for {policy.trial_hold:.0f}s",
+            )
+            return self._apply(lane_name, lane, key, sample, state, verdict, now)
         if verdict.action in ("grow", "probe"):
             if held:
                 verdict = Verdict("hold", sample.workers, "held after a trial that did not pay")
             elif measurable:
                 state.trial = (sample.workers, (sample.completed or 0) / proc.dt)
+            else:
+                state.unproven = sample.workers
         return self._apply(lane_name, lane, key, sample, state, verdict, now)
 
     def _stalls(self, tids: list[int]) -> dict[int, float]:
@@ -732,7 +761,7 @@ class ConvergenceEngine:
             # This surge was judged CPU-bound: one interval that looks otherwise (a GC pause,
             # writeback throttling) is not enough; the next one must agree.
             state.doubted = True
-            state.trial = None
+            state.trial = state.unproven = None
             return None
         state.doubted = False
         if action in ("hold", "cpu-bound"):
