@@ -23,6 +23,7 @@ from tokengate._convergence import (
     ConvergencePolicy,
     PoolSample,
     ProcessSample,
+    Swap,
     read_process_cpu,
     read_run_queue_waits,
     read_thread_cpu,
@@ -559,18 +560,27 @@ def test_a_growth_that_does_not_raise_throughput_is_reverted() -> None:
     assert events["convergence_reverted"] == 1
 
 
+def _grown_early(
+    interpreter: float,
+) -> tuple[FakeLane, Counters, dict[str, int], ConvergenceEngine, Swap]:
+    """A pool of 4 (maximum 50) grown by the sample 5 ms after its backlog began, when too few
+    tasks had finished to measure throughput; the interpreter was ``interpreter`` busy."""
+    lane, cpu, events = FakeLane(4, maximum=50), Counters(), {}
+    engine = _fake_engine(lane, cpu, events)
+    lane.run(0)  # nothing finished yet: no throughput to compare a growth with
+    cpu.add(0.005, interpreter=interpreter, cores_busy=interpreter)
+    engine.sample(now=0.0)
+    lane.run(1)
+    cpu.add(0.005, interpreter=interpreter, cores_busy=interpreter)
+    (grow,) = engine.sample(now=0.005)
+    return lane, cpu, events, engine, grow
+
+
 def test_a_growth_too_early_to_measure_is_reverted_if_the_interpreter_is_then_busy() -> None:
     """Judged over the first milliseconds of a surge, Python-bound writers can read idle (caught
     between GIL hand-offs, or creating files in the kernel); the full interval after the growth
     is its check, and a busy interpreter there takes the threads back."""
-    lane, cpu, events = FakeLane(4, maximum=50), Counters(), {}
-    engine = _fake_engine(lane, cpu, events)
-    lane.run(0)  # nothing finished yet: no throughput to compare a growth with
-    cpu.add(0.005, interpreter=0.3, cores_busy=0.3)
-    engine.sample(now=0.0)
-    lane.run(1)
-    cpu.add(0.005, interpreter=0.3, cores_busy=0.3)
-    (grow,) = engine.sample(now=0.005)
+    lane, cpu, events, engine, grow = _grown_early(interpreter=0.3)
     assert (grow.action, grow.after) == ("grow", 8)
     lane.run(5)
     cpu.add(0.1, interpreter=0.8, cores_busy=0.5)
@@ -585,14 +595,7 @@ def test_a_growth_too_early_to_measure_is_reverted_if_the_interpreter_is_then_bu
 
 
 def test_a_growth_too_early_to_measure_stays_while_its_tasks_wait() -> None:
-    lane, cpu, events = FakeLane(4, maximum=50), Counters(), {}
-    engine = _fake_engine(lane, cpu, events)
-    lane.run(0)
-    cpu.add(0.005, interpreter=0.01, cores_busy=0.01)
-    engine.sample(now=0.0)
-    lane.run(0)
-    cpu.add(0.005, interpreter=0.01, cores_busy=0.01)
-    (grow,) = engine.sample(now=0.005)
+    lane, cpu, events, engine, grow = _grown_early(interpreter=0.01)
     assert (grow.action, grow.after) == ("grow", 50)
     lane.run(2)
     cpu.add(0.1, interpreter=0.05, cores_busy=0.05)

@@ -613,15 +613,11 @@ class ConvergenceEngine:
             if policy.measurable(sample):
                 rate = (sample.completed or 0) / proc.dt
                 if not policy.kept(before_rate, rate):
-                    state.hold_until = now + policy.trial_hold
-                    self._count("convergence_reverted", 1)
-                    verdict = Verdict(
-                        "revert",
-                        before_n,
+                    why = (
                         f"throughput {rate:.0f}/s did not beat {before_rate:.0f}/s by "
-                        f"{policy.min_gain:.0%}; leaving it for {policy.trial_hold:.0f}s",
+                        f"{policy.min_gain:.0%}"
                     )
-                    return self._apply(lane_name, lane, key, sample, state, verdict, now)
+                    return self._revert(lane_name, lane, key, sample, state, before_n, why, now)
                 if log.isEnabledFor(_DEBUG):
                     log.debug(
                         "[CONVERGENCE] %s: kept %d workers, throughput %.0f/s -> %.0f/s",
@@ -648,17 +644,11 @@ class ConvergenceEngine:
             # A growth judged on a window too short to measure throughput in: the interval
             # after it is its check. Python-bound work reads busy there (a short window can
             # catch it between GIL hand-offs, or creating its files in the kernel).
-            state.hold_until = now + policy.trial_hold
-            self._count("convergence_reverted", 1)
-            cpu = proc.total / proc.dt / max(1, policy.cores)
-            figures = _figures(sample, proc.dt, gil, cpu, policy.cores)
-            verdict = Verdict(
-                "revert",
-                unproven,
-                f"the interpreter is busy with them ({figures}); "
-                f"leaving it for {policy.trial_hold:.0f}s",
+            figures = _figures(
+                sample, proc.dt, gil, proc.total / proc.dt / policy.cores, policy.cores
             )
-            return self._apply(lane_name, lane, key, sample, state, verdict, now)
+            why = f"the interpreter is busy with them ({figures})"
+            return self._revert(lane_name, lane, key, sample, state, unproven, why, now)
         if verdict.action in ("grow", "probe"):
             if held:
                 verdict = Verdict("hold", sample.workers, "held after a trial that did not pay")
@@ -666,6 +656,24 @@ class ConvergenceEngine:
                 state.trial = (sample.workers, (sample.completed or 0) / proc.dt)
             else:
                 state.unproven = sample.workers
+        return self._apply(lane_name, lane, key, sample, state, verdict, now)
+
+    def _revert(
+        self,
+        lane_name: str,
+        lane: Any,
+        key: Hashable,
+        sample: PoolSample,
+        state: _PoolState,
+        target: int,
+        why: str,
+        now: float,
+    ) -> Swap | None:
+        """Take a growth back to ``target`` workers and leave the pool for ``trial_hold``."""
+        hold = self.policy.trial_hold
+        state.hold_until = now + hold
+        self._count("convergence_reverted", 1)
+        verdict = Verdict("revert", target, f"{why}; leaving it for {hold:.0f}s")
         return self._apply(lane_name, lane, key, sample, state, verdict, now)
 
     def _stalls(self, tids: list[int]) -> dict[int, float]:
