@@ -617,7 +617,8 @@ class ConvergenceEngine:
                         f"throughput {rate:.0f}/s did not beat {before_rate:.0f}/s by "
                         f"{policy.min_gain:.0%}"
                     )
-                    return self._revert(lane_name, lane, key, sample, state, before_n, why, now)
+                    verdict = self._revert(state, before_n, why, now)
+                    return self._apply(lane_name, lane, key, sample, state, verdict, now)
                 if log.isEnabledFor(_DEBUG):
                     log.debug(
                         "[CONVERGENCE] %s: kept %d workers, throughput %.0f/s -> %.0f/s",
@@ -648,7 +649,8 @@ class ConvergenceEngine:
                 sample, proc.dt, gil, proc.total / proc.dt / policy.cores, policy.cores
             )
             why = f"the interpreter is busy with them ({figures})"
-            return self._revert(lane_name, lane, key, sample, state, unproven, why, now)
+            verdict = self._revert(state, unproven, why, now)
+            return self._apply(lane_name, lane, key, sample, state, verdict, now)
         if verdict.action in ("grow", "probe"):
             if held:
                 verdict = Verdict("hold", sample.workers, "held after a trial that did not pay")
@@ -658,23 +660,13 @@ class ConvergenceEngine:
                 state.unproven = sample.workers
         return self._apply(lane_name, lane, key, sample, state, verdict, now)
 
-    def _revert(
-        self,
-        lane_name: str,
-        lane: Any,
-        key: Hashable,
-        sample: PoolSample,
-        state: _PoolState,
-        target: int,
-        why: str,
-        now: float,
-    ) -> Swap | None:
-        """Take a growth back to ``target`` workers and leave the pool for ``trial_hold``."""
+    def _revert(self, state: _PoolState, target: int, why: str, now: float) -> Verdict:
+        """The verdict that takes a growth back to ``target`` workers; the pool is left alone
+        for ``trial_hold`` and the revert counted."""
         hold = self.policy.trial_hold
         state.hold_until = now + hold
         self._count("convergence_reverted", 1)
-        verdict = Verdict("revert", target, f"{why}; leaving it for {hold:.0f}s")
-        return self._apply(lane_name, lane, key, sample, state, verdict, now)
+        return Verdict("revert", target, f"{why}; leaving it for {hold:.0f}s")
 
     def _stalls(self, tids: list[int]) -> dict[int, float]:
         """Per thread id, run-queue seconds since the previous reading (threads seen twice)."""
