@@ -97,7 +97,8 @@ def test_higher_priority_runs_first_fifo_within_a_priority(make_coordinator: Mak
     ]
     GATE.set()
     assert held.get(timeout=10) == "held"
-    assert [t.get(timeout=10) for t in tokens] == [t.args[0] for t in tokens]
+    labels = ["a0", "b5", "c0", "d5", "e9", "f-1", "g0", "h10", "i0"]
+    assert [t.get(timeout=10) for t in tokens] == labels
     assert ran == ["h10", "e9", "b5", "d5", "a0", "c0", "g0", "i0", "f-1"]
 
 
@@ -176,8 +177,8 @@ def test_priorities_in_the_process_lane(make_coordinator: Make, tmp_path: Path) 
     gate.touch()
     assert held.get(timeout=30) == "released"
     assert [t.get(timeout=30) for t in tokens] == [1, 4, 9, 16]
-    by_start = sorted(tokens, key=lambda t: t.started_at or 0.0)
-    assert [t.args[0] for t in by_start] == [2, 4, 1, 3]
+    by_start = sorted(range(4), key=lambda i: tokens[i].started_at or 0.0)
+    assert [i + 1 for i in by_start] == [2, 4, 1, 3]
 
 
 def test_coordinator_submit_map_and_submit_async_keep_the_call_priority(

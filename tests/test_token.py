@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,15 @@ def overrun(runs: list[int], gate: threading.Event) -> str:
     runs.append(1)
     gate.wait(30)
     return "late"
+
+
+class Data(bytearray):
+    """Call data a test can watch being freed (a bytearray takes no weak references)."""
+
+
+@task_token_guard(operation_type="measure", tags={"weight": "light"})
+def measure(data: Data, *, extra: Data | None = None) -> int:
+    return len(data) + (0 if extra is None else len(extra))
 
 
 def add(a: int, b: int = 0) -> int:
@@ -484,6 +494,27 @@ def test_run_details_are_empty_before_the_run(one_worker: OperationsCoordinator)
     blocked.release()
     tok.get(timeout=10)
     assert tok.attempts == 1
+
+
+@pytest.mark.parametrize("end", ["resolved", "with keyword arguments", "discarded"])
+def test_an_ended_token_lets_go_of_its_arguments(
+    one_worker: OperationsCoordinator, end: str
+) -> None:
+    """A caller keeping tokens for their results must not keep every input alive with them."""
+    data, extra = Data(1000), Data(10)
+    freed = threading.Event()
+    weakref.finalize(data, freed.set)
+    blocked = Blocked() if end == "discarded" else None
+    tok = measure(data, extra=extra) if end == "with keyword arguments" else measure(data)
+    assert tok.args == (data,)  # held while it may still run
+    del data, extra
+    if blocked is not None:
+        assert tok.cancel()
+        blocked.release()
+    else:
+        assert tok.get(timeout=10) in (1000, 1010)
+    assert tok.args == () and tok.kwargs == {}
+    assert freed.wait(10), "the ended token still holds its arguments"
 
 
 def test_many_threads_waiting_on_one_token_are_all_woken(

@@ -13,7 +13,10 @@ A Token *is* a ``concurrent.futures.Future``, so ``wait``, ``as_completed`` and
 * help while waiting: a worker thread that waits on a token which has not started yet runs it
   itself (see ``OperationsCoordinator._help``), so nested tasks never deadlock;
 * loud failures: a failed token whose error nobody retrieved logs it once, at WARNING with the
-  traceback, when it is garbage-collected (see ``_unretrieved.py``).
+  traceback, when it is garbage-collected (see ``_unretrieved.py``);
+* no inputs kept alive: ``args`` and ``kwargs`` are the call's until the token ends (its
+  middleware hooks still see them), then ``()`` and ``{}``, so a list of finished tokens kept
+  for their results does not hold every array they were given, as a stdlib future never did.
 """
 
 from __future__ import annotations
@@ -491,6 +494,22 @@ class Token(Future[T], Generic[T]):
                     sleeper.release()
 
     # -- terminal transitions (called by the coordinator only) --------------------------------
+    def _let_go(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Take the call's arguments off a token that has ended, and return them.
+
+        An ended token never runs again, and a caller who keeps the token for its result must
+        not keep its inputs alive with it (a stdlib future never held them): a list of
+        finished tokens over large arrays would hold every array. The caller drops what this
+        returns *after* releasing the token's lock, since dropping the last reference runs the
+        objects' finalizers, which may touch tokens. The arguments go before anyone is woken,
+        so a woken waiter sees the token without them.
+        """
+        held = self.args, self.kwargs
+        self.args = ()
+        if held[1] is not NO_KWARGS:
+            del self.kwargs  # back to the class's shared empty dict
+        return held
+
     def cancel(self) -> bool:
         """Discard the token if it has not started; True if it is (now) discarded."""
         return self._discard("cancelled")
@@ -508,9 +527,11 @@ class Token(Future[T], Generic[T]):
             self._state = CANCELLED_AND_NOTIFIED
             self._discard_reason = reason
             self._owner.on_discarded(self)
+            held = self._let_go()
             self._wake_all("add_cancelled")
         finally:
             self._unlock(cond)
+        del held  # the arguments' finalizers may run here, with no lock of ours held
         # What the token held (queued bytes, a storage permit, a held slot) goes back before
         # any user callback runs: a callback that submits may need exactly that room.
         self._owner.after_discard(self)
@@ -579,6 +600,7 @@ class Token(Future[T], Generic[T]):
             self._state = FINISHED
             watched = record(self, exception) and ended is not None
             if not watched:
+                held = self._let_go()  # before anyone wakes; dropped outside the lock
                 if self._w or self._sleepers:
                     self._wake_all("add_result" if exception is None else "add_exception")
             else:  # woken after ``ended``, outside the lock
@@ -591,7 +613,8 @@ class Token(Future[T], Generic[T]):
             stripe.release()
         if watched:
             assert ended is not None
-            ended(self, exception)
+            ended(self, exception)  # middleware: they may still read the call's arguments
+            held = self._let_go()
             if waiters:
                 kind = "add_result" if exception is None else "add_exception"
                 for waiter in waiters:
@@ -600,6 +623,7 @@ class Token(Future[T], Generic[T]):
                 for sleeper in sleepers:
                     with contextlib.suppress(RuntimeError):
                         sleeper.release()
+        del held  # the arguments' finalizers may run here, with no lock of ours held
         if self._cb:
             self._invoke_callbacks()
         return True
