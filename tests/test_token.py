@@ -517,6 +517,18 @@ def test_an_ended_token_lets_go_of_its_arguments(
     assert freed.wait(10), "the ended token still holds its arguments"
 
 
+def test_an_ended_token_lets_go_of_the_object_of_its_bound_method(
+    one_worker: OperationsCoordinator,
+) -> None:
+    data = Data(100)
+    freed = threading.Event()
+    weakref.finalize(data, freed.set)
+    tok = one_worker.submit(data.__len__)
+    del data
+    assert tok.get(timeout=10) == 100
+    assert freed.wait(10), "the ended token still holds its function's object"
+
+
 def test_many_threads_waiting_on_one_token_are_all_woken(
     one_worker: OperationsCoordinator,
 ) -> None:

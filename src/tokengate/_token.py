@@ -16,7 +16,8 @@ A Token *is* a ``concurrent.futures.Future``, so ``wait``, ``as_completed`` and
   traceback, when it is garbage-collected (see ``_unretrieved.py``);
 * no inputs kept alive: ``args`` and ``kwargs`` are the call's until the token ends (its
   middleware hooks still see them), then ``()`` and ``{}``, so a list of finished tokens kept
-  for their results does not hold every array they were given, as a stdlib future never did.
+  for their results does not hold every array (or bound method's object) they were given, as
+  a stdlib future never did.
 """
 
 from __future__ import annotations
@@ -499,10 +500,12 @@ class Token(Future[T], Generic[T]):
 
         An ended token never runs again, and a caller who keeps the token for its result must
         not keep its inputs alive with it (a stdlib future never held them): a list of
-        finished tokens over large arrays would hold every array. The caller drops what this
-        returns *after* releasing the token's lock, since dropping the last reference runs the
-        objects' finalizers, which may touch tokens. The arguments go before anyone is woken,
-        so a woken waiter sees the token without them.
+        finished tokens over large arrays would hold every array. (``fn`` stays: it is the
+        decorated function's, alive as long as the decorator; a plain callable passed to
+        ``coordinator.submit`` travels among the arguments.) The caller drops what this
+        returns *after* releasing the token's lock, since dropping the last reference runs
+        the objects' finalizers, which may touch tokens. The arguments go before anyone is
+        woken, so a woken waiter sees the token without them.
         """
         held = self.args, self.kwargs
         self.args = ()
