@@ -157,3 +157,37 @@ def test_an_absorb_inside_a_period_does_not_give_it_more_runs_to_record(
     next(steps, None)
     recorded = {record.seq for record in registry.recent(1_000)}
     assert recorded == {t.seq for t in first + rest[:2]}  # five in all, as in any period
+
+
+def test_two_dashboards_of_one_coordinator_record_until_neither_looks(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    """The completion path records into one slot: the dashboards of a coordinator share it, so
+    each finds every token, and closing the one that keeps it recording hands that on."""
+    from test_dashboard import Dash
+
+    coordinator = make_coordinator(workers_per_core=1, process_lane=False)
+    dashes = [Dash(coordinator.serve_dashboard()), Dash(coordinator.serve_dashboard())]
+    servers = coordinator._dashboards.servers
+    assert servers[0].registry is servers[1].registry
+    for server in servers:
+        server.idle_after = 60.0
+    for dash in dashes:
+        dash.get_json("/api/snapshot")
+    token = payload(1)
+    token.get(timeout=10)
+    for dash in dashes:
+        assert dash.get_json(f"/api/token/{token.id}")["state"] == "resolved"
+    registry = servers[0].registry
+    keeper = registry.keeper
+    assert keeper in servers
+    keeper.close()  # the server whose event loop runs the recording; the other still looks
+    heir = servers[1 - servers.index(keeper)]
+    assert registry.keeper is heir and coordinator._completion.recent is not None
+    later = payload(2)
+    later.get(timeout=10)
+    found = dashes[servers.index(heir)].get_json(f"/api/token/{later.id}")
+    assert found["state"] == "resolved"
+    heir.close()
+    assert registry.keeper is None and not registry.recording
+    assert coordinator._completion.recent is None  # no token is held for a closed page

@@ -183,8 +183,7 @@ def _find(coordinator: Any, data: dict[str, Any]) -> Token[Any]:
     token_id = data.get("token")
     if not isinstance(token_id, str):
         raise ValueError('"token" must be a token id string')
-    servers = coordinator._dashboards.servers
-    registry = servers[0].registry if servers else None
+    registry = coordinator._dashboards.registry  # every dashboard's, shared
     if registry is not None:
         live = registry.find_live(coordinator, token_id)
         if live is not None:

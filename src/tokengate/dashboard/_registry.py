@@ -132,6 +132,11 @@ class RecentTokens(Middleware):
         self._lock = threading.Lock()
         self._coordinator: OperationsCoordinator | None = None
         self._middleware_added = False
+        #: The dashboards of one coordinator share one registry (the completion path has one
+        #: slot to record into): ``keeper`` is the one whose event loop runs the cycles while
+        #: any of them looks, None while nothing is recorded; changed under ``keeper_lock``.
+        self.keeper: Any = None
+        self.keeper_lock = threading.Lock()
 
     @property
     def recording(self) -> bool:

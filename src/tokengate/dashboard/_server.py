@@ -27,6 +27,7 @@ import importlib.resources
 import ipaddress
 import json
 import logging
+import math
 import secrets
 import socket
 import threading
@@ -284,7 +285,9 @@ class DashboardServer:
     """One dashboard of one coordinator: the app, its uvicorn server and the thread running it.
 
     ``controls`` maps a control's name to a function of (coordinator, arguments) returning a
-    message for the page; it is fixed when the server is made.
+    message for the page; it is fixed when the server is made. The dashboards of one
+    coordinator share one ``registry`` and know each other (``peers``, this one included):
+    ended tokens are recorded while any of them looks, and every one finds them.
     """
 
     def __init__(
@@ -295,6 +298,8 @@ class DashboardServer:
         *,
         refresh: float = REFRESH,
         controls: dict[str, Callable[[Any, dict[str, Any]], str]] | None = None,
+        registry: RecentTokens | None = None,
+        peers: list[DashboardServer] | None = None,
     ) -> None:
         _, uvicorn = require()
         self.coordinator = coordinator
@@ -303,11 +308,11 @@ class DashboardServer:
         self.refresh = refresh
         self.token = secrets.token_urlsafe(32)
         self.controls = controls or {}
-        self.registry = RecentTokens()
+        self.registry = RecentTokens() if registry is None else registry
+        self.peers: list[DashboardServer] = [self] if peers is None else peers
         self.absorb_every = ABSORB_EVERY
         self.idle_after = IDLE_AFTER
-        self._last_look = 0.0
-        self._recording_lock = threading.Lock()
+        self._last_look = -math.inf
         self._keeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.samples = 0
@@ -363,13 +368,28 @@ class DashboardServer:
 
     def touched(self) -> None:
         """A page or an API read looks (``/api/health`` does not count): ended tokens are
-        recorded from now until nobody has looked for :attr:`idle_after` seconds."""
-        with self._recording_lock:
+        recorded from now until nobody has looked, here or at a peer, for :attr:`idle_after`
+        seconds."""
+        registry = self.registry
+        with registry.keeper_lock:
             self._last_look = time.monotonic()
-            if self.registry.recording or self._closed or self._loop is None:
-                return
-            self.registry.attach(self.coordinator)
-            self._loop.call_soon_threadsafe(self._start_keeper)
+            if registry.keeper is None and not self._closed and self._loop is not None:
+                self._keep()
+
+    def looking(self) -> bool:
+        """Whether a page of this server streams, or one looked in the last ``idle_after`` s."""
+        if self._closed:
+            return False
+        return self.clients > 0 or time.monotonic() - self._last_look <= self.idle_after
+
+    def _keep(self) -> None:
+        """Record ended tokens from now, this server's event loop running the cycles (called
+        holding the registry's ``keeper_lock``, with the loop running)."""
+        registry, loop = self.registry, self._loop
+        assert loop is not None
+        registry.attach(self.coordinator)
+        registry.keeper = self
+        loop.call_soon_threadsafe(self._start_keeper)
 
     def _start_keeper(self) -> None:
         self._keeper = asyncio.get_running_loop().create_task(self._keep_recording())
@@ -377,14 +397,17 @@ class DashboardServer:
     async def _keep_recording(self) -> None:
         """While tokens are recorded: one :meth:`RecentTokens.cycle` every :attr:`absorb_every`
         seconds (runs recorded up to the period's share of the budget, then absorbed, so that
-        no token is held longer), until nobody looks."""
+        no token is held longer), until nobody looks at this server or its peers."""
         registry = self.registry
         while not self._closing.is_set():
             for pause in registry.cycle(self.absorb_every):
                 await asyncio.sleep(pause)
-            with self._recording_lock:
-                if self.clients == 0 and time.monotonic() - self._last_look > self.idle_after:
+            with registry.keeper_lock:
+                if registry.keeper is not self:  # handed on (this server is closing)
+                    return
+                if not any(peer.looking() for peer in self.peers):
                     registry.detach()
+                    registry.keeper = None
                     self._keeper = None
                     return
 
@@ -412,8 +435,15 @@ class DashboardServer:
         self._server.should_exit = True
         self._thread.join(5.0)
         self._sock.close()
-        with self._recording_lock:
-            self.registry.detach()  # the coordinator holds no token for a closed page
+        registry = self.registry
+        with registry.keeper_lock:
+            if registry.keeper is self:  # its cycles stopped with the loop: a peer that
+                registry.keeper = None  # looks takes them on, or recording stops
+                heir = next((p for p in self.peers if p.looking() and p._loop is not None), None)
+                if heir is not None:
+                    heir._keep()
+            if registry.keeper is None:
+                registry.detach()  # the coordinator holds no token for a closed page
 
     # -- the app --------------------------------------------------------------------------------
     def _app(self) -> Any:

@@ -18,6 +18,7 @@ from .._middleware import Middleware
 if TYPE_CHECKING:
     from .._coordinator import OperationsCoordinator
     from .._state import Lifecycle
+    from ._registry import RecentTokens
     from ._server import DashboardServer
 
 __all__ = ["Dashboards"]
@@ -38,6 +39,9 @@ class Dashboards(Middleware):
         self.port = port
         self._lifecycle = lifecycle  # serve() refuses a stopping coordinator
         self.servers: list[DashboardServer] = []
+        # Made with the first server (the web stack is imported only then) and shared by
+        # every server of this coordinator: the completion path records into one.
+        self.registry: RecentTokens | None = None
         self._add_middleware = add_middleware
         self._installed = False
         if port is not None:
@@ -69,8 +73,13 @@ class Dashboards(Middleware):
             )
         require()
         from .._control import CONTROLS
+        from ._registry import RecentTokens
 
-        server = DashboardServer(coordinator, port, addr, controls=CONTROLS)
+        if self.registry is None:
+            self.registry = RecentTokens()
+        server = DashboardServer(
+            coordinator, port, addr, controls=CONTROLS, registry=self.registry, peers=self.servers
+        )
         self._install()
         self.servers.append(server)
         if not is_loopback(addr):
