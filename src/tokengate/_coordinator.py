@@ -287,11 +287,12 @@ class OperationsCoordinator:
         """Block until every worker can take a task at once; False if ``timeout`` seconds pass
         first.
 
-        ``start()`` returns before the process lane's worker processes have started (each
-        takes a fraction of a second, more on a loaded machine): calls made meanwhile wait in
-        their mailboxes. Wait here first when the first calls' latency matters, as a
-        benchmark's clock or a server's readiness check does. On the Dask backend: until at
-        least one worker has joined the scheduler.
+        The process lane starts a worker process with the first task that needs it (each
+        takes a fraction of a second to start, more on a loaded machine), so that a program
+        running no heavy task starts none; this starts every one now and waits for them. Call
+        it first when the first calls' latency matters, as a benchmark's clock or a server's
+        readiness check does. On the Dask backend: until at least one worker has joined the
+        scheduler.
         """
         wait = check_timeout(timeout)
         if self._life.state is not S.RUNNING:

@@ -22,6 +22,7 @@ from tokengate import (
     TaskTimeout,
 )
 from tokengate.lanes.process import (
+    SlotState,
     _handle,
 )
 
@@ -50,6 +51,45 @@ def test_one_pinned_worker_process_per_core_kept_warm(procs: Make) -> None:
         assert info["cpus"] == [cpu]  # pinned to its core's CPU
     assert lane.pids() == pids  # the same warm processes served every task
     assert {t.core for t in tokens} <= set(coordinator.affinity.allowed("heavy"))
+
+
+def test_a_slot_starts_its_worker_process_with_its_first_token(make_coordinator: Make) -> None:
+    """No interpreter starts for a program that runs no process-lane task (one booting would
+    take a core from the work running on threads meanwhile): a slot starts its worker process
+    with its first token, and ``wait_ready()`` starts the rest."""
+    before = own_children()
+    coordinator = make_coordinator(workers_per_core=1)
+    lane = lane_of(coordinator)
+    assert lane.pids() == [] and {w.state for w in lane.workers} == {SlotState.UNSTARTED}
+    token = pt.whoami()
+    info = token.get(timeout=30)
+    (ran,) = [w for w in lane.workers if w.name == token.worker]
+    assert lane.pids() == [ran.pid] == [info["pid"]]
+    assert own_children() - before == {info["pid"]}
+    assert all(w.state is SlotState.UNSTARTED for w in lane.workers if w is not ran)
+    assert coordinator.wait_ready(30)
+    assert len(set(lane.pids())) == len(lane.workers)
+    assert {w.state for w in lane.workers} == {SlotState.READY}
+
+
+def test_a_lane_never_used_stops_without_starting_a_process(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launched: list[object] = []
+    launch = _handle.ChildProcess
+
+    def spy(*args: object) -> object:
+        launched.append(args)
+        return launch(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_handle, "ChildProcess", spy)
+    coordinator = make_coordinator(workers_per_core=1)
+    assert pt.light_double(4).get(timeout=30) == 8  # thread-lane work starts none
+    coordinator.stop(timeout=10)
+    lane = lane_of(coordinator)
+    assert {w.state for w in lane.workers} == {SlotState.STOPPED}
+    assert not any(w.thread.is_alive() for w in lane.workers)
+    assert launched == []
 
 
 def test_a_worker_process_boots_without_the_coordinator_stack() -> None:

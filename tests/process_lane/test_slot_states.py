@@ -43,8 +43,9 @@ def test_every_other_move_is_refused(here: SlotState, to: SlotState) -> None:
 
 def test_ready_is_set_exactly_while_a_worker_is_ready_or_the_slot_is_broken() -> None:
     machine = SlotStateMachine("slot")
-    assert machine.state is SlotState.STARTING and not machine.ready.is_set()
+    assert machine.state is SlotState.UNSTARTED and not machine.ready.is_set()
     path = [
+        (SlotState.STARTING, False),
         (SlotState.READY, True),
         (SlotState.STARTING, False),
         (SlotState.COOLING_DOWN, False),

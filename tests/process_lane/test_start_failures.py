@@ -113,6 +113,8 @@ def test_tokens_for_a_slot_that_cannot_start_go_to_a_live_sibling_while_it_keeps
     lane = lane_of(coordinator)
     failing, live = lane.workers
     assert failing.name == "process_0_core_1"
+    for worker in lane.workers:  # now: a slot otherwise starts its process with its first token
+        worker.request_start()
     assert live.ready.wait(30)
     gate.wait_for(6)  # still trying, well past 3 attempts
     eventually(lambda: (failing.broken is not None) == broken, what="the slot's state")

@@ -241,8 +241,9 @@ class LocalBackend(Backend):
         return iter([w for lane in self._lanes.values() for w in lane.workers])
 
     def wait_ready(self, timeout: float | None) -> bool:
-        """Every lane whose workers start in the background (the process lane's worker
-        processes) is waited for, within one ``timeout`` for all of them."""
+        """Every lane whose workers start apart from ``start()`` (the process lane's worker
+        processes, on first use) starts them now and is waited for, within one ``timeout``
+        for all of them."""
         end = None if timeout is None else time.monotonic() + timeout
         for lane in self._lanes.values():
             wait = getattr(lane, "wait_ready", None)

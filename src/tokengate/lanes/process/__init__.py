@@ -9,10 +9,11 @@ Quick-Proof's core-worker mapping and routing logs are the same for both lanes. 
                                                   ▲                           (pinned to its core,
        host.complete <── decode <── result pipe ──┘   + pidfd (exit)           runs the raw body)
 
-* **Start.** ``start()`` returns at once; each proxy thread launches its worker as a fresh
-  interpreter (``python -c`` through ``subprocess``: fork+exec in C, safe from a threaded
-  parent, never the ``fork`` start method) and waits for its ready message before taking
-  tokens. The worker never imports the user's ``__main__`` (see :mod:`._child`).
+* **Start.** ``start()`` starts the proxy threads only. A proxy launches its worker when the
+  slot is first needed (its first token, or ``wait_ready()``) as a fresh interpreter
+  (``python -c`` through ``subprocess``: fork+exec in C, safe from a threaded parent, never the
+  ``fork`` start method) and waits for its ready message before taking tokens. The worker
+  never imports the user's ``__main__`` (see :mod:`._child`).
 * **One call at a time.** The proxy claims a token, sends its call (pickled at submit time,
   ``_wire.ProcessCall``; once sent, the call no longer counts against the coordinator's
   ``ByteBudget`` of queued bytes) and blocks in ``poll`` on the result pipe *and* the process's

@@ -70,17 +70,24 @@ class ProcessLane:
                 child.close()
 
     def start(self) -> None:
-        """Start every proxy thread; each starts its worker process (not waited for here)."""
+        """Start every proxy thread. Each starts its worker process when it is first needed
+        (its first token, or :meth:`wait_ready`): an interpreter starting takes a core for a
+        fraction of a second, which a program that runs no process-lane task should not pay,
+        nor the work it runs on threads meanwhile."""
         if lane_log.isEnabledFor(logging.DEBUG):
             lane_log.debug(
-                "[PROCESS_LANE] Starting %d worker processes (one per core, pinned)",
+                "[PROCESS_LANE] %d worker slots (one per core, pinned); each starts its worker "
+                "process on first use",
                 len(self.workers),
             )
         for worker in self.workers:
             worker.thread.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until every worker process is ready to take tasks; False at ``timeout``."""
+        """Start every worker process not started yet and wait until each is ready to take
+        tasks; False at ``timeout``."""
+        for worker in self.workers:
+            worker.request_start()
         end = None if timeout is None else time.monotonic() + timeout
         for worker in self.workers:
             left = None if end is None else max(0.0, end - time.monotonic())

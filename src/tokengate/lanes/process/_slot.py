@@ -83,7 +83,7 @@ class ProcessWorker(MailboxWorker):
         self.restarts = 0
         self.last_crash: str | None = None  # why the latest worker process was lost, if one was
         self.pid: int | None = None
-        self.machine = SlotStateMachine(self.name)
+        self.machine = SlotStateMachine(self.name)  # UNSTARTED: the first token starts it
         self.ready = self.machine.ready  # set while a worker process is ready (or broken)
         self.aborting = False  # stop() gave up waiting: kill the worker, replace nothing
         self.failed_starts = 0  # attempts in a row that gave no usable worker (the back-off)
@@ -92,6 +92,7 @@ class ProcessWorker(MailboxWorker):
         self._child: ChildProcess | None = None
         self._killed: Any = None  # the token whose worker process the operator killed
         self._sweep = False  # a shared object was forgotten: tell the worker, if it maps it
+        self._start_requested = False  # wait_ready(): start the worker process before a token
 
     @property
     def state(self) -> SlotState:
@@ -105,7 +106,8 @@ class ProcessWorker(MailboxWorker):
 
     @property
     def restarting(self) -> bool:
-        """No worker process is ready to take a task (starting, cooling down, broken, lost)."""
+        """No worker process is ready to take a task (not started yet, starting, cooling down,
+        broken, lost)."""
         return self.machine.state is not _READY
 
     def cool_down_left(self) -> float:
@@ -133,6 +135,12 @@ class ProcessWorker(MailboxWorker):
         """A shared object was forgotten (``_sharing.watch``): the proxy thread tells its worker
         to let go of the mappings of every forgotten object it keeps, before its next call."""
         self._sweep = True
+        self.wake()
+
+    def request_start(self) -> None:
+        """Start the worker process now if it has not started yet (``wait_ready()``); it
+        otherwise starts with the slot's first token."""
+        self._start_requested = True
         self.wake()
 
     def request_stop(self) -> None:
@@ -171,6 +179,8 @@ class ProcessWorker(MailboxWorker):
         mailbox = self.mailbox
         pop = mailbox.popleft
         try:
+            if not self._await_first_use():
+                return  # stopped before anything needed a worker process
             self._spawn()
             while True:
                 if self._sweep:
@@ -204,6 +214,22 @@ class ProcessWorker(MailboxWorker):
             raise
         finally:
             self._shutdown()
+
+    def _await_first_use(self) -> bool:
+        """Sleep until the slot is needed: a token in its mailbox, or ``wait_ready()`` asking
+        for its worker process (True: now STARTING); False if ``stop()`` came first. A token a
+        ready sibling steals meanwhile starts nothing here."""
+        mailbox = self.mailbox
+        while not self._stop_requested():
+            if mailbox or self._start_requested:
+                self.machine.move(SlotState.STARTING)
+                return True
+            self.sleeping = True
+            if mailbox or self._start_requested or self._stop_requested():
+                self.sleeping = False
+                continue
+            self._wake.acquire()
+        return False
 
     def _forget_shared(self) -> None:
         """Tell the worker to let go of its mappings of the shared objects forgotten here (it
@@ -420,13 +446,20 @@ class ProcessWorker(MailboxWorker):
             token._discard(_Killed.reason, running=True)
             return
         self._killed = None
+        if exc is None:  # a result ends the token: the call goes before its waiters wake
+            self._let_call_go(token)
         host.complete(token, run_id, value, exc)
-        if token.done():  # no more runs: let the pickled call go (and its charge, if unsent)
-            call = token._payload
-            if call is not None:
-                token._payload = None
-                self.lane.budget.release(call)
-                call.close()
+        if exc is not None and token.done():  # not retried: no more runs need the call
+            self._let_call_go(token)
+
+    def _let_call_go(self, token: Any) -> None:
+        """Drop the token's pickled call (and its charge, if unsent): a shared object it
+        carried is freed once its own handle is gone, not whenever this thread next runs."""
+        call = token._payload
+        if call is not None:
+            token._payload = None
+            self.lane.budget.release(call)
+            call.close()
 
     def _call(self, token: Any) -> tuple[Any, BaseException | None]:
         call: _wire.ProcessCall | None = token._payload

@@ -5,6 +5,7 @@ process. Its proxy thread is the only writer of its state; other threads read it
 a slot that is not ``READY``) and ask for a stop or an abort through the slot's request flags,
 which the proxy thread acts on. ::
 
+    UNSTARTED ──its first token, or wait_ready()──> STARTING
     STARTING ──it says it is ready──────────> READY
     READY ──crash, timeout, retired, died idle──> STARTING   (a replacement is launched)
     STARTING ──the start failed─────────────> COOLING_DOWN ──cool-down over──> STARTING
@@ -28,6 +29,9 @@ __all__ = ["TRANSITIONS", "IllegalTransition", "SlotState", "SlotStateMachine"]
 class SlotState(enum.Enum):
     """Where a process worker slot is in the life of its worker process."""
 
+    UNSTARTED = "unstarted"
+    """No worker process yet: the first token routed to the slot, or ``wait_ready()``, starts
+    one. A program that never runs a process-lane task never starts an interpreter for it."""
     STARTING = "starting"
     """No worker process ready: one is launching, saying it is ready, or due to be launched."""
     READY = "ready"
@@ -45,6 +49,7 @@ _S = SlotState
 
 #: Every allowed move, and only these. A move not listed is a bug in the slot's code.
 TRANSITIONS: Mapping[SlotState, frozenset[SlotState]] = {
+    _S.UNSTARTED: frozenset({_S.STARTING, _S.STOPPED}),
     _S.STARTING: frozenset({_S.READY, _S.COOLING_DOWN, _S.BROKEN, _S.STOPPED}),
     _S.READY: frozenset({_S.STARTING, _S.STOPPED}),
     _S.COOLING_DOWN: frozenset({_S.STARTING, _S.STOPPED}),
@@ -60,7 +65,7 @@ class SlotStateMachine:
 
     __slots__ = ("name", "ready", "state")
 
-    def __init__(self, name: str, state: SlotState = SlotState.STARTING) -> None:
+    def __init__(self, name: str, state: SlotState = SlotState.UNSTARTED) -> None:
         self.name = name
         self.state = state
         self.ready = threading.Event()  # set while a worker is ready, or the slot is broken
