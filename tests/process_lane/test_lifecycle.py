@@ -72,6 +72,31 @@ def test_a_slot_starts_its_worker_process_with_its_first_token(make_coordinator:
     assert {w.state for w in lane.workers} == {SlotState.READY}
 
 
+def test_a_token_for_an_unstarted_slot_leaves_an_unstarted_sibling_asleep(
+    make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Siblings are woken to take tokens queued at a slot that is not ready: one that has not
+    started its own worker process could not take them either."""
+    coordinator = make_coordinator(workers_per_core=1)
+    lane = lane_of(coordinator)
+    if len(lane.workers) < 2:
+        pytest.skip("needs two cores")
+    eventually(lambda: all(w.sleeping for w in lane.workers), what="the slots to wait")
+    woken: list[str] = []
+    for worker in lane.workers:
+
+        def wake(worker: object = worker, wake: object = worker.wake) -> None:
+            woken.append(worker.name)  # type: ignore[attr-defined]
+            wake()  # type: ignore[operator]
+
+        monkeypatch.setattr(worker, "wake", wake)
+    token = pt.whoami()
+    token.get(timeout=30)
+    (other,) = [w for w in lane.workers if w.name != token.worker]
+    assert other.name not in woken and other.state is SlotState.UNSTARTED
+    assert token.worker in woken  # its own slot was woken by the push
+
+
 def test_a_lane_never_used_stops_without_starting_a_process(
     make_coordinator: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from ..._errors import WorkerCrashed
 from .._base import LaneHost
 from ._handle import WorkerSetup
 from ._slot import STOP_GRACE, ProcessWorker
+from ._state import SlotState
 
 if TYPE_CHECKING:
     from ..._byte_budget import ByteBudget
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["ProcessLane"]
 
 lane_log = logging.getLogger("tokengate.process")
+_UNSTARTED = SlotState.UNSTARTED
 
 
 class ProcessLane:
@@ -97,9 +99,10 @@ class ProcessLane:
 
     def wake_idle(self, exclude: ProcessWorker) -> None:
         """Wake the sleeping workers, so that they take the tokens queued at ``exclude`` (which
-        has no worker process ready) instead of leaving them to wait for its restart."""
+        has no worker process ready) instead of leaving them to wait for its restart. A slot
+        that has not started its worker process could not take them: it sleeps on."""
         for worker in self.workers:
-            if worker is not exclude and worker.sleeping:
+            if worker is not exclude and worker.sleeping and worker.state is not _UNSTARTED:
                 worker.wake()
 
     def live_worker(self, token: Any, *, exclude: ProcessWorker) -> ProcessWorker | None:
