@@ -19,6 +19,7 @@ import pytest
 from conftest import HEAVY_ON_THREADS
 from tokengate import OperationsCoordinator, task_token_guard
 from tokengate._token import Token
+from tokengate.local._router import Route
 
 COORDINATOR_DEFAULTS = HEAVY_ON_THREADS
 
@@ -120,10 +121,10 @@ def test_push_routes_and_picks_as_route_for_and_pick_do(
     coordinator = make_coordinator(workers_per_core=2, convergence=False)
     router = coordinator.backend.router  # type: ignore[attr-defined]
     spec = plain.spec
-    lane_name = router.route_for(spec)[1]  # the route both versions work out
+    lane_name = router.route_for(spec).lane  # the route both versions work out
     workers = [_Worker(load, index=i) for i, load in enumerate(loads)]
-    router._routes[id(spec)] = (spec, lane_name, workers)
-    assert router.route_for(spec)[2] is workers
+    router._routes[id(spec)] = Route(spec, lane_name, workers)
+    assert router.route_for(spec).candidates is workers
     token = coordinator._submission.new_token(plain, (4,), {})
     try:
         router.push(token, internal=False)
@@ -133,4 +134,4 @@ def test_push_routes_and_picks_as_route_for_and_pick_do(
         router.invalidate()
         token.cancel()
     router._routes.pop(id(spec), None)
-    assert router.route_for(spec)[1] == lane_name  # worked out afresh, the same way
+    assert router.route_for(spec).lane == lane_name  # worked out afresh, the same way

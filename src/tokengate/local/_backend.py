@@ -124,8 +124,7 @@ class LocalBackend(Backend):
             process_lane=self._process_on,
             gil=gil_enabled(),
         )
-        self._push = self._router.push  # bound once: every submit calls them
-        self._route_for = self._router.route_for
+        self._push = self._router.push  # bound once: every submit calls it
         self._helper = Helper(host.owner, self._deps, self._router.lane_for, self.run)
         self._lane_host: LaneHost = _LaneHost(self, host)
 
@@ -270,9 +269,9 @@ class LocalBackend(Backend):
         router = self._router
         assert router is not None
         route = router._routes.get(id(spec))  # route_for, inlined: once per submitted call
-        if route is None or route[0] is not spec:
+        if route is None or route.spec is not spec:
             route = router._route_of(spec)
-        if route[1] != "process":
+        if route.lane != "process":
             return None
         has_deps = bool((args or kwargs) and find_dependencies(args, kwargs))
         return prepare_call(task, args, kwargs, has_dependencies=has_deps)
@@ -376,7 +375,7 @@ class LocalBackend(Backend):
             return host.throttle.waiting(tier) < bound
         if not mailboxes:
             return True
-        return self.router.pick(self.router.route_for(spec)[2]) is not None
+        return self.router.pick(self.router.route_for(spec).candidates) is not None
 
     def _backlog_bound(self) -> int:
         """How many tokens may wait outside the mailboxes in one place (for dependencies, a

@@ -8,10 +8,16 @@ cores the spec's weight may use (``AffinityPolicy``), or the lane's own pick. Th
 cached per spec and rebuilt when a lane adds or retires workers (:meth:`Router.invalidate`).
 
 Each token then goes to the least-loaded candidate (queued + running); the first idle one wins
-at once. A token with a locality key (``fn.options(locality=...)``) goes instead to the worker
-its key is anchored to, set by the key's first token (the least-loaded candidate then) and kept
-while that worker stays a candidate: worker-local state is hit, at the price of queueing behind
-the key's earlier tokens.
+at once. Once even the least-loaded candidate holds ``DEEP`` tokens, a burst takes the candidates
+in turn instead, each while it holds at most a quarter more than that least load, and scans them
+all again when the next in turn is fuller. A token then queues behind at most a quarter more
+tokens than it would have, and routing one costs the same on any machine (a scan looks at every
+candidate, and a light task on 16 cores has 56).
+
+A token with a locality key (``fn.options(locality=...)``) goes instead to the worker its key is
+anchored to, set by the key's first token (the least-loaded candidate then) and kept while that
+worker stays a candidate: worker-local state is hit, at the price of queueing behind the key's
+earlier tokens.
 
 When every candidate's mailbox is full, an outside producer waits for room on the admission gate (or
 is refused with ``admission="reject"``), and a call made from inside a task overflows the soft bound
@@ -49,8 +55,29 @@ routing_log = logging.getLogger("tokengate.routing")
 _DEBUG = logging.DEBUG
 _routing_answers = level_answers(routing_log)  # the hot path reads it first
 
-Route = tuple["TaskSpec", str, list[Worker]]
-"""A spec's route: the spec itself (to tell a reused ``id()`` apart), its lane, its candidates."""
+DEEP = 8
+"""Tokens (queued + running) the least-loaded candidate holds before a burst takes the
+candidates in turn; below it, every token goes to the least-loaded one exactly."""
+
+
+class Route:
+    """A spec's route: the spec itself (to tell a reused ``id()`` apart), its lane and its
+    candidate workers; and, while their queues are deep, whose turn it is and how full a
+    candidate may be to take it (``Router.push``). Producers race on the two without a lock:
+    the worst a race does is queue one token on a sibling of the least-loaded worker."""
+
+    __slots__ = ("candidates", "fill_below", "lane", "spec", "turn")
+
+    def __init__(self, spec: TaskSpec, lane: str, candidates: list[Worker]) -> None:
+        self.spec = spec
+        self.lane = lane
+        self.candidates = candidates
+        self.turn = 0
+        self.fill_below = 0  # 0: scan them all; n: the next in turn takes it with < n queued
+
+    def __repr__(self) -> str:
+        workers = len(self.candidates)
+        return f"<Route {self.spec.operation_type!r} -> {self.lane}, {workers} workers>"
 
 
 class Router:
@@ -111,7 +138,7 @@ class Router:
         """The cached route of ``spec`` (worked out on first use, or after workers changed;
         ``push`` inlines this and ``pick``)."""
         route = self._routes.get(id(spec))
-        if route is None or route[0] is not spec:
+        if route is None or route.spec is not spec:
             route = self._route_of(spec)
         return route
 
@@ -128,7 +155,7 @@ class Router:
             ]
         if not candidates:  # a lane with fewer cores than the policy (e.g. one event loop)
             candidates = list(lane.workers)
-        route = (spec, lane_name, candidates)
+        route = Route(spec, lane_name, candidates)
         routes[id(spec)] = route
         if spec.priority:
             self.prioritized = True
@@ -148,28 +175,41 @@ class Router:
         return best
 
     def push(self, token: Token[Any], internal: bool) -> None:
-        """Queue ``token`` on the least-loaded worker its route allows (or its locality key's
-        worker), waiting for room if every allowed mailbox is full (an outside producer) or
-        overflowing (a call from a task).
+        """Queue ``token`` on the least-loaded worker its route allows (in turn while every
+        one is deep, see the module doc; or its locality key's worker), waiting for room if
+        every allowed mailbox is full (an outside producer) or overflowing (a call from a task).
 
         Once per token: ``route_for`` and ``pick`` are inlined (keep them in step)."""
         spec = token.spec
         route = self._routes.get(id(spec))
-        if route is None or route[0] is not spec:
+        if route is None or route.spec is not spec:
             route = self._route_of(spec)
-        candidates = route[2]
+        candidates = route.candidates
         if token._locality is None:
             best = None
-            best_load = self.mailbox_max
-            for worker in candidates:
-                load = len(worker.mailbox) + (worker.current is not None)
-                if load == 0:
+            fill_below = route.fill_below
+            if fill_below:  # every candidate was deep at the last scan: the next in turn
+                turn = route.turn
+                worker = candidates[turn]
+                turn += 1
+                route.turn = turn if turn < len(candidates) else 0
+                if len(worker.mailbox) < fill_below:
                     best = worker
-                    break
-                if load < best_load:
-                    best, best_load = worker, load
+            if best is None:
+                best_load = self.mailbox_max
+                for worker in candidates:
+                    load = len(worker.mailbox) + (worker.current is not None)
+                    if load == 0:
+                        best, best_load = worker, 0
+                        break
+                    if load < best_load:
+                        best, best_load = worker, load
+                if best is not None and best_load >= DEEP:  # a quarter more, with room
+                    route.fill_below = min(best_load + best_load // 4, self.mailbox_max - 1)
+                elif fill_below:
+                    route.fill_below = 0
         else:
-            candidates = [self._anchor(route[1], token._locality, candidates)]
+            candidates = [self._anchor(route.lane, token._locality, candidates)]
             best = self.pick(candidates)
         if best is None:
             best = self._when_full(token, internal, candidates)
