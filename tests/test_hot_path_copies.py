@@ -5,19 +5,22 @@ saved was a measurable share of a no-op token's cost (B1): ``Submission.submit``
 as ``new_token`` does, ``LocalBackend.run`` claims and begins a run as ``claim`` and ``begin``
 do, and ``Router.push`` routes as ``route_for`` and ``pick`` do. Each test drives both versions
 through the same cases and compares what they leave behind, so a change to one that is not made
-to the other fails here.
+to the other fails here. ``LocalBackend.prepare`` copies a condition of ``runs_in_process`` to skip
+the route of most calls: the last test holds it to the lane each call really takes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from itertools import product
 from typing import Any
 
 import pytest
 
 from conftest import HEAVY_ON_THREADS
 from tokengate import OperationsCoordinator, task_token_guard
+from tokengate._spec import EXECUTORS, WEIGHTS
 from tokengate._token import Token
 from tokengate.local._router import Route
 
@@ -135,3 +138,24 @@ def test_push_routes_and_picks_as_route_for_and_pick_do(
         token.cancel()
     router._routes.pop(id(spec), None)
     assert router.route_for(spec).lane == lane_name  # worked out afresh, the same way
+
+
+def test_prepare_pickles_exactly_the_calls_the_process_lane_runs(
+    make_coordinator: Callable[..., OperationsCoordinator],
+) -> None:
+    # LocalBackend.prepare returns at once unless weight == "heavy" or executor == "process"
+    # (runs_in_process needs one of the two): no call for a worker process may go unpickled.
+    coordinator = make_coordinator(workers_per_core=1, process_lane=True, convergence=False)
+    backend: Any = coordinator.backend
+    tasks = [
+        task_token_guard(operation_type=f"copy_rule_{i}", tags=dict(tags))(plain.__wrapped__)
+        for i, tags in enumerate(
+            {"weight": w, "executor": e, **({"storage_speed": s} if s else {})}.items()
+            for w, e, s in product(WEIGHTS, EXECUTORS, (None, "FAST"))
+        )
+    ]
+    for task in tasks:
+        sent = backend.router.route_for(task.spec).lane == "process"
+        assert (backend.prepare(task, (5,), {}) is not None) is sent, task.spec
+    assert any(backend.router.route_for(t.spec).lane == "process" for t in tasks)
+    assert any(t.spec.weight == "heavy" and t.spec.executor == "auto" for t in tasks)
