@@ -11,8 +11,9 @@ Each token then goes to the least-loaded candidate (queued + running); the first
 at once. Once even the least-loaded candidate holds ``DEEP`` tokens, a burst takes the candidates
 in turn instead, each while it holds at most a quarter more than that least load, and scans them
 all again when the next in turn is fuller. A token then queues behind at most a quarter more
-tokens than it would have, and routing one costs the same on any machine (a scan looks at every
-candidate, and a light task on 16 cores has 56).
+tokens than it would have, and routing it costs the same on any machine (a scan looks at every
+candidate, and a light task on 16 cores has 56). Below ``DEEP`` every token still scans: a
+queue of a few tokens is where one more matters to its latency.
 
 A token with a locality key (``fn.options(locality=...)``) goes instead to the worker its key is
 anchored to, set by the key's first token (the least-loaded candidate then) and kept while that
